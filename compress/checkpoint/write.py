@@ -1,0 +1,141 @@
+"""Writing checkpoints: ``native`` (anything we can hold), ``gptq`` (engine-loadable GPTQ v1) and
+``hf`` (dense, every quantized layer dequantized). All writes are atomic and carry a manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress import __version__
+from compress.quant import QuantLinear
+
+from ..errors import CheckpointError
+from .atomic import atomic_directory
+from .gptq import gptq_problems, quantization_config
+from .manifest import write_manifest
+from .tensors import DEFAULT_SHARD_BYTES, save_tensors
+
+FORMATS = ("gptq", "native", "hf")
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors stored once (the first name keeps them)."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor
+    return state
+
+
+def dense_dtype(model: nn.Module) -> torch.dtype:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+def config_dict(model: nn.Module) -> dict:
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = str(dense_dtype(model)).removeprefix("torch.")
+    config["tie_word_embeddings"] = _tied(model)
+    return config
+
+
+def _tied(model: nn.Module) -> bool:
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    return outputs is not None and isinstance(outputs, nn.Linear) and outputs.weight is inputs.weight
+
+
+def describe_modules(model: nn.Module) -> dict[str, dict]:
+    return {name: {"config": m.config.to_dict(), "shape": list(m.shape), "bias": m.bias is not None}
+            for name, m in quantized_modules(model).items()}
+
+
+def _write_common(model: nn.Module, staging: Path, config: dict, tokenizer, max_shard_bytes: int) -> None:
+    save_tensors(model_state(model), staging, max_shard_bytes)
+    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        (staging / "generation_config.json").write_text(generation.to_json_string(use_diff=True))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+
+
+def write_native(model: nn.Module, directory: Path, tokenizer=None, recipe: dict | None = None,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """Any mix of dense, uniform and NF layers, with their configs in ``compress.json``."""
+    with atomic_directory(directory) as staging:
+        _write_common(model, staging, config_dict(model), tokenizer, max_shard_bytes)
+        return write_manifest(staging, {"format": "native", "compress_version": __version__,
+                                        "modules": describe_modules(model), "recipe": recipe})
+
+
+def _layer_linears(model: nn.Module) -> list[str]:
+    """Names of dense Linear layers inside decoder layers (GPTQ loaders would expect them quantized)."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and ".layers." in f".{name}"]
+
+
+def write_gptq(model: nn.Module, directory: Path, tokenizer=None, recipe: dict | None = None,
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """GPTQ v1 with per-module ``dynamic`` bits; fails before writing if a module does not fit."""
+    modules = quantized_modules(model)
+    if not modules:
+        raise CheckpointError("export format gptq: the model has no quantized layers "
+                              "(add a quantize stage before export)")
+    configs = {name: m.config for name, m in modules.items()}
+    problems = gptq_problems(configs, {name: m.shape for name, m in modules.items()})
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"export format gptq: {problems[0]}{more}")
+    num_layers = getattr(model.config, "num_hidden_layers", 0)
+    lm_head = any(name.endswith("lm_head") for name in modules)
+    quant = quantization_config(configs, _layer_linears(model), num_layers, lm_head)
+    config = dict(config_dict(model), quantization_config=quant)
+    with atomic_directory(directory) as staging:
+        _write_common(model, staging, config, tokenizer, max_shard_bytes)
+        (staging / "quantize_config.json").write_text(json.dumps(quant, indent=2, sort_keys=True) + "\n")
+        return write_manifest(staging, {"format": "gptq", "compress_version": __version__,
+                                        "modules": describe_modules(model), "recipe": recipe})
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in which every QuantLinear is replaced by the nn.Linear it dequantizes to."""
+    import copy
+
+    from ..targets import set_module
+
+    clone = copy.deepcopy(model)
+    dtype = dense_dtype(model)
+    for name, layer in quantized_modules(clone).items():
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device="meta")
+        linear.weight = nn.Parameter(layer.dequantize(dtype), requires_grad=False)
+        if layer.bias is not None:
+            linear.bias = nn.Parameter(layer.bias.to(dtype), requires_grad=False)
+        set_module(clone, name, linear)
+    return clone
+
+
+def write_hf(model: nn.Module, directory: Path, tokenizer=None, recipe: dict | None = None,
+             max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """A plain dense Hugging Face checkpoint (quantized layers dequantized); any loader reads it."""
+    dense = dense_copy(model)
+    with atomic_directory(directory) as staging:
+        _write_common(dense, staging, config_dict(dense), tokenizer, max_shard_bytes)
+        return write_manifest(staging, {"format": "hf", "compress_version": __version__,
+                                        "modules": {}, "recipe": recipe})
+
+
+WRITERS = {"gptq": write_gptq, "native": write_native, "hf": write_hf}

@@ -1,0 +1,61 @@
+"""The one object passed to every stage. No global state: everything a stage reads or leaves for
+later stages is here, and ``state()`` / ``restore()`` carry it across ``--resume``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.quant import QuantConfig
+
+from .data import token_windows
+from .models import ModelSource
+from .progress import ProgressBars
+from .recipe import Recipe
+from .report import StageReport
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    source: ModelSource
+    model: nn.Module
+    tokenizer: Any
+    out_dir: Path
+    progress: ProgressBars
+    plan: dict[str, QuantConfig] = field(default_factory=dict)  # module -> config it was quantized with
+    structure: dict = field(default_factory=dict)  # kept/removed indices per layer (pruning stages)
+    adapters: dict = field(default_factory=dict)  # LoRA adapters per module (low-rank stages)
+    metrics: dict = field(default_factory=dict)  # run-level results, e.g. the baseline perplexity
+    reports: list[StageReport] = field(default_factory=list)
+    entry: Any = None  # the StageEntry being run
+    _windows: dict = field(default_factory=dict, repr=False)
+
+    def windows(self, role: str) -> torch.Tensor:
+        """Token windows [samples, seq_len] of ``data.calibration`` or ``data.eval`` (cached)."""
+        if role not in self._windows:
+            spec = getattr(self.recipe.spec.data, role)
+            self._windows[role] = token_windows(self.tokenizer, spec.text_source(role), spec.samples, spec.seq_len)
+        return self._windows[role]
+
+    def track(self, items, description: str, total: int | None = None):
+        return self.progress.track(items, description, total)
+
+    def state(self) -> dict:
+        """JSON-able state (the model is saved separately)."""
+        return {
+            "plan": {name: config.to_dict() for name, config in self.plan.items()},
+            "structure": self.structure,
+            "metrics": self.metrics,
+            "reports": [r.to_dict() for r in self.reports],
+        }
+
+    def restore(self, state: dict) -> None:
+        self.plan = {name: QuantConfig.from_dict(c) for name, c in state["plan"].items()}
+        self.structure = state["structure"]
+        self.metrics = state["metrics"]
+        self.reports = [StageReport.from_dict(r) for r in state["reports"]]

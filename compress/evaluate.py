@@ -1,0 +1,30 @@
+"""Perplexity of a causal LM over fixed token windows (each window scored on its own)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.no_grad()
+def window_nll(model: nn.Module, windows: torch.Tensor) -> tuple[float, int]:
+    """(summed next-token negative log-likelihood, tokens scored) for a batch of windows."""
+    logits = model(input_ids=windows, use_cache=False).logits
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), windows[:, 1:].flatten(), reduction="sum")
+    return float(nll), windows[:, 1:].numel()
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, track=None) -> float:
+    """exp(mean NLL per predicted token) over all windows, in batches of ``batch_size``."""
+    batches = list(torch.split(windows, batch_size))
+    iterator = track(batches, "perplexity") if track else batches
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for batch in iterator:
+        nll, tokens = window_nll(model, batch.to(device))
+        total += nll
+        count += tokens
+    return math.exp(total / count)

@@ -1,0 +1,47 @@
+"""Peak memory of a span of work: process RSS sampled in a background thread (CPU), or the CUDA
+allocator's peak when a GPU is in use. ``resource``'s ru_maxrss cannot be reset, so it cannot give
+per-stage peaks."""
+
+from __future__ import annotations
+
+import threading
+
+import psutil
+import torch
+
+MIB = 1 << 20
+
+
+class PeakMemory:
+    """``with PeakMemory() as peak: ...`` then ``peak.rss_mib`` (and ``peak.cuda_mib``)."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.rss_mib = 0.0
+        self.cuda_mib = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._process = psutil.Process()
+
+    def _sample(self) -> None:
+        self.rss_mib = max(self.rss_mib, self._process.memory_info().rss / MIB)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "PeakMemory":
+        self._sample()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._loop, name="peak-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+        if torch.cuda.is_available():
+            self.cuda_mib = torch.cuda.max_memory_allocated() / MIB

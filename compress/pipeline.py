@@ -1,0 +1,170 @@
+"""Run a recipe: check it, lock the output, load the model (or resume), run the stages in order,
+save the state after each one, and write ``report.json`` / ``report.md``.
+
+State after stage N lives in ``<output>/.stages/NN-name/``: ``state.json`` (the recipe fingerprint of
+stages 0..N, the plan, metrics and reports) and, for stages that change the model, ``model/`` (a
+native checkpoint). Each is written atomically, so a run killed at any point leaves only complete
+states. ``resume`` continues after the last stage whose recipe prefix is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint.atomic import atomic_directory
+from .checkpoint.load import load_checkpoint
+from .checkpoint.write import write_native
+from .context import Context
+from .errors import CompressError
+from .lock import output_lock
+from .memory import PeakMemory
+from .models import load_model, load_tokenizer, resolve_model
+from .progress import ProgressBars
+from .recipe import Recipe, StageEntry
+from .report import StageReport, write_reports
+from .stages.evaluation import linear_bits_per_param, score, wants_baseline
+from .validate import check_recipe
+
+log = logging.getLogger(__name__)
+STATE_DIR = ".stages"
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    reports: list[StageReport]
+    report_json: Path
+    report_md: Path
+    resumed_after: int | None
+
+
+class StageStates:
+    """The saved state after each completed stage of one output directory."""
+
+    def __init__(self, root: Path, recipe: Recipe):
+        self.root, self.recipe = root, recipe
+
+    def path(self, entry: StageEntry) -> Path:
+        return self.root / f"{entry.index:02d}-{entry.name}"
+
+    def exist(self) -> bool:
+        return self.root.is_dir() and any(self.root.iterdir())
+
+    def completed(self) -> list[StageEntry]:
+        """The longest prefix of stages whose saved state matches this recipe."""
+        done = []
+        for entry in self.recipe.stages:
+            state_file = self.path(entry) / "state.json"
+            try:
+                saved = json.loads(state_file.read_text())["fingerprint"]
+            except (OSError, ValueError, KeyError):
+                break
+            if saved != self.recipe.fingerprint(entry.index):
+                break
+            done.append(entry)
+        return done
+
+    def discard_after(self, keep: int) -> None:
+        """Remove every saved state except those of the first ``keep`` stages."""
+        wanted = {self.path(e).name for e in self.recipe.stages[:keep]}
+        for child in self.root.iterdir() if self.root.is_dir() else []:
+            if child.name not in wanted:
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+
+    def save(self, entry: StageEntry, ctx: Context) -> None:
+        state = dict(ctx.state(), fingerprint=self.recipe.fingerprint(entry.index), stage=entry.name)
+        with atomic_directory(self.path(entry)) as staging:
+            if entry.stage.modifies_model:
+                write_native(ctx.model, staging / "model")
+            (staging / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+    def load(self, entry: StageEntry) -> dict:
+        return json.loads((self.path(entry) / "state.json").read_text())
+
+    def latest_model(self, done: list[StageEntry]) -> Path | None:
+        for entry in reversed(done):
+            if entry.stage.modifies_model and (self.path(entry) / "model").is_dir():
+                return self.path(entry) / "model"
+        return None
+
+
+def _fresh_context(recipe: Recipe, progress: ProgressBars) -> Context:
+    source = resolve_model(recipe.spec.model)
+    report = StageReport("load", -1)
+    start = time.perf_counter()
+    with PeakMemory() as peak:
+        model, tokenizer = load_model(source, recipe.spec.dtype)
+        ctx = Context(recipe, source, model, tokenizer, recipe.output, progress)
+        report.metrics.update(label=recipe.spec.dtype, bits_per_param=linear_bits_per_param(model),
+                              params=sum(p.numel() for p in model.parameters()))
+        report.notes.extend(source.caveats)
+        baseline = wants_baseline(recipe)
+        if baseline is not None:
+            score(ctx, baseline.batch_size, report)
+            ctx.metrics["baseline_perplexity"] = report.metrics["perplexity"]
+    report.seconds, report.peak_rss_mib = time.perf_counter() - start, peak.rss_mib
+    ctx.reports.append(report)
+    return ctx
+
+
+def _resumed_context(recipe: Recipe, states: StageStates, done: list[StageEntry],
+                     progress: ProgressBars) -> Context:
+    source = resolve_model(recipe.spec.model)
+    model_dir = states.latest_model(done)
+    if model_dir is not None:
+        model, tokenizer = load_checkpoint(model_dir, dtype=recipe.spec.dtype), load_tokenizer(source)
+    else:
+        model, tokenizer = load_model(source, recipe.spec.dtype)
+    ctx = Context(recipe, source, model, tokenizer, recipe.output, progress)
+    ctx.restore(states.load(done[-1]))
+    return ctx
+
+
+def _run_stage(ctx: Context, entry: StageEntry) -> StageReport:
+    report = StageReport(entry.name, entry.index)
+    log.info("stage %d/%d: %s", entry.index + 1, len(ctx.recipe.stages), entry.name)
+    ctx.entry = entry
+    start = time.perf_counter()
+    with PeakMemory() as peak:
+        entry.stage.run(ctx, entry.config, report)
+    report.seconds, report.peak_rss_mib = time.perf_counter() - start, peak.rss_mib
+    return report
+
+
+def report_header(ctx: Context) -> dict:
+    from . import __version__
+    from .kernels import select_backend
+
+    return {"output": str(ctx.out_dir), "model": ctx.recipe.spec.model, "dtype": ctx.recipe.spec.dtype,
+            "kernel": select_backend()[0], "compress": __version__, "seed": ctx.recipe.spec.seed}
+
+
+def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False,
+               progress: ProgressBars | None = None) -> RunResult:
+    """Run every stage of ``recipe`` not already completed; see the module docstring."""
+    progress = progress or ProgressBars(enabled=False)
+    check_recipe(recipe)
+    out_dir = recipe.output
+    with output_lock(out_dir):
+        states = StageStates(out_dir / STATE_DIR, recipe)
+        if states.exist() and not (resume or overwrite):
+            raise CompressError(f"{out_dir}: holds the saved stages of an earlier run; pass --resume to "
+                                "continue it or --overwrite to start over")
+        done = states.completed() if resume else []
+        states.discard_after(len(done))
+        with progress.session():
+            if done:
+                log.info("resuming after stage %d (%s)", done[-1].index, done[-1].name)
+                ctx = _resumed_context(recipe, states, done, progress)
+            else:
+                ctx = _fresh_context(recipe, progress)
+            for entry in recipe.stages[len(done):]:
+                ctx.reports.append(_run_stage(ctx, entry))
+                states.save(entry, ctx)
+        report_json, report_md = write_reports(out_dir, ctx.reports, report_header(ctx))
+    return RunResult(out_dir, ctx.reports, report_json, report_md, done[-1].index if done else None)

@@ -1,0 +1,175 @@
+"""Recipes: YAML in, a typed, validated ``Recipe`` out; one-line errors that say where and what.
+
+```yaml
+model: smollm2-135m        # built-in name | local HF directory | path to a .gguf file
+dtype: float32             # float32 | bfloat16 | float16
+data:
+  calibration: {source: stdlib, split: train, samples: 128, seq_len: 512}
+  eval:        {source: stdlib, split: eval,  samples: 32,  seq_len: 512}
+stages:                    # ordered list; each item is a one-key mapping
+  - quantize: {method: rtn, config: {type: uniform, bits: 4, group_size: 64, sym: false},
+               overrides: {"re:.*down_proj$": {bits: 8}}, ignore: [lm_head]}
+  - eval: {}
+  - export: {format: gptq}
+output: out/quickstart
+seed: 0
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from . import __version__
+from .config_errors import format_validation_error
+from .data import TextSource
+from .errors import RecipeError
+from .stage import Stage, StageConfig
+
+
+class SourceSpec(BaseModel):
+    """A text source: exactly one of ``source: stdlib``, ``path`` or ``hub``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: Optional[Literal["stdlib"]] = None
+    path: Optional[str] = None
+    hub: Optional[str] = None
+    name: Optional[str] = None
+    field: str = "text"
+    split: Optional[str] = None
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(512, ge=2)
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> "SourceSpec":
+        given = [k for k in ("source", "path", "hub") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of source: stdlib, path: FILE or hub: NAME"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if self.source == "stdlib" and self.split not in (None, "train", "eval"):
+            raise ValueError(f"split: {self.split!r} is not one of 'train', 'eval' for source stdlib")
+        return self
+
+    def text_source(self, role: str) -> TextSource:
+        default_split = "eval" if role == "eval" else "train"
+        if self.source == "stdlib":
+            return TextSource("stdlib", self.split or default_split)
+        if self.path is not None:
+            return TextSource("file", self.split or "all", path=self.path, field=self.field)
+        return TextSource("hub", self.split or ("test" if role == "eval" else "train"), path=self.hub,
+                          field=self.field, hub_config=self.name)
+
+
+class DataSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    calibration: SourceSpec = SourceSpec(source="stdlib", split="train", samples=128, seq_len=512)
+    eval: SourceSpec = SourceSpec(source="stdlib", split="eval", samples=32, seq_len=512)
+
+
+class RecipeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    data: DataSpec = DataSpec()
+    stages: list[Any] = Field(min_length=1)
+    output: str
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    index: int
+    name: str
+    stage: Stage
+    config: StageConfig
+
+    @property
+    def where(self) -> str:
+        return f"stages[{self.index}].{self.name}"
+
+    def to_dict(self) -> dict:
+        return {self.name: self.config.model_dump(mode="json")}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    spec: RecipeSpec
+    stages: tuple[StageEntry, ...]
+
+    @property
+    def output(self) -> Path:
+        return Path(self.spec.output)
+
+    def to_dict(self) -> dict:
+        """The resolved recipe: every default filled in."""
+        head = self.spec.model_dump(mode="json", exclude={"stages"})
+        return dict(head, stages=[entry.to_dict() for entry in self.stages])
+
+    def fingerprint(self, upto: int) -> str:
+        """Digest of everything that determines the state after stage ``upto`` (inclusive)."""
+        resolved = self.to_dict()
+        resolved["stages"] = resolved["stages"][: upto + 1]
+        resolved.pop("output")
+        resolved["compress_version"] = __version__
+        return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
+
+    def later(self, index: int, name: str) -> list[StageEntry]:
+        return [e for e in self.stages[index + 1:] if e.name == name]
+
+
+def _parse_stage(index: int, item: Any, registry: dict[str, Stage]) -> StageEntry:
+    if not isinstance(item, dict) or len(item) != 1:
+        raise RecipeError(f"stages[{index}]: each stage is a one-key mapping such as '- eval: {{}}' "
+                          f"(got {type(item).__name__} {item!r:.60})")
+    name, body = next(iter(item.items()))
+    if name not in registry:
+        raise RecipeError(f"stages[{index}]: unknown stage {name!r}; available: {', '.join(registry)}")
+    stage = registry[name]
+    body = {} if body is None else body
+    if not isinstance(body, dict):
+        raise RecipeError(f"stages[{index}].{name}: expected a mapping of settings, got {body!r:.60}")
+    try:
+        config = stage.config.model_validate(body)
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(err, f"stages[{index}].{name}", stage.config)) from None
+    return StageEntry(index, name, stage, config)
+
+
+def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
+    """Validate a loaded YAML document; raises RecipeError with one line on the first problem."""
+    from .stages import STAGES
+
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping with model, stages and output "
+                          f"(got {type(data).__name__})")
+    try:
+        spec = RecipeSpec.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(err, "", RecipeSpec)) from None
+    stages = tuple(_parse_stage(i, item, STAGES) for i, item in enumerate(spec.stages))
+    return Recipe(spec, stages)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file does not exist") from None
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot read: {err.strerror or err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        place = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"{path}:{place}: not valid YAML: {problem}") from None
+    return parse_recipe(data, str(path))

@@ -1,0 +1,34 @@
+"""What a stage is: a name, a strict config model, a run function, and what it needs and does.
+
+Stage files in ``compress/stages/`` are thin adapters (config -> library calls -> report); each
+module docstring holds a sample YAML that the tests parse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A registered stage.
+
+    ``run(ctx, config, report)`` does the work and fills the report; ``check(ctx_like)`` validates
+    the config against the model's structure (meta device, no weights) before anything runs."""
+
+    name: str
+    config: type[StageConfig]
+    run: Callable
+    modifies_model: bool
+    quantizes: bool = False
+    needs_data: tuple[str, ...] = ()
+    check: Callable | None = None
+    summary: str = ""

@@ -1,0 +1,76 @@
+"""eval: perplexity of the current model on the recipe's held-out text (``data.eval``).
+
+```yaml
+- eval: {baseline: true, batch_size: 4}
+```
+
+With ``baseline: true`` (the default) the run also scores the model as loaded, before any stage, so
+the summary shows the two side by side.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..evaluate import perplexity
+from ..report import StageReport
+from ..stage import Stage, StageConfig
+
+
+class EvalConfig(StageConfig):
+    baseline: bool = True
+    batch_size: int = Field(4, ge=1)
+
+
+def linear_bits_per_param(model) -> float | None:
+    """Bits per weight over the linear layers inside decoder layers: packed storage for quantized
+    layers, the dtype's width for dense ones."""
+    from compress.quant import QuantLinear
+    from torch import nn
+
+    bits = params = 0
+    for name, module in model.named_modules():
+        if ".layers." not in f".{name}":
+            continue
+        if isinstance(module, QuantLinear):
+            bits += module.config.storage_bits(module.shape)
+            params += module.shape[0] * module.shape[1]
+        elif isinstance(module, nn.Linear):
+            bits += module.weight.numel() * module.weight.element_size() * 8
+            params += module.weight.numel()
+    return bits / params if params else None
+
+
+def score(ctx, batch_size: int, report: StageReport) -> None:
+    windows = ctx.windows("eval")
+    spec = ctx.recipe.spec.data.eval
+    ppl = perplexity(ctx.model, windows, batch_size, ctx.track)
+    report.metrics.update(perplexity=ppl, eval_windows=int(windows.shape[0]), eval_seq_len=int(windows.shape[1]),
+                          eval_data=spec.text_source("eval").describe(),
+                          bits_per_param=linear_bits_per_param(ctx.model))
+
+
+def run(ctx, config: EvalConfig, report: StageReport) -> None:
+    score(ctx, config.batch_size, report)
+    baseline = ctx.metrics.get("baseline_perplexity")
+    if baseline:
+        change = report.metrics["perplexity"] / baseline - 1
+        report.metrics["vs_baseline"] = change
+        report.notes.append(f"perplexity {report.metrics['perplexity']:.3f} vs {baseline:.3f} as loaded "
+                            f"({change:+.1%})")
+
+
+def eval_batch_size(recipe) -> int:
+    """The batch size of the recipe's last eval stage (scores from equal batches compare exactly)."""
+    stages = [e for e in recipe.stages if e.name == "eval"]
+    return stages[-1].config.batch_size if stages else EvalConfig().batch_size
+
+
+def wants_baseline(recipe) -> EvalConfig | None:
+    """The first eval stage's config when it asks for a baseline."""
+    first = next((e for e in recipe.stages if e.name == "eval"), None)
+    return first.config if first is not None and first.config.baseline else None
+
+
+STAGE = Stage(name="eval", config=EvalConfig, run=run, modifies_model=False, needs_data=("eval",),
+              summary="perplexity on held-out text")

@@ -1,0 +1,69 @@
+"""Select modules by ``targets`` / ``ignore`` lists (llm-compressor's vocabulary).
+
+A selector is a class name (``Linear``), an exact module name (``lm_head``), or a regular
+expression over module names prefixed with ``re:`` (matched from the start, ``re.match``).
+``Linear`` covers both dense ``nn.Linear`` and already-quantized ``QuantLinear`` layers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+from torch import nn
+
+from compress.quant import QuantLinear
+
+LINEAR_CLASSES = (nn.Linear, QuantLinear)
+
+
+def check_selector(selector: str) -> str | None:
+    """Why a selector is malformed (a bad regular expression), or None."""
+    if selector.startswith("re:"):
+        try:
+            re.compile(selector[3:])
+        except re.error as err:
+            return f"invalid regular expression {selector[3:]!r}: {err}"
+    return None
+
+
+def matches(selector: str, name: str, module: nn.Module | None = None) -> bool:
+    if selector.startswith("re:"):
+        return re.match(selector[3:], name) is not None
+    if selector == name:
+        return True
+    if module is None:
+        return False
+    if selector == "Linear":
+        return isinstance(module, LINEAR_CLASSES)
+    return type(module).__name__ == selector
+
+
+def matches_any(selectors: Iterable[str], name: str, module: nn.Module | None = None) -> bool:
+    return any(matches(s, name, module) for s in selectors)
+
+
+def select_linears(model: nn.Module, targets: list[str], ignore: list[str]) -> list[tuple[str, nn.Module]]:
+    """Linear layers (dense or quantized) named by ``targets`` and not by ``ignore``, in model order."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, LINEAR_CLASSES)
+            and matches_any(targets, name, module) and not matches_any(ignore, name, module)]
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+# modules engines (vLLM) fuse into one, with the fused name: they must share one quant config
+FUSED_GROUPS = {("q_proj", "k_proj", "v_proj"): "qkv_proj", ("gate_proj", "up_proj"): "gate_up_proj"}
+
+
+def fused_group(name: str) -> tuple[str, tuple[str, ...]] | None:
+    """(prefix, member names) of the engine-fused group a module belongs to (q/k/v, gate/up)."""
+    prefix, _, leaf = name.rpartition(".")
+    for group in FUSED_GROUPS:
+        if leaf in group:
+            return prefix, group
+    return None

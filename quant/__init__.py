@@ -1,0 +1,14 @@
+"""Quantizers, packing and storage accounting: tensors in, tensors out. Never imports orchestration."""
+
+from .config import SUPPORTED_BITS, QuantConfig, fits_gptq
+from .normalfloat import nf_codebook, quantize_nf, dequantize_nf
+from .packing import pack_codes, unpack_codes
+from .qweight import QuantizedWeight, check_tensors, tensor_specs
+from .uniform import quantize_rtn, dequantize_gptq
+from .linear import QuantLinear
+
+__all__ = [
+    "SUPPORTED_BITS", "QuantConfig", "QuantizedWeight", "QuantLinear", "check_tensors", "dequantize_gptq",
+    "dequantize_nf", "fits_gptq", "nf_codebook", "pack_codes", "quantize_nf", "quantize_rtn",
+    "tensor_specs", "unpack_codes",
+]

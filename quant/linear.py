@@ -1,0 +1,57 @@
+"""QuantLinear: a frozen linear layer stored as packed tensors.
+
+Buffers only (names as in the checkpoint: ``qweight``/``qzeros``/``scales``/``g_idx`` for uniform,
+``codes``/``scale_codes``/``scale_scales``/``scale_offset`` for NF, optional ``bias``) and a forward
+through ``kernels.dequant_matmul``. No algorithm logic lives here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compress import kernels
+
+from .config import QuantConfig
+from .qweight import QuantizedWeight, tensor_specs
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, config: QuantConfig, bias: bool = False,
+                 device: torch.device | str | None = None, bias_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features, self.config = in_features, out_features, config
+        for name, (dtype, shape) in tensor_specs(config, (out_features, in_features)).items():
+            self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_weight(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, weight.config, bias is not None, device="meta")
+        for name, tensor in weight.tensors.items():
+            setattr(layer, name, tensor)
+        if bias is not None:
+            layer.bias = bias.detach().clone()
+        return layer
+
+    @classmethod
+    def quantize(cls, linear: nn.Linear, config: QuantConfig) -> "QuantLinear":
+        return cls.from_weight(QuantizedWeight.quantize(linear.weight, config), linear.bias)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        names = tensor_specs(self.config, self.shape)
+        return QuantizedWeight(self.config, self.shape, {n: getattr(self, n) for n in names})
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.quantized_weight().dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.dequant_matmul(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.config.name}"

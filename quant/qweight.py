@@ -1,0 +1,91 @@
+"""QuantizedWeight: the packed tensors of one matrix, its config and its shape.
+
+The tensors of each family, with their exact shapes (K = in_features, N = out_features,
+G = ceil(K / group), b = bits):
+
+=========  ==============  =========  =======================================================
+family     name            dtype      shape
+=========  ==============  =========  =======================================================
+uniform    qweight         int32      [ceil(K/32)*b, N]   GPTQ v1: codes packed along K
+uniform    qzeros          int32      [G, ceil(N/32)*b]   zero - 1 packed along N
+uniform    scales          float16    [G, N]
+uniform    g_idx           int32      [K]                 group of each input row
+nf         codes           int32      [ceil(N*K/32)*b]    row-major flattened codes
+nf         scale_codes     int32      [ceil(B/32)*sb]     B = ceil(N*K/block) block scales
+nf         scale_scales    scale_dt   [ceil(B/scale_block)]
+nf         scale_offset    float32    [1]
+=========  ==============  =========  =======================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import QuantConfig
+from .normalfloat import SCALE_TORCH_DTYPES, dequantize_nf, quantize_nf
+from .packing import packed_length
+from .uniform import dequantize_gptq, quantize_rtn
+
+
+def tensor_specs(config: QuantConfig, shape: tuple[int, int]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Name -> (dtype, shape) of every tensor a matrix of ``shape`` stores under ``config``."""
+    out_features, in_features = shape
+    if config.kind == "uniform":
+        groups = config.groups(in_features)
+        return {
+            "qweight": (torch.int32, (packed_length(in_features, config.bits), out_features)),
+            "qzeros": (torch.int32, (groups, packed_length(out_features, config.bits))),
+            "scales": (torch.float16, (groups, out_features)),
+            "g_idx": (torch.int32, (in_features,)),
+        }
+    numel = out_features * in_features
+    blocks = -(-numel // config.block)
+    return {
+        "codes": (torch.int32, (packed_length(numel, config.bits),)),
+        "scale_codes": (torch.int32, (packed_length(blocks, config.scale_bits),)),
+        "scale_scales": (SCALE_TORCH_DTYPES[config.scale_dtype], (-(-blocks // config.scale_block),)),
+        "scale_offset": (torch.float32, (1,)),
+    }
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], config: QuantConfig, shape: tuple[int, int]) -> None:
+    """Raise ValueError naming the first tensor whose name, dtype or shape does not fit."""
+    specs = tensor_specs(config, shape)
+    missing = sorted(set(specs) - set(tensors))
+    if missing:
+        raise ValueError(f"missing tensor(s) {', '.join(missing)} for {config.name} {list(shape)}")
+    for name, (dtype, expected) in specs.items():
+        got = tensors[name]
+        if got.dtype != dtype or tuple(got.shape) != expected:
+            raise ValueError(f"{name} is {got.dtype} {list(got.shape)}, expected {dtype} {list(expected)} "
+                             f"for {config.name} {list(shape)}")
+
+
+@dataclass
+class QuantizedWeight:
+    """Packed tensors of one (out_features, in_features) matrix under ``config``."""
+
+    config: QuantConfig
+    shape: tuple[int, int]
+    tensors: dict[str, torch.Tensor]
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, config: QuantConfig) -> "QuantizedWeight":
+        """Round-to-nearest (uniform) or nearest-codebook (nf) quantization of a float weight."""
+        quantizer = quantize_rtn if config.kind == "uniform" else quantize_nf
+        return cls(config, tuple(weight.shape), quantizer(weight.detach(), config))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.config.kind == "uniform":
+            weight = dequantize_gptq(self.tensors, self.config.bits, self.shape)
+        else:
+            weight = dequantize_nf(self.tensors, self.config, self.shape)
+        return weight.to(dtype)
+
+    def storage_bits(self) -> int:
+        return self.config.storage_bits(self.shape)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())

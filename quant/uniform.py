@@ -1,0 +1,134 @@
+"""Uniform affine group-wise quantization (RTN) and the GPTQ v1 tensors it packs into.
+
+Weights are ``W[out, in]`` (the ``nn.Linear`` orientation); groups run along ``in``. With
+``maxq = 2^bits - 1`` a weight is stored as a code ``q`` in [0, maxq] and read back as
+``scale * (q - zero)``:
+
+- asym: the group range [min(w, 0), max(w, 0)] maps onto [0, maxq]; ``zero`` is an integer, kept
+  >= 1 because GPTQ v1 stores ``zero - 1`` (a group whose best zero is 0 gets zero = 1 and the
+  scale that still reaches its maximum);
+- sym: ``zero = 2^(bits-1)`` and the scale is the smallest that represents both extremes.
+
+Scales are rounded to fp16 (what the checkpoint holds) before the codes are computed, so the
+in-memory quantized weight and the reloaded one are identical.
+
+GPTQ v1 tensors (K = in, N = out, G groups): ``qweight`` int32 [K*b/32, N] (codes packed along K),
+``qzeros`` int32 [G, N*b/32] (``zero - 1`` packed along N), ``scales`` fp16 [G, N], ``g_idx`` int32 [K].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import QuantConfig, effective_group
+from .packing import pack_codes, unpack_codes
+
+FP16_SMALLEST = 2.0**-24  # smallest fp16 subnormal: a nonzero scale never rounds to 0
+
+
+def _group_view(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """[N, K] -> [N, G, group], zero-padded (zeros never change the ranges below)."""
+    out_features, in_features = weight.shape
+    pad = (-in_features) % group
+    if pad:
+        weight = F.pad(weight, (0, pad))
+    return weight.reshape(out_features, -1, group)
+
+
+def choose_qparams(weight: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scale fp16 [N, G], zero int32 [N, G]) for a float weight [N, K]."""
+    maxq = 2**config.bits - 1
+    groups = _group_view(weight.float(), effective_group(config, weight.shape[1]))
+    low, high = torch.aminmax(groups, dim=2)
+    low, high = low.clamp(max=0), high.clamp(min=0)
+    if config.sym:
+        zero = torch.full_like(low, 2 ** (config.bits - 1))
+        scale = torch.maximum(-low / zero, high / (maxq - zero))
+    else:
+        scale = (high - low) / maxq
+        zero = torch.round(-low / scale.clamp(min=FP16_SMALLEST))
+        needs_shift = zero < 1  # v1 cannot store zero = 0: use zero = 1 and stretch the scale
+        zero = torch.where(needs_shift, torch.ones_like(zero), zero)
+        scale = torch.where(needs_shift, high / (maxq - 1), scale)
+    scale = scale.clamp(min=FP16_SMALLEST).to(torch.float16)
+    return scale, zero.to(torch.int32)
+
+
+def quantize_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   config: QuantConfig) -> torch.Tensor:
+    """Integer codes [N, K] (uint8) for a weight given its per-group scale and zero."""
+    group = effective_group(config, weight.shape[1])
+    groups = _group_view(weight.float(), group)
+    codes = (groups / scale.float().unsqueeze(2)).round_().add_(zero.float().unsqueeze(2))
+    codes = codes.clamp_(0, 2**config.bits - 1).to(torch.uint8)
+    return codes.view(weight.shape[0], -1)[:, : weight.shape[1]]
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                     g_idx: torch.Tensor) -> torch.Tensor:
+    """W [N, K] fp32 from codes [N, K], per-group scale/zero [N, G] and the group of each column."""
+    index = g_idx.long()
+    return (codes.to(torch.int32) - zero[:, index]).float() * scale.float()[:, index]
+
+
+def default_g_idx(in_features: int, config: QuantConfig) -> torch.Tensor:
+    group = effective_group(config, in_features)
+    return torch.arange(in_features, dtype=torch.int32) // group
+
+
+def quantize_rtn(weight: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tensor]:
+    """Round-to-nearest quantization of a float weight [N, K] into GPTQ v1 tensors."""
+    scale, zero = choose_qparams(weight, config)
+    codes = quantize_codes(weight, scale, zero, config)
+    return to_gptq_tensors(codes, scale, zero, config)
+
+
+def to_gptq_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    config: QuantConfig) -> dict[str, torch.Tensor]:
+    """Pack codes [N, K], scale [N, G] and zero [N, G] into the GPTQ v1 layout."""
+    if int(zero.min()) < 1:
+        raise ValueError("GPTQ v1 stores zero - 1: zero points must be >= 1")
+    return {
+        "qweight": pack_codes(codes.t(), config.bits, dim=0),
+        "qzeros": pack_codes((zero - 1).t(), config.bits, dim=1),
+        "scales": scale.t().contiguous(),
+        "g_idx": default_g_idx(codes.shape[1], config),
+    }
+
+
+def from_gptq_tensors(tensors: dict[str, torch.Tensor], bits: int,
+                      shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes [N, K], scale fp16 [N, G], zero int32 [N, G]) from GPTQ v1 tensors."""
+    out_features, in_features = shape
+    codes = unpack_codes(tensors["qweight"], bits, in_features, dim=0).t()
+    zero = unpack_codes(tensors["qzeros"], bits, out_features, dim=1).t() + 1
+    return codes, tensors["scales"].t(), zero
+
+
+def _contiguous_group(g_idx: torch.Tensor, groups: int) -> int | None:
+    """The group size if ``g_idx`` is the default ``arange(K) // size``, else None."""
+    in_features = g_idx.numel()
+    size = -(-in_features // groups)
+    default = torch.arange(in_features, dtype=g_idx.dtype, device=g_idx.device) // size
+    return size if torch.equal(g_idx, default) else None
+
+
+def dequantize_gptq(tensors: dict[str, torch.Tensor], bits: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Float32 weight [N, K] of a GPTQ v1 matrix: scales[g] * (q - (qzeros[g] + 1)).
+
+    Returned as the transpose of a contiguous [K, N] tensor (the layout the codes unpack into)."""
+    out_features, in_features = shape
+    codes = unpack_codes(tensors["qweight"], bits, in_features, dim=0)  # [K, N]
+    zero = unpack_codes(tensors["qzeros"], bits, out_features, dim=1) + 1  # [G, N]
+    scale = tensors["scales"].float()
+    size = _contiguous_group(tensors["g_idx"], scale.shape[0])
+    if size is None:  # act-order checkpoints: gather each row's group
+        index = tensors["g_idx"].long()
+        return ((codes - zero[index]).float() * scale[index]).t()
+    pad = (-in_features) % size
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad, out_features)])
+    grouped = codes.view(-1, size, out_features)
+    weight = (grouped - zero.unsqueeze(1)).float().mul_(scale.unsqueeze(1))
+    return weight.view(-1, out_features)[:in_features].t()

@@ -1,0 +1,78 @@
+"""Uniform affine RTN against an independent float64 reference written from the stated rules."""
+
+import pytest
+import torch
+
+from compress.quant import QuantConfig, QuantizedWeight
+from compress.quant.uniform import choose_qparams, from_gptq_tensors
+
+
+def reference_rtn(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """Float64, one group at a time: GPTQ's range rule, zero >= 1 (v1), fp16 scales."""
+    w = weight.double()
+    maxq = 2**config.bits - 1
+    group = weight.shape[1] if config.group_size == -1 else config.group_size
+    out = torch.empty_like(w)
+    for n in range(w.shape[0]):
+        for start in range(0, w.shape[1], group):
+            g = w[n, start:start + group]
+            low, high = min(float(g.min()), 0.0), max(float(g.max()), 0.0)
+            if config.sym:
+                zero = 2 ** (config.bits - 1)
+                scale = max(-low / zero, high / (maxq - zero))
+            else:
+                scale = (high - low) / maxq
+                zero = round(-low / max(scale, 2**-24))
+                if zero < 1:
+                    zero, scale = 1, high / (maxq - 1)
+            scale = float(torch.tensor(max(scale, 2**-24)).half())
+            codes = torch.clamp(torch.round(g / scale) + zero, 0, maxq)
+            out[n, start:start + group] = (codes - zero) * scale
+    return out
+
+
+CONFIGS = [QuantConfig.uniform(b, g, s) for b in (2, 3, 4, 8) for g, s in ((32, False), (64, True), (-1, False))]
+CONFIGS += [QuantConfig.uniform(4, 48, False), QuantConfig.uniform(3, 40, True)]  # partial last group of 100
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+def test_matches_float64_reference(config):
+    weight = torch.randn(24, 100, generator=torch.Generator().manual_seed(config.bits)) * 0.05
+    ours = QuantizedWeight.quantize(weight, config).dequantize().double()
+    expected = reference_rtn(weight, config)
+    differ = (ours - expected).abs() > 1e-6 * weight.abs().max()
+    # a value exactly halfway between two levels may round either way in fp32 vs fp64: allow a few
+    assert differ.float().mean() < 2e-3, f"{int(differ.sum())} elements differ"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+def test_error_within_one_step(config):
+    weight = torch.randn(16, 100, generator=torch.Generator().manual_seed(1))
+    quantized = QuantizedWeight.quantize(weight, config)
+    codes, scale, zero = from_gptq_tensors(quantized.tensors, config.bits, weight.shape)
+    assert int(zero.min()) >= 1, "GPTQ v1 cannot store zero = 0"
+    group = 100 if config.group_size == -1 else config.group_size
+    step = scale.float().repeat_interleave(group, dim=1)[:, :100]
+    error = (quantized.dequantize() - weight).abs()
+    bound = 0.5 if config.sym else 1.0  # asym: the rounded zero may clip the extreme by half a step
+    assert bool((error <= step * (bound + 1e-2)).all())
+
+
+def test_sym_never_clips_and_asym_zero_shift():
+    positive = torch.rand(4, 64, generator=torch.Generator().manual_seed(2)) + 0.5  # every group >= 0.5
+    config = QuantConfig.uniform(4, 32, sym=False)
+    scale, zero = choose_qparams(positive, config)
+    assert bool((zero == 1).all()), "an all-positive group gets zero = 1 (v1 stores zero - 1)"
+    error = (QuantizedWeight.quantize(positive, config).dequantize() - positive).abs()
+    assert float(error.max()) <= 0.5 * float(scale.float().max()) * 1.01
+
+
+def test_zero_group_and_more_bits_less_error():
+    weight = torch.randn(8, 128, generator=torch.Generator().manual_seed(4))
+    weight[:, :32] = 0
+    errors = []
+    for bits in (2, 3, 4, 8):
+        restored = QuantizedWeight.quantize(weight, QuantConfig.uniform(bits, 32)).dequantize()
+        assert torch.equal(restored[:, :32], torch.zeros(8, 32))
+        errors.append(float((restored - weight).norm()))
+    assert errors == sorted(errors, reverse=True)
