@@ -24,7 +24,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, brief
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _iter_dataset(source: TextSource) -> Iterator[str]:
     except DataError:
         raise
     except Exception as err:  # datasets raises many types for unreadable or unreachable data
-        raise DataError(f"data {source.describe()}: {type(err).__name__}: {err}") from None
+        raise DataError(f"data {source.describe()}: {type(err).__name__}: {brief(err)}") from None
     if source.field not in dataset.column_names:
         raise DataError(f"data {source.describe()}: no field {source.field!r} "
                         f"(fields: {', '.join(dataset.column_names)})")

@@ -29,3 +29,10 @@ class LockError(CompressError):
 
 class StageError(CompressError):
     """A stage cannot proceed with the model and settings it was given."""
+
+
+def brief(err: BaseException, limit: int = 240) -> str:
+    """A third-party exception condensed to one line for our messages."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

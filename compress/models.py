@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .cache import cache_dir
-from .errors import ModelError
+from .errors import ModelError, brief
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ TINY_LLAMA_CONFIG = dict(hidden_size=256, num_hidden_layers=4, num_attention_hea
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 TINY_LLAMA_SEED = 1234
 BUILTINS = ("smollm2-135m", "tiny-llama")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -89,7 +90,7 @@ def _has_gptq_config(path: Path) -> bool:
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as err:
-        raise ModelError(f"model: {path / 'config.json'} cannot be read: {err}") from None
+        raise ModelError(f"model: {path / 'config.json'} cannot be read: {brief(err)}") from None
     return (config.get("quantization_config") or {}).get("quant_method") == "gptq"
 
 
@@ -107,7 +108,7 @@ def load_config(source: ModelSource):
         else:
             config = AutoConfig.from_pretrained(source.path)
     except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"model: cannot read the config of {source.name}: {err}") from None
+        raise ModelError(f"model: cannot read the config of {source.name}: {brief(err)}") from None
     return strip_quantization_config(config)
 
 
@@ -123,12 +124,15 @@ def load_tokenizer(source: ModelSource):
     if source.kind == "builtin":
         return AutoTokenizer.from_pretrained(_smollm2_cache())
     directory = source.path.parent if source.kind == "gguf" else source.path
+    if source.kind != "gguf" and not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"{directory}: no tokenizer ({' / '.join(TOKENIZER_FILES)}); copy the base model's "
+                         "tokenizer files into it")
     try:
         if source.kind == "gguf":
             return AutoTokenizer.from_pretrained(directory, gguf_file=source.path.name)
         return AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"model: no usable tokenizer in {directory}: {err}") from None
+        raise ModelError(f"model: no usable tokenizer in {directory}: {brief(err)}") from None
 
 
 def _smollm2_cache() -> Path:
@@ -191,7 +195,7 @@ def _from_gguf(path: Path, dtype: torch.dtype):
     try:
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"model: cannot load GGUF file {path}: {err}") from None
+        raise ModelError(f"model: cannot load GGUF file {path}: {brief(err)}") from None
     config = strip_quantization_config(loaded.config)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -206,4 +210,4 @@ def _from_hf_dir(path: Path, dtype: torch.dtype):
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"model: cannot load {path}: {err}") from None
+        raise ModelError(f"model: cannot load {path}: {brief(err)}") from None

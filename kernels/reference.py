@@ -13,4 +13,4 @@ from compress.quant.qweight import QuantizedWeight
 
 def dequant_matmul(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     dense = weight.dequantize(torch.float32).to(x.dtype)
-    return torch.nn.functional.linear(x, dense, bias)
+    return torch.nn.functional.linear(x, dense, None if bias is None else bias.to(x.dtype))

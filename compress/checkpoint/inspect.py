@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from compress.quant import QuantConfig
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, brief
 from .load import read_layout
 from .tensors import tensor_files
 
@@ -32,7 +32,7 @@ def _tensor_meta(directory: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
                     sliced = handle.get_slice(name)
                     meta[name] = (sliced.get_dtype(), tuple(sliced.get_shape()))
         except Exception as err:  # safetensors raises several types on a damaged header
-            raise CheckpointError(f"{path}: cannot read safetensors header: {err}") from None
+            raise CheckpointError(f"{path}: cannot read safetensors header: {brief(err)}") from None
     return meta
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from compress.quant import QuantConfig, QuantLinear, check_tensors
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, brief
 from ..targets import set_module
 from .gptq import resolve_module_config
 from .manifest import MANIFEST, read_manifest
@@ -43,7 +43,7 @@ def _read_json(path: Path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: unreadable JSON: {err}") from None
+        raise CheckpointError(f"{path}: unreadable JSON: {brief(err)}") from None
 
 
 def _gptq_modules(quant: dict, tensor_names: list[str], path: Path) -> dict:
@@ -100,7 +100,7 @@ def build_model(config: dict, modules: dict[str, tuple[QuantConfig, tuple[int, i
     try:
         hf_config = AutoConfig.for_model(**config)
     except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"config.json: not a usable model config: {err}") from None
+        raise CheckpointError(f"config.json: not a usable model config: {brief(err)}") from None
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config)
     for name, (qconfig, shape) in modules.items():
@@ -127,7 +127,7 @@ def load_checkpoint(path: Path, dtype: str | None = None, verify: bool = True) -
         try:
             check_tensors(subset, config, shape)
         except ValueError as err:
-            raise CheckpointError(f"{layout.path}: {name}: {err}") from None
+            raise CheckpointError(f"{layout.path}: {name}: {brief(err)}") from None
         modules[name] = (config, shape)
     model = build_model(layout.config, modules)
     _load_state(model, tensors, layout.path)

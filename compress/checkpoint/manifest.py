@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, brief
 from .atomic import sha256_file
 
 MANIFEST = "compress.json"
@@ -49,7 +49,7 @@ def read_manifest(directory: Path, verify: bool = True) -> dict:
     try:
         content = json.loads(raw)
     except ValueError as err:
-        raise CheckpointError(f"{path}: not valid JSON: {err}") from None
+        raise CheckpointError(f"{path}: not valid JSON: {brief(err)}") from None
     if content.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {content.get('format_version')!r} is not supported "
                               f"(this compress reads {FORMAT_VERSION})")

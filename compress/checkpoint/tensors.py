@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, brief
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -55,7 +55,7 @@ def tensor_files(directory: Path) -> list[Path]:
         try:
             weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
         except (OSError, ValueError, KeyError) as err:
-            raise CheckpointError(f"{directory / INDEX}: unreadable shard index: {err}") from None
+            raise CheckpointError(f"{directory / INDEX}: unreadable shard index: {brief(err)}") from None
         return [directory / f for f in sorted(set(weight_map.values()))]
     if (directory / SINGLE).is_file():
         return [directory / SINGLE]
@@ -68,5 +68,5 @@ def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
         try:
             tensors.update(load_file(str(path)))
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"{path}: cannot read safetensors (corrupt or truncated?): {err}") from None
+            raise CheckpointError(f"{path}: cannot read safetensors (corrupt or truncated?): {brief(err)}") from None
     return tensors

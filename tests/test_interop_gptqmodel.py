@@ -1,0 +1,109 @@
+"""Interop with a third-party loader: GPTQModel 7.6.0 (its own venv, BACKEND.GPTQ_TORCH) and plain
+transformers + GPTQModel + optimum.
+
+- Writing direction: a mixed 2/3/4/8-bit GPTQ checkpoint of tiny-llama written by us loads in
+  GPTQModel, which assigns every module the bits we wrote, and its fp32 logits match ours within
+  1e-4 (max abs; the dense weights are bf16-exact so GPTQModel's fp16 load loses nothing).
+- Reading direction: GPTQModel's own fp32 logits for the checkpoint it wrote
+  (../shared/data/gptqmodel-mixed-tiny) match compress.load's within 1e-4.
+- A uniform 4-bit checkpoint loads with plain transformers' from_pretrained; that path runs its own
+  kernel in bf16, so the tolerance is bf16's: relative error norm below 2e-2.
+
+The side venv comes from `make interop-venv` (built by `make test`, which also sets
+COMPRESS_REQUIRE_INTEROP=1 so that a missing venv fails instead of skipping).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import GPTQMODEL_CKPT, ROOT, logits, quantize_model
+from safetensors.torch import load_file, save_file
+
+import compress
+from compress.checkpoint import write_gptq
+from compress.quant import QuantConfig, QuantLinear
+
+SIDE_PYTHON = Path(os.environ.get("COMPRESS_INTEROP_PYTHON", ROOT / ".venv-gptqmodel" / "bin" / "python"))
+REQUIRED = os.environ.get("COMPRESS_REQUIRE_INTEROP") == "1"
+pytestmark = [
+    pytest.mark.interop,
+    pytest.mark.skipif(not SIDE_PYTHON.exists() and not REQUIRED,
+                       reason=f"GPTQModel side venv missing at {SIDE_PYTHON} (run `make interop-venv`)"),
+]
+
+
+def mixed(name):
+    if ".0.self_attn." in name:
+        return QuantConfig.uniform(2, 32, sym=True)
+    if ".1.mlp.gate_proj" in name or ".1.mlp.up_proj" in name:
+        return QuantConfig.uniform(3, 64, sym=False)
+    if "down_proj" in name:
+        return QuantConfig.uniform(8, 64, sym=False)
+    return QuantConfig.uniform(4, 64, sym=False)
+
+
+@pytest.fixture(scope="module")
+def interop(tiny_pair, tmp_path_factory):
+    """Build the checkpoints, run the side venv once over all of them, return paths and results."""
+    if not SIDE_PYTHON.exists():
+        pytest.fail(f"COMPRESS_REQUIRE_INTEROP=1 but the GPTQModel venv is missing at {SIDE_PYTHON}")
+    import copy
+
+    base, tokenizer = tiny_pair
+    work = tmp_path_factory.mktemp("interop")
+    models = {}
+    for name, config_for in (("mixed", mixed), ("uniform", lambda n: QuantConfig.uniform(4, 64, sym=False))):
+        model = copy.deepcopy(base)
+        for param in model.parameters():  # bf16-exact dense weights: no loss in GPTQModel's fp16 load
+            param.data = param.data.to(torch.bfloat16).float()
+        models[name] = quantize_model(model, config_for)
+        write_gptq(models[name], work / name, tokenizer=tokenizer)
+    reference = work / "reference"
+    shutil.copytree(GPTQMODEL_CKPT / "quantized", reference)
+    tokenizer.save_pretrained(reference)  # GPTQModel's loader insists on a tokenizer in the folder
+    ids = {"tiny": torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(5)),
+           "reference": load_file(str(GPTQMODEL_CKPT / "reference_logits.safetensors"))["input_ids"]}
+    for key, value in ids.items():
+        save_file({"input_ids": value}, str(work / f"{key}_ids.safetensors"))
+    jobs = [("mixed", "gptqmodel", "tiny"), ("reference", "gptqmodel", "reference"), ("uniform", "transformers", "tiny")]
+    spec = [{"loader": loader, "path": str(work / ckpt), "input_ids": str(work / f"{key}_ids.safetensors"),
+             "output": str(work / f"{ckpt}-{loader}.safetensors")} for ckpt, loader, key in jobs]
+    (work / "jobs.json").write_text(json.dumps(spec))
+    env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run([str(SIDE_PYTHON), str(ROOT / "tests" / "interop" / "gptqmodel_logits.py"),
+                             str(work / "jobs.json")], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    outputs = {(ckpt, loader): (load_file(job["output"])["logits"], json.loads(Path(job["output"] + ".json").read_text()))
+               for (ckpt, loader, _), job in zip(jobs, spec)}
+    return {"work": work, "models": models, "ids": ids, "outputs": outputs}
+
+
+def test_our_mixed_checkpoint_in_gptqmodel(interop):
+    theirs, described = interop["outputs"][("mixed", "gptqmodel")]
+    model = interop["models"]["mixed"]
+    expected_bits = {name: m.config.bits for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert described["bits"] == expected_bits, "GPTQModel must resolve our dynamic overrides to our bits"
+    assert {2, 3, 4, 8} == set(described["bits"].values())
+    ours = logits(compress.load(interop["work"] / "mixed", dtype="float32"), interop["ids"]["tiny"])
+    assert float((ours - theirs).abs().max()) <= 1e-4
+
+
+def test_gptqmodel_reference_checkpoint_matches_compress_load(interop):
+    theirs, described = interop["outputs"][("reference", "gptqmodel")]
+    ours = logits(compress.load(GPTQMODEL_CKPT / "quantized", dtype="float32"), interop["ids"]["reference"])
+    assert float((ours - theirs).abs().max()) <= 1e-4
+    assert described["bits"]["model.layers.1.mlp.up_proj"] == 3
+
+
+def test_uniform_checkpoint_in_plain_transformers(interop):
+    theirs, described = interop["outputs"][("uniform", "transformers")]
+    ours = logits(interop["models"]["uniform"], interop["ids"]["tiny"])
+    relative = float((ours - theirs).norm() / ours.norm())
+    assert relative < 2e-2, f"relative error {relative:.3g} (bf16 kernel {described['kernels']})"
+    assert set(described["bits"].values()) == {4}
