@@ -18,6 +18,7 @@ import sys
 import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")  # third-party tqdm bars (GGUF conversion, datasets); ours are rich
 
 
 def _console(stderr: bool = False):
