@@ -72,11 +72,13 @@ def cmd_inspect(args) -> int:
     from compress.report import human_bytes
 
     table = Table(title=f"{info['path']} ({info['format']})")
-    for column in ("module", "format", "config", "shape", "bytes"):
-        table.add_column(column)
+    for column in ("module", "format", "bits", "group", "config", "shape", "bytes"):
+        table.add_column(column, justify="right" if column in ("bits", "group", "bytes") else "left")
     for row in info["modules"]:
-        table.add_row(row["name"], row["format"], row.get("config", row.get("dtype", "")),
-                      "x".join(map(str, row["shape"])), human_bytes(row["bytes"]))
+        group = row.get("group_size", row.get("block", ""))
+        table.add_row(row["name"], row["format"], str(row.get("bits", "")), str(group),
+                      row.get("config", row.get("dtype", "")), "x".join(map(str, row["shape"])),
+                      human_bytes(row["bytes"]))
     console = _console()
     console.print(table)
     console.print(f"bits/param (quantized layers): {info['bits_per_param']:.4f}   "

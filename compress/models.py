@@ -199,8 +199,12 @@ def _from_gguf(path: Path, dtype: torch.dtype):
     config = strip_quantization_config(loaded.config)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.load_state_dict(loaded.state_dict(), strict=False, assign=True)
+    result = model.load_state_dict(loaded.state_dict(), strict=False, assign=True)
     model.tie_weights()
+    untied = [k for k in result.missing_keys if not (k.endswith("lm_head.weight") and config.tie_word_embeddings)]
+    if untied or result.unexpected_keys:
+        raise ModelError(f"model: {path.name} does not match its own config "
+                         f"(missing {untied[:3]}, unexpected {result.unexpected_keys[:3]})")
     return model
 
 

@@ -31,4 +31,3 @@ class Stage:
     quantizes: bool = False
     needs_data: tuple[str, ...] = ()
     check: Callable | None = None
-    summary: str = ""

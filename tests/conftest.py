@@ -15,8 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-GPTQMODEL_CKPT = SHARED / "data" / "gptqmodel-mixed-tiny"
+GPTQMODEL_CKPT = ROOT / "tests" / "data" / "gptqmodel-mixed-tiny"  # written by GPTQModel 7.6.0 itself
 
 
 @pytest.fixture(scope="session")

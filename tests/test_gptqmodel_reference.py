@@ -1,5 +1,5 @@
 """Reading direction: the mixed 2/3/4/8-bit checkpoint that GPTQModel 7.6.0 wrote itself
-(../shared/data/gptqmodel-mixed-tiny) loads through compress.load and reproduces its logits.
+(tests/data/gptqmodel-mixed-tiny, a copy of ../shared/data/gptqmodel-mixed-tiny) loads through compress.load and reproduces its logits.
 
 GPTQModel computed the reference in bfloat16 (its CPU kernel refuses fp32); our fp32 dequantize-and-
 matmul must agree up to bf16 rounding: max |diff| <= 0.02 (1.5 % of the largest logit, 1.375) and mean

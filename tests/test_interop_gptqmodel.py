@@ -5,7 +5,7 @@ transformers + GPTQModel + optimum.
   GPTQModel, which assigns every module the bits we wrote, and its fp32 logits match ours within
   1e-4 (max abs; the dense weights are bf16-exact so GPTQModel's fp16 load loses nothing).
 - Reading direction: GPTQModel's own fp32 logits for the checkpoint it wrote
-  (../shared/data/gptqmodel-mixed-tiny) match compress.load's within 1e-4.
+  (tests/data/gptqmodel-mixed-tiny, a copy of ../shared/data/gptqmodel-mixed-tiny) match compress.load's within 1e-4.
 - A uniform 4-bit checkpoint loads with plain transformers' from_pretrained; that path runs its own
   kernel in bf16, so the tolerance is bf16's: relative error norm below 2e-2.
 

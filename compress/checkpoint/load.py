@@ -137,14 +137,12 @@ def load_checkpoint(path: Path, dtype: str | None = None, verify: bool = True) -
 
 def _load_state(model: nn.Module, tensors: dict, path: Path) -> None:
     expected = set(model.state_dict())
-    missing = sorted(expected - set(tensors))
-    tied = {name for name in missing if name.endswith("lm_head.weight")
-            and getattr(model.config, "tie_word_embeddings", False)}
-    unexpected = sorted(set(tensors) - expected)
-    if set(missing) - tied or unexpected:
-        what = [f"missing {len(set(missing) - tied)} tensor(s) e.g. {sorted(set(missing) - tied)[:3]}"] if set(
-            missing) - tied else []
-        what += [f"unexpected {len(unexpected)} tensor(s) e.g. {unexpected[:3]}"] if unexpected else []
+    tied = {name for name in expected - set(tensors)
+            if name.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)}
+    missing, unexpected = sorted(expected - set(tensors) - tied), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        what = [f"{len(missing)} missing (e.g. {missing[:3]})"] if missing else []
+        what += [f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"] if unexpected else []
         raise CheckpointError(f"{path}: tensors do not match the model: {'; '.join(what)}")
     model.load_state_dict(tensors, strict=False, assign=True)
     if tied:

@@ -72,5 +72,4 @@ def wants_baseline(recipe) -> EvalConfig | None:
     return first.config if first is not None and first.config.baseline else None
 
 
-STAGE = Stage(name="eval", config=EvalConfig, run=run, modifies_model=False, needs_data=("eval",),
-              summary="perplexity on held-out text")
+STAGE = Stage(name="eval", config=EvalConfig, run=run, modifies_model=False, needs_data=("eval",))

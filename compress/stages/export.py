@@ -68,5 +68,4 @@ def run(ctx, config: ExportConfig, report: StageReport) -> None:
         report.notes.append(f"reloaded from {target}: perplexity {report.metrics['perplexity']:.3f}")
 
 
-STAGE = Stage(name="export", config=ExportConfig, run=run, modifies_model=False,
-              summary="packed checkpoint (gptq | native | hf), reloaded and checked")
+STAGE = Stage(name="export", config=ExportConfig, run=run, modifies_model=False)

@@ -177,4 +177,4 @@ def run(ctx, config: QuantizeConfig, report) -> None:
 
 
 STAGE = Stage(name="quantize", config=QuantizeConfig, run=run, modifies_model=True, quantizes=True,
-              check=check, summary="weights to packed low-bit integers or NormalFloat codes (RTN)")
+              check=check)
