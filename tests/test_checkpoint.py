@@ -52,7 +52,9 @@ def test_gptq_round_trip_and_dynamic(tmp_path, ids):
     write_gptq(model, tmp_path / "ckpt")
     reloaded = load_checkpoint(tmp_path / "ckpt")
     assert torch.equal(logits(model, ids), logits(reloaded, ids))
-    quant = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "_name_or_path" not in config
+    quant = config["quantization_config"]
     assert quant == json.loads((tmp_path / "ckpt" / "quantize_config.json").read_text())
     assert quant["checkpoint_format"] == "gptq" and quant["desc_act"] is False
     for name, module in model.named_modules():

@@ -45,8 +45,11 @@ def dense_dtype(model: nn.Module) -> torch.dtype:
 
 
 def config_dict(model: nn.Module) -> dict:
-    config = model.config.to_dict()
+    """The model's config.json: engines pick the model class from ``architectures``; private keys
+    (``_name_or_path`` would leak a local path) are dropped."""
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}
     config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]
     config["dtype"] = str(dense_dtype(model)).removeprefix("torch.")
     config["tie_word_embeddings"] = _tied(model)
     return config
