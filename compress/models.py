@@ -191,6 +191,8 @@ def _from_gguf(path: Path, dtype: torch.dtype):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    from .checkpoint.load import is_tied_head
+
     log.info("loading %s (dequantizing GGUF)", path.name)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
@@ -201,7 +203,7 @@ def _from_gguf(path: Path, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     result = model.load_state_dict(loaded.state_dict(), strict=False, assign=True)
     model.tie_weights()
-    untied = [k for k in result.missing_keys if not (k.endswith("lm_head.weight") and config.tie_word_embeddings)]
+    untied = [k for k in result.missing_keys if not is_tied_head(k, config)]
     if untied or result.unexpected_keys:
         raise ModelError(f"model: {path.name} does not match its own config "
                          f"(missing {untied[:3]}, unexpected {result.unexpected_keys[:3]})")

@@ -8,6 +8,7 @@ stored byte (embeddings, norms, g_idx, ...) by every parameter of the model.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from safetensors import safe_open
@@ -37,15 +38,8 @@ def _tensor_meta(directory: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    return _numel(shape) * BYTES_PER.get(dtype, 4)
+    return math.prod(shape) * BYTES_PER.get(dtype, 4)
 
 
 def _dense_linear_bits(dense: list[dict]) -> float:
@@ -78,7 +72,7 @@ def inspect_checkpoint(path: Path, verify: bool = True) -> dict:
     layout = read_layout(path, verify=verify, tensor_names=list(meta))
     rows = [_module_row(name, config, shape, meta) for name, (config, shape) in sorted(layout.modules.items())]
     owned = {k for r in rows for k in meta if k.startswith(r["name"] + ".")}
-    dense = [{"name": k, "format": "dense", "dtype": v[0], "shape": list(v[1]), "params": _numel(v[1]),
+    dense = [{"name": k, "format": "dense", "dtype": v[0], "shape": list(v[1]), "params": math.prod(v[1]),
               "bytes": _nbytes(*v)} for k, v in sorted(meta.items()) if k not in owned]
     quantized_params = sum(r["params"] for r in rows)
     params = quantized_params + sum(d["params"] for d in dense)

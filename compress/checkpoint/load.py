@@ -18,12 +18,12 @@ from torch import nn
 from compress.quant import QuantConfig, QuantLinear, check_tensors
 
 from ..errors import CheckpointError, brief
+from ..models import DTYPES
 from ..targets import set_module
 from .gptq import resolve_module_config
 from .manifest import MANIFEST, read_manifest
 from .tensors import load_tensors
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -135,10 +135,14 @@ def load_checkpoint(path: Path, dtype: str | None = None, verify: bool = True) -
     return model.eval()
 
 
+def is_tied_head(name: str, config) -> bool:
+    """Whether a missing tensor is the output head that tied embeddings provide."""
+    return name.endswith("lm_head.weight") and bool(getattr(config, "tie_word_embeddings", False))
+
+
 def _load_state(model: nn.Module, tensors: dict, path: Path) -> None:
     expected = set(model.state_dict())
-    tied = {name for name in expected - set(tensors)
-            if name.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)}
+    tied = {name for name in expected - set(tensors) if is_tied_head(name, model.config)}
     missing, unexpected = sorted(expected - set(tensors) - tied), sorted(set(tensors) - expected)
     if missing or unexpected:
         what = [f"{len(missing)} missing (e.g. {missing[:3]})"] if missing else []
