@@ -83,7 +83,7 @@ def cmd_inspect(args) -> int:
     console.print(table)
     console.print(f"bits/param (quantized layers): {info['bits_per_param']:.4f}   "
                   f"bits/param (everything stored): {info['bits_per_param_total']:.4f}   "
-                  f"size: {human_bytes(info['bytes'])}   kernel: {info['kernel']}")
+                  f"size: {human_bytes(info['bytes'])}   kernel: {info['kernel']} ({info['kernel_reason']})")
     return 0
 
 
@@ -148,12 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     from compress.errors import CompressError
+    from compress.kernels import KernelUnavailableError, select_backend
 
     try:
+        select_backend()  # a bad COMPRESS_KERNEL fails here, before any work
         return args.func(args)
-    except CompressError as err:
+    except (CompressError, KernelUnavailableError) as err:
         print("error: " + " ".join(str(err).split("\n")), file=sys.stderr)
-        return err.exit_code
+        return getattr(err, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

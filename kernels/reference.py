@@ -1,16 +1,182 @@
-"""Pure-torch dequant-matmul: the oracle for every kernel and the CPU execution path.
+"""Pure-torch dequant-matmul: the CPU execution path and the oracle the Triton kernels are tested against.
 
-Imports nothing from Triton. ``y = x @ W^T + bias`` where W is dequantized in fp32 from the
-packed tensors (``QuantizedWeight.dequantize``) and cast to the activation dtype.
+Imports nothing from Triton. ``y = x @ W^T + bias`` is computed tile by tile over K (rows of W^T), so
+at most one tile of the weight is ever dequantized (about ``TILE_ELEMENTS`` weights):
+
+1. unpack the tile's codes to uint8 in natural row order, byte-wise: the int32 words of a K-major
+   plane are viewed as bytes (little-endian: byte b of word w holds rows w*pf + b*(8/bits) + i) and
+   split with shifts on uint8 — a quarter of the memory traffic of int32 shifts;
+2. inside the tile, rows form *segments* that share one scale (uniform: a group; nf: a block). For
+   small batches (M < segment length) the scale is applied after the product,
+   ``y += sum_s scale_s * (x_s @ Q_s) - (sum x_s) * zero_s * scale_s``, so the tile is never scaled
+   element-wise; for larger M the tile is dequantized and multiplied (fp32 throughout).
+
+Tiles that do not split into equal segments (act-order ``g_idx``, a partial last group, nf blocks that
+straddle rows) fall back to a per-row gather of the scales; results are the same, only slower.
+``dequantize_rows`` reproduces ``QuantizedWeight.dequantize`` bit for bit (same operations, same order).
 """
 
 from __future__ import annotations
 
+import math
+import sys
+
 import torch
 
-from compress.quant.qweight import QuantizedWeight
+from .layout import KernelWeight
+
+TILE_ELEMENTS = 1 << 21  # weights dequantized at once: 8 MiB in fp32, cache-sized on current CPUs
+ROW_ALIGN = 32  # a tile starts on a word boundary of every plane
+
+if sys.byteorder != "little":  # the byte view of packed words assumes little-endian storage
+    raise ImportError("kernels.reference needs a little-endian machine")
 
 
-def dequant_matmul(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    dense = weight.dequantize(torch.float32).to(x.dtype)
-    return torch.nn.functional.linear(x, dense, None if bias is None else bias.to(x.dtype))
+def unpack_plane_rows(plane: torch.Tensor, bits: int, start: int, stop: int) -> torch.Tensor:
+    """uint8 codes [stop - start, N] of rows [start, stop) of a K-major plane (start % 32 == 0)."""
+    columns = plane.shape[1]
+    first, last = start * bits // 32, -(-stop // 32) * bits
+    raw = plane[first:last].contiguous().view(torch.uint8).view(last - first, columns, 4).transpose(1, 2)
+    if bits == 8:
+        codes = raw.contiguous()
+    else:
+        mask = (1 << bits) - 1
+        fields = [(raw >> (bits * i)) & mask if i else raw & mask for i in range(8 // bits)]
+        codes = torch.stack(fields, dim=2)
+    return codes.view(-1, columns)[: stop - start]
+
+
+def unpack_rows(weight: KernelWeight, start: int, stop: int) -> torch.Tensor:
+    """uint8 codes [stop - start, N] of rows [start, stop) of W^T."""
+    if weight.codes_hi is None:
+        return unpack_plane_rows(weight.codes, weight.bits, start, stop)
+    low = unpack_plane_rows(weight.codes, 2, start, stop)
+    return low | (unpack_plane_rows(weight.codes_hi, 1, start, stop) << 2)
+
+
+def _zeros(weight: KernelWeight, groups: torch.Tensor | slice) -> torch.Tensor:
+    """int16 zero points of the given groups ([G', N])."""
+    if weight.zero_mode == 0:
+        count = weight.scales[groups].shape[0]
+        return torch.full((count, weight.shape[0]), 2 ** (weight.bits - 1), dtype=torch.int16,
+                          device=weight.device)
+    return weight.zeros[groups].to(torch.int16)
+
+
+def _nf_scales(weight: KernelWeight, blocks: torch.Tensor) -> torch.Tensor:
+    """fp32 block scales for block indices of any shape (double quantization undone)."""
+    codes = weight.scale_codes[blocks].float()
+    second = weight.scale_scales[blocks // weight.scale_block]
+    return codes * (second / weight.scale_levels) + weight.scale_offset
+
+
+def _segments(weight: KernelWeight, start: int, stop: int
+              ) -> tuple[int, torch.Tensor, torch.Tensor | None] | None:
+    """(rows per segment, scale [S, N] fp32, zero [S, N] fp32 or None for nf) when rows
+    [start, stop) split into S equal segments that each share one scale; None otherwise."""
+    out_features, in_features = weight.shape
+    if weight.kind == "uniform":
+        size = weight.group_size
+        if not size:
+            return None
+        first, last = start // size, (stop - 1) // size
+        if first == last:
+            length = stop - start
+        elif start % size == 0 and stop % size == 0:
+            length = size
+        else:
+            return None
+        groups = slice(first, last + 1)
+        scale = weight.scales[groups].float()
+        zero = _zeros(weight, groups).float()
+        return length, scale, zero
+    if in_features % weight.block or start % weight.block or (stop - start) % weight.block:
+        return None
+    per_row = in_features // weight.block
+    block_cols = torch.arange(start // weight.block, stop // weight.block, device=weight.device)
+    rows = torch.arange(out_features, device=weight.device) * per_row
+    return weight.block, _nf_scales(weight, rows.view(1, -1) + block_cols.view(-1, 1)), None
+
+
+def _values(weight: KernelWeight, codes: torch.Tensor) -> torch.Tensor:
+    """Codes as floats before scaling: integers (uniform) or codebook values (nf)."""
+    if weight.kind == "uniform":
+        return codes.float()
+    return weight.lut.index_select(0, codes.view(-1).to(torch.int32)).view(codes.shape)
+
+
+def dequantize_rows(weight: KernelWeight, start: int, stop: int) -> torch.Tensor:
+    """fp32 rows [start, stop) of W^T ([stop - start, N]), bit-identical to the quantizer's dequantize."""
+    codes = unpack_rows(weight, start, stop)
+    rows = torch.arange(start, stop, device=weight.device)
+    if weight.kind == "uniform":
+        group = weight.g_idx[start:stop].long() if weight.g_idx is not None else rows // weight.group_size
+        zero = _zeros(weight, group)
+        return (codes.to(torch.int16) - zero).float() * weight.scales[group].float()
+    columns = torch.arange(weight.shape[0], device=weight.device)
+    blocks = (columns.view(1, -1) * weight.shape[1] + rows.view(-1, 1)) // weight.block
+    return _values(weight, codes) * _nf_scales(weight, blocks)
+
+
+def dequantize(weight: KernelWeight) -> torch.Tensor:
+    """The whole fp32 weight [N, K] (tests and small layers only)."""
+    rows = [dequantize_rows(weight, start, stop) for start, stop in tile_bounds(weight)]
+    return torch.cat(rows).t()
+
+
+def tile_rows(weight: KernelWeight) -> int:
+    """Rows of W^T per tile: about TILE_ELEMENTS weights, a multiple of 32 and of the segment length."""
+    out_features, in_features = weight.shape
+    target = max(ROW_ALIGN, TILE_ELEMENTS // max(out_features, 1) // ROW_ALIGN * ROW_ALIGN)
+    segment = weight.group_size if weight.kind == "uniform" else weight.block
+    if not segment:
+        return target
+    if segment <= target:
+        step = math.lcm(segment, ROW_ALIGN)
+        return max(step, target // step * step)
+    divisors = [r for r in range(ROW_ALIGN, target + 1, ROW_ALIGN) if segment % r == 0]
+    return divisors[-1] if divisors else target
+
+
+def tile_bounds(weight: KernelWeight) -> list[tuple[int, int]]:
+    in_features = weight.shape[1]
+    step = tile_rows(weight)
+    return [(start, min(start + step, in_features)) for start in range(0, in_features, step)]
+
+
+def _accumulate_tile(out: torch.Tensor, x: torch.Tensor, weight: KernelWeight, start: int, stop: int) -> None:
+    """out[M, N] (fp32) += x[:, start:stop] @ W^T[start:stop]."""
+    batch = x.shape[0]
+    segments = _segments(weight, start, stop)
+    if segments is None:
+        tile = dequantize_rows(weight, start, stop)
+    else:
+        length, scale, zero = segments
+        count = scale.shape[0]
+        values = _values(weight, unpack_rows(weight, start, stop)).view(count, length, -1)
+        if batch < length:  # scale after the product: the tile is never scaled element-wise
+            xs = x[:, start:stop].float().view(batch, count, length).transpose(0, 1)  # [S, M, length]
+            out += (torch.bmm(xs, values) * scale.unsqueeze(1)).sum(dim=0)
+            if zero is not None:
+                out -= xs.sum(dim=2).t() @ (zero * scale)
+            return
+        if zero is not None:
+            values.sub_(zero.unsqueeze(1))
+        tile = values.mul_(scale.unsqueeze(1)).view(stop - start, -1)
+    out.addmm_(x[:, start:stop].float(), tile)
+
+
+def dequant_matmul(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` for x [..., K] in any float dtype; computes in fp32, returns x's dtype.
+
+    Half-precision activations are widened, not the weight narrowed: CPU fp32 GEMMs are fast, and
+    the only rounding left is the output's."""
+    out_features, in_features = weight.shape
+    flat = x.reshape(-1, in_features)
+    out = torch.zeros(flat.shape[0], out_features, dtype=torch.float32, device=x.device)
+    if flat.shape[0]:
+        for start, stop in tile_bounds(weight):
+            _accumulate_tile(out, flat, weight, start, stop)
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype).view(*x.shape[:-1], out_features)

@@ -3,6 +3,10 @@
 Buffers only (names as in the checkpoint: ``qweight``/``qzeros``/``scales``/``g_idx`` for uniform,
 ``codes``/``scale_codes``/``scale_scales``/``scale_offset`` for NF, optional ``bias``) and a forward
 through ``kernels.dequant_matmul``. No algorithm logic lives here.
+
+The kernel layout (``kernels.prepare``: 3-bit and NF codes repacked into K-major planes) is built on
+the first forward and cached until a buffer changes (``.to(device)``, ``load_state_dict``); it is not
+part of the state dict. ``backend`` names the kernel the last forward ran (reports collect it).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ class QuantLinear(nn.Module):
         for name, (dtype, shape) in tensor_specs(config, (out_features, in_features)).items():
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
+        self.backend: str | None = None
+        self._layout: tuple[tuple, kernels.KernelWeight] | None = None
 
     @classmethod
     def from_weight(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
@@ -50,8 +56,17 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.quantized_weight().dequantize(dtype)
 
+    def kernel_weight(self) -> kernels.KernelWeight:
+        """The cached kernel layout of this layer's buffers (rebuilt when any buffer changed)."""
+        names = tensor_specs(self.config, self.shape)
+        key = tuple((getattr(self, n).data_ptr(), getattr(self, n).device, getattr(self, n)._version) for n in names)
+        if self._layout is None or self._layout[0] != key:
+            self._layout = (key, kernels.prepare(self.quantized_weight()))
+        return self._layout[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.dequant_matmul(x, self.quantized_weight(), self.bias)
+        self.backend = kernels.select_backend(x)[0]
+        return kernels.dequant_matmul(x, self.kernel_weight(), self.bias, self.backend)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.config.name}"

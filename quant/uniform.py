@@ -106,10 +106,12 @@ def from_gptq_tensors(tensors: dict[str, torch.Tensor], bits: int,
     return codes, tensors["scales"].t(), zero
 
 
-def _contiguous_group(g_idx: torch.Tensor, groups: int) -> int | None:
+def contiguous_group_size(g_idx: torch.Tensor, groups: int) -> int | None:
     """The group size if ``g_idx`` is the default ``arange(K) // size``, else None."""
     in_features = g_idx.numel()
-    size = -(-in_features // groups)
+    size = max(int((g_idx == 0).sum()), 1)  # rows of the first group (the last one may be partial)
+    if -(-in_features // size) != groups:
+        return None
     default = torch.arange(in_features, dtype=g_idx.dtype, device=g_idx.device) // size
     return size if torch.equal(g_idx, default) else None
 
@@ -122,7 +124,7 @@ def dequantize_gptq(tensors: dict[str, torch.Tensor], bits: int, shape: tuple[in
     codes = unpack_codes(tensors["qweight"], bits, in_features, dim=0)  # [K, N]
     zero = unpack_codes(tensors["qzeros"], bits, out_features, dim=1) + 1  # [G, N]
     scale = tensors["scales"].float()
-    size = _contiguous_group(tensors["g_idx"], scale.shape[0])
+    size = contiguous_group_size(tensors["g_idx"], scale.shape[0])
     if size is None:  # act-order checkpoints: gather each row's group
         index = tensors["g_idx"].long()
         return ((codes - zero[index]).float() * scale[index]).t()

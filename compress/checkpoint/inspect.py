@@ -79,12 +79,13 @@ def inspect_checkpoint(path: Path, verify: bool = True) -> dict:
     total_bytes = sum(_nbytes(*v) for v in meta.values())
     from compress.kernels import select_backend
 
+    backend, reason = select_backend()
     return {
         "path": str(path), "format": layout.format, "bytes": total_bytes, "params": params,
         "quantized_params": quantized_params,
         "bits_per_param": (sum(r["counted_bits"] for r in rows) / quantized_params) if rows
         else _dense_linear_bits(dense),
         "bits_per_param_total": 8 * total_bytes / params if params else 0.0,
-        "kernel": select_backend()[0], "modules": rows + dense,
+        "kernel": backend, "kernel_reason": reason, "modules": rows + dense,
     }
 

@@ -47,7 +47,19 @@ def score(ctx, batch_size: int, report: StageReport) -> None:
     ppl = perplexity(ctx.model, windows, batch_size, ctx.track)
     report.metrics.update(perplexity=ppl, eval_windows=int(windows.shape[0]), eval_seq_len=int(windows.shape[1]),
                           eval_data=spec.text_source("eval").describe(),
-                          bits_per_param=linear_bits_per_param(ctx.model))
+                          bits_per_param=linear_bits_per_param(ctx.model), **kernels_used(ctx.model))
+
+
+def kernels_used(model) -> dict:
+    """The dequant-matmul backend(s) the quantized layers ran in the last forward, and why."""
+    from compress.kernels import select_backend
+    from compress.quant import QuantLinear
+
+    ran = sorted({m.backend for m in model.modules() if isinstance(m, QuantLinear) and m.backend})
+    if not ran:
+        return {}
+    device = next(model.parameters()).device
+    return {"kernel": ", ".join(ran), "kernel_reason": select_backend(device)[1]}
 
 
 def run(ctx, config: EvalConfig, report: StageReport) -> None:

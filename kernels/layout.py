@@ -1,0 +1,128 @@
+"""Kernel layout: the packed tensors of one matrix rearranged once, at load time, for execution.
+
+Every format ends up with its codes packed along K (= in_features) in int32 words, one column per
+output feature, so a tile of rows [k0, k1) is a contiguous slice of words:
+
+==========  =====================================  ==============================================
+plane       tensor                                 code of row k, column n
+==========  =====================================  ==============================================
+2/4/8-bit   ``codes`` [ceil(K/32)*b, N]            (codes[k // pf, n] >> (k % pf)*b) & (2^b - 1)
+3-bit       ``codes`` 2-bit plane [ceil(K/32)*2, N]  low 2 bits, pf = 16
+            ``codes_hi`` 1-bit plane [ceil(K/32), N]   high bit, pf = 32
+==========  =====================================  ==============================================
+
+- uniform 2/4/8-bit: ``codes`` *is* the GPTQ ``qweight`` (no copy) and ``qzeros`` stays packed
+  (v1: the stored value is zero - 1, so kernels add 1 on read); 3-bit codes are repacked into the two
+  planes because the 96-bit straddling runs defeat per-word addressing. ``zeros`` [G, N] holds the
+  zero points unpacked (uint8, or int16 when an 8-bit zero is 256; 3-bit kernels and the CPU path
+  read it); ``zero_mode`` is 0 when every zero is
+  the symmetric constant 2^(b-1) (nothing is read), 1 when kernels read ``qzeros``, 2 for ``zeros``.
+- nf: the row-major flattened codes are repacked into the same K-major planes; the per-block scales
+  stay double-quantized (``scale_codes`` unpacked to uint8 [B], second-level ``scale_scales`` as fp32,
+  the fp32 ``scale_offset``) and are dequantized on the fly as in ``quant.normalfloat``.
+
+The layout is derived data: checkpoints keep the published formats, and ``QuantLinear`` caches the
+layout next to its buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from compress.quant.normalfloat import nf_codebook
+from compress.quant.packing import RUN, pack_codes, packed_length, unpack_codes
+from compress.quant.qweight import QuantizedWeight
+from compress.quant.uniform import contiguous_group_size
+
+
+@dataclass
+class KernelWeight:
+    """One matrix in kernel layout (see the module docstring)."""
+
+    kind: str  # "uniform" | "nf"
+    bits: int
+    shape: tuple[int, int]  # (out_features N, in_features K)
+    codes: torch.Tensor
+    codes_hi: torch.Tensor | None = None
+    # uniform
+    scales: torch.Tensor | None = None  # fp16 [G, N]
+    qzeros: torch.Tensor | None = None  # GPTQ v1 packed (zero - 1) [G, ceil(N/32)*b]
+    zeros: torch.Tensor | None = None  # uint8 (int16 if any zero is 256) [G, N]
+    zero_mode: int = 0
+    group_size: int = 0  # rows per group when groups are contiguous (partial last group allowed)
+    g_idx: torch.Tensor | None = None  # int32 [K] when groups are not contiguous (act order)
+    # nf
+    lut: torch.Tensor | None = None  # fp32 [2^b]
+    scale_codes: torch.Tensor | None = None  # uint8 [B]
+    scale_scales: torch.Tensor | None = None  # fp32 [ceil(B / scale_block)]
+    scale_offset: torch.Tensor | None = None  # fp32 [1]
+    block: int = 0
+    scale_block: int = 0
+    scale_levels: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def groups(self) -> int:
+        return 0 if self.scales is None else self.scales.shape[0]
+
+
+def pack_bit_plane(bits: torch.Tensor) -> torch.Tensor:
+    """Pack 0/1 values [L, N] along L into int32 words [ceil(L/32), N] (bit j of word w = row 32w+j)."""
+    length, columns = bits.shape
+    padded = torch.zeros(packed_length(length, 1), RUN, columns, dtype=torch.int64, device=bits.device)
+    padded.view(-1, columns)[:length] = bits.to(torch.int64)
+    shifts = torch.arange(RUN, dtype=torch.int64, device=bits.device).view(1, RUN, 1)
+    words = (padded << shifts).sum(dim=1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def code_planes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """K-major planes for integer codes [K, N]: one plane of ``bits``, or 2-bit + 1-bit for 3-bit."""
+    if bits != 3:
+        return pack_codes(codes, bits, dim=0), None
+    return pack_codes(codes & 3, 2, dim=0), pack_bit_plane(codes >> 2)
+
+
+def _uniform_layout(weight: QuantizedWeight) -> KernelWeight:
+    tensors, bits = weight.tensors, weight.config.bits
+    out_features, in_features = weight.shape
+    if bits == 3:
+        codes, codes_hi = code_planes(unpack_codes(tensors["qweight"], 3, in_features, dim=0), 3)
+    else:
+        codes, codes_hi = tensors["qweight"], None
+    zeros = unpack_codes(tensors["qzeros"], bits, out_features, dim=1) + 1  # [G, N]
+    symmetric = bool((zeros == 2 ** (bits - 1)).all())
+    zero_mode = 0 if symmetric else (2 if bits == 3 else 1)
+    scales = tensors["scales"]
+    size = contiguous_group_size(tensors["g_idx"], scales.shape[0])
+    return KernelWeight(
+        kind="uniform", bits=bits, shape=weight.shape, codes=codes, codes_hi=codes_hi, scales=scales,
+        qzeros=tensors["qzeros"], zeros=zeros.to(torch.uint8 if int(zeros.max()) < 256 else torch.int16), zero_mode=zero_mode,
+        group_size=size or 0, g_idx=None if size else tensors["g_idx"].contiguous())
+
+
+def _nf_layout(weight: QuantizedWeight) -> KernelWeight:
+    config, tensors = weight.config, weight.tensors
+    out_features, in_features = weight.shape
+    numel = out_features * in_features
+    flat = unpack_codes(tensors["codes"], config.bits, numel)
+    codes, codes_hi = code_planes(flat.view(out_features, in_features).t(), config.bits)
+    blocks = -(-numel // config.block)
+    scale_codes = unpack_codes(tensors["scale_codes"], config.scale_bits, blocks).to(torch.uint8)
+    return KernelWeight(
+        kind="nf", bits=config.bits, shape=weight.shape, codes=codes, codes_hi=codes_hi,
+        lut=nf_codebook(config.bits).to(flat.device), scale_codes=scale_codes,
+        scale_scales=tensors["scale_scales"].float(), scale_offset=tensors["scale_offset"].float(),
+        block=config.block, scale_block=config.scale_block, scale_levels=2**config.scale_bits - 1)
+
+
+def prepare(weight: QuantizedWeight) -> KernelWeight:
+    """The kernel layout of a packed matrix (a one-time cost when a layer is loaded)."""
+    layout = _uniform_layout if weight.config.kind == "uniform" else _nf_layout
+    return layout(weight)

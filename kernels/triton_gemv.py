@@ -1,0 +1,72 @@
+"""Triton GEMV with split-K for small batches (M <= 16): ``out[M, N] += x[M, K] @ W^T``.
+
+Each program owns BLOCK_N output columns and every SPLIT_K-th K tile; it dequantizes the tile once
+(``triton_dequant.dequant_tile``) and reduces ``x[:, :, None] * w[None]`` over K for all BLOCK_M rows
+(BLOCK_M = next power of two >= M). At batch 1 no tensor-core shape fits, so the reduction runs on
+CUDA cores and the kernel is bound by the bytes of the packed weight it streams. With SPLIT_K > 1 the
+partial sums meet in an fp32 output through atomics (the launcher zeroes it; autotuning resets it).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_dequant import dequant_tile
+
+MAX_M = 16
+
+
+def gemv_configs() -> list[triton.Config]:
+    configs = []
+    for block_n in (64, 128, 256):
+        for block_k in (32, 64, 128):
+            for split_k in (1, 2, 4, 8):
+                for warps in (2, 4):
+                    configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k},
+                                                 num_warps=warps, num_stages=2))
+    return configs
+
+
+def prune_gemv_configs(configs, named_args, **kwargs):
+    """Drop configs that waste work on this shape: tiles far wider than N or K, more K splits than
+    K tiles, or too many live values per thread for BLOCK_M rows."""
+    n, k, block_m = named_args["N"], named_args["K"], kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
+    kept = []
+    for config in configs:
+        meta = config.kwargs
+        tiles_k = triton.cdiv(k, meta["BLOCK_K"])
+        if meta["BLOCK_N"] > max(64, triton.next_power_of_2(n)) or meta["BLOCK_K"] > max(32, triton.next_power_of_2(k)):
+            continue
+        if meta["SPLIT_K"] > tiles_k or block_m * meta["BLOCK_N"] * meta["BLOCK_K"] > 64 * 1024:
+            continue
+        kept.append(config)
+    return kept or configs[:1]
+
+
+@triton.jit
+def gemv_kernel(x_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+                codes_ptr, codes_hi_ptr, scales_ptr, zeros_ptr, gidx_ptr, GROUP,
+                lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr, NF_BLOCK, SCALE_BLOCK,
+                FORMAT: tl.constexpr, BITS: tl.constexpr, ZERO_MODE: tl.constexpr,
+                USE_GIDX: tl.constexpr, LEVELS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tile in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
+        offs_k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        w = dequant_tile(offs_k, offs_n, N, K, codes_ptr, codes_hi_ptr, scales_ptr, zeros_ptr, gidx_ptr,
+                         GROUP, lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr, NF_BLOCK,
+                         SCALE_BLOCK, FORMAT, BITS, ZERO_MODE, USE_GIDX, LEVELS)
+        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc, mask=out_mask)
+    else:
+        tl.atomic_add(out, acc, mask=out_mask)

@@ -1,0 +1,192 @@
+"""Dequant-matmul kernels: the tiled torch path and the Triton kernels against independent oracles.
+
+Oracles: ``QuantizedWeight.dequantize`` (quant/, the packing/quantizer code, not the kernels' layout)
+for bit-exact dequantization, and float64 ``x @ W^T`` of that dequantized weight for products, with
+the Marlin bar: mean |y - y_ref| / mean |y_ref| < 1e-3. Without a GPU the Triton kernels run in
+Triton's interpreter (TRITON_INTERPRET=1, set in conftest before triton is imported) on CPU tensors;
+with one, the same tests run the compiled kernels on CUDA.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from compress.kernels import layout, reference
+from compress.quant.config import QuantConfig
+from compress.quant.packing import unpack_codes
+from compress.quant.qweight import QuantizedWeight
+
+triton_launch = pytest.importorskip("compress.kernels.triton_launch", reason="triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(96, 200), (40, 96), (64, 352)]  # (N, K): K and N not powers of two; 200 % 64 = 8 (partial group)
+UNIFORM = [QuantConfig.uniform(b, g, sym) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1) for sym in (False, True)]
+NF = [QuantConfig.nf(b, block=block) for b in (2, 3, 4, 8) for block in (32, 64)] + [
+    QuantConfig.nf(4, block=64, scale_bits=3, scale_block=16, scale_dtype="bfloat16")]
+CONFIGS = UNIFORM + NF
+# Half-precision tolerances for the Triton kernels. The interpreter computes the dot in fp32, so only
+# the output's rounding remains. On a GPU the dequantized weight is rounded to the activation dtype
+# for the tensor-core dot (as a dense half-precision model's weight is): fp16 keeps 11 significant
+# bits (the Marlin bar of 1e-3 holds), bf16 only 8, i.e. 2^-9 = 2e-3 relative rounding per weight.
+HALF_TOLERANCE = {("cpu", torch.float16): 1e-3, ("cpu", torch.bfloat16): 1e-3,
+                  ("cuda", torch.float16): 1e-3, ("cuda", torch.bfloat16): 4e-3}
+
+
+def packed(shape, config, seed=0, act_order=False):
+    """(QuantizedWeight, its fp32 oracle dequantization) for a random weight of ``shape``."""
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    qweight = QuantizedWeight.quantize(weight, config)
+    if act_order:  # scatter the groups over K, as desc_act checkpoints do
+        g_idx = qweight.tensors["g_idx"]
+        qweight.tensors["g_idx"] = g_idx[torch.randperm(g_idx.numel(), generator=torch.Generator().manual_seed(seed))]
+    return qweight, qweight.dequantize()
+
+
+def on_device(weight: layout.KernelWeight) -> layout.KernelWeight:
+    for name, value in vars(weight).items():
+        if isinstance(value, torch.Tensor):
+            setattr(weight, name, value.to(DEVICE))
+    return weight
+
+
+def relative_error(y, reference_out):
+    return ((y.double() - reference_out).abs().mean() / reference_out.abs().mean()).item()
+
+
+def float64_reference(x, dense):
+    return x.double() @ dense.double().t().to(x.device)
+
+
+# --- layout ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_unpack_rows_matches_bit_stream_unpacker(bits):
+    codes = torch.randint(0, 2**bits, (75, 33), generator=torch.Generator().manual_seed(bits), dtype=torch.int32)
+    if bits == 1:
+        plane = layout.pack_bit_plane(codes)
+        rows = reference.unpack_plane_rows(plane, 1, 32, 75)
+        assert torch.equal(rows.int(), codes[32:])
+        return
+    lo, hi = layout.code_planes(codes, bits)
+    weight = layout.KernelWeight(kind="uniform", bits=bits, shape=(33, 75), codes=lo, codes_hi=hi)
+    assert torch.equal(reference.unpack_rows(weight, 0, 75).int(), codes)
+    assert torch.equal(reference.unpack_rows(weight, 64, 75).int(), codes[64:])
+    if bits != 3:
+        assert torch.equal(unpack_codes(lo, bits, 75), codes)
+
+
+def test_two_and_four_and_eight_bit_layout_is_the_checkpoint_qweight():
+    qweight, _ = packed((64, 128), QuantConfig.uniform(4, 64))
+    prepared = layout.prepare(qweight)
+    assert prepared.codes is qweight.tensors["qweight"] and prepared.codes_hi is None
+    assert prepared.zero_mode == 1 and prepared.qzeros is qweight.tensors["qzeros"]
+    sym = layout.prepare(packed((64, 128), QuantConfig.uniform(4, 64, sym=True))[0])
+    three = layout.prepare(packed((64, 128), QuantConfig.uniform(3, 64))[0])
+    assert sym.zero_mode == 0 and three.zero_mode == 2 and three.codes_hi.shape == (4, 64)
+
+
+# --- tiled torch path -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+def test_reference_dequantize_is_bit_exact(config, monkeypatch):
+    monkeypatch.setattr(reference, "TILE_ELEMENTS", 1024)  # several tiles even for small shapes
+    for shape, act_order in [((96, 200), False), ((40, 96), False), ((64, 352), config.kind == "uniform")]:
+        qweight, oracle = packed(shape, config, act_order=act_order)
+        prepared = layout.prepare(qweight)
+        assert len(reference.tile_bounds(prepared)) > 1
+        assert torch.equal(reference.dequantize(prepared), oracle), (shape, act_order)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+def test_reference_matmul_error(config, monkeypatch):
+    monkeypatch.setattr(reference, "TILE_ELEMENTS", 1024)
+    for shape, batch in itertools.product(SHAPES, (1, 3, 16, 33)):
+        qweight, oracle = packed(shape, config, seed=batch)
+        x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(batch))
+        bias = torch.randn(shape[0])
+        y = reference.dequant_matmul(x, layout.prepare(qweight), bias)
+        assert y.dtype == torch.float32
+        assert relative_error(y, float64_reference(x, oracle) + bias.double()) < 1e-5, (shape, batch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_half_activations(dtype):
+    qweight, oracle = packed((96, 256), QuantConfig.uniform(4, 64))
+    for batch in (1, 40):  # scale-after-product path and dequantized-tile path
+        x = torch.randn(2, batch, 256).to(dtype)
+        y = reference.dequant_matmul(x, layout.prepare(qweight))
+        assert y.dtype == dtype and y.shape == (2, batch, 96)
+        expected = float64_reference(x.reshape(-1, 256), oracle).to(dtype).double()
+        assert relative_error(y.reshape(-1, 96), expected) < 1e-3
+
+
+# --- Triton kernels ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+def test_triton_dequant_tile_is_bit_exact(config):
+    for shape, act_order in [((96, 200), False), ((64, 352), config.kind == "uniform")]:
+        qweight, oracle = packed(shape, config, act_order=act_order)
+        prepared = on_device(layout.prepare(qweight))
+        for block_k, block_n in ((32, 32), (64, 128)):
+            tiles = triton_launch.triton_dequantize(prepared, block_k, block_n)
+            if DEVICE == "cpu":
+                assert torch.equal(tiles.t(), oracle), (shape, block_k, block_n)
+            else:  # compiled code may contract multiply-adds: within one fp32 rounding
+                torch.testing.assert_close(tiles.t().cpu(), oracle, rtol=2e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+def test_triton_matmul_error(config):
+    for shape, batch in itertools.product(SHAPES, (1, 3, 16, 33)):
+        qweight, oracle = packed(shape, config, seed=batch)
+        x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(batch)).to(DEVICE)
+        y = triton_launch.triton_dequant_matmul(x, on_device(layout.prepare(qweight)))
+        assert y.shape == (batch, shape[0]) and y.dtype == torch.float32
+        assert relative_error(y, float64_reference(x, oracle)) < 1e-3, (shape, batch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", [QuantConfig.uniform(4, 64), QuantConfig.uniform(3, 128, sym=True),
+                                    QuantConfig.nf(4)], ids=lambda c: c.name)
+def test_triton_half_activations(config, dtype):
+    qweight, oracle = packed((96, 200), config)
+    prepared = on_device(layout.prepare(qweight))
+    for batch in (1, 16, 33):
+        x = torch.randn(batch, 200).to(dtype).to(DEVICE)
+        y = triton_launch.triton_dequant_matmul(x, prepared)
+        assert y.dtype == dtype
+        expected = float64_reference(x, oracle).to(dtype).double()  # the output dtype's own rounding
+        assert relative_error(y, expected) < HALF_TOLERANCE[(DEVICE, dtype)], batch
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_triton_split_k_and_forced_paths(split_k):
+    qweight, oracle = packed((80, 416), QuantConfig.uniform(4, 32))
+    prepared = on_device(layout.prepare(qweight))
+    x = torch.randn(5, 416).to(DEVICE)
+    expected = float64_reference(x, oracle)
+    split = triton_launch.triton_dequant_matmul(x, prepared, config={"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split_k},
+                                                path="gemv")
+    assert relative_error(split, expected) < 1e-5
+    gemm = triton_launch.triton_dequant_matmul(x, prepared, path="gemm")  # M padded to a 16-row dot
+    assert relative_error(gemm, expected) < 1e-5
+
+
+def test_triton_launcher_says_what_is_unsupported(monkeypatch):
+    prepared = on_device(layout.prepare(packed((64, 128), QuantConfig.uniform(4, 64))[0]))
+    with pytest.raises(triton_launch.UnsupportedLayerError, match=r"input has 96 features, the weight expects 128"):
+        triton_launch.triton_dequant_matmul(torch.randn(2, 96, device=DEVICE), prepared)
+    with pytest.raises(triton_launch.UnsupportedLayerError, match=r"torch.float64; supported: fp16, bf16, fp32"):
+        triton_launch.triton_dequant_matmul(torch.randn(2, 128, dtype=torch.float64, device=DEVICE), prepared)
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(triton_launch.UnsupportedLayerError, match=r"Triton needs CUDA tensors"):
+            triton_launch.triton_dequant_matmul(torch.randn(2, 128), prepared)
+
+
+def test_empty_batch():
+    prepared = on_device(layout.prepare(packed((64, 128), QuantConfig.uniform(4, 64))[0]))
+    x = torch.randn(0, 128, device=DEVICE)
+    assert triton_launch.triton_dequant_matmul(x, prepared).shape == (0, 64)
+    assert reference.dequant_matmul(x.cpu(), layout.prepare(packed((64, 128), QuantConfig.uniform(4, 64))[0])).shape == (0, 64)
