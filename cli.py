@@ -89,7 +89,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_eval(args) -> int:
     from compress.data import parse_source_string, token_windows
-    from compress.evaluate import perplexity
+    from compress.evaluate import kernels_used, perplexity
     from compress.models import load_model, resolve_model
 
     source = resolve_model(args.path)
@@ -99,9 +99,9 @@ def cmd_eval(args) -> int:
     windows = token_windows(tokenizer, text, args.samples, args.seq_len)
     ppl = perplexity(model, windows, args.batch_size)
     result = {"path": args.path, "perplexity": ppl, "data": text.describe(), "samples": args.samples,
-              "seq_len": args.seq_len, "seconds": time.perf_counter() - start}
+              "seq_len": args.seq_len, "seconds": time.perf_counter() - start, **kernels_used(model)}
     print(json.dumps(result, indent=2) if args.json else f"perplexity {ppl:.4f} on {text.describe()} "
-          f"({args.samples} x {args.seq_len} tokens)")
+          f"({args.samples} x {args.seq_len} tokens" + (f", kernel {result['kernel']})" if "kernel" in result else ")"))
     return 0
 
 

@@ -28,3 +28,15 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, tra
         total += nll
         count += tokens
     return math.exp(total / count)
+
+
+def kernels_used(model) -> dict:
+    """The dequant-matmul backend(s) the quantized layers ran in the last forward, and why."""
+    from compress.kernels import select_backend
+    from compress.quant import QuantLinear
+
+    ran = sorted({m.backend for m in model.modules() if isinstance(m, QuantLinear) and m.backend})
+    if not ran:
+        return {}
+    device = next(model.parameters()).device
+    return {"kernel": ", ".join(ran), "kernel_reason": select_backend(device)[1]}

@@ -46,6 +46,9 @@ def test_run_end_to_end(tmp_path):
     assert gptq.metrics["reload_max_abs_logit_diff"] == 0.0
     assert gptq.metrics["perplexity"] == evaluation.metrics["perplexity"]
     assert load.metrics["perplexity"] != evaluation.metrics["perplexity"]
+    # every quantized layer of the eval ran through the dispatcher, which names its choice
+    assert evaluation.metrics["kernel"] == ("triton" if torch.cuda.is_available() else "reference")
+    assert "kernel" not in load.metrics  # the dense baseline has no quantized layers
     report = json.loads(result.report_json.read_text())
     assert [s["name"] for s in report["stages"]] == names
     assert "| 0 | quantize" in result.report_md.read_text()

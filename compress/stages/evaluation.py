@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..evaluate import perplexity
+from ..evaluate import kernels_used, perplexity
 from ..report import StageReport
 from ..stage import Stage, StageConfig
 
@@ -49,17 +49,6 @@ def score(ctx, batch_size: int, report: StageReport) -> None:
                           eval_data=spec.text_source("eval").describe(),
                           bits_per_param=linear_bits_per_param(ctx.model), **kernels_used(ctx.model))
 
-
-def kernels_used(model) -> dict:
-    """The dequant-matmul backend(s) the quantized layers ran in the last forward, and why."""
-    from compress.kernels import select_backend
-    from compress.quant import QuantLinear
-
-    ran = sorted({m.backend for m in model.modules() if isinstance(m, QuantLinear) and m.backend})
-    if not ran:
-        return {}
-    device = next(model.parameters()).device
-    return {"kernel": ", ".join(ran), "kernel_reason": select_backend(device)[1]}
 
 
 def run(ctx, config: EvalConfig, report: StageReport) -> None:
