@@ -27,6 +27,7 @@ from .layout import KernelWeight
 
 TILE_ELEMENTS = 1 << 21  # weights dequantized at once: 8 MiB in fp32, cache-sized on current CPUs
 ROW_ALIGN = 32  # a tile starts on a word boundary of every plane
+NF4_TABLE_BATCH = 1  # batches up to this size use per-byte lookup tables for 4-bit nf (measured)
 
 if sys.byteorder != "little":  # the byte view of packed words assumes little-endian storage
     raise ImportError("kernels.reference needs a little-endian machine")
@@ -144,6 +145,33 @@ def tile_bounds(weight: KernelWeight) -> list[tuple[int, int]]:
     return [(start, min(start + step, in_features)) for start in range(0, in_features, step)]
 
 
+def _nf4_byte_tables(weight: KernelWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codebook values of the low and high nibble of every byte value (two [256] tables)."""
+    byte = torch.arange(256, device=weight.device)
+    return weight.lut[byte & 15], weight.lut[byte >> 4]
+
+
+def _nf4_small_batch(out: torch.Tensor, x: torch.Tensor, weight: KernelWeight, start: int, stop: int,
+                     scale: torch.Tensor) -> None:
+    """out += x[:, start:stop] @ W^T[start:stop] for 4-bit nf and a few rows of x, one lookup per byte.
+
+    Byte r of the tile holds rows 2r and 2r+1; a table per byte row, ``x[2r] * lut[lo] +
+    x[2r+1] * lut[hi]`` over all 256 byte values, turns the tile into one gather of partial sums,
+    which are summed per block and scaled once."""
+    columns, pairs = weight.shape[0], (stop - start) // 2
+    raw = weight.codes[start // 8: stop // 8].view(torch.uint8).view(-1, columns, 4).transpose(1, 2)
+    offsets = torch.arange(pairs, dtype=torch.int32, device=x.device).view(-1, 4, 1) * 256
+    index = torch.empty(raw.shape, dtype=torch.int32, device=x.device)
+    torch.add(offsets, raw, out=index)
+    low, high = _nf4_byte_tables(weight)
+    segments = scale.shape[0]
+    for row in range(x.shape[0]):
+        pair = x[row, start:stop].float().view(pairs, 2)
+        table = pair[:, :1] * low + pair[:, 1:] * high  # [pairs, 256]
+        sums = table.view(-1).index_select(0, index.view(-1)).view(segments, -1, columns).sum(dim=1)
+        out[row] += (sums * scale).sum(dim=0)
+
+
 def _accumulate_tile(out: torch.Tensor, x: torch.Tensor, weight: KernelWeight, start: int, stop: int) -> None:
     """out[M, N] (fp32) += x[:, start:stop] @ W^T[start:stop]."""
     batch = x.shape[0]
@@ -152,6 +180,9 @@ def _accumulate_tile(out: torch.Tensor, x: torch.Tensor, weight: KernelWeight, s
         tile = dequantize_rows(weight, start, stop)
     else:
         length, scale, zero = segments
+        if weight.kind == "nf" and weight.bits == 4 and batch <= NF4_TABLE_BATCH and length % 8 == 0:
+            _nf4_small_batch(out, x, weight, start, stop, scale)
+            return
         count = scale.shape[0]
         values = _values(weight, unpack_rows(weight, start, stop)).view(count, length, -1)
         if batch < length:  # scale after the product: the tile is never scaled element-wise
