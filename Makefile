@@ -41,6 +41,7 @@ test: install interop-venv
 
 bench: install
 	$(BIN)/python benchmarks/quantize_speed.py
+	$(BIN)/python benchmarks/kernel_speed.py
 
 clean:
 	rm -rf $(VENV) $(INTEROP_VENV) out .pytest_cache

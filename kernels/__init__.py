@@ -14,8 +14,8 @@ and the reason; stage reports and ``compress inspect`` show them.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-import logging
 import os
 
 import torch
@@ -25,7 +25,6 @@ from compress.quant.qweight import QuantizedWeight
 from . import reference
 from .layout import KernelWeight, prepare
 
-log = logging.getLogger(__name__)
 BACKENDS = ("auto", "triton", "reference")
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton kernels take
 
@@ -41,6 +40,7 @@ def forced_backend() -> str:
     return choice
 
 
+@functools.lru_cache(maxsize=1)  # a fact about the installation, looked up on every forward
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 

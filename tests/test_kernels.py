@@ -190,3 +190,17 @@ def test_empty_batch():
     x = torch.randn(0, 128, device=DEVICE)
     assert triton_launch.triton_dequant_matmul(x, prepared).shape == (0, 64)
     assert reference.dequant_matmul(x.cpu(), layout.prepare(packed((64, 128), QuantConfig.uniform(4, 64))[0])).shape == (0, 64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: autotuned compiled kernels at Llama shapes")
+@pytest.mark.parametrize("config", [QuantConfig.uniform(4, 128), QuantConfig.uniform(3, 128), QuantConfig.uniform(2, 64, sym=True),
+                                    QuantConfig.uniform(8, 128), QuantConfig.nf(4)], ids=lambda c: c.name)
+def test_cuda_autotuned_llama_shapes(config):
+    """The autotuned path (every config the pruner keeps) at a real shape, fp16 activations."""
+    qweight, oracle = packed((4096, 4096), config)
+    prepared = on_device(layout.prepare(qweight))
+    for batch in (1, 16, 64):
+        x = (torch.randn(batch, 4096) / 10).to(torch.float16).to(DEVICE)
+        y = triton_launch.triton_dequant_matmul(x, prepared)
+        expected = float64_reference(x, oracle).to(torch.float16).double()
+        assert relative_error(y, expected) < 1e-3, batch

@@ -1,6 +1,6 @@
 """Dequant-matmul speed: our kernels against dense matmul and bitsandbytes, measured in one run.
 
-    python benchmarks/kernels.py [--device cpu|cuda] [--shapes 4096x4096,...] [--batches 1,16]
+    python benchmarks/kernel_speed.py [--device cpu|cuda] [--shapes 4096x4096,...] [--batches 1,16]
                                  [--formats int4-g128,...] [--json out.json]
 
 CPU (the tiled pure-torch path): median milliseconds of ``y = x @ W^T`` for x [M, K], next to dense
@@ -12,6 +12,9 @@ buffers rotated (a fresh copy per call, so L2 holds none of them) and CUDA graph
 achieved GB/s over the bytes the call must move (packed weight + scales + zeros + x + y); that as a
 percentage of the bandwidth floor, the peak HBM bandwidth measured in the same run by a large
 device-to-device copy; and the speedup over ``torch.matmul`` in fp16.
+
+(Not ``benchmarks/kernels.py``: run as a script, that name would shadow Hugging Face's ``kernels``
+package, which bitsandbytes tries to import.)
 """
 
 from __future__ import annotations
