@@ -23,11 +23,14 @@ import sys
 
 import torch
 
+from . import lut_gemv
 from .layout import KernelWeight
 
 TILE_ELEMENTS = 1 << 21  # weights dequantized at once: 8 MiB in fp32, cache-sized on current CPUs
 ROW_ALIGN = 32  # a tile starts on a word boundary of every plane
-NF4_TABLE_BATCH = 1  # batches up to this size use per-byte lookup tables for 4-bit nf (measured)
+# Batches up to this size go through per-byte lookup tables (lut_gemv), by (kind, bits); the
+# thresholds are where tables measured faster than unpacking (benchmarks/kernel_speed.py).
+TABLE_BATCH = {("nf", 4): 1, ("nf", 2): 2, ("uniform", 3): 1, ("uniform", 2): 1}
 
 if sys.byteorder != "little":  # the byte view of packed words assumes little-endian storage
     raise ImportError("kernels.reference needs a little-endian machine")
@@ -93,10 +96,13 @@ def _segments(weight: KernelWeight, start: int, stop: int
         return length, scale, zero
     if in_features % weight.block or start % weight.block or (stop - start) % weight.block:
         return None
-    per_row = in_features // weight.block
-    block_cols = torch.arange(start // weight.block, stop // weight.block, device=weight.device)
-    rows = torch.arange(out_features, device=weight.device) * per_row
-    return weight.block, _nf_scales(weight, rows.view(1, -1) + block_cols.view(-1, 1)), None
+    per_row = in_features // weight.block  # blocks per row of W: block (n, j) is n * per_row + j
+    first, last = start // weight.block, stop // weight.block
+    codes = weight.scale_codes.view(out_features, per_row)[:, first:last].t().float()  # [S, N]
+    rows = torch.arange(out_features, dtype=torch.int32, device=weight.device) * per_row
+    blocks = rows.view(1, -1) + torch.arange(first, last, dtype=torch.int32, device=weight.device).view(-1, 1)
+    second = weight.scale_scales[torch.div(blocks, weight.scale_block, rounding_mode="floor")]
+    return weight.block, codes * (second / weight.scale_levels) + weight.scale_offset, None
 
 
 def _values(weight: KernelWeight, codes: torch.Tensor) -> torch.Tensor:
@@ -145,33 +151,6 @@ def tile_bounds(weight: KernelWeight) -> list[tuple[int, int]]:
     return [(start, min(start + step, in_features)) for start in range(0, in_features, step)]
 
 
-def _nf4_byte_tables(weight: KernelWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codebook values of the low and high nibble of every byte value (two [256] tables)."""
-    byte = torch.arange(256, device=weight.device)
-    return weight.lut[byte & 15], weight.lut[byte >> 4]
-
-
-def _nf4_small_batch(out: torch.Tensor, x: torch.Tensor, weight: KernelWeight, start: int, stop: int,
-                     scale: torch.Tensor) -> None:
-    """out += x[:, start:stop] @ W^T[start:stop] for 4-bit nf and a few rows of x, one lookup per byte.
-
-    Byte r of the tile holds rows 2r and 2r+1; a table per byte row, ``x[2r] * lut[lo] +
-    x[2r+1] * lut[hi]`` over all 256 byte values, turns the tile into one gather of partial sums,
-    which are summed per block and scaled once."""
-    columns, pairs = weight.shape[0], (stop - start) // 2
-    raw = weight.codes[start // 8: stop // 8].view(torch.uint8).view(-1, columns, 4).transpose(1, 2)
-    offsets = torch.arange(pairs, dtype=torch.int32, device=x.device).view(-1, 4, 1) * 256
-    index = torch.empty(raw.shape, dtype=torch.int32, device=x.device)
-    torch.add(offsets, raw, out=index)
-    low, high = _nf4_byte_tables(weight)
-    segments = scale.shape[0]
-    for row in range(x.shape[0]):
-        pair = x[row, start:stop].float().view(pairs, 2)
-        table = pair[:, :1] * low + pair[:, 1:] * high  # [pairs, 256]
-        sums = table.view(-1).index_select(0, index.view(-1)).view(segments, -1, columns).sum(dim=1)
-        out[row] += (sums * scale).sum(dim=0)
-
-
 def _accumulate_tile(out: torch.Tensor, x: torch.Tensor, weight: KernelWeight, start: int, stop: int) -> None:
     """out[M, N] (fp32) += x[:, start:stop] @ W^T[start:stop]."""
     batch = x.shape[0]
@@ -180,10 +159,15 @@ def _accumulate_tile(out: torch.Tensor, x: torch.Tensor, weight: KernelWeight, s
         tile = dequantize_rows(weight, start, stop)
     else:
         length, scale, zero = segments
-        if weight.kind == "nf" and weight.bits == 4 and batch <= NF4_TABLE_BATCH and length % 8 == 0:
-            _nf4_small_batch(out, x, weight, start, stop, scale)
-            return
         count = scale.shape[0]
+        if batch <= TABLE_BATCH.get((weight.kind, weight.bits), 0) and lut_gemv.applicable(
+                weight.kind, weight.bits, start, stop, length):
+            for row in range(batch):
+                xs = x[row, start:stop].float()
+                out[row] += (lut_gemv.segment_sums(weight, xs, start, stop, count) * scale).sum(dim=0)
+                if zero is not None:
+                    out[row] -= xs.view(count, length).sum(dim=1) @ (zero * scale)
+            return
         values = _values(weight, unpack_rows(weight, start, stop)).view(count, length, -1)
         if batch < length:  # scale after the product: the tile is never scaled element-wise
             xs = x[:, start:stop].float().view(batch, count, length).transpose(0, 1)  # [S, M, length]
