@@ -11,6 +11,10 @@ compiler does not contract a multiply-add (always in the interpreter):
 - nf (FORMAT 1): ``lut[q] * (c * (s2 / levels) + offset)`` with the block ``(n*K + k) // NF_BLOCK``,
   its uint8 scale code ``c`` and second-level scale ``s2``: double quantization undone on the fly.
 
+When a K tile lies inside one scale group (``GROUP_ALIGNED``, set by the ``group_aligned`` heuristic
+from the tile size the autotuner picked), scales, zeros and NF block scales are loaded once per
+column instead of once per weight.
+
 ``dequant_kernel`` writes dequantized tiles to memory; tests compare it with the oracle.
 """
 
@@ -36,68 +40,93 @@ def load_codes(codes_ptr, codes_hi_ptr, offs_k, offs_n, mask, N, BITS: tl.conste
 
 
 @triton.jit
-def uniform_tile(codes, offs_k, offs_n, mask, N, K, scales_ptr, zeros_ptr, gidx_ptr, GROUP,
-                 BITS: tl.constexpr, ZERO_MODE: tl.constexpr, USE_GIDX: tl.constexpr):
-    if USE_GIDX:
-        group = tl.load(gidx_ptr + offs_k, mask=offs_k < K, other=0)
+def uniform_tile(codes, k_start, offs_k, offs_n, mask, N, K, scales_ptr, zeros_ptr, gidx_ptr, GROUP,
+                 BITS: tl.constexpr, ZERO_MODE: tl.constexpr, USE_GIDX: tl.constexpr,
+                 GROUP_ALIGNED: tl.constexpr):
+    if GROUP_ALIGNED:  # the tile lies inside one group: one row of scales and zeros, broadcast
+        group_rows = tl.zeros((1,), dtype=tl.int32) + k_start // GROUP
+        col_mask = (offs_n < N)[None, :]
+    elif USE_GIDX:
+        group_rows = tl.load(gidx_ptr + offs_k, mask=offs_k < K, other=0)
+        col_mask = mask
     else:
-        group = offs_k // GROUP
-    index = group[:, None] * N + offs_n[None, :]
-    scale = tl.load(scales_ptr + index, mask=mask, other=0.0).to(tl.float32)
+        group_rows = offs_k // GROUP
+        col_mask = mask
+    index = group_rows[:, None] * N + offs_n[None, :]
+    scale = tl.load(scales_ptr + index, mask=col_mask, other=0.0).to(tl.float32)
     if ZERO_MODE == 0:
         zero = 1 << (BITS - 1)
     elif ZERO_MODE == 1:  # GPTQ v1 qzeros [G, ceil(N/32)*BITS], packed along N, stored as zero - 1
         PER_WORD: tl.constexpr = 32 // BITS
         row = ((N + 31) // 32) * BITS
-        words = tl.load(zeros_ptr + group[:, None] * row + offs_n[None, :] // PER_WORD, mask=mask, other=0)
+        words = tl.load(zeros_ptr + group_rows[:, None] * row + offs_n[None, :] // PER_WORD, mask=col_mask, other=0)
         zero = ((words >> ((offs_n[None, :] % PER_WORD) * BITS)) & ((1 << BITS) - 1)) + 1
     else:
-        zero = tl.load(zeros_ptr + index, mask=mask, other=0).to(tl.int32)
+        zero = tl.load(zeros_ptr + index, mask=col_mask, other=0).to(tl.int32)
     return (codes - zero).to(tl.float32) * scale
 
 
 @triton.jit
-def nf_tile(codes, offs_k, offs_n, mask, K, lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr,
-            NF_BLOCK, SCALE_BLOCK, LEVELS: tl.constexpr):
-    flat = offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
-    block = flat // NF_BLOCK
-    code = tl.load(scale_codes_ptr + block, mask=mask, other=0).to(tl.float32)
-    second = tl.load(scale_scales_ptr + block // SCALE_BLOCK, mask=mask, other=0.0)
+def nf_tile(codes, k_start, offs_k, offs_n, mask, N, K, lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr,
+            NF_BLOCK, SCALE_BLOCK, LEVELS: tl.constexpr, GROUP_ALIGNED: tl.constexpr):
+    if GROUP_ALIGNED:  # K % NF_BLOCK == 0 and the tile lies inside one block of every column
+        block = (offs_n[None, :].to(tl.int64) * (K // NF_BLOCK) + k_start // NF_BLOCK)
+        block_mask = (offs_n < N)[None, :]
+    else:
+        block = (offs_n[None, :].to(tl.int64) * K + offs_k[:, None]) // NF_BLOCK
+        block_mask = mask
+    code = tl.load(scale_codes_ptr + block, mask=block_mask, other=0).to(tl.float32)
+    second = tl.load(scale_scales_ptr + block // SCALE_BLOCK, mask=block_mask, other=0.0)
     offset = tl.load(offset_ptr)
     scale = code * (second / LEVELS) + offset
     return tl.load(lut_ptr + codes, mask=mask, other=0.0) * scale
 
 
 @triton.jit
-def dequant_tile(offs_k, offs_n, N, K,
+def dequant_tile(k_start, offs_n, N, K,
                  codes_ptr, codes_hi_ptr, scales_ptr, zeros_ptr, gidx_ptr, GROUP,
                  lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr, NF_BLOCK, SCALE_BLOCK,
                  FORMAT: tl.constexpr, BITS: tl.constexpr, ZERO_MODE: tl.constexpr,
-                 USE_GIDX: tl.constexpr, LEVELS: tl.constexpr):
-    """fp32 W^T tile [BLOCK_K, BLOCK_N]; zero outside K x N."""
+                 USE_GIDX: tl.constexpr, LEVELS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """fp32 W^T tile [BLOCK_K, BLOCK_N] of rows k_start + [0, BLOCK_K); zero outside K x N."""
+    offs_k = k_start + tl.arange(0, BLOCK_K)
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     codes = load_codes(codes_ptr, codes_hi_ptr, offs_k, offs_n, mask, N, BITS)
     if FORMAT == 0:
-        tile = uniform_tile(codes, offs_k, offs_n, mask, N, K, scales_ptr, zeros_ptr, gidx_ptr, GROUP,
-                            BITS, ZERO_MODE, USE_GIDX)
+        tile = uniform_tile(codes, k_start, offs_k, offs_n, mask, N, K, scales_ptr, zeros_ptr, gidx_ptr, GROUP,
+                            BITS, ZERO_MODE, USE_GIDX, GROUP_ALIGNED)
     else:
-        tile = nf_tile(codes, offs_k, offs_n, mask, K, lut_ptr, scale_codes_ptr, scale_scales_ptr,
-                       offset_ptr, NF_BLOCK, SCALE_BLOCK, LEVELS)
+        tile = nf_tile(codes, k_start, offs_k, offs_n, mask, N, K, lut_ptr, scale_codes_ptr, scale_scales_ptr,
+                       offset_ptr, NF_BLOCK, SCALE_BLOCK, LEVELS, GROUP_ALIGNED)
     return tl.where(mask, tile, 0.0)
 
 
+def group_aligned(args: dict) -> bool:
+    """Heuristic: every K tile lies inside one scale group (uniform) or one block per column (nf),
+    so a tile needs one row of scales instead of one per weight."""
+    if args["FORMAT"] == 0:
+        return not args["USE_GIDX"] and args["GROUP"] % args["BLOCK_K"] == 0
+    return args["K"] % args["NF_BLOCK"] == 0 and args["NF_BLOCK"] % args["BLOCK_K"] == 0
+
+
+HEURISTICS = {"GROUP_ALIGNED": group_aligned}
+
+
+@triton.heuristics(HEURISTICS)
 @triton.jit
 def dequant_kernel(out_ptr, N, K,
                    codes_ptr, codes_hi_ptr, scales_ptr, zeros_ptr, gidx_ptr, GROUP,
                    lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr, NF_BLOCK, SCALE_BLOCK,
                    FORMAT: tl.constexpr, BITS: tl.constexpr, ZERO_MODE: tl.constexpr,
-                   USE_GIDX: tl.constexpr, LEVELS: tl.constexpr,
+                   USE_GIDX: tl.constexpr, LEVELS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[K, N] (fp32) = W^T, one [BLOCK_K, BLOCK_N] tile per program."""
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_start = tl.program_id(0) * BLOCK_K
+    offs_k = k_start + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tile = dequant_tile(offs_k, offs_n, N, K, codes_ptr, codes_hi_ptr, scales_ptr, zeros_ptr, gidx_ptr,
+    tile = dequant_tile(k_start, offs_n, N, K, codes_ptr, codes_hi_ptr, scales_ptr, zeros_ptr, gidx_ptr,
                         GROUP, lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr, NF_BLOCK,
-                        SCALE_BLOCK, FORMAT, BITS, ZERO_MODE, USE_GIDX, LEVELS)
+                        SCALE_BLOCK, FORMAT, BITS, ZERO_MODE, USE_GIDX, LEVELS, GROUP_ALIGNED, BLOCK_K)
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], tile, mask=mask)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_dequant import dequant_tile
+from .triton_dequant import HEURISTICS, dequant_tile
 
 
 def gemm_configs() -> list[triton.Config]:
@@ -36,12 +36,13 @@ def prune_gemm_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
+@triton.heuristics(HEURISTICS)
 @triton.jit
 def gemm_kernel(x_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                 codes_ptr, codes_hi_ptr, scales_ptr, zeros_ptr, gidx_ptr, GROUP,
                 lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr, NF_BLOCK, SCALE_BLOCK, M_BUCKET,
                 FORMAT: tl.constexpr, BITS: tl.constexpr, ZERO_MODE: tl.constexpr,
-                USE_GIDX: tl.constexpr, LEVELS: tl.constexpr, DOT_FP32: tl.constexpr,
+                USE_GIDX: tl.constexpr, LEVELS: tl.constexpr, GROUP_ALIGNED: tl.constexpr, DOT_FP32: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -55,9 +56,9 @@ def gemm_kernel(x_ptr, out_ptr, M, N, K, stride_xm, stride_om,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tile in range(0, tl.cdiv(K, BLOCK_K)):
         offs_k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
-        w = dequant_tile(offs_k, offs_n, N, K, codes_ptr, codes_hi_ptr, scales_ptr, zeros_ptr, gidx_ptr,
+        w = dequant_tile(tile * BLOCK_K, offs_n, N, K, codes_ptr, codes_hi_ptr, scales_ptr, zeros_ptr, gidx_ptr,
                          GROUP, lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr, NF_BLOCK,
-                         SCALE_BLOCK, FORMAT, BITS, ZERO_MODE, USE_GIDX, LEVELS)
+                         SCALE_BLOCK, FORMAT, BITS, ZERO_MODE, USE_GIDX, LEVELS, GROUP_ALIGNED, BLOCK_K)
         x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
         if DOT_FP32:

@@ -20,7 +20,10 @@ from compress.quant.qweight import QuantizedWeight
 triton_launch = pytest.importorskip("compress.kernels.triton_launch", reason="triton is not installed")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SHAPES = [(96, 200), (40, 96), (64, 352)]  # (N, K): K and N not powers of two; 200 % 64 = 8 (partial group)
+SHAPES = [(96, 200), (40, 96), (64, 384)]  # (N, K): K and N not powers of two; 200 % 64 = 8 (partial group)
+# explicit launch configs with 32-row K tiles: every tile inside one group/block (GROUP_ALIGNED path)
+ALIGNED = {"gemv": {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 2},
+           "gemm": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}}
 UNIFORM = [QuantConfig.uniform(b, g, sym) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1) for sym in (False, True)]
 NF = [QuantConfig.nf(b, block=block) for b in (2, 3, 4, 8) for block in (32, 64)] + [
     QuantConfig.nf(4, block=64, scale_bits=3, scale_block=16, scale_dtype="bfloat16")]
@@ -91,7 +94,7 @@ def test_two_and_four_and_eight_bit_layout_is_the_checkpoint_qweight():
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
 def test_reference_dequantize_is_bit_exact(config, monkeypatch):
     monkeypatch.setattr(reference, "TILE_ELEMENTS", 1024)  # several tiles even for small shapes
-    for shape, act_order in [((96, 200), False), ((40, 96), False), ((64, 352), config.kind == "uniform")]:
+    for shape, act_order in [((96, 200), False), ((40, 96), False), ((64, 384), config.kind == "uniform")]:
         qweight, oracle = packed(shape, config, act_order=act_order)
         prepared = layout.prepare(qweight)
         assert len(reference.tile_bounds(prepared)) > 1
@@ -110,6 +113,25 @@ def test_reference_matmul_error(config, monkeypatch):
         assert relative_error(y, float64_reference(x, oracle) + bias.double()) < 1e-5, (shape, batch)
 
 
+@pytest.mark.parametrize("config", [QuantConfig.uniform(b, 64) for b in (2, 3, 4, 8)] + [QuantConfig.nf(b) for b in (2, 4, 8)],
+                         ids=lambda c: c.name)
+def test_lookup_table_sums_equal_unpacked_products(config):
+    """lut_gemv: per-segment sums of x * code value, against codes unpacked by quant/ in float64."""
+    from compress.kernels import lut_gemv
+
+    qweight, _ = packed((40, 384), config)
+    prepared = layout.prepare(qweight)
+    x = torch.randn(384, generator=torch.Generator().manual_seed(3))
+    if config.kind == "uniform":
+        values = unpack_codes(qweight.tensors["qweight"], config.bits, 384, dim=0).double()  # [K, N]
+    else:
+        flat = unpack_codes(qweight.tensors["codes"], config.bits, 40 * 384)
+        values = prepared.lut.double()[flat.long()].view(40, 384).t()
+    expected = (x.double().view(-1, 1) * values)[64:320].view(4, 64, 40).sum(dim=1)
+    got = lut_gemv.segment_sums(prepared, x[64:320], 64, 320, 4)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reference_half_activations(dtype):
     qweight, oracle = packed((96, 256), QuantConfig.uniform(4, 64))
@@ -125,10 +147,10 @@ def test_reference_half_activations(dtype):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
 def test_triton_dequant_tile_is_bit_exact(config):
-    for shape, act_order in [((96, 200), False), ((64, 352), config.kind == "uniform")]:
+    for shape, act_order in [((96, 200), False), ((64, 384), config.kind == "uniform")]:
         qweight, oracle = packed(shape, config, act_order=act_order)
         prepared = on_device(layout.prepare(qweight))
-        for block_k, block_n in ((32, 32), (64, 128)):
+        for block_k, block_n in ((32, 32), (64, 128), (256, 64)):  # aligned, aligned, unaligned
             tiles = triton_launch.triton_dequantize(prepared, block_k, block_n)
             if DEVICE == "cpu":
                 assert torch.equal(tiles.t(), oracle), (shape, block_k, block_n)
@@ -141,9 +163,15 @@ def test_triton_matmul_error(config):
     for shape, batch in itertools.product(SHAPES, (1, 3, 16, 33)):
         qweight, oracle = packed(shape, config, seed=batch)
         x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(batch)).to(DEVICE)
-        y = triton_launch.triton_dequant_matmul(x, on_device(layout.prepare(qweight)))
+        prepared = on_device(layout.prepare(qweight))
+        expected = float64_reference(x, oracle)
+        y = triton_launch.triton_dequant_matmul(x, prepared)  # default (unaligned) large tiles
         assert y.shape == (batch, shape[0]) and y.dtype == torch.float32
-        assert relative_error(y, float64_reference(x, oracle)) < 1e-3, (shape, batch)
+        assert relative_error(y, expected) < 1e-3, (shape, batch)
+        if shape == (64, 384) and batch in (3, 33):  # the aligned path, once per kernel family
+            path = "gemv" if batch <= 16 else "gemm"
+            aligned = triton_launch.triton_dequant_matmul(x, prepared, config=ALIGNED[path], path=path)
+            assert relative_error(aligned, expected) < 1e-3, (shape, batch, "aligned")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -158,6 +186,16 @@ def test_triton_half_activations(config, dtype):
         assert y.dtype == dtype
         expected = float64_reference(x, oracle).to(dtype).double()  # the output dtype's own rounding
         assert relative_error(y, expected) < HALF_TOLERANCE[(DEVICE, dtype)], batch
+
+
+def test_group_aligned_heuristic():
+    from compress.kernels.triton_dequant import group_aligned
+
+    uniform = {"FORMAT": 0, "USE_GIDX": False, "GROUP": 128, "K": 4096, "NF_BLOCK": 1}
+    assert group_aligned({**uniform, "BLOCK_K": 64}) and not group_aligned({**uniform, "BLOCK_K": 256})
+    assert not group_aligned({**uniform, "BLOCK_K": 64, "USE_GIDX": True})
+    nf = {"FORMAT": 1, "USE_GIDX": False, "GROUP": 1, "NF_BLOCK": 64}
+    assert group_aligned({**nf, "K": 384, "BLOCK_K": 32}) and not group_aligned({**nf, "K": 200, "BLOCK_K": 32})
 
 
 @pytest.mark.parametrize("split_k", [2, 3])
