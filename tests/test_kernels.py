@@ -242,3 +242,17 @@ def test_cuda_autotuned_llama_shapes(config):
         y = triton_launch.triton_dequant_matmul(x, prepared)
         expected = float64_reference(x, oracle).to(torch.float16).double()
         assert relative_error(y, expected) < 1e-3, batch
+
+
+def test_autotune_pruners_keep_fitting_configs():
+    from compress.kernels.triton_gemm import gemm_configs, prune_gemm_configs
+    from compress.kernels.triton_gemv import gemv_configs, prune_gemv_configs
+
+    kept = prune_gemv_configs(gemv_configs(), {"N": 96, "K": 200}, BLOCK_M=16)
+    assert kept and all(c.kwargs["BLOCK_N"] <= 128 and c.kwargs["BLOCK_K"] <= 256 for c in kept)
+    assert all(c.kwargs["SPLIT_K"] <= -(-200 // c.kwargs["BLOCK_K"]) for c in kept)
+    assert all(16 * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 1024 for c in kept)
+    assert len(prune_gemv_configs(gemv_configs(), {"N": 28672, "K": 8192}, BLOCK_M=1)) == len(gemv_configs())
+    small = prune_gemm_configs(gemm_configs(), {"M": 33, "N": 96, "K": 200})
+    assert small and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 128 for c in small)
+    assert len(small) < len(gemm_configs())
