@@ -4,8 +4,12 @@
                                  [--formats int4-g128,...] [--json out.json]
 
 CPU (the tiled pure-torch path): median milliseconds of ``y = x @ W^T`` for x [M, K], next to dense
-``F.linear`` (fp32 and bf16 weights) and bitsandbytes' ``Linear4bit`` NF4 (fp32 and bf16 compute), all
-on the same matrix and input; ratios are bitsandbytes time / ours.
+``F.linear`` (fp32 and bf16 weights) and bitsandbytes' ``Linear4bit`` NF4 with double quantization
+(fp32 and bf16 compute), all on the same matrix and input and timed round-robin (one call of each
+method per round) so that load drift hits every method alike. bitsandbytes runs in eval mode (its
+inference path: on AVX512-BF16 CPUs the weight is repacked on the first call for a native bf16 GEMV
+kernel) and in train mode (the generic dequantize-then-matmul path). The ratio is the fastest
+bitsandbytes time over the row's.
 
 CUDA (the Triton kernels): median microseconds from ``triton.testing.do_bench`` with the weight
 buffers rotated (a fresh copy per call, so L2 holds none of them) and CUDA graphs for small shapes;
@@ -20,6 +24,7 @@ package, which bitsandbytes tries to import.)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import statistics
@@ -41,16 +46,6 @@ CPU_SHAPES = ["4096x4096", "4096x14336"]
 CUDA_SHAPES = ["4096x4096", "4096x14336", "14336x4096", "8192x28672"]
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def weight_matrix(out_features: int, in_features: int) -> torch.Tensor:
     return torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0)) * 0.02
 
@@ -64,37 +59,53 @@ def bnb_linear(weight: torch.Tensor, compute_dtype: torch.dtype):
     return layer.to("cpu")
 
 
+def interleaved_medians(calls: dict, repeats: int) -> dict:
+    """Median seconds per callable, timed round-robin so that drift in machine load hits all alike."""
+    times = {name: [] for name in calls}
+    for fn in calls.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def cpu_calls(weight: torch.Tensor, x: torch.Tensor, formats: list[str]) -> tuple[dict, dict]:
+    """(name -> callable, name -> bytes of the weight it reads) for every CPU method."""
+    calls, sizes = {}, {}
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        dense, xd = weight.to(dtype), x.to(dtype)
+        calls[f"dense F.linear {name}"] = lambda xd=xd, dense=dense: torch.nn.functional.linear(xd, dense)
+        sizes[f"dense F.linear {name}"] = dense.numel() * dense.element_size()
+    for (dtype, name), mode in itertools.product(((torch.float32, "fp32"), (torch.bfloat16, "bf16")), ("eval", "train")):
+        try:
+            layer = bnb_linear(weight, dtype).train(mode == "train")
+        except Exception as err:  # noqa: BLE001 - report why a baseline is missing, keep measuring
+            log.warning("bitsandbytes unavailable: %s", err)
+            break
+        calls[f"bitsandbytes Linear4bit nf4+dq, {name} compute, {mode} mode"] = lambda layer=layer, xd=x.to(dtype): layer(xd)
+    for label in formats:
+        prepared = layout.prepare(QuantizedWeight.quantize(weight, FORMATS[label]))
+        for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            key = f"ours {label} reference path, {name} x"
+            calls[key] = lambda xd=x.to(dtype), prepared=prepared: reference.dequant_matmul(xd, prepared)
+            sizes[key] = FORMATS[label].storage_bits(tuple(weight.shape)) // 8
+    return calls, sizes
+
+
 def cpu_rows(shape: tuple[int, int], batch: int, formats: list[str], repeats: int) -> list[dict]:
-    """One row per method for one shape and batch, on CPU."""
+    """One row per method for one shape and batch, on CPU, all timed in one interleaved loop."""
     out_features, in_features = shape
     weight = weight_matrix(out_features, in_features)
     x = torch.randn(batch, in_features, generator=torch.Generator().manual_seed(1))
-    rows = []
     with torch.no_grad():
-        for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-            dense = weight.to(dtype)
-            rows.append({"method": f"dense F.linear {name}", "bytes": dense.numel() * dense.element_size(),
-                         "seconds": median_seconds(lambda: torch.nn.functional.linear(x.to(dtype), dense), repeats)})
-        for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-            try:
-                layer = bnb_linear(weight, dtype)
-            except Exception as err:  # noqa: BLE001 - report why a baseline is missing, keep measuring
-                log.warning("bitsandbytes unavailable: %s", err)
-                break
-            rows.append({"method": f"bitsandbytes Linear4bit nf4+dq, {name} compute", "bytes": None,
-                         "seconds": median_seconds(lambda: layer(x.to(dtype)), repeats)})
-        for label in formats:
-            prepared = layout.prepare(QuantizedWeight.quantize(weight, FORMATS[label]))
-            for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-                xd = x.to(dtype)
-                rows.append({"method": f"ours {label} reference path, {name} x",
-                             "bytes": FORMATS[label].storage_bits(shape) // 8,
-                             "seconds": median_seconds(lambda: reference.dequant_matmul(xd, prepared), repeats)})
-    best_bnb = min((r["seconds"] for r in rows if r["method"].startswith("bitsandbytes")), default=None)
-    for row in rows:
-        row.update(shape=f"{out_features}x{in_features}", batch=batch,
-                   vs_bnb=(best_bnb / row["seconds"]) if best_bnb else None)
-    return rows
+        calls, sizes = cpu_calls(weight, x, formats)
+        seconds = interleaved_medians(calls, repeats)
+    best_bnb = min((t for name, t in seconds.items() if name.startswith("bitsandbytes")), default=None)
+    return [{"method": name, "seconds": t, "bytes": sizes.get(name), "shape": f"{out_features}x{in_features}",
+             "batch": batch, "vs_bnb": (best_bnb / t) if best_bnb else None} for name, t in seconds.items()]
 
 
 def peak_bandwidth(device: torch.device) -> float:
