@@ -68,7 +68,8 @@ def uniform_tile(codes, k_start, offs_k, offs_n, mask, N, K, scales_ptr, zeros_p
 
 @triton.jit
 def nf_tile(codes, k_start, offs_k, offs_n, mask, N, K, lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr,
-            NF_BLOCK, SCALE_BLOCK, LEVELS: tl.constexpr, GROUP_ALIGNED: tl.constexpr):
+            NF_BLOCK: tl.constexpr, SCALE_BLOCK: tl.constexpr, LEVELS: tl.constexpr,
+            GROUP_ALIGNED: tl.constexpr):
     if GROUP_ALIGNED:  # K % NF_BLOCK == 0 and the tile lies inside one block of every column
         block = (offs_n[None, :].to(tl.int64) * (K // NF_BLOCK) + k_start // NF_BLOCK)
         block_mask = (offs_n < N)[None, :]
@@ -78,14 +79,15 @@ def nf_tile(codes, k_start, offs_k, offs_n, mask, N, K, lut_ptr, scale_codes_ptr
     code = tl.load(scale_codes_ptr + block, mask=block_mask, other=0).to(tl.float32)
     second = tl.load(scale_scales_ptr + block // SCALE_BLOCK, mask=block_mask, other=0.0)
     offset = tl.load(offset_ptr)
-    scale = code * (second / LEVELS) + offset
+    scale = code * tl.math.div_rn(second, tl.full(second.shape, LEVELS, tl.float32)) + offset  # IEEE division
     return tl.load(lut_ptr + codes, mask=mask, other=0.0) * scale
 
 
 @triton.jit
 def dequant_tile(k_start, offs_n, N, K,
                  codes_ptr, codes_hi_ptr, scales_ptr, zeros_ptr, gidx_ptr, GROUP,
-                 lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr, NF_BLOCK, SCALE_BLOCK,
+                 lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr,
+                 NF_BLOCK: tl.constexpr, SCALE_BLOCK: tl.constexpr,
                  FORMAT: tl.constexpr, BITS: tl.constexpr, ZERO_MODE: tl.constexpr,
                  USE_GIDX: tl.constexpr, LEVELS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
                  BLOCK_K: tl.constexpr):
@@ -117,8 +119,8 @@ HEURISTICS = {"GROUP_ALIGNED": group_aligned}
 @triton.jit
 def dequant_kernel(out_ptr, N, K,
                    codes_ptr, codes_hi_ptr, scales_ptr, zeros_ptr, gidx_ptr, GROUP,
-                   lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr, NF_BLOCK, SCALE_BLOCK,
-                   FORMAT: tl.constexpr, BITS: tl.constexpr, ZERO_MODE: tl.constexpr,
+                   lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr,
+                   NF_BLOCK: tl.constexpr, SCALE_BLOCK: tl.constexpr, FORMAT: tl.constexpr, BITS: tl.constexpr, ZERO_MODE: tl.constexpr,
                    USE_GIDX: tl.constexpr, LEVELS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[K, N] (fp32) = W^T, one [BLOCK_K, BLOCK_N] tile per program."""
@@ -129,4 +131,4 @@ def dequant_kernel(out_ptr, N, K,
                         GROUP, lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr, NF_BLOCK,
                         SCALE_BLOCK, FORMAT, BITS, ZERO_MODE, USE_GIDX, LEVELS, GROUP_ALIGNED, BLOCK_K)
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], tile, mask=mask)
+    tl.store(out_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :], tile, mask=mask)

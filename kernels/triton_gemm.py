@@ -9,6 +9,7 @@ prompts of every length share the tuning of their bucket. ``DOT_FP32`` forces fp
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -27,12 +28,15 @@ def gemm_configs() -> list[triton.Config]:
 
 
 def prune_gemm_configs(configs, named_args, **kwargs):
-    """Drop tiles much larger than the problem (M, N, K rounded up to powers of two)."""
+    """Drop tiles much larger than the problem (M, N, K rounded up to powers of two), and for fp32
+    activations the widest output tiles (their fp32 dot operands spill registers)."""
     m, n, k = named_args["M"], named_args["N"], named_args["K"]
+    wide_fp32 = getattr(named_args.get("x_ptr"), "dtype", None) == torch.float32
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))
             and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))
-            and c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(k))]
+            and c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(k))
+            and not (wide_fp32 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 128)]
     return kept or configs[:1]
 
 
@@ -40,8 +44,8 @@ def prune_gemm_configs(configs, named_args, **kwargs):
 @triton.jit
 def gemm_kernel(x_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                 codes_ptr, codes_hi_ptr, scales_ptr, zeros_ptr, gidx_ptr, GROUP,
-                lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr, NF_BLOCK, SCALE_BLOCK, M_BUCKET,
-                FORMAT: tl.constexpr, BITS: tl.constexpr, ZERO_MODE: tl.constexpr,
+                lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr, M_BUCKET,
+                NF_BLOCK: tl.constexpr, SCALE_BLOCK: tl.constexpr, FORMAT: tl.constexpr, BITS: tl.constexpr, ZERO_MODE: tl.constexpr,
                 USE_GIDX: tl.constexpr, LEVELS: tl.constexpr, GROUP_ALIGNED: tl.constexpr, DOT_FP32: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
@@ -53,6 +57,7 @@ def gemm_kernel(x_ptr, out_ptr, M, N, K, stride_xm, stride_om,
     pid_n = (pid % width) // rows
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)[:, None]  # M * N may exceed 2^31 (long prompts times a large vocabulary)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tile in range(0, tl.cdiv(K, BLOCK_K)):
         offs_k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -60,7 +65,7 @@ def gemm_kernel(x_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                          GROUP, lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr, NF_BLOCK,
                          SCALE_BLOCK, FORMAT, BITS, ZERO_MODE, USE_GIDX, LEVELS, GROUP_ALIGNED, BLOCK_K)
         x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
         if DOT_FP32:
             acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
         elif x.dtype == tl.float32:
@@ -68,5 +73,5 @@ def gemm_kernel(x_ptr, out_ptr, M, N, K, stride_xm, stride_om,
         else:
             acc += tl.dot(x, w.to(x.dtype))
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out = out_ptr + rows * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)

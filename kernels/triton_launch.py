@@ -11,6 +11,7 @@ through them without looking inside.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -23,10 +24,11 @@ from .triton_gemv import MAX_M, gemv_configs, gemv_kernel, prune_gemv_configs
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-gemv_tuned = triton.autotune(configs=gemv_configs(), key=["N", "K", "BLOCK_M", "FORMAT", "BITS"],
+WEIGHT_KEY = ["N", "K", "FORMAT", "BITS", "ZERO_MODE", "USE_GIDX", "GROUP", "NF_BLOCK"]
+gemv_tuned = triton.autotune(configs=gemv_configs(), key=["BLOCK_M", *WEIGHT_KEY], cache_results=True,
                              prune_configs_by={"early_config_prune": prune_gemv_configs},
                              reset_to_zero=["out_ptr"])(gemv_kernel)
-gemm_tuned = triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "FORMAT", "BITS"],
+gemm_tuned = triton.autotune(configs=gemm_configs(), key=["M_BUCKET", *WEIGHT_KEY], cache_results=True,
                              prune_configs_by={"early_config_prune": prune_gemm_configs})(gemm_kernel)
 
 
@@ -62,15 +64,14 @@ def weight_args(weight: KernelWeight) -> tuple[list, dict]:
     if weight.kind == "uniform":
         zeros = {0: dummy, 1: weight.qzeros, 2: weight.zeros}[weight.zero_mode]
         gidx = weight.g_idx if weight.g_idx is not None else dummy
-        args = [weight.codes, hi, weight.scales, zeros, gidx, weight.group_size or 1,
-                dummy, dummy, dummy, dummy, 1, 1]
-        meta = dict(FORMAT=0, BITS=weight.bits, ZERO_MODE=weight.zero_mode,
-                    USE_GIDX=weight.g_idx is not None, LEVELS=1)
+        args = [weight.codes, hi, weight.scales, zeros, gidx, weight.group_size or 1, dummy, dummy, dummy, dummy]
+        meta = dict(FORMAT=0, BITS=weight.bits, ZERO_MODE=weight.zero_mode, USE_GIDX=weight.g_idx is not None,
+                    LEVELS=1, NF_BLOCK=1, SCALE_BLOCK=1)
     else:
         args = [weight.codes, hi, dummy, dummy, dummy, 1,
-                weight.lut, weight.scale_codes, weight.scale_scales, weight.scale_offset,
-                weight.block, weight.scale_block]
-        meta = dict(FORMAT=1, BITS=weight.bits, ZERO_MODE=0, USE_GIDX=False, LEVELS=weight.scale_levels)
+                weight.lut, weight.scale_codes, weight.scale_scales, weight.scale_offset]
+        meta = dict(FORMAT=1, BITS=weight.bits, ZERO_MODE=0, USE_GIDX=False, LEVELS=weight.scale_levels,
+                    NF_BLOCK=weight.block, SCALE_BLOCK=weight.scale_block)
     return args, meta
 
 
@@ -78,7 +79,7 @@ def _gemv(x: torch.Tensor, weight: KernelWeight, config: dict | None) -> torch.T
     (m, k), n = x.shape, weight.shape[0]
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     args, meta = weight_args(weight)
-    meta["BLOCK_M"] = max(1, triton.next_power_of_2(m))
+    meta.update(BLOCK_M=max(1, triton.next_power_of_2(m)), enable_fp_fusion=True)  # explicit: 3.10 flips the default
     if config is None and interpreting():
         config = {"BLOCK_N": min(256, max(16, triton.next_power_of_2(n))),
                   "BLOCK_K": min(256, max(32, triton.next_power_of_2(k))), "SPLIT_K": 1}
@@ -96,7 +97,7 @@ def _gemm(x: torch.Tensor, weight: KernelWeight, config: dict | None) -> torch.T
     # the interpreter's fp32 -> bf16 cast truncates: it stores fp32 and torch rounds afterwards
     out = torch.empty(m, n, dtype=torch.float32 if interpreting() else x.dtype, device=x.device)
     args, meta = weight_args(weight)
-    meta["DOT_FP32"] = interpreting()
+    meta.update(DOT_FP32=interpreting(), enable_fp_fusion=True)
     if config is None and interpreting():
         config = {"BLOCK_M": min(64, max(16, triton.next_power_of_2(m))),
                   "BLOCK_N": min(128, max(16, triton.next_power_of_2(n))),
@@ -121,7 +122,8 @@ def triton_dequant_matmul(x: torch.Tensor, weight: KernelWeight, config: dict | 
     if flat.shape[0] == 0:
         return x.new_zeros(*x.shape[:-1], weight.shape[0])
     path = path or ("gemv" if flat.shape[0] <= MAX_M else "gemm")
-    out = _gemv(flat, weight, config) if path == "gemv" else _gemm(flat, weight, config)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current device
+        out = _gemv(flat, weight, config) if path == "gemv" else _gemm(flat, weight, config)
     return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
@@ -131,8 +133,25 @@ def triton_dequantize(weight: KernelWeight, block_k: int = 64, block_n: int = 64
     out = torch.empty(k, n, dtype=torch.float32, device=weight.device)
     args, meta = weight_args(weight)
     grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
-    dequant_kernel[grid](out, n, k, *args, **meta, BLOCK_K=block_k, BLOCK_N=block_n)
+    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+        # no multiply-add contraction: the tiles must reproduce the torch oracle bit for bit
+        dequant_kernel[grid](out, n, k, *args, **meta, BLOCK_K=block_k, BLOCK_N=block_n, enable_fp_fusion=False)
     return out
+
+
+def _uniform_weight(in_features, codes, codes_hi, scales, zeros, g_idx, bits, group_size, zero_mode,
+                    out_features) -> KernelWeight:
+    return KernelWeight(kind="uniform", bits=bits, shape=(out_features, in_features), codes=codes,
+                        codes_hi=codes_hi, scales=scales, qzeros=zeros if zero_mode == 1 else None,
+                        zeros=zeros if zero_mode == 2 else None, zero_mode=zero_mode,
+                        group_size=group_size, g_idx=g_idx)
+
+
+def _nf_weight(in_features, codes, codes_hi, lut, scale_codes, scale_scales, scale_offset, bits, block,
+               scale_block, scale_levels, out_features) -> KernelWeight:
+    return KernelWeight(kind="nf", bits=bits, shape=(out_features, in_features), codes=codes, codes_hi=codes_hi,
+                        lut=lut, scale_codes=scale_codes, scale_scales=scale_scales, scale_offset=scale_offset,
+                        block=block, scale_block=scale_block, scale_levels=scale_levels)
 
 
 @torch.library.custom_op("compress::dequant_matmul_uniform", mutates_args=())
@@ -140,10 +159,8 @@ def dequant_matmul_uniform(x: torch.Tensor, codes: torch.Tensor, codes_hi: torch
                            scales: torch.Tensor, zeros: torch.Tensor | None, g_idx: torch.Tensor | None,
                            bits: int, group_size: int, zero_mode: int, out_features: int) -> torch.Tensor:
     """x @ W^T for a uniform (GPTQ-layout) weight; ``zeros`` is qzeros (zero_mode 1) or unpacked (2)."""
-    weight = KernelWeight(kind="uniform", bits=bits, shape=(out_features, x.shape[-1]), codes=codes,
-                          codes_hi=codes_hi, scales=scales, qzeros=zeros if zero_mode == 1 else None,
-                          zeros=zeros if zero_mode == 2 else None, zero_mode=zero_mode,
-                          group_size=group_size, g_idx=g_idx)
+    weight = _uniform_weight(x.shape[-1], codes, codes_hi, scales, zeros, g_idx, bits, group_size, zero_mode,
+                             out_features)
     return triton_dequant_matmul(x, weight)
 
 
@@ -157,9 +174,8 @@ def dequant_matmul_nf(x: torch.Tensor, codes: torch.Tensor, codes_hi: torch.Tens
                       scale_codes: torch.Tensor, scale_scales: torch.Tensor, scale_offset: torch.Tensor,
                       bits: int, block: int, scale_block: int, scale_levels: int, out_features: int) -> torch.Tensor:
     """x @ W^T for an NF-codebook weight with double-quantized block scales."""
-    weight = KernelWeight(kind="nf", bits=bits, shape=(out_features, x.shape[-1]), codes=codes, codes_hi=codes_hi,
-                          lut=lut, scale_codes=scale_codes, scale_scales=scale_scales, scale_offset=scale_offset,
-                          block=block, scale_block=scale_block, scale_levels=scale_levels)
+    weight = _nf_weight(x.shape[-1], codes, codes_hi, lut, scale_codes, scale_scales, scale_offset, bits, block,
+                        scale_block, scale_levels, out_features)
     return triton_dequant_matmul(x, weight)
 
 
@@ -167,6 +183,31 @@ def dequant_matmul_nf(x: torch.Tensor, codes: torch.Tensor, codes_hi: torch.Tens
 def _(x, codes, codes_hi, lut, scale_codes, scale_scales, scale_offset, bits, block, scale_block,
       scale_levels, out_features):
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _save_weight(ctx, inputs, output) -> None:
+    """Autograd context: the packed tensors and scalars (no dense weight is kept for backward)."""
+    x, *rest = inputs
+    ctx.in_features = x.shape[-1]
+    ctx.tensor_slots = [i for i, value in enumerate(rest) if isinstance(value, torch.Tensor)]
+    ctx.scalars = [None if isinstance(value, torch.Tensor) else value for value in rest]
+    ctx.save_for_backward(*(rest[i] for i in ctx.tensor_slots))
+
+
+def _grad_input(build):
+    """Backward of ``x @ W^T`` with respect to x: ``grad @ W``, W dequantized for the duration of the call."""
+    def backward(ctx, grad):
+        rest = list(ctx.scalars)
+        for slot, tensor in zip(ctx.tensor_slots, ctx.saved_tensors):
+            rest[slot] = tensor
+        dense_t = triton_dequantize(build(ctx.in_features, *rest))  # W^T [K, N], fp32
+        grad_x = (grad.reshape(-1, grad.shape[-1]).float() @ dense_t.t()).to(grad.dtype)
+        return (grad_x.view(*grad.shape[:-1], ctx.in_features), *([None] * len(rest)))
+    return backward
+
+
+dequant_matmul_uniform.register_autograd(_grad_input(_uniform_weight), setup_context=_save_weight)
+dequant_matmul_nf.register_autograd(_grad_input(_nf_weight), setup_context=_save_weight)
 
 
 def custom_op_call(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
