@@ -37,7 +37,7 @@ interop-venv: $(INTEROP_VENV)/.installed
 
 test: install interop-venv
 	COMPRESS_INTEROP_PYTHON=$(abspath $(INTEROP_VENV))/bin/python COMPRESS_REQUIRE_INTEROP=1 \
-	  $(BIN)/python -m pytest
+	  $(BIN)/pytest  # not `python -m pytest`: that puts the repo root on sys.path, where kernels/ would shadow HF's `kernels`
 
 bench: install
 	$(BIN)/python benchmarks/quantize_speed.py
