@@ -27,7 +27,7 @@ layout next to its buffers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -61,7 +61,6 @@ class KernelWeight:
     block: int = 0
     scale_block: int = 0
     scale_levels: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:

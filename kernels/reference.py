@@ -9,7 +9,9 @@ at most one tile of the weight is ever dequantized (about ``TILE_ELEMENTS`` weig
 2. inside the tile, rows form *segments* that share one scale (uniform: a group; nf: a block). For
    small batches (M < segment length) the scale is applied after the product,
    ``y += sum_s scale_s * (x_s @ Q_s) - (sum x_s) * zero_s * scale_s``, so the tile is never scaled
-   element-wise; for larger M the tile is dequantized and multiplied (fp32 throughout).
+   element-wise; for larger M the tile is dequantized and multiplied (fp32 throughout);
+3. at batch 1, formats where it measured faster (``TABLE_BATCH``) skip unpacking altogether and use
+   per-byte lookup tables (``lut_gemv``).
 
 Tiles that do not split into equal segments (act-order ``g_idx``, a partial last group, nf blocks that
 straddle rows) fall back to a per-row gather of the scales; results are the same, only slower.
@@ -181,17 +183,49 @@ def _accumulate_tile(out: torch.Tensor, x: torch.Tensor, weight: KernelWeight, s
     out.addmm_(x[:, start:stop].float(), tile)
 
 
+def _matmul(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
+    """fp32 [M, N] = x [M, K] @ W^T, tile by tile."""
+    out = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
+    if x.shape[0]:
+        for start, stop in tile_bounds(weight):
+            _accumulate_tile(out, x, weight, start, stop)
+    return out
+
+
+def grad_input(grad: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
+    """fp32 [M, K] = grad [M, N] @ W, recomputing one dequantized tile at a time."""
+    grad = grad.float()
+    result = torch.empty(grad.shape[0], weight.shape[1], dtype=torch.float32, device=grad.device)
+    for start, stop in tile_bounds(weight):
+        result[:, start:stop] = grad @ dequantize_rows(weight, start, stop).t()
+    return result
+
+
+class _TiledMatmul(torch.autograd.Function):
+    """Autograd for the tiled product: backward recomputes tiles instead of keeping the dense weight
+    (plain autograd through the tile loop would save every dequantized tile: the whole weight)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.weight = weight
+        return _matmul(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad_input(grad, ctx.weight), None
+
+
 def dequant_matmul(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W^T + bias`` for x [..., K] in any float dtype; computes in fp32, returns x's dtype.
 
     Half-precision activations are widened, not the weight narrowed: CPU fp32 GEMMs are fast, and
-    the only rounding left is the output's."""
+    the only rounding left is the output's. Differentiable with respect to x (and bias)."""
     out_features, in_features = weight.shape
     flat = x.reshape(-1, in_features)
-    out = torch.zeros(flat.shape[0], out_features, dtype=torch.float32, device=x.device)
-    if flat.shape[0]:
-        for start, stop in tile_bounds(weight):
-            _accumulate_tile(out, flat, weight, start, stop)
+    if torch.is_grad_enabled() and x.requires_grad:
+        out = _TiledMatmul.apply(flat, weight)
+    else:
+        out = _matmul(flat, weight)
     if bias is not None:
-        out += bias.float()
+        out = out + bias.float()
     return out.to(x.dtype).view(*x.shape[:-1], out_features)
