@@ -158,3 +158,21 @@ def test_custom_op_backward_matches_dense(config, monkeypatch):
     (torch.nn.functional.linear(x64, dense, layer.bias.double())).pow(2).sum().backward()
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
     assert layer.backend == "triton"
+
+
+def test_cpu_path_never_imports_triton(tmp_path):
+    """kernels.reference and the dispatcher's CPU choice work without importing triton at all."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from compress.quant import QuantConfig, QuantLinear\n"
+        "layer = QuantLinear.quantize(torch.nn.Linear(64, 32), QuantConfig.nf(4))\n"
+        "layer(torch.randn(3, 64))\n"
+        "assert layer.backend == 'reference', layer.backend\n"
+        "assert 'triton' not in sys.modules, 'triton was imported'\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("COMPRESS_KERNEL", "TRITON_INTERPRET")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
