@@ -1,3 +1,9 @@
-"""Low-rank parts: LoRA wrapper, LQ-LoRA decomposition, Fisher estimation, ILP allocation.
+"""Low-rank parts: the LoRA wrapper, its initializers, and LQ-LoRA's quantized + low-rank decomposition.
 
-Empty until the LQ-LoRA issue lands; the package exists so the import layout is fixed."""
+(Fisher estimation, the ILP allocator and the stages arrive with the rest of the LQ-LoRA issue.)"""
+
+from .decompose import Decomposition, lq_decompose
+from .init import init_default, init_from_factors
+from .lora import LoRALinear
+
+__all__ = ["Decomposition", "LoRALinear", "init_default", "init_from_factors", "lq_decompose"]

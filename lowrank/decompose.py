@@ -1,0 +1,98 @@
+"""LQ-LoRA decomposition: W ≈ Q + L1 @ L2 with Q quantized and L1 [out, r], L2 [r, in] in fp32.
+
+Alternating minimization (LQ-LoRA, Guo et al. 2024, Alg. 1):
+
+    Q = 0
+    repeat up to ``iterations`` times:
+        L1, L2 = rank-r SVD of (W - Q)                 (weighted when row/column weights are given)
+        Q      = quantize(W - L1 @ L2)
+        error  = || sqrt(F) ⊙ (W - Q - L1 @ L2) ||_F   (F = 1 without Fisher information)
+        stop at the first iteration whose error rises
+
+and return the *best* iterate seen (the reference code returns the one after the rise).
+
+The SVD is randomized (``torch.svd_lowrank`` with ``oversampling`` extra columns) under a local,
+seeded generator state, so results are reproducible without touching the caller's RNG. Singular
+values are split evenly: L1 = U sqrt(S), L2 = sqrt(S) V^T.
+
+Fisher mode (two-sided weighting): with row weights r_i = sqrt(mean_j F_ij) and column weights
+c_j = sqrt(mean_i F_ij) (floored at ``eps`` times their mean, so dead rows or columns cannot divide
+by zero), the rank-r minimizer of ||(r c^T) ⊙ (A - L1 L2)||_F is the SVD of diag(r) A diag(c),
+unscaled: L1 = L̃1 / r, L2 = L̃2 / c. Only the low-rank step and the error are weighted; the
+quantization step stays plain round-to-nearest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from compress.quant.config import QuantConfig
+from compress.quant.qweight import QuantizedWeight
+
+
+@dataclass
+class Decomposition:
+    left: torch.Tensor  # L1 [out, rank] fp32
+    right: torch.Tensor  # L2 [rank, in] fp32
+    quantized: QuantizedWeight  # Q
+    error: float  # (weighted) Frobenius error of the returned iterate
+    errors: list[float] = field(default_factory=list)  # every iteration's error, in order
+    best_iteration: int = 0
+
+    def low_rank(self) -> torch.Tensor:
+        return self.left @ self.right
+
+
+def fisher_weights(fisher: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row weights [out] and column weights [in] of a diagonal Fisher [out, in] (two-sided heuristic)."""
+    fisher = fisher.float().clamp(min=0)
+    rows, cols = fisher.mean(dim=1).sqrt(), fisher.mean(dim=0).sqrt()
+    return (rows.clamp(min=eps * float(rows.mean()) + 1e-30),
+            cols.clamp(min=eps * float(cols.mean()) + 1e-30))
+
+
+def low_rank_factors(matrix: torch.Tensor, rank: int, oversampling: int = 10, seed: int = 0,
+                     rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L1 [out, rank], L2 [rank, in]) of the best rank-``rank`` fit, weighted by rows/cols if given."""
+    target = matrix.float()
+    if rows is not None:
+        target = rows.view(-1, 1) * target * cols.view(1, -1)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
+        torch.manual_seed(seed)
+        u, s, v = torch.svd_lowrank(target, q=min(rank + oversampling, *target.shape))
+    root = s[:rank].sqrt()
+    left, right = u[:, :rank] * root, root.view(-1, 1) * v[:, :rank].t()
+    if rows is not None:
+        left, right = left / rows.view(-1, 1), right / cols.view(1, -1)
+    return left, right
+
+
+def weighted_error(residual: torch.Tensor, fisher: torch.Tensor | None) -> float:
+    if fisher is None:
+        return float(torch.linalg.norm(residual))
+    return float(torch.linalg.norm(residual * fisher.float().clamp(min=0).sqrt()))
+
+
+def lq_decompose(weight: torch.Tensor, rank: int, config: QuantConfig, iterations: int = 20,
+                 fisher: torch.Tensor | None = None, oversampling: int = 10, seed: int = 0) -> Decomposition:
+    """Decompose ``weight`` [out, in] into a ``config``-quantized Q plus a rank-``rank`` L1 @ L2."""
+    if iterations < 1:
+        raise ValueError(f"iterations: {iterations} must be at least 1")
+    target = weight.detach().float()
+    rows, cols = fisher_weights(fisher) if fisher is not None else (None, None)
+    residual_q = torch.zeros_like(target)
+    best, errors = None, []
+    for step in range(iterations):
+        left, right = low_rank_factors(target - residual_q, rank, oversampling, seed + step, rows, cols)
+        quantized = QuantizedWeight.quantize(target - left @ right, config)
+        residual_q = quantized.dequantize()
+        errors.append(weighted_error(target - residual_q - left @ right, fisher))
+        if best is None or errors[-1] < best.error:
+            best = Decomposition(left, right, quantized, errors[-1], best_iteration=step)
+        elif errors[-1] > errors[-2]:
+            break
+    best.errors = errors
+    return best

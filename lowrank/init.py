@@ -1,0 +1,34 @@
+"""Initializers for ``LoRALinear`` adapters (free functions, one per scheme).
+
+- ``init_default``: PEFT's default, A Kaiming-uniform (a = sqrt(5)), B = 0: the first forward equals
+  the base layer's.
+- ``init_from_factors``: LQ-LoRA's mapping of a decomposition W ≈ Q + L1 @ L2 onto an adapter over
+  Q: with s = alpha / rank, ``A = L2 / sqrt(s)`` and ``B = L1 / sqrt(s)``, so ``s * B @ A = L1 @ L2``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .lora import LoRALinear
+
+
+def init_default(layer: LoRALinear, generator: torch.Generator | None = None) -> None:
+    with torch.no_grad():
+        bound = 1 / math.sqrt(layer.in_features)  # kaiming_uniform_(a=sqrt(5)) on a [rank, in] weight
+        layer.lora_A.weight.uniform_(-bound, bound, generator=generator)
+        nn.init.zeros_(layer.lora_B.weight)
+
+
+def init_from_factors(layer: LoRALinear, left: torch.Tensor, right: torch.Tensor) -> None:
+    """Set the adapter so that its ΔW equals ``left @ right`` (L1 [out, rank], L2 [rank, in])."""
+    if left.shape != (layer.out_features, layer.rank) or right.shape != (layer.rank, layer.in_features):
+        raise ValueError(f"factors {list(left.shape)} x {list(right.shape)} do not fit a rank-{layer.rank} "
+                         f"adapter on [{layer.out_features}x{layer.in_features}]")
+    root = math.sqrt(layer.scaling)
+    with torch.no_grad():
+        layer.lora_A.weight.copy_(right / root)
+        layer.lora_B.weight.copy_(left / root)
