@@ -85,3 +85,25 @@ def test_pareto_front_drops_only_dominated_configs():
 
     table = {"a": (5.0, 100), "b": (4.0, 200), "c": (4.5, 300), "d": (1.0, 400), "e": (1.0, 400), "f": (6.0, 50)}
     assert pareto(table) == {"f": (6.0, 50), "a": (5.0, 100), "b": (4.0, 200), "d": (1.0, 400)}
+
+
+def test_grids_and_matrix_costs():
+    import torch
+
+    from compress.lowrank.costs import GRIDS, matrix_costs
+    from compress.lowrank.decompose import lq_decompose
+    from compress.quant import QuantConfig
+
+    nf = GRIDS["nf"]()
+    assert len(nf) == 432 and len({c.name for c in nf}) == 432
+    assert min(c.bits_per_param for c in nf) == pytest.approx(2 + 2 / 64 + 16 / (64 * 256))
+    assert len(GRIDS["gptq"]()) == 12 and all(c.kind == "uniform" and not c.sym for c in GRIDS["gptq"]())
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(2))
+    configs = [QuantConfig.uniform(2, 64), QuantConfig.uniform(4, 64), QuantConfig.uniform(8, 64)]
+    plain = matrix_costs(weight, configs, rank=0)
+    lowrank = matrix_costs(weight, configs, rank=8, iterations=4)
+    errors = [plain[c.name][0] for c in configs]
+    assert errors[0] > errors[1] > errors[2]  # more bits, less error
+    assert all(lowrank[c.name][0] < plain[c.name][0] for c in configs)  # the low-rank part helps
+    assert lowrank["int4-g64-asym"][0] == pytest.approx(lq_decompose(weight, 8, configs[1], 4).error ** 2)
+    assert plain["int4-g64-asym"][1] == configs[1].storage_bits((64, 128))

@@ -1,0 +1,49 @@
+"""Config grids and the per-matrix cost entries that the allocation ILP reads.
+
+Grids (``GRIDS``):
+
+- ``gptq``: uniform asymmetric bits {2, 3, 4, 8} x group {32, 64, 128}; every choice exports as GPTQ.
+- ``nf``: LQ-LoRA's 432 NormalFloat configs, bits {2, 3, 4, 8} x scale bits {2, 3, 4, 8} x
+  second-level dtype {bf16, fp16, fp32} x block {16, 32, 64} x scale block {16, 64, 256} (native export).
+
+``matrix_costs`` gives, for one weight and every config of a grid, the squared (Fisher-weighted)
+Frobenius error of its LQ-LoRA decomposition at the given rank (rank 0: plain quantization, the
+"ILP without low-rank" baseline) and its exact storage in bits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compress.quant.config import QuantConfig
+from compress.quant.qweight import QuantizedWeight
+
+from .decompose import lq_decompose, weighted_error
+
+
+def gptq_grid() -> list[QuantConfig]:
+    return [QuantConfig.uniform(bits, group) for bits in (2, 3, 4, 8) for group in (32, 64, 128)]
+
+
+def nf_grid() -> list[QuantConfig]:
+    return [QuantConfig.nf(bits, block=block, scale_bits=scale_bits, scale_block=scale_block, scale_dtype=dtype)
+            for bits in (2, 3, 4, 8) for scale_bits in (2, 3, 4, 8) for dtype in ("bfloat16", "float16", "float32")
+            for block in (16, 32, 64) for scale_block in (16, 64, 256)]
+
+
+GRIDS = {"gptq": gptq_grid, "nf": nf_grid}
+
+
+def matrix_costs(weight: torch.Tensor, configs: list[QuantConfig], rank: int, iterations: int = 20,
+                 fisher: torch.Tensor | None = None, seed: int = 0) -> dict[str, tuple[float, int]]:
+    """{config name: (squared error, storage bits)} for one weight [out, in] over ``configs``."""
+    shape = tuple(weight.shape)
+    entries = {}
+    for config in configs:
+        if rank > 0:
+            error = lq_decompose(weight, rank, config, iterations, fisher=fisher, seed=seed).error
+        else:
+            residual = weight.detach().float() - QuantizedWeight.quantize(weight, config).dequantize()
+            error = weighted_error(residual, fisher)
+        entries[config.name] = (error**2, config.storage_bits(shape))
+    return entries
