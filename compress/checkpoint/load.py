@@ -130,9 +130,29 @@ def load_checkpoint(path: Path, dtype: str | None = None, verify: bool = True) -
             raise CheckpointError(f"{layout.path}: {name}: {brief(err)}") from None
         modules[name] = (config, shape)
     model = build_model(layout.config, modules)
+    adapters = (layout.manifest or {}).get("adapters") or {}
+    if adapters:
+        tensors = wrap_adapters(model, adapters, tensors, layout.path)
     _load_state(model, tensors, layout.path)
     cast_dense(model, DTYPES[dtype] if dtype else None)
     return model.eval()
+
+
+def wrap_adapters(model: nn.Module, adapters: dict[str, dict], tensors: dict, path: Path) -> dict:
+    """Wrap the listed layers in LoRALinear and rename their base tensors to ``x.base_layer.*``."""
+    from compress.lowrank import LoRALinear
+
+    for name, spec in adapters.items():
+        try:
+            base = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{path}: adapter on {name}: no such module") from None
+        set_module(model, name, LoRALinear(base, int(spec["rank"]), float(spec["alpha"])))
+    renamed = {}
+    for key, tensor in tensors.items():
+        layer, _, leaf = key.rpartition(".")  # x.qweight -> x.base_layer.qweight; x.lora_A.weight stays
+        renamed[f"{layer}.base_layer.{leaf}" if layer in adapters else key] = tensor
+    return renamed
 
 
 def is_tied_head(name: str, config) -> bool:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from compress import __version__
+from compress.lowrank import LoRALinear
 from compress.quant import QuantLinear
 
 from ..errors import CheckpointError
@@ -21,19 +22,32 @@ from .tensors import DEFAULT_SHARD_BYTES, save_tensors
 FORMATS = ("gptq", "native", "hf")
 
 
+BASE = ".base_layer"  # LoRALinear keeps its base here; checkpoints store the base under the layer's name
+
+
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    """QuantLinear layers by layer name (a base wrapped by a LoRA adapter counts under the layer's name)."""
+    return {name.removesuffix(BASE): m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def adapter_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def describe_adapters(model: nn.Module) -> dict[str, dict]:
+    return {name: {"rank": m.rank, "alpha": m.alpha} for name, m in adapter_modules(model).items()}
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with tied tensors stored once (the first name keeps them)."""
+    """The state dict with tied tensors stored once (the first name keeps them) and adapter bases
+    unwrapped (``x.base_layer.qweight`` is stored as ``x.qweight``; ``x.lora_A.weight`` stays)."""
     state, seen = {}, set()
     for name, tensor in model.state_dict().items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
         if tensor.numel() and key in seen:
             continue
         seen.add(key)
-        state[name] = tensor
+        state[name.replace(BASE + ".", ".")] = tensor
     return state
 
 
@@ -81,7 +95,8 @@ def write_native(model: nn.Module, directory: Path, tokenizer=None, recipe: dict
     with atomic_directory(directory) as staging:
         _write_common(model, staging, config_dict(model), tokenizer, max_shard_bytes)
         return write_manifest(staging, {"format": "native", "compress_version": __version__,
-                                        "modules": describe_modules(model), "recipe": recipe})
+                                        "modules": describe_modules(model), "adapters": describe_adapters(model),
+                                        "recipe": recipe})
 
 
 def _layer_linears(model: nn.Module) -> list[str]:
@@ -97,6 +112,11 @@ def write_gptq(model: nn.Module, directory: Path, tokenizer=None, recipe: dict |
     if not modules:
         raise CheckpointError("export format gptq: the model has no quantized layers "
                               "(add a quantize stage before export)")
+    adapters = adapter_modules(model)
+    if adapters:
+        raise CheckpointError(f"export format gptq: {len(adapters)} layers carry LoRA adapters "
+                              f"(e.g. {next(iter(adapters))}); GPTQ holds the quantized base only: export "
+                              "native, or hf to merge them")
     configs = {name: m.config for name, m in modules.items()}
     problems = gptq_problems(configs, {name: m.shape for name, m in modules.items()})
     if problems:
@@ -114,13 +134,16 @@ def write_gptq(model: nn.Module, directory: Path, tokenizer=None, recipe: dict |
 
 
 def dense_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in which every QuantLinear is replaced by the nn.Linear it dequantizes to."""
+    """A deep copy in which every LoRA adapter is merged and every QuantLinear is replaced by the
+    nn.Linear it dequantizes to."""
     import copy
 
     from ..targets import set_module
 
     clone = copy.deepcopy(model)
     dtype = dense_dtype(model)
+    for name, adapter in adapter_modules(clone).items():  # merged: base + scaling * B @ A
+        set_module(clone, name, adapter.merged_linear(dtype).requires_grad_(False))
     for name, layer in quantized_modules(clone).items():
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                            device="meta")
