@@ -30,8 +30,8 @@ def linear_bits_per_param(model) -> float | None:
 
     bits = params = 0
     for name, module in model.named_modules():
-        if ".layers." not in f".{name}":
-            continue
+        if ".layers." not in f".{name}" or ".lora_" in f"{name}.":
+            continue  # outside decoder layers, or an adapter factor (counted separately)
         if isinstance(module, QuantLinear):
             bits += module.config.storage_bits(module.shape)
             params += module.shape[0] * module.shape[1]

@@ -1,0 +1,191 @@
+"""lq_lora: every selected linear becomes a quantized base Q plus a LoRA adapter initialized to L1 @ L2.
+
+```yaml
+- lq_lora: {rank: 64, budget_bits: 3.0, grid: gptq, fisher: true, iterations: 20, ignore: [lm_head]}
+```
+
+LQ-LoRA (Guo et al. 2024): for each matrix and each config of the grid (``gptq``: 12 uniform configs;
+``nf``: the paper's 432 NF configs) the alternating decomposition W = Q + L1 L2 gives an error; an ILP
+picks one config per matrix minimizing the total error within the budget (``budget_bits`` per
+parameter over the selected matrices, or ``budget_gib`` in total); each matrix is then decomposed
+with its config. With ``fisher: true`` the diagonal empirical Fisher from ``data.calibration``
+weights the low-rank step, the error and so the ILP costs. For the ``gptq`` grid, q/k/v and gate/up
+of a layer are tied to one config (engines fuse them). Cost entries are cached per matrix under
+``OUTPUT/.cache/lq_lora/`` (keyed by the weight's hash and the settings), so a resumed run does not
+recompute them. ``alpha`` sets the adapter scaling alpha / rank (LQ-LoRA: 16 at rank 64).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from compress.lowrank import (GRIDS, InfeasibleBudget, LoRALinear, allocate, budget_bits_for, empirical_fisher,
+                              init_from_factors, lq_decompose, matrix_costs)
+from compress.quant import QuantLinear
+
+from ..checkpoint.atomic import atomic_write_text
+from ..errors import RecipeError, StageError
+from ..stage import Stage, StageConfig
+from ..targets import FUSED_GROUPS, check_selector, select_linears, set_module
+
+NF8_BITS = 8 + 8 / 64 + 32 / (64 * 256)  # adapters stored in NF8, as LQ-LoRA counts them
+
+
+class LQLoRAConfig(StageConfig):
+    rank: int = Field(64, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    budget_bits: float | None = Field(None, gt=0)
+    budget_gib: float | None = Field(None, gt=0)
+    grid: Literal["gptq", "nf"] = "gptq"
+    fisher: bool = False
+    iterations: int = Field(20, ge=1)
+    targets: list[str] = ["Linear"]
+    ignore: list[str] = ["lm_head"]
+    solver: Literal["HiGHS", "PULP_CBC_CMD"] | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_budget_and_valid_selectors(self) -> "LQLoRAConfig":
+        if (self.budget_bits is None) == (self.budget_gib is None):
+            raise ValueError("give exactly one of budget_bits and budget_gib")
+        for key in list(self.targets) + list(self.ignore):
+            problem = check_selector(key)
+            if problem:
+                raise ValueError(f"selector {key!r}: {problem}")
+        return self
+
+
+def grid_for(config: LQLoRAConfig, shape: tuple[int, int]) -> list:
+    """The grid's configs that fit a matrix: gptq groups must divide in_features (whole groups)."""
+    return [c for c in GRIDS[config.grid]() if c.kind == "nf" or shape[1] % c.group_size == 0]
+
+
+def check(recipe, entry, model) -> None:
+    config: LQLoRAConfig = entry.config
+    selected = select_linears(model, config.targets, config.ignore)
+    if not selected:
+        raise RecipeError(f"{entry.where}.targets: selects no linear layer (targets {config.targets}, "
+                          f"ignore {config.ignore})")
+    for name, module in selected:
+        if not grid_for(config, (module.out_features, module.in_features)):
+            raise RecipeError(f"{entry.where}: no {config.grid} config fits {name} (in_features={module.in_features})")
+    _check_budget(entry, config, {name: (m.out_features, m.in_features) for name, m in selected})
+    if config.fisher and recipe.spec.data.calibration is None:
+        raise RecipeError(f"{entry.where}.fisher: needs data.calibration")
+    if any(e.config.format == "gptq" for e in recipe.later(entry.index, "export")):
+        raise RecipeError(f"{entry.where}: leaves LoRA adapters, which export format gptq cannot hold "
+                          "(export native, or hf to merge them)")
+
+
+def _check_budget(entry, config: LQLoRAConfig, shapes: dict[str, tuple[int, int]]) -> None:
+    """An impossible budget fails before any weight is loaded, naming the smallest feasible one."""
+    numel = {name: shape[0] * shape[1] for name, shape in shapes.items()}
+    grouped = {m for group in _ties(list(shapes), config.grid) for m in group}
+    groups = _ties(list(shapes), config.grid) + [[name] for name in shapes if name not in grouped]
+    minimum = 0
+    for group in groups:
+        fitting = [c for c in GRIDS[config.grid]() if all(c in grid_for(config, shapes[m]) for m in group)]
+        minimum += min(sum(c.storage_bits(shapes[m]) for m in group) for c in fitting)
+    budget = budget_bits_for(numel, config.budget_bits, config.budget_gib)
+    if minimum > budget:
+        error = InfeasibleBudget(budget, minimum, sum(numel.values()))
+        raise RecipeError(f"{entry.where}: {error}")
+
+
+def _ties(names: list[str], grid: str) -> list[list[str]]:
+    if grid != "gptq":
+        return []
+    ties = []
+    for name in names:
+        prefix, _, leaf = name.rpartition(".")
+        for group in FUSED_GROUPS:
+            members = [f"{prefix}.{m}" for m in group if f"{prefix}.{m}" in names]
+            if leaf == group[0] and len(members) > 1:
+                ties.append(members)
+    return ties
+
+
+def _cache_key(weight: torch.Tensor, fisher: torch.Tensor | None, config: LQLoRAConfig) -> str:
+    digest = hashlib.sha256(weight.detach().float().contiguous().numpy().tobytes())
+    if fisher is not None:
+        digest.update(fisher.contiguous().numpy().tobytes())
+    digest.update(json.dumps([config.rank, config.iterations, config.grid, config.seed]).encode())
+    return digest.hexdigest()[:24]
+
+
+def cost_table(ctx, config: LQLoRAConfig, modules: dict, fisher: dict) -> dict[str, dict[str, tuple[float, int]]]:
+    """{matrix: {config name: (squared error, bits)}}, cached per matrix on disk."""
+    cache = ctx.out_dir / ".cache" / "lq_lora"
+    table = {}
+    for name in ctx.track(list(modules), "lq_lora costs"):
+        weight = modules[name].weight
+        path = cache / f"{_cache_key(weight, fisher.get(name), config)}.json"
+        if path.is_file():
+            table[name] = {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
+            continue
+        configs = grid_for(config, tuple(weight.shape))
+        table[name] = matrix_costs(weight, configs, config.rank, config.iterations, fisher.get(name), config.seed)
+        cache.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(table[name]))
+    return table
+
+
+def _fisher(ctx, config: LQLoRAConfig, names: list[str]) -> dict[str, torch.Tensor]:
+    if not config.fisher:
+        return {}
+    windows = ctx.windows("calibration")
+    fisher = empirical_fisher(ctx.model, list(windows), [f"{n}.weight" for n in names])
+    return {name: fisher[f"{name}.weight"] for name in names}
+
+
+def run(ctx, config: LQLoRAConfig, report) -> None:
+    modules = {}
+    for name, module in select_linears(ctx.model, config.targets, config.ignore):
+        if isinstance(module, torch.nn.Linear):
+            modules[name] = module
+        else:
+            report.skip(name, f"not a dense linear ({type(module).__name__})")
+    fisher = _fisher(ctx, config, list(modules))
+    table = cost_table(ctx, config, modules, fisher)
+    numel = {name: m.weight.numel() for name, m in modules.items()}
+    budget = budget_bits_for(numel, config.budget_bits, config.budget_gib)
+    start = time.perf_counter()
+    try:
+        result = allocate({n: {c: e[0] for c, e in t.items()} for n, t in table.items()},
+                          {n: {c: e[1] for c, e in t.items()} for n, t in table.items()},
+                          numel, budget, _ties(list(modules), config.grid), config.solver)
+    except InfeasibleBudget as err:
+        raise StageError(f"{ctx.entry.where}: {err}") from None
+    report.metrics.update(ilp_seconds=time.perf_counter() - start, ilp_solver=result.solver)
+    _replace(ctx, config, modules, fisher, result.choice, report)
+    params = sum(numel.values())
+    adapters = sum(config.rank * (m.in_features + m.out_features) for m in modules.values())
+    report.metrics.update(bits_per_param=result.bits / params, quantized_params=params, rank=config.rank,
+                          bits_per_param_with_adapters_16bit=(result.bits + 16 * adapters) / params,
+                          bits_per_param_with_adapters_nf8=(result.bits + NF8_BITS * adapters) / params,
+                          label=f"lq-lora r{config.rank} {config.grid} {result.bits / params:.2f}b")
+
+
+def _replace(ctx, config: LQLoRAConfig, modules: dict, fisher: dict, choice: dict, report) -> None:
+    by_name = {c.name: c for c in GRIDS[config.grid]()}
+    for name in ctx.track(list(modules), "lq_lora decompose"):
+        module, qconfig = modules[name], by_name[choice[name]]
+        result = lq_decompose(module.weight, config.rank, qconfig, config.iterations, fisher.get(name),
+                              seed=config.seed)
+        base = QuantLinear.from_weight(result.quantized, module.bias)
+        layer = LoRALinear(base, config.rank, config.alpha)
+        init_from_factors(layer, result.left, result.right)
+        set_module(ctx.model, name, layer)
+        ctx.plan[name] = qconfig
+        norm = float(torch.linalg.norm(module.weight.detach().float()))
+        report.modules.append({"module": name, "config": qconfig.name, "iterations": len(result.errors),
+                               "rel_error": result.error / max(norm, 1e-30)})
+
+
+STAGE = Stage(name="lq_lora", config=LQLoRAConfig, run=run, modifies_model=True, quantizes=True, check=check)

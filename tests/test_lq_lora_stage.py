@@ -1,0 +1,60 @@
+"""The lq_lora stage on tiny-llama: ILP allocation under the budget, adapters that hold L1 @ L2,
+checkpoints that reload them, a cost cache that a rerun reuses, and early errors for bad budgets."""
+
+import re
+
+import pytest
+import torch
+
+import compress
+from compress.lowrank import LoRALinear
+from compress.quant import QuantizedWeight, QuantLinear
+from conftest import run_cli, tiny_recipe
+
+STAGES = """  - lq_lora: {rank: 8, budget_bits: 3.0, grid: gptq, fisher: true, iterations: 2}
+  - eval: {batch_size: 2}
+  - export: {format: native}"""
+
+
+@pytest.mark.slow
+def test_lq_lora_end_to_end(tmp_path, tiny_pair):
+    recipe = compress.load_recipe(tiny_recipe(tmp_path, STAGES))
+    result = compress.run_recipe(recipe)
+    report = result.reports[1]
+    assert report.name == "lq_lora" and report.metrics["bits_per_param"] <= 3.0
+    assert report.metrics["bits_per_param_with_adapters_16bit"] > report.metrics["bits_per_param"]
+    model = compress.load(tmp_path / "out" / "checkpoint")
+    original = dict(tiny_pair[0].named_modules())
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert len(layers) == 4 * 7
+    for name, layer in layers.items():
+        assert isinstance(layer.base_layer, QuantLinear)
+        weight = original[name].weight.detach().float()
+        with torch.no_grad():
+            lq = layer.base_layer.dequantize() + layer.delta_weight()
+        plain = QuantizedWeight.quantize(weight, layer.base_layer.config).dequantize()
+        assert torch.linalg.norm(weight - lq) < torch.linalg.norm(weight - plain), name  # L1 L2 helps
+    for prefix in {n.rsplit(".", 1)[0] for n in layers}:  # gptq grid: engines fuse q/k/v and gate/up
+        if prefix.endswith("self_attn"):
+            assert len({layers[f"{prefix}.{p}"].base_layer.config for p in ("q_proj", "k_proj", "v_proj")}) == 1
+        else:
+            assert len({layers[f"{prefix}.{p}"].base_layer.config for p in ("gate_proj", "up_proj")}) == 1
+    cached = list((tmp_path / "out" / ".cache" / "lq_lora").glob("*.json"))
+    assert len(cached) == 28
+    stamps = {p: p.stat().st_mtime_ns for p in cached}
+    again = compress.run_recipe(compress.load_recipe(tiny_recipe(tmp_path, STAGES)), overwrite=True)
+    assert again.reports[1].metrics["bits_per_param"] == report.metrics["bits_per_param"]
+    assert {p: p.stat().st_mtime_ns for p in cached} == stamps  # costs came from the cache
+
+
+@pytest.mark.parametrize("stages, message", [
+    ("  - lq_lora: {rank: 8, budget_bits: 1.5}",
+     r"stages\[0\]\.lq_lora: budget 1\.5000 bits/param .* smallest feasible budget is 2\.\d+ bits/param"),
+    ("  - lq_lora: {rank: 8, budget_bits: 3.0, budget_gib: 1.0}", "exactly one of budget_bits and budget_gib"),
+    ("  - lq_lora: {rank: 8, budget_bits: 3.0}\n  - export: {format: gptq}", "leaves LoRA adapters"),
+])
+def test_bad_lq_lora_recipes_fail_before_loading(tmp_path, stages, message):
+    result = run_cli("validate", tiny_recipe(tmp_path, stages))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert re.search(message, result.stderr), result.stderr
