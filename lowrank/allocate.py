@@ -22,7 +22,10 @@ A budget below the cheapest possible assignment raises ``InfeasibleBudget`` nami
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 from dataclasses import dataclass
 
 import pulp
@@ -128,7 +131,8 @@ def _solve(tables, groups, scale: float, limit: float, engine) -> dict[str, str]
     for options in choose:
         problem += pulp.lpSum(options.values()) == 1
     problem += pulp.lpSum(table[c][1] * choose[g][c] for g, table in enumerate(tables) for c in table) <= limit
-    problem.solve(engine)
+    with _silenced_stdout():  # HiGHS prints a banner from C++ even with msg=False
+        problem.solve(engine)
     status = pulp.LpStatus[problem.status]
     if status != "Optimal":
         raise RuntimeError(f"ILP solver {engine.name} ended with status {status}")
@@ -137,6 +141,20 @@ def _solve(tables, groups, scale: float, limit: float, engine) -> dict[str, str]
         picked = max(choose[g], key=lambda c: choose[g][c].value() or 0.0)
         choice.update({m: picked for m in group})
     return choice
+
+
+@contextlib.contextmanager
+def _silenced_stdout():
+    """Point file descriptor 1 at /dev/null for the duration (catches output from C libraries)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def budget_bits_for(numel: dict[str, int], bits_per_param: float | None = None,
