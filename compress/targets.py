@@ -67,3 +67,16 @@ def fused_group(name: str) -> tuple[str, tuple[str, ...]] | None:
         if leaf in group:
             return prefix, group
     return None
+
+
+def fused_members(names: list[str]) -> list[tuple[tuple[str, ...], list[str]]]:
+    """(group leaves, member names present) for each engine-fused group (q/k/v, gate/up) of which
+    ``names`` holds the first member and at least one other."""
+    present, found = set(names), []
+    for name in names:
+        prefix, _, leaf = name.rpartition(".")
+        for group in FUSED_GROUPS:
+            members = [f"{prefix}.{m}" for m in group if f"{prefix}.{m}" in present]
+            if leaf == group[0] and len(members) > 1:
+                found.append((group, members))
+    return found

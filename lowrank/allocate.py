@@ -88,6 +88,12 @@ def pareto(table: dict[str, tuple[float, int]]) -> dict[str, tuple[float, int]]:
     return kept
 
 
+def minimum_bits(bits: dict[str, dict[str, int]], ties: list[list[str]] = ()) -> int:
+    """The smallest total storage any assignment can have (tied groups share one config)."""
+    tables = _group_tables(_groups(sorted(bits), list(ties)), bits, bits)  # bits stand in for the costs
+    return sum(min(b for _, b in table.values()) for table in tables)
+
+
 def solver_for(name: str | None = None, gap: float = 0.0, time_limit: float | None = None):
     available = pulp.listSolvers(onlyAvailable=True)
     name = name or ("HiGHS" if "HiGHS" in available else "PULP_CBC_CMD")
@@ -103,11 +109,11 @@ def allocate(cost: dict[str, dict[str, float]], bits: dict[str, dict[str, int]],
     (``numel``: parameters per matrix, for messages and ``budget_bits_for``)."""
     matrices = sorted(cost)
     groups = _groups(matrices, list(ties))
-    tables = [pareto(table) for table in _group_tables(groups, cost, bits)]
-    minimum = sum(min(b for _, b in table.values()) for table in tables)
+    minimum = minimum_bits(bits, list(ties))
     params = sum(numel[m] for m in matrices)
     if minimum > budget_bits:
         raise InfeasibleBudget(budget_bits, minimum, params)
+    tables = [pareto(table) for table in _group_tables(groups, cost, bits)]
     scale = 1e3 / max(sum(max(c for c, _ in table.values()) for table in tables), 1e-30)
     engine = solver_for(solver, gap, time_limit)
     limit = float(budget_bits)

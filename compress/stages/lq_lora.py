@@ -26,13 +26,13 @@ import torch
 from pydantic import Field, model_validator
 
 from compress.lowrank import (GRIDS, InfeasibleBudget, LoRALinear, allocate, budget_bits_for, empirical_fisher,
-                              init_from_factors, lq_decompose, matrix_costs)
+                              init_from_factors, lq_decompose, matrix_costs, minimum_bits)
 from compress.quant import QuantLinear
 
 from ..checkpoint.atomic import atomic_write_text
 from ..errors import RecipeError, StageError
 from ..stage import Stage, StageConfig
-from ..targets import FUSED_GROUPS, check_selector, select_linears, set_module
+from ..targets import check_selector, fused_members, select_linears, set_module
 
 NF8_BITS = 8 + 8 / 64 + 32 / (64 * 256)  # adapters stored in NF8, as LQ-LoRA counts them
 
@@ -86,29 +86,15 @@ def check(recipe, entry, model) -> None:
 def _check_budget(entry, config: LQLoRAConfig, shapes: dict[str, tuple[int, int]]) -> None:
     """An impossible budget fails before any weight is loaded, naming the smallest feasible one."""
     numel = {name: shape[0] * shape[1] for name, shape in shapes.items()}
-    grouped = {m for group in _ties(list(shapes), config.grid) for m in group}
-    groups = _ties(list(shapes), config.grid) + [[name] for name in shapes if name not in grouped]
-    minimum = 0
-    for group in groups:
-        fitting = [c for c in GRIDS[config.grid]() if all(c in grid_for(config, shapes[m]) for m in group)]
-        minimum += min(sum(c.storage_bits(shapes[m]) for m in group) for c in fitting)
+    bits = {name: {c.name: c.storage_bits(shape) for c in grid_for(config, shape)} for name, shape in shapes.items()}
     budget = budget_bits_for(numel, config.budget_bits, config.budget_gib)
+    minimum = minimum_bits(bits, _ties(list(shapes), config.grid))
     if minimum > budget:
-        error = InfeasibleBudget(budget, minimum, sum(numel.values()))
-        raise RecipeError(f"{entry.where}: {error}")
+        raise RecipeError(f"{entry.where}: {InfeasibleBudget(budget, minimum, sum(numel.values()))}")
 
 
 def _ties(names: list[str], grid: str) -> list[list[str]]:
-    if grid != "gptq":
-        return []
-    ties = []
-    for name in names:
-        prefix, _, leaf = name.rpartition(".")
-        for group in FUSED_GROUPS:
-            members = [f"{prefix}.{m}" for m in group if f"{prefix}.{m}" in names]
-            if leaf == group[0] and len(members) > 1:
-                ties.append(members)
-    return ties
+    return [members for _, members in fused_members(names)] if grid == "gptq" else []
 
 
 def _cache_key(weight: torch.Tensor, fisher: torch.Tensor | None, config: LQLoRAConfig) -> str:

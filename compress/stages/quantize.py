@@ -28,7 +28,7 @@ from ..checkpoint.gptq import gptq_problems
 from ..config_errors import format_validation_error
 from ..errors import RecipeError, StageError
 from ..stage import Stage, StageConfig
-from ..targets import FUSED_GROUPS, check_selector, matches, select_linears, set_module
+from ..targets import check_selector, fused_members, matches, select_linears, set_module
 
 NF_ONLY = ("block", "scale_bits", "scale_block", "scale_dtype")
 UNIFORM_ONLY = ("group_size", "sym")
@@ -106,18 +106,13 @@ class QuantizeConfig(StageConfig):
 def _tie_fused(plan: dict[str, QuantConfig]) -> list[tuple[str, str]]:
     """Give each engine-fused group (q/k/v, gate/up) its most precise member's config."""
     changes = []
-    for name in list(plan):
-        prefix, _, leaf = name.rpartition(".")
-        for group in FUSED_GROUPS:
-            members = [f"{prefix}.{m}" for m in group if f"{prefix}.{m}" in plan]
-            if leaf != group[0] or len({plan[m] for m in members}) < 2:
-                continue
-            best = max((plan[m] for m in members), key=lambda c: (c.bits_per_param, c.bits))
-            for member in members:
-                if plan[member] != best:
-                    changes.append((member, f"{plan[member].name} -> {best.name}: engines fuse "
-                                            f"{'/'.join(group)} and need one config"))
-                    plan[member] = best
+    for group, members in fused_members(list(plan)):
+        best = max((plan[m] for m in members), key=lambda c: (c.bits_per_param, c.bits))
+        for member in members:
+            if plan[member] != best:
+                changes.append((member, f"{plan[member].name} -> {best.name}: engines fuse "
+                                        f"{'/'.join(group)} and need one config"))
+                plan[member] = best
     return changes
 
 
