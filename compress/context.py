@@ -33,6 +33,7 @@ class Context:
     metrics: dict = field(default_factory=dict)  # run-level results, e.g. the baseline perplexity
     reports: list[StageReport] = field(default_factory=list)
     entry: Any = None  # the StageEntry being run
+    resume: bool = False  # continue interrupted work (e.g. mid-training checkpoints) rather than redo it
     _windows: dict = field(default_factory=dict, repr=False)
 
     def windows(self, role: str) -> torch.Tensor:

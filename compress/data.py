@@ -118,8 +118,9 @@ def _iter_dataset(source: TextSource) -> Iterator[str]:
             yield text
 
 
-def token_windows(tokenizer, source: TextSource, samples: int, seq_len: int) -> torch.Tensor:
-    """[samples, seq_len] int64 token ids cut from the source's documents."""
+def token_windows(tokenizer, source: TextSource, samples: int, seq_len: int, at_least: int | None = None) -> torch.Tensor:
+    """[samples, seq_len] int64 token ids cut from the source's documents; with ``at_least``, a
+    shorter source gives as many windows as it holds, provided that is at least that many."""
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     needed = samples * seq_len
     buffer: list[int] = []
@@ -128,8 +129,10 @@ def token_windows(tokenizer, source: TextSource, samples: int, seq_len: int) -> 
         buffer.append(eos)
         if len(buffer) >= needed:
             break
+    have = len(buffer) // seq_len
+    if at_least is not None and have >= at_least:
+        needed = min(needed, have * seq_len)
     if len(buffer) < needed:
-        have = len(buffer) // seq_len
         raise DataError(f"data {source.describe()}: only {have} windows of {seq_len} tokens "
                         f"(asked for {samples}); lower samples or seq_len")
-    return torch.tensor(buffer[:needed], dtype=torch.int64).view(samples, seq_len)
+    return torch.tensor(buffer[:needed], dtype=torch.int64).view(-1, seq_len)

@@ -163,6 +163,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False,
                 ctx = _resumed_context(recipe, states, done, progress)
             else:
                 ctx = _fresh_context(recipe, progress)
+            ctx.resume = resume
             for entry in ctx.track(recipe.stages[len(done):], "stages"):
                 ctx.reports.append(_run_stage(ctx, entry))
                 states.save(entry, ctx)

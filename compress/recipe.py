@@ -34,8 +34,8 @@ from .errors import RecipeError
 from .stage import Stage, StageConfig
 
 
-class SourceSpec(BaseModel):
-    """A text source: exactly one of ``source: stdlib``, ``path`` or ``hub``."""
+class TextOrigin(BaseModel):
+    """Where text comes from: exactly one of ``source: stdlib``, ``path`` or ``hub``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     source: Optional[Literal["stdlib"]] = None
@@ -44,11 +44,9 @@ class SourceSpec(BaseModel):
     name: Optional[str] = None
     field: str = "text"
     split: Optional[str] = None
-    samples: int = Field(128, ge=1)
-    seq_len: int = Field(512, ge=2)
 
     @model_validator(mode="after")
-    def _one_origin(self) -> "SourceSpec":
+    def _one_origin(self) -> "TextOrigin":
         given = [k for k in ("source", "path", "hub") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of source: stdlib, path: FILE or hub: NAME"
@@ -65,6 +63,13 @@ class SourceSpec(BaseModel):
             return TextSource("file", self.split or "all", path=self.path, field=self.field)
         return TextSource("hub", self.split or ("test" if role == "eval" else "train"), path=self.hub,
                           field=self.field, hub_config=self.name)
+
+
+class SourceSpec(TextOrigin):
+    """A text source and how many windows of how many tokens to cut from it."""
+
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(512, ge=2)
 
 
 class DataSpec(BaseModel):

@@ -22,7 +22,8 @@ class Stage:
     """A registered stage.
 
     ``run(ctx, config, report)`` does the work and fills the report; ``check(ctx_like)`` validates
-    the config against the model's structure (meta device, no weights) before anything runs."""
+    the config against the model's structure (meta device, no weights) before anything runs;
+    ``leaves_adapters(config)`` says whether the stage leaves LoRA adapters in the model."""
 
     name: str
     config: type[StageConfig]
@@ -31,3 +32,4 @@ class Stage:
     quantizes: bool = False
     needs_data: tuple[str, ...] = ()
     check: Callable | None = None
+    leaves_adapters: Callable | None = None  # config -> whether the model carries LoRA adapters after it

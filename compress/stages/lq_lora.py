@@ -174,4 +174,5 @@ def _replace(ctx, config: LQLoRAConfig, modules: dict, fisher: dict, choice: dic
                                "rel_error": result.error / max(norm, 1e-30)})
 
 
-STAGE = Stage(name="lq_lora", config=LQLoRAConfig, run=run, modifies_model=True, quantizes=True, check=check)
+STAGE = Stage(name="lq_lora", config=LQLoRAConfig, run=run, modifies_model=True, quantizes=True, check=check,
+              leaves_adapters=lambda config: True)

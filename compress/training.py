@@ -1,0 +1,170 @@
+"""The training loop shared by the stages that train (``finetune`` first; pruning and LoRAM reuse it).
+
+Only the parameters handed to ``train`` change; everything else in the model is frozen. One step is
+``grad_accum`` micro-batches of ``batch_size`` token windows (causal LM loss, averaged), then gradient
+clipping, an optimizer step (torch AdamW, or bitsandbytes' 8-bit AdamW) and a learning rate from
+``lr_multiplier``: linear warm-up, then cosine decay to zero.
+
+The batch order is a pure function of the seed and the step (a fresh permutation of the windows per
+epoch), and the schedule a pure function of the step, so a run resumed from a checkpoint (trainable
+tensors, optimizer state, RNG state, history) continues exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from .checkpoint.atomic import atomic_write_bytes
+from .errors import StageError
+
+log = logging.getLogger(__name__)
+STATE_FILE = "train_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int
+    lr: float
+    batch_size: int
+    grad_accum: int = 1
+    warmup: float = 0.03  # fraction of the steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    eval_every: int = 0  # 0: no evaluation during training
+    save_every: int = 50  # 0: no mid-training checkpoints
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # mean loss of every step
+    evals: list[dict] = field(default_factory=list)  # {"step", "perplexity"}
+    resumed_from: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+def lr_multiplier(step: int, total: int, warmup_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps`` (step 0 gets 1 / warmup_steps), then cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def micro_batch(step: int, micro: int, settings: TrainSettings, num_windows: int) -> torch.Tensor:
+    """Window indices of micro-batch ``micro`` of ``step``: consecutive slices of per-epoch permutations."""
+    size = settings.batch_size
+    start = (step * settings.grad_accum + micro) * size
+    indices = []
+    for position in range(start, start + size):
+        epoch, offset = divmod(position, num_windows)
+        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
+        indices.append(int(torch.randperm(num_windows, generator=generator)[offset]))
+    return torch.tensor(indices)
+
+
+def build_optimizer(params: list[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def causal_lm_loss(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=windows, labels=windows, use_cache=False).loss
+
+
+def _save_state(path: Path, step: int, params: dict[str, nn.Parameter], optimizer, result: TrainResult) -> None:
+    state = {"step": step, "params": {n: p.detach().clone() for n, p in params.items()},
+             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+             "losses": result.losses, "evals": result.evals, "tokens": result.tokens}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _load_state(path: Path, params: dict[str, nn.Parameter], optimizer, result: TrainResult) -> int:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a torn or foreign file: say so rather than train from a bad state
+        raise StageError(f"{path}: unreadable training checkpoint ({type(err).__name__}); delete it to "
+                         "restart training") from None
+    if {n: tuple(t.shape) for n, t in state["params"].items()} != {n: tuple(p.shape) for n, p in params.items()}:
+        raise StageError(f"{path}: holds different trainable tensors than this model; delete it to restart")
+    with torch.no_grad():
+        for name, parameter in params.items():
+            parameter.copy_(state["params"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    result.losses, result.evals, result.tokens = state["losses"], state["evals"], state["tokens"]
+    return state["step"]
+
+
+def _step(model, windows, params, optimizer, settings: TrainSettings, step: int) -> float:
+    total = 0.0
+    for micro in range(settings.grad_accum):
+        batch = windows[micro_batch(step, micro, settings, windows.shape[0])]
+        loss = causal_lm_loss(model, batch.to(next(iter(params.values())).device))
+        if not torch.isfinite(loss):
+            raise StageError(f"training loss is {float(loss.detach())} at step {step + 1}")
+        (loss / settings.grad_accum).backward()
+        total += float(loss.detach()) / settings.grad_accum
+    if settings.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(list(params.values()), settings.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def train(model: nn.Module, params: dict[str, nn.Parameter], windows: torch.Tensor, settings: TrainSettings,
+          state_dir: Path | None = None, resume: bool = False, evaluate: Callable[[], float] | None = None,
+          track=None) -> TrainResult:
+    """Train ``params`` (every other parameter frozen) on token ``windows`` [n, seq_len]."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for parameter in params.values():
+        parameter.requires_grad_(True)
+    optimizer = build_optimizer(list(params.values()), settings)
+    warmup = max(1, round(settings.warmup * settings.steps)) if settings.warmup > 0 else 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, settings.steps, warmup))
+    result, path = TrainResult(), state_dir / STATE_FILE if state_dir else None
+    if path is not None and resume and path.is_file():
+        result.resumed_from = _load_state(path, params, optimizer, result)
+        scheduler.last_epoch = result.resumed_from  # the multiplier is a function of the step alone
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * lr_multiplier(result.resumed_from, settings.steps, warmup)
+        log.info("resuming training at step %d of %d from %s", result.resumed_from, settings.steps, path)
+    start = time.perf_counter()
+    model.train()
+    steps = range(result.resumed_from, settings.steps)
+    try:
+        for step in track(steps, "train") if track else steps:
+            result.losses.append(_step(model, windows, params, optimizer, settings, step))
+            result.tokens += settings.grad_accum * settings.batch_size * windows.shape[1]
+            scheduler.step()
+            done = step + 1
+            if evaluate is not None and settings.eval_every and (done % settings.eval_every == 0 or done == settings.steps):
+                model.eval()
+                result.evals.append({"step": done, "perplexity": evaluate()})
+                model.train()
+                log.info("step %d: loss %.4f, eval perplexity %.3f", done, result.losses[-1], result.evals[-1]["perplexity"])
+            if path is not None and settings.save_every and done % settings.save_every == 0 and done < settings.steps:
+                _save_state(path, done, params, optimizer, result)
+    finally:
+        model.eval()
+        for parameter in params.values():
+            parameter.requires_grad_(False)
+    result.seconds = time.perf_counter() - start
+    return result
