@@ -1,6 +1,7 @@
 """The lq_lora stage on tiny-llama: ILP allocation under the budget, adapters that hold L1 @ L2,
 checkpoints that reload them, a cost cache that a rerun reuses, and early errors for bad budgets."""
 
+import json
 import re
 
 import pytest
@@ -58,3 +59,32 @@ def test_bad_lq_lora_recipes_fail_before_loading(tmp_path, stages, message):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert re.search(message, result.stderr), result.stderr
+
+
+@pytest.mark.slow
+def test_rank_zero_is_mixed_precision_that_exports_as_gptq(tmp_path):
+    stages = """  - lq_lora: {rank: 0, budget_bits: 3.5, grid: gptq, group_sizes: [64]}
+  - export: {format: gptq}"""
+    result = compress.run_recipe(compress.load_recipe(tiny_recipe(tmp_path, stages)))
+    metrics = result.reports[1].metrics
+    assert metrics["bits_per_param"] <= 3.5 and metrics["bits_per_param_with_adapters_16bit"] == metrics["bits_per_param"]
+    model = compress.load(tmp_path / "out" / "checkpoint")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 28 and not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert {m.config.group_size for m in layers} == {64} and len({m.config.bits for m in layers}) > 1
+
+
+@pytest.mark.slow
+def test_cost_table_in_two_processes_matches_one(tmp_path):
+    tables = []
+    for workers in (1, 2):
+        stages = f"  - lq_lora: {{rank: 4, budget_bits: 3.0, iterations: 2, group_sizes: [64, 128], workers: {workers}}}"
+        out = tmp_path / f"w{workers}"
+        compress.run_recipe(compress.load_recipe(tiny_recipe(tmp_path, stages, output=out)))
+        tables.append({p.name: json.loads(p.read_text()) for p in (out / ".cache" / "lq_lora").glob("*.json")})
+    assert tables[0].keys() == tables[1].keys() and len(tables[0]) == 28
+    for key, entries in tables[0].items():
+        assert entries.keys() == tables[1][key].keys() and all(re.search(r"-g(64|128)-", c) for c in entries)
+        for config, (error, bits) in entries.items():
+            assert tables[1][key][config][1] == bits
+            assert tables[1][key][config][0] == pytest.approx(error, rel=1e-4)

@@ -12,7 +12,10 @@ with its config. With ``fisher: true`` the diagonal empirical Fisher from ``data
 weights the low-rank step, the error and so the ILP costs. For the ``gptq`` grid, q/k/v and gate/up
 of a layer are tied to one config (engines fuse them). Cost entries are cached per matrix under
 ``OUTPUT/.cache/lq_lora/`` (keyed by the weight's hash and the settings), so a resumed run does not
-recompute them. ``alpha`` sets the adapter scaling alpha / rank (LQ-LoRA: 16 at rank 64).
+recompute them; ``workers: N`` computes them in N processes. ``alpha`` sets the adapter scaling
+alpha / rank (LQ-LoRA: 16 at rank 64). ``group_sizes`` restricts the grid to those groups (NF:
+blocks). ``rank: 0`` is mixed-precision quantization by the same ILP with no low-rank part and no
+adapters (its result exports as GPTQ on the gptq grid).
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from pydantic import Field, model_validator
 
 from compress.lowrank import (GRIDS, InfeasibleBudget, LoRALinear, allocate, budget_bits_for, empirical_fisher,
                               init_from_factors, lq_decompose, matrix_costs, minimum_bits)
+from compress.lowrank.decompose import weighted_error
 from compress.quant import QuantLinear
 
 from ..checkpoint.atomic import atomic_write_text
 from ..errors import RecipeError, StageError
+from ..parallel import parallel_map
 from ..stage import Stage, StageConfig
 from ..targets import check_selector, fused_members, select_linears, set_module
 
@@ -38,17 +43,19 @@ NF8_BITS = 8 + 8 / 64 + 32 / (64 * 256)  # adapters stored in NF8, as LQ-LoRA co
 
 
 class LQLoRAConfig(StageConfig):
-    rank: int = Field(64, ge=1)
+    rank: int = Field(64, ge=0)
     alpha: float = Field(16.0, gt=0)
     budget_bits: float | None = Field(None, gt=0)
     budget_gib: float | None = Field(None, gt=0)
     grid: Literal["gptq", "nf"] = "gptq"
+    group_sizes: list[int] | None = None
     fisher: bool = False
     iterations: int = Field(20, ge=1)
     targets: list[str] = ["Linear"]
     ignore: list[str] = ["lm_head"]
     solver: Literal["HiGHS", "PULP_CBC_CMD"] | None = None
     seed: int = 0
+    workers: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _one_budget_and_valid_selectors(self) -> "LQLoRAConfig":
@@ -62,8 +69,12 @@ class LQLoRAConfig(StageConfig):
 
 
 def grid_for(config: LQLoRAConfig, shape: tuple[int, int]) -> list:
-    """The grid's configs that fit a matrix: gptq groups must divide in_features (whole groups)."""
-    return [c for c in GRIDS[config.grid]() if c.kind == "nf" or shape[1] % c.group_size == 0]
+    """The grid's configs that fit a matrix (gptq groups must divide in_features: whole groups),
+    restricted to ``group_sizes`` (group, or NF block) when given."""
+    configs = [c for c in GRIDS[config.grid]() if c.kind == "nf" or shape[1] % c.group_size == 0]
+    if config.group_sizes is not None:
+        configs = [c for c in configs if (c.block if c.kind == "nf" else c.group_size) in config.group_sizes]
+    return configs
 
 
 def check(recipe, entry, model) -> None:
@@ -78,7 +89,7 @@ def check(recipe, entry, model) -> None:
     _check_budget(entry, config, {name: (m.out_features, m.in_features) for name, m in selected})
     if config.fisher and recipe.spec.data.calibration is None:
         raise RecipeError(f"{entry.where}.fisher: needs data.calibration")
-    if any(e.config.format == "gptq" for e in recipe.later(entry.index, "export")):
+    if config.rank > 0 and any(e.config.format == "gptq" for e in recipe.later(entry.index, "export")):
         raise RecipeError(f"{entry.where}: leaves LoRA adapters, which export format gptq cannot hold "
                           "(export native, or hf to merge them)")
 
@@ -101,25 +112,29 @@ def _cache_key(weight: torch.Tensor, fisher: torch.Tensor | None, config: LQLoRA
     digest = hashlib.sha256(weight.detach().float().contiguous().numpy().tobytes())
     if fisher is not None:
         digest.update(fisher.contiguous().numpy().tobytes())
-    digest.update(json.dumps([config.rank, config.iterations, config.grid, config.seed]).encode())
+    configs = [c.name for c in grid_for(config, tuple(weight.shape))]
+    digest.update(json.dumps([config.rank, config.iterations, config.seed, configs]).encode())
     return digest.hexdigest()[:24]
 
 
 def cost_table(ctx, config: LQLoRAConfig, modules: dict, fisher: dict) -> dict[str, dict[str, tuple[float, int]]]:
-    """{matrix: {config name: (squared error, bits)}}, cached per matrix on disk."""
+    """{matrix: {config name: (squared error, bits)}}, cached per matrix on disk as each one is done
+    (a killed run recomputes only what is missing); ``workers`` > 1 spreads matrices over processes."""
     cache = ctx.out_dir / ".cache" / "lq_lora"
-    table = {}
-    for name in ctx.track(list(modules), "lq_lora costs"):
-        weight = modules[name].weight
-        path = cache / f"{_cache_key(weight, fisher.get(name), config)}.json"
-        if path.is_file():
-            table[name] = {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
-            continue
-        configs = grid_for(config, tuple(weight.shape))
-        table[name] = matrix_costs(weight, configs, config.rank, config.iterations, fisher.get(name), config.seed)
-        cache.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(table[name]))
-    return table
+    cache.mkdir(parents=True, exist_ok=True)
+    table, paths, jobs = {}, {}, {}
+    for name, module in modules.items():
+        paths[name] = cache / f"{_cache_key(module.weight, fisher.get(name), config)}.json"
+        if paths[name].is_file():
+            table[name] = {k: tuple(v) for k, v in json.loads(paths[name].read_text()).items()}
+        else:
+            weight = module.weight.detach().float()
+            jobs[name] = (weight, grid_for(config, tuple(weight.shape)), config.rank, config.iterations,
+                          fisher.get(name), config.seed)
+    for name, entries in ctx.track(parallel_map(matrix_costs, jobs, config.workers), "lq_lora costs", len(jobs)):
+        table[name] = entries
+        atomic_write_text(paths[name], json.dumps(entries))
+    return {name: table[name] for name in modules}
 
 
 def _fisher(ctx, config: LQLoRAConfig, names: list[str]) -> dict[str, torch.Tensor]:
@@ -159,20 +174,25 @@ def run(ctx, config: LQLoRAConfig, report) -> None:
 
 
 def _replace(ctx, config: LQLoRAConfig, modules: dict, fisher: dict, choice: dict, report) -> None:
+    """Decompose every matrix with its chosen config (rank 0: just quantize it, no adapter)."""
     by_name = {c.name: c for c in GRIDS[config.grid]()}
     for name in ctx.track(list(modules), "lq_lora decompose"):
         module, qconfig = modules[name], by_name[choice[name]]
-        result = lq_decompose(module.weight, config.rank, qconfig, config.iterations, fisher.get(name),
-                              seed=config.seed)
-        base = QuantLinear.from_weight(result.quantized, module.bias)
-        layer = LoRALinear(base, config.rank, config.alpha)
-        init_from_factors(layer, result.left, result.right)
+        norm = max(float(torch.linalg.norm(module.weight.detach().float())), 1e-30)
+        if config.rank == 0:
+            layer = QuantLinear.quantize(module, qconfig)
+            residual = module.weight.detach().float() - layer.dequantize(torch.float32)
+            entry = {"iterations": 0, "rel_error": weighted_error(residual, fisher.get(name)) / norm}
+        else:
+            result = lq_decompose(module.weight, config.rank, qconfig, config.iterations, fisher.get(name),
+                                  seed=config.seed)
+            layer = LoRALinear(QuantLinear.from_weight(result.quantized, module.bias), config.rank, config.alpha)
+            init_from_factors(layer, result.left, result.right)
+            entry = {"iterations": len(result.errors), "rel_error": result.error / norm}
         set_module(ctx.model, name, layer)
         ctx.plan[name] = qconfig
-        norm = float(torch.linalg.norm(module.weight.detach().float()))
-        report.modules.append({"module": name, "config": qconfig.name, "iterations": len(result.errors),
-                               "rel_error": result.error / max(norm, 1e-30)})
+        report.modules.append({"module": name, "config": qconfig.name, **entry})
 
 
 STAGE = Stage(name="lq_lora", config=LQLoRAConfig, run=run, modifies_model=True, quantizes=True, check=check,
-              leaves_adapters=lambda config: True)
+              leaves_adapters=lambda config: config.rank > 0)
