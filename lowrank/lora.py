@@ -17,6 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# bits per adapter weight when adapters are stored in NF8 with double-quantized scales (block 64,
+# 8-bit scales in blocks of 256, fp32 second level), as LQ-LoRA counts them
+NF8_BITS = 8 + 8 / 64 + 32 / (64 * 256)
+
 
 def base_weight(base: nn.Module) -> torch.Tensor:
     """The base layer's weight [out, in] in fp32 (dequantized for packed layers)."""

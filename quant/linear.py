@@ -49,6 +49,11 @@ class QuantLinear(nn.Module):
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
+    @property
+    def W_q(self) -> torch.Tensor:  # noqa: N802  (the name PEFT probes, after qweight, for a packed layer's device)
+        """The packed codes of either format (``qweight`` for uniform, ``codes`` for NF)."""
+        return self.qweight if self.config.kind == "uniform" else self.codes
+
     def quantized_weight(self) -> QuantizedWeight:
         names = tensor_specs(self.config, self.shape)
         return QuantizedWeight(self.config, self.shape, {n: getattr(self, n) for n in names})

@@ -7,6 +7,8 @@ transformers + GPTQModel + optimum.
 - Reading direction: GPTQModel's own fp32 logits for the checkpoint it wrote
   (tests/data/gptqmodel-mixed-tiny, a copy of ../shared/data/gptqmodel-mixed-tiny) match compress.load's within
   1e-5 (measured 7.7e-7).
+- A LoRA adapter written by us (PEFT format) applies with PeftModel.from_pretrained over GPTQModel's
+  load of our mixed checkpoint (PEFT's GPTQ LoRA layer), and matches our base + adapter within 1e-5.
 - A uniform 4-bit checkpoint loads with plain transformers' from_pretrained; that path runs its own
   kernel (TorchAtenLinear) in bf16, so the tolerance is bf16's: relative error norm below 2e-2 (measured 5.6e-3).
 
@@ -27,6 +29,9 @@ from safetensors.torch import load_file, save_file
 
 import compress
 from compress.checkpoint import write_gptq
+from compress.checkpoint.peft import adapter_layers, load_peft_adapter, write_peft_adapter
+from compress.lowrank import LoRALinear
+from compress.targets import select_linears, set_module
 from compress.quant import QuantConfig, QuantLinear
 
 SIDE_PYTHON = Path(os.environ.get("COMPRESS_INTEROP_PYTHON", ROOT / ".venv-gptqmodel" / "bin" / "python"))
@@ -64,6 +69,15 @@ def interop(tiny_pair, tmp_path_factory):
             param.data = param.data.to(torch.bfloat16).float()
         models[name] = quantize_model(model, config_for)
         write_gptq(models[name], work / name, tokenizer=tokenizer)
+    adapted = copy.deepcopy(models["mixed"])
+    generator = torch.Generator().manual_seed(3)
+    for name, module in select_linears(adapted, ["Linear"], ["lm_head"]):
+        layer = LoRALinear(module, 4, 8)
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=generator) * 0.05)
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.05)
+        set_module(adapted, name, layer)
+    write_peft_adapter(adapter_layers(adapted), work / "mixed-adapter")
     reference = work / "reference"
     shutil.copytree(GPTQMODEL_CKPT / "quantized", reference)
     tokenizer.save_pretrained(reference)  # GPTQModel's loader insists on a tokenizer in the folder
@@ -71,9 +85,12 @@ def interop(tiny_pair, tmp_path_factory):
            "reference": load_file(str(GPTQMODEL_CKPT / "reference_logits.safetensors"))["input_ids"]}
     for key, value in ids.items():
         save_file({"input_ids": value}, str(work / f"{key}_ids.safetensors"))
-    jobs = [("mixed", "gptqmodel", "tiny"), ("reference", "gptqmodel", "reference"), ("uniform", "transformers", "tiny")]
-    spec = [{"loader": loader, "path": str(work / ckpt), "input_ids": str(work / f"{key}_ids.safetensors"),
-             "output": str(work / f"{ckpt}-{loader}.safetensors")} for ckpt, loader, key in jobs]
+    jobs = [("mixed", "gptqmodel", "tiny"), ("reference", "gptqmodel", "reference"), ("uniform", "transformers", "tiny"),
+            ("mixed", "gptqmodel+adapter", "tiny")]
+    spec = [{"loader": loader.split("+")[0], "path": str(work / ckpt), "input_ids": str(work / f"{key}_ids.safetensors"),
+             "output": str(work / f"{ckpt}-{loader}.safetensors"),
+             "adapter": str(work / "mixed-adapter") if loader.endswith("+adapter") else None}
+            for ckpt, loader, key in jobs]
     (work / "jobs.json").write_text(json.dumps(spec))
     env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.pop("PYTHONPATH", None)
@@ -82,7 +99,17 @@ def interop(tiny_pair, tmp_path_factory):
     assert result.returncode == 0, result.stderr[-4000:]
     outputs = {(ckpt, loader): (load_file(job["output"])["logits"], json.loads(Path(job["output"] + ".json").read_text()))
                for (ckpt, loader, _), job in zip(jobs, spec)}
-    return {"work": work, "models": models, "ids": ids, "outputs": outputs}
+    return {"work": work, "models": models, "ids": ids, "outputs": outputs, "adapted": adapted}
+
+
+def test_our_peft_adapter_over_gptqmodel(interop):
+    theirs, _ = interop["outputs"][("mixed", "gptqmodel+adapter")]
+    plain, _ = interop["outputs"][("mixed", "gptqmodel")]
+    base = compress.load(interop["work"] / "mixed", dtype="float32")
+    ours = logits(load_peft_adapter(base, interop["work"] / "mixed-adapter"), interop["ids"]["tiny"])
+    torch.testing.assert_close(ours, logits(interop["adapted"], interop["ids"]["tiny"]), rtol=0, atol=0)
+    assert float((ours - theirs).abs().max()) <= 1e-5
+    assert float((theirs - plain).abs().max()) > 1e-2  # the adapter changed GPTQModel's output
 
 
 def test_our_mixed_checkpoint_in_gptqmodel(interop):

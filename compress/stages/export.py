@@ -1,7 +1,7 @@
 """export: write the model as a checkpoint, then reload it and check it.
 
 ```yaml
-- export: {format: gptq, path: checkpoint, verify: true}
+- export: {format: gptq, path: checkpoint, verify: true, adapters: peft, adapter_path: checkpoint-adapter}
 ```
 
 Formats: ``gptq`` (GPTQ v1 with per-module ``dynamic`` bits: GPTQModel, vLLM, and transformers
@@ -9,6 +9,12 @@ when every module has the same bits), ``native`` (anything, NF codebooks include
 ``compress.load``), ``hf`` (dense: every quantized layer dequantized). ``path`` is relative to
 the recipe's output directory. With ``verify`` the checkpoint is loaded back from disk: its logits
 must equal the in-memory model's, and its perplexity is measured when the recipe has eval data.
+
+LoRA adapters (from ``lq_lora``, ``finetune``): ``adapters: peft`` (default) writes the base alone in
+``format`` and the adapters as a standard PEFT adapter in ``adapter_path`` (default ``PATH-adapter``),
+verified by reloading the base and applying the adapter with PEFT; ``embed`` keeps them inside a
+``native`` checkpoint; ``merge`` folds them into a dense ``hf`` checkpoint. The report gives bits per
+parameter without and with the adapters (stored in 16-bit, and in NF8 as LQ-LoRA counts them).
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
+
+from compress.lowrank import NF8_BITS
 
 from ..checkpoint import WRITERS, inspect_checkpoint, load_checkpoint
+from ..checkpoint.peft import adapter_layers, adapters_detached, load_peft_adapter, write_peft_adapter
 from ..errors import StageError
 from ..evaluate import perplexity
 from ..report import StageReport
@@ -33,6 +42,20 @@ class ExportConfig(StageConfig):
     path: str = Field("checkpoint", min_length=1)
     verify: bool = True
     max_shard_mib: int = Field(2048, ge=1)
+    adapters: Literal["peft", "embed", "merge"] = "peft"
+    adapter_path: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _adapter_mode_fits_format(self) -> "ExportConfig":
+        if self.adapters == "embed" and self.format != "native":
+            raise ValueError(f"adapters: embed needs format native (got {self.format})")
+        if self.adapters == "merge" and self.format != "hf":
+            raise ValueError(f"adapters: merge needs format hf (merging into a packed {self.format} base "
+                             "would quantize the update away)")
+        return self
+
+    def adapter_dir(self) -> str:
+        return self.adapter_path or f"{self.path}-adapter"
 
 
 def _compare_logits(ctx, reloaded, exact: bool, where: str) -> float:
@@ -48,18 +71,45 @@ def _compare_logits(ctx, reloaded, exact: bool, where: str) -> float:
     return diff
 
 
+def _write(ctx, config: ExportConfig, target, report: StageReport) -> dict:
+    """Write the checkpoint (and the PEFT adapter beside it); returns the adapters written."""
+    write = WRITERS[config.format]
+    kwargs = dict(tokenizer=ctx.tokenizer, recipe=ctx.recipe.to_dict(), max_shard_bytes=config.max_shard_mib << 20)
+    if config.adapters != "peft" or not adapter_layers(ctx.model):
+        write(ctx.model, target, **kwargs)
+        return {}
+    with adapters_detached(ctx.model) as layers:
+        write(ctx.model, target, **kwargs)
+    adapter_dir = write_peft_adapter(layers, ctx.out_dir / config.adapter_dir(), base_model=str(target))
+    report.metrics["adapter_path"] = str(adapter_dir)
+    report.notes.append(f"PEFT adapter ({len(layers)} layers) in {adapter_dir}")
+    return layers
+
+
+def _adapter_bits(report: StageReport, layers: dict, quantized_params: int) -> None:
+    if not layers or not quantized_params:
+        return
+    params = sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in layers.values())
+    base = report.metrics["bits_per_param"]
+    report.metrics.update(adapter_params=params,
+                          bits_per_param_with_adapters_16bit=base + 16 * params / quantized_params,
+                          bits_per_param_with_adapters_nf8=base + NF8_BITS * params / quantized_params)
+
+
 def run(ctx, config: ExportConfig, report: StageReport) -> None:
     target = ctx.out_dir / config.path
-    WRITERS[config.format](ctx.model, target, tokenizer=ctx.tokenizer, recipe=ctx.recipe.to_dict(),
-                           max_shard_bytes=config.max_shard_mib << 20)
+    layers = _write(ctx, config, target, report)
     info = inspect_checkpoint(target, verify=False)
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
     report.metrics.update(path=str(target), format=config.format, size_bytes=size, label=config.format,
                           bits_per_param=info["bits_per_param"], bits_per_param_total=info["bits_per_param_total"],
                           kernel=info["kernel"])
+    _adapter_bits(report, layers, info.get("quantized_params") or 0)
     if not config.verify:
         return
     reloaded = load_checkpoint(target, dtype=ctx.recipe.spec.dtype)
+    if layers:
+        reloaded = load_peft_adapter(reloaded, ctx.out_dir / config.adapter_dir())
     report.metrics["reload_max_abs_logit_diff"] = _compare_logits(
         ctx, reloaded, exact=config.format != "hf", where=ctx.entry.where)
     if ctx.recipe.spec.data.eval is not None:

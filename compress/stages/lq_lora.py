@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from compress.lowrank import (GRIDS, InfeasibleBudget, LoRALinear, allocate, budget_bits_for, empirical_fisher,
+from compress.lowrank import (GRIDS, NF8_BITS, InfeasibleBudget, LoRALinear, allocate, budget_bits_for, empirical_fisher,
                               init_from_factors, lq_decompose, matrix_costs, minimum_bits)
 from compress.lowrank.decompose import weighted_error
 from compress.quant import QuantLinear
@@ -39,7 +39,6 @@ from ..parallel import parallel_map
 from ..stage import Stage, StageConfig
 from ..targets import check_selector, fused_members, select_linears, set_module
 
-NF8_BITS = 8 + 8 / 64 + 32 / (64 * 256)  # adapters stored in NF8, as LQ-LoRA counts them
 
 
 class LQLoRAConfig(StageConfig):
@@ -89,9 +88,9 @@ def check(recipe, entry, model) -> None:
     _check_budget(entry, config, {name: (m.out_features, m.in_features) for name, m in selected})
     if config.fisher and recipe.spec.data.calibration is None:
         raise RecipeError(f"{entry.where}.fisher: needs data.calibration")
-    if config.rank > 0 and any(e.config.format == "gptq" for e in recipe.later(entry.index, "export")):
-        raise RecipeError(f"{entry.where}: leaves LoRA adapters, which export format gptq cannot hold "
-                          "(export native, or hf to merge them)")
+    if config.grid == "nf" and any(e.config.format == "gptq" for e in recipe.later(entry.index, "export")):
+        raise RecipeError(f"{entry.where}.grid: nf configs cannot be written as GPTQ; use grid: gptq or "
+                          "export native")
 
 
 def _check_budget(entry, config: LQLoRAConfig, shapes: dict[str, tuple[int, int]]) -> None:

@@ -4,7 +4,8 @@ write their logits for the interop tests.
     python gptqmodel_logits.py JOBS.json
 
 Each job: {"loader": "gptqmodel" | "transformers", "path": DIR, "input_ids": FILE.safetensors,
-"output": FILE.safetensors}. Writes ``logits`` (fp32) to ``output`` and a JSON sidecar
+"output": FILE.safetensors} and optionally "adapter": a PEFT adapter directory applied with
+``PeftModel.from_pretrained`` over the loaded model (PEFT's own GPTQ LoRA layer). Writes ``logits`` (fp32) to ``output`` and a JSON sidecar
 (``output`` + ".json") with the dtype the loader ran in, its kernel classes and each module's bits.
 """
 
@@ -42,6 +43,10 @@ def describe(model):
 def main(jobs_file):
     for job in json.load(open(jobs_file)):
         model = (load_gptqmodel if job["loader"] == "gptqmodel" else load_transformers)(job["path"])
+        if job.get("adapter"):
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, job["adapter"])
         input_ids = load_file(job["input_ids"])["input_ids"]
         with torch.inference_mode():
             logits = model(input_ids=input_ids).logits.float()
