@@ -140,7 +140,7 @@ def configure_logging(verbose: bool) -> None:
 
     handler = RichHandler(console=_console(stderr=True), show_path=False, show_time=False)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler])
-    for noisy in ("transformers", "datasets", "accelerate", "urllib3", "filelock", "httpx"):
+    for noisy in ("transformers", "datasets", "accelerate", "urllib3", "filelock", "httpx", "bitsandbytes", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
 
 

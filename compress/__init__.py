@@ -4,6 +4,8 @@ Public API (imports are deferred so ``import compress`` stays cheap):
 
 - ``compress.load(path, dtype=None)``: a model from any checkpoint we write (gptq, native, hf), from
   a GPTQ v1 checkpoint of another tool, or from a dense Hugging Face directory.
+- ``compress.load_adapter(model, path, trainable=False)``: a PEFT adapter directory applied to a model
+  (ours packed or not) with ``PeftModel.from_pretrained``; returns the ``PeftModel``.
 - ``compress.load_recipe(path)`` / ``compress.run_recipe(recipe, resume=False)``.
 - ``compress.inspect(path)``: per-module formats and bits per parameter of a checkpoint.
 """
@@ -15,6 +17,12 @@ def load(path, dtype: str | None = None, verify: bool = True):
     from .checkpoint.load import load_checkpoint
 
     return load_checkpoint(path, dtype=dtype, verify=verify)
+
+
+def load_adapter(model, path, trainable: bool = False):
+    from .checkpoint.peft import load_peft_adapter
+
+    return load_peft_adapter(model, path, trainable=trainable)
 
 
 def load_recipe(path):
@@ -35,4 +43,4 @@ def inspect(path, verify: bool = True) -> dict:
     return inspect_checkpoint(path, verify=verify)
 
 
-__all__ = ["__version__", "inspect", "load", "load_recipe", "run_recipe"]
+__all__ = ["__version__", "inspect", "load", "load_adapter", "load_recipe", "run_recipe"]

@@ -161,7 +161,7 @@ def test_bad_finetune_recipes_fail_with_one_line(tmp_path, stages, message):
 def test_finetune_reads_its_own_text_file(tmp_path):
     (tmp_path / "domain.txt").write_text("the cat sat on the mat. " * 400)
     stages = ("  - finetune: {steps: 4, lr: 1.0e-2, batch_size: 2, grad_accum: 1, seq_len: 32, "
-              f"data: {{path: {tmp_path / 'domain.txt'}}}, lora: {{rank: 4, alpha: 8}}}}")
+              f"gradient_checkpointing: true, data: {{path: {tmp_path / 'domain.txt'}}}, lora: {{rank: 4, alpha: 8}}}}")
     result = compress.run_recipe(compress.load_recipe(tiny_recipe(tmp_path, stages)))
     metrics = result.reports[1].metrics
     assert metrics["windows"] == 8 and metrics["final_loss"] < metrics["first_loss"]

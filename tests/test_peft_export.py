@@ -95,7 +95,8 @@ def test_export_writes_base_and_peft_adapter(tmp_path, probe_ids, stages):
     base = compress.load(out / "checkpoint")
     assert not any(isinstance(m, LoRALinear) for m in base.modules())  # the base alone
     trained = compress.load(out / ".stages" / "01-finetune" / "model")  # adapters embedded (native state)
-    peft_model = load_peft_adapter(base, out / "checkpoint-adapter")
+    peft_model = compress.load_adapter(base, out / "checkpoint-adapter")
+    assert isinstance(peft_model, PeftModel)
     assert torch.equal(logits(peft_model, probe_ids), logits(trained, probe_ids))
 
 

@@ -27,6 +27,13 @@ def test_quickstart_parses_and_validates():
     check_recipe(recipe)
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    check_recipe(recipe)  # the model's structure from its config: group sizes, selectors, budgets
+    assert recipe.stages[-1].name == "export"
+
+
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_stage_docstring_samples_parse(name):
     import importlib

@@ -27,7 +27,6 @@ from pydantic import Field, model_validator
 from compress.lowrank import NF8_BITS
 
 from ..checkpoint import WRITERS, inspect_checkpoint, load_checkpoint
-from ..checkpoint.peft import adapter_layers, adapters_detached, load_peft_adapter, write_peft_adapter
 from ..errors import StageError
 from ..evaluate import perplexity
 from ..report import StageReport
@@ -73,6 +72,8 @@ def _compare_logits(ctx, reloaded, exact: bool, where: str) -> float:
 
 def _write(ctx, config: ExportConfig, target, report: StageReport) -> dict:
     """Write the checkpoint (and the PEFT adapter beside it); returns the adapters written."""
+    from ..checkpoint.peft import adapter_layers, adapters_detached, write_peft_adapter
+
     write = WRITERS[config.format]
     kwargs = dict(tokenizer=ctx.tokenizer, recipe=ctx.recipe.to_dict(), max_shard_bytes=config.max_shard_mib << 20)
     if config.adapters != "peft" or not adapter_layers(ctx.model):
@@ -109,6 +110,8 @@ def run(ctx, config: ExportConfig, report: StageReport) -> None:
         return
     reloaded = load_checkpoint(target, dtype=ctx.recipe.spec.dtype)
     if layers:
+        from ..checkpoint.peft import load_peft_adapter
+
         reloaded = load_peft_adapter(reloaded, ctx.out_dir / config.adapter_dir())
     report.metrics["reload_max_abs_logit_diff"] = _compare_logits(
         ctx, reloaded, exact=config.format != "hf", where=ctx.entry.where)

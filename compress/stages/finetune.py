@@ -159,8 +159,12 @@ def run(ctx, config: FinetuneConfig, report) -> None:
                           final_loss=_tail_mean(result.losses), resumed_from_step=result.resumed_from,
                           train_seconds=result.seconds, label=f"finetune {config.steps} steps")
     report.metrics["losses"] = [round(x, 5) for x in result.losses]
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    report.notes.append(f"{trainable:,} trainable parameters; loss {result.losses[0]:.4f} -> "
+                        f"{report.metrics['final_loss']:.4f} (mean of the last 10 steps) over {config.steps} steps"
+                        f"{resumed}, {result.tokens:,} tokens")
     if result.evals:
-        report.metrics["evals"] = result.evals
+        report.metrics.update(evals=result.evals, perplexity=result.evals[-1]["perplexity"])
 
 
 def _tail_mean(losses: list[float], count: int = 10) -> float | None:
