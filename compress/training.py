@@ -54,6 +54,24 @@ class TrainResult:
     tokens: int = 0
 
 
+class TrainHooks:
+    """What a stage may add to the loop (pruning): ``after_backward(step)`` runs once the step's
+    gradients are accumulated and clipped, before the optimizer step; ``after_step(step)`` after it
+    (``step`` counts from 1). Their ``state_dict`` travels in the mid-training checkpoint."""
+
+    def after_backward(self, step: int) -> None:
+        pass
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def lr_multiplier(step: int, total: int, warmup_steps: int) -> float:
     """Linear warm-up over ``warmup_steps`` (step 0 gets 1 / warmup_steps), then cosine decay to 0."""
     if step < warmup_steps:
@@ -86,16 +104,18 @@ def causal_lm_loss(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
     return model(input_ids=windows, labels=windows, use_cache=False).loss
 
 
-def _save_state(path: Path, step: int, params: dict[str, nn.Parameter], optimizer, result: TrainResult) -> None:
+def _save_state(path: Path, step: int, params: dict[str, nn.Parameter], optimizer, result: TrainResult,
+                hooks: TrainHooks) -> None:
     state = {"step": step, "params": {n: p.detach().clone() for n, p in params.items()},
-             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "hooks": hooks.state_dict(),
              "losses": result.losses, "evals": result.evals, "tokens": result.tokens}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _load_state(path: Path, params: dict[str, nn.Parameter], optimizer, result: TrainResult) -> int:
+def _load_state(path: Path, params: dict[str, nn.Parameter], optimizer, result: TrainResult,
+                hooks: TrainHooks) -> int:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a torn or foreign file: say so rather than train from a bad state
@@ -108,11 +128,13 @@ def _load_state(path: Path, params: dict[str, nn.Parameter], optimizer, result: 
             parameter.copy_(state["params"][name])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
+    hooks.load_state_dict(state["hooks"])
     result.losses, result.evals, result.tokens = state["losses"], state["evals"], state["tokens"]
     return state["step"]
 
 
-def _step(model, windows, params, optimizer, settings: TrainSettings, step: int) -> float:
+def _step(model, windows, params, optimizer, settings: TrainSettings, step: int, hooks: TrainHooks,
+          grad_only: dict[str, nn.Parameter]) -> float:
     total = 0.0
     for micro in range(settings.grad_accum):
         batch = windows[micro_batch(step, micro, settings, windows.shape[0])]
@@ -123,25 +145,31 @@ def _step(model, windows, params, optimizer, settings: TrainSettings, step: int)
         total += float(loss.detach()) / settings.grad_accum
     if settings.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(list(params.values()), settings.max_grad_norm)
+    hooks.after_backward(step + 1)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    for parameter in grad_only.values():
+        parameter.grad = None
     return total
 
 
 def train(model: nn.Module, params: dict[str, nn.Parameter], windows: torch.Tensor, settings: TrainSettings,
           state_dir: Path | None = None, resume: bool = False, evaluate: Callable[[], float] | None = None,
-          track=None) -> TrainResult:
-    """Train ``params`` (every other parameter frozen) on token ``windows`` [n, seq_len]."""
+          track=None, hooks: TrainHooks | None = None, grad_only: dict[str, nn.Parameter] | None = None
+          ) -> TrainResult:
+    """Train ``params`` (every other parameter frozen) on token ``windows`` [n, seq_len];
+    ``grad_only`` parameters get gradients (for ``hooks`` to read) but are never updated."""
+    hooks, grad_only = hooks or TrainHooks(), grad_only or {}
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for parameter in params.values():
+    for parameter in [*params.values(), *grad_only.values()]:
         parameter.requires_grad_(True)
     optimizer = build_optimizer(list(params.values()), settings)
     warmup = max(1, round(settings.warmup * settings.steps)) if settings.warmup > 0 else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, settings.steps, warmup))
     result, path = TrainResult(), state_dir / STATE_FILE if state_dir else None
     if path is not None and resume and path.is_file():
-        result.resumed_from = _load_state(path, params, optimizer, result)
+        result.resumed_from = _load_state(path, params, optimizer, result, hooks)
         scheduler.last_epoch = result.resumed_from  # the multiplier is a function of the step alone
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * lr_multiplier(result.resumed_from, settings.steps, warmup)
@@ -151,20 +179,22 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], windows: torch.Tens
     steps = range(result.resumed_from, settings.steps)
     try:
         for step in track(steps, "train") if track else steps:
-            result.losses.append(_step(model, windows, params, optimizer, settings, step))
+            result.losses.append(_step(model, windows, params, optimizer, settings, step, hooks, grad_only))
             result.tokens += settings.grad_accum * settings.batch_size * windows.shape[1]
             scheduler.step()
             done = step + 1
+            hooks.after_step(done)
             if evaluate is not None and settings.eval_every and (done % settings.eval_every == 0 or done == settings.steps):
                 model.eval()
                 result.evals.append({"step": done, "perplexity": evaluate()})
                 model.train()
                 log.info("step %d: loss %.4f, eval perplexity %.3f", done, result.losses[-1], result.evals[-1]["perplexity"])
             if path is not None and settings.save_every and done % settings.save_every == 0 and done < settings.steps:
-                _save_state(path, done, params, optimizer, result)
+                _save_state(path, done, params, optimizer, result, hooks)
     finally:
         model.eval()
-        for parameter in params.values():
+        for parameter in [*params.values(), *grad_only.values()]:
             parameter.requires_grad_(False)
+            parameter.grad = None
     result.seconds = time.perf_counter() - start
     return result

@@ -74,7 +74,8 @@ def build_skeleton(recipe: Recipe) -> Skeleton:
         layout = read_layout(source.path, verify=False)
         if layout.format == "gptq" or any(shape is None for _, shape in layout.modules.values()):
             return Skeleton(source, config, None)
-        return Skeleton(source, config, build_model(layout.config, layout.modules))
+        return Skeleton(source, config, build_model(layout.config, layout.modules, layout.manifest.get("layer_widths")
+                                                    if layout.manifest else None))
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     return Skeleton(source, config, model)

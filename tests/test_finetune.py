@@ -122,7 +122,7 @@ def test_killed_training_resumes_to_the_same_adapters(tmp_path):
     killed = subprocess.run([sys.executable, str(ROOT / "tests" / "tools" / "crash_after_saves.py"), "2", "run",
                              str(recipe)], capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert list((crashed / "out" / ".cache" / "finetune").glob("*/train_state.pt"))
+    assert list((crashed / "out" / ".cache" / "train").glob("*/train_state.pt"))
     resumed = run_cli("run", recipe, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     stages = json.loads((crashed / "out" / "report.json").read_text())["stages"]
@@ -132,7 +132,7 @@ def test_killed_training_resumes_to_the_same_adapters(tmp_path):
     got = state_of(compress.load(crashed / "out" / "checkpoint"))
     for key, value in expected.items():
         assert torch.equal(got[key], value), key
-    assert not list((crashed / "out" / ".cache" / "finetune").glob("*/train_state.pt"))  # cleaned up
+    assert not list((crashed / "out" / ".cache" / "train").glob("*/train_state.pt"))  # cleaned up
 
 
 def test_nonfinite_loss_stops_with_the_step_named(tmp_path):

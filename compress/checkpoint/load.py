@@ -92,8 +92,10 @@ def _shape_from_tensors(name: str, config: QuantConfig, tensors: dict) -> tuple[
         raise CheckpointError(f"{name}: missing tensor {err.args[0]}") from None
 
 
-def build_model(config: dict, modules: dict[str, tuple[QuantConfig, tuple[int, int]]]) -> nn.Module:
-    """The architecture of ``config`` with meta parameters and QuantLinear modules in place."""
+def build_model(config: dict, modules: dict[str, tuple[QuantConfig, tuple[int, int]]],
+                widths: dict | None = None) -> nn.Module:
+    """The architecture of ``config`` with meta parameters, pruned per-layer ``widths`` (native
+    checkpoints of non-uniformly pruned models) and QuantLinear modules in place."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -103,6 +105,10 @@ def build_model(config: dict, modules: dict[str, tuple[QuantConfig, tuple[int, i
         raise CheckpointError(f"config.json: not a usable model config: {brief(err)}") from None
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config)
+    if widths:
+        from compress.prune.shrink import resize_layers
+
+        resize_layers(model, widths)
     for name, (qconfig, shape) in modules.items():
         try:
             original = model.get_submodule(name)
@@ -129,7 +135,7 @@ def load_checkpoint(path: Path, dtype: str | None = None, verify: bool = True) -
         except ValueError as err:
             raise CheckpointError(f"{layout.path}: {name}: {brief(err)}") from None
         modules[name] = (config, shape)
-    model = build_model(layout.config, modules)
+    model = build_model(layout.config, modules, (layout.manifest or {}).get("layer_widths"))
     adapters = (layout.manifest or {}).get("adapters") or {}
     if adapters:
         tensors = wrap_adapters(model, adapters, tensors, layout.path)

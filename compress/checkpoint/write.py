@@ -89,14 +89,33 @@ def _write_common(model: nn.Module, staging: Path, config: dict, tokenizer, max_
         tokenizer.save_pretrained(staging)
 
 
+def pruned_widths(model: nn.Module) -> dict:
+    """Per-layer widths of a non-uniformly pruned model ({} when every layer matches the config)."""
+    from compress.prune.shrink import layer_widths
+
+    try:
+        return layer_widths(model)
+    except (ValueError, AttributeError):  # not a Llama-family layout: nothing was pruned by us
+        return {}
+
+
+def _refuse_pruned_widths(model: nn.Module, fmt: str) -> None:
+    widths = pruned_widths(model)
+    if widths:
+        raise CheckpointError(f"export format {fmt}: layers {', '.join(map(str, sorted(widths)))} have pruned widths "
+                              "that differ from the others (non-uniform pruning); config.json cannot describe them: "
+                              "export native, or prune with uniform: true")
+
+
 def write_native(model: nn.Module, directory: Path, tokenizer=None, recipe: dict | None = None,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
-    """Any mix of dense, uniform and NF layers, with their configs in ``compress.json``."""
+    """Any mix of dense, uniform and NF layers, with their configs in ``compress.json`` (and the
+    per-layer widths of a non-uniformly pruned model)."""
     with atomic_directory(directory) as staging:
         _write_common(model, staging, config_dict(model), tokenizer, max_shard_bytes)
         return write_manifest(staging, {"format": "native", "compress_version": __version__,
                                         "modules": describe_modules(model), "adapters": describe_adapters(model),
-                                        "recipe": recipe})
+                                        "layer_widths": pruned_widths(model), "recipe": recipe})
 
 
 def _layer_linears(model: nn.Module) -> list[str]:
@@ -117,6 +136,7 @@ def write_gptq(model: nn.Module, directory: Path, tokenizer=None, recipe: dict |
         raise CheckpointError(f"export format gptq: {len(adapters)} layers carry LoRA adapters "
                               f"(e.g. {next(iter(adapters))}); GPTQ holds the quantized base only: export "
                               "native, or hf to merge them")
+    _refuse_pruned_widths(model, "gptq")
     configs = {name: m.config for name, m in modules.items()}
     problems = gptq_problems(configs, {name: m.shape for name, m in modules.items()})
     if problems:
@@ -157,6 +177,7 @@ def dense_copy(model: nn.Module) -> nn.Module:
 def write_hf(model: nn.Module, directory: Path, tokenizer=None, recipe: dict | None = None,
              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
     """A plain dense Hugging Face checkpoint (quantized layers dequantized); any loader reads it."""
+    _refuse_pruned_widths(model, "hf")
     dense = dense_copy(model)
     with atomic_directory(directory) as staging:
         _write_common(dense, staging, config_dict(dense), tokenizer, max_shard_bytes)

@@ -15,7 +15,7 @@ def main() -> None:
     from compress import training
     from compress.entry import cli
 
-    original, calls = training._save_state, []
+    original, calls = training._save_state, []  # (path, step, params, optimizer, result, hooks)
 
     def save_then_maybe_die(*args, **kwargs):
         original(*args, **kwargs)

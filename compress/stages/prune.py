@@ -1,0 +1,140 @@
+"""prune: structured pruning of KV groups and MLP channels, guided by LoRA gradients (LoRAPrune).
+
+```yaml
+- prune: {method: loraprune, ratio: 0.3, units: [heads, channels], steps: 200, every: 10,
+          uniform: true, lora: {rank: 8, alpha: 16}, lr: 2.0e-4}
+```
+
+LoRA adapters (``lora``) are trained on ``data:`` or ``data.calibration`` while units are scored by
+``method`` (``loraprune``: the W0 gradient estimated from the LoRA gradients; ``gradient``: the true
+one, the memory-hungry baseline; ``magnitude``; ``random``). Every ``every`` steps the lowest units
+of each prunable layer are masked, following a cubic ramp from 0 to ``ratio`` between the
+``prune_warmup`` and ``prune_cooldown`` fractions of the steps; the last event lands exactly on
+``ratio``. At the end the masked units are removed from the weights and the adapters merged.
+``uniform: true`` prunes every layer by the same count and writes a standard config (any format
+can export it); otherwise the first ``skip_first`` fraction of layers and the last ``skip_last`` are
+left whole (LoRAPrune's default) and only ``native`` can hold the per-layer widths. Kept widths are
+multiples of ``round_to``. The removed indices per layer go to ``config.json`` (``compress_pruning``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from compress.prune import PruningHooks, layer_units, prunable_layers, prune_events, shrink_layer, update_config
+from compress.prune.units import ATTENTION, MLP
+
+from ..errors import RecipeError, StageError
+from ..stage import Stage
+from .finetune import check_training_data
+from .training_common import (LoraSpec, TrainingConfig, attach_adapters, has_adapters, lora_parameters, run_training,
+                              tail_mean, training_windows)
+
+
+class PruneConfig(TrainingConfig):
+    method: Literal["loraprune", "gradient", "magnitude", "random"] = "loraprune"
+    ratio: float = Field(0.3, gt=0, lt=1)
+    units: list[Literal["heads", "channels"]] = Field(["heads", "channels"], min_length=1)
+    every: int = Field(10, ge=1)
+    uniform: bool = False
+    round_to: int = Field(32, ge=1)
+    skip_first: float = Field(0.1, ge=0, lt=1)
+    skip_last: int = Field(1, ge=0)
+    prune_warmup: float = Field(0.1, ge=0, lt=1)
+    prune_cooldown: float = Field(0.1, ge=0, lt=1)
+    grad_accum: int = Field(1, ge=1)
+    lora: LoraSpec = LoraSpec(rank=8, alpha=16)
+
+
+def check(recipe, entry, model) -> None:
+    config: PruneConfig = entry.config
+    if config.prune_warmup + config.prune_cooldown >= 1:
+        raise RecipeError(f"{entry.where}: prune_warmup + prune_cooldown must leave room for the ramp (< 1)")
+    try:
+        units = layer_units(model)
+    except (ValueError, AttributeError) as err:
+        raise RecipeError(f"{entry.where}: {err}") from None
+    if not _prunable(config, len(units)):
+        raise RecipeError(f"{entry.where}: no layer left to prune among {len(units)} "
+                          f"(skip_first {config.skip_first}, skip_last {config.skip_last})")
+    if not config.uniform:
+        for export in recipe.later(entry.index, "export"):
+            if export.config.format != "native":
+                raise RecipeError(f"{export.where}.format: {export.config.format} cannot describe layers of different "
+                                  f"widths left by {entry.where} (uniform: false); export native or prune uniform")
+    check_training_data(recipe, entry)
+
+
+def _prunable(config: PruneConfig, num_layers: int) -> list[int]:
+    return list(range(num_layers)) if config.uniform else prunable_layers(num_layers, config.skip_first, config.skip_last)
+
+
+def _merge_all_adapters(model) -> None:
+    from compress.lowrank import LoRALinear
+    from compress.targets import set_module
+
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]:
+        set_module(model, name, module.merged_linear(module.base_layer.weight.dtype).requires_grad_(False))
+
+
+def _probe_logits(ctx) -> torch.Tensor:
+    vocab = ctx.model.get_input_embeddings().num_embeddings
+    probe = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return ctx.model(input_ids=probe, use_cache=False).logits.float()
+
+
+def _shrink(ctx, hooks: PruningHooks, units: list) -> dict:
+    """Remove the masked units, merge the adapters; returns the removed indices per layer."""
+    masked = _probe_logits(ctx)
+    hooks.masks.remove()
+    removed = {}
+    for unit in units:
+        groups, channels = hooks.masks.kept[unit.index]
+        shrink_layer(ctx.model, unit, groups, channels)
+        removed[str(unit.index)] = {"kv_groups": torch.nonzero(~groups).flatten().tolist(),
+                                    "channels": torch.nonzero(~channels).flatten().tolist(),
+                                    "kv_groups_before": unit.kv_groups, "channels_before": unit.channels}
+    _merge_all_adapters(ctx.model)
+    difference = float((masked - _probe_logits(ctx)).abs().max())
+    if difference > 1e-3 * max(1.0, float(masked.abs().max())):
+        raise StageError(f"{ctx.entry.where}: the shrunk model differs from the masked one (max |diff| {difference:.3g})")
+    return {"removed": removed, "shrink_max_abs_logit_diff": difference}
+
+
+def run(ctx, config: PruneConfig, report) -> None:
+    if has_adapters(ctx.model):
+        raise StageError(f"{ctx.entry.where}: the model already carries LoRA adapters; prune before adding them")
+    units = layer_units(ctx.model)
+    chosen = [units[i] for i in _prunable(config, len(units))]
+    params_before = sum(p.numel() for p in ctx.model.parameters())
+    seed = ctx.recipe.spec.seed if config.seed is None else config.seed
+    attach_adapters(ctx.model, config.lora, seed)
+    events = prune_events(config.steps, config.every, config.ratio, 0.0, config.prune_warmup, config.prune_cooldown)
+    hooks = PruningHooks(ctx.model, chosen, config.method, events, "heads" in config.units,
+                         "channels" in config.units, config.round_to, seed)
+    grad_only = {}
+    if config.method == "gradient":  # the true dL/dW0 needs W0 to require grad: the baseline's memory cost
+        grad_only = {f"{u.module(leaf)}.weight": ctx.model.get_submodule(u.module(leaf)).base_layer.weight
+                     for u in chosen for leaf in ATTENTION + MLP}
+    params = lora_parameters(ctx.model)
+    result = run_training(ctx, config, params, training_windows(ctx, config), hooks=hooks, grad_only=grad_only)
+    shrunk = _shrink(ctx, hooks, chosen)
+    standard = update_config(ctx.model)
+    ctx.model.config.compress_pruning = {"method": config.method, "ratio": config.ratio, "layers": shrunk["removed"]}
+    ctx.structure["prune"] = ctx.model.config.compress_pruning
+    params_after = sum(p.numel() for p in ctx.model.parameters())
+    report.metrics.update(method=config.method, ratio=config.ratio, params_before=params_before,
+                          params_after=params_after, params_removed=1 - params_after / params_before,
+                          events=len(events), uniform_config=standard, final_loss=tail_mean(result.losses),
+                          first_loss=result.losses[0], shrink_max_abs_logit_diff=shrunk["shrink_max_abs_logit_diff"],
+                          train_seconds=result.seconds, label=f"{config.method} {config.ratio:g}")
+    report.notes.append(f"{len(chosen)} of {len(units)} layers pruned at {len(events)} events; parameters "
+                        f"{params_before:,} -> {params_after:,} ({1 - params_after / params_before:.1%} removed); "
+                        + ("standard config" if standard else "per-layer widths (native only)"))
+
+
+STAGE = Stage(name="prune", config=PruneConfig, run=run, modifies_model=True, check=check)

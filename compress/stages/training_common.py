@@ -1,0 +1,117 @@
+"""What the training stages share (``finetune``, ``prune``; later ``loram``): the training keys, new
+LoRA adapters, the token windows to train on, and one call that runs the loop with mid-training
+checkpoints under ``OUTPUT/.cache/train/`` (kept until the stage ends, used by ``--resume``)."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from compress.lowrank import LoRALinear, init_default
+
+from ..errors import StageError
+from ..recipe import TextOrigin
+from ..stage import StageConfig
+from ..targets import check_selector, select_linears, set_module
+from ..training import TrainHooks, TrainResult, TrainSettings, train
+
+
+class LoraSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = ["re:.*proj$"]
+    ignore: list[str] = ["lm_head"]
+
+    @model_validator(mode="after")
+    def _valid_selectors(self) -> "LoraSpec":
+        for key in list(self.targets) + list(self.ignore):
+            problem = check_selector(key)
+            if problem:
+                raise ValueError(f"selector {key!r}: {problem}")
+        return self
+
+
+class TrainingConfig(StageConfig):
+    steps: int = Field(200, ge=1)
+    lr: float = Field(2.0e-4, gt=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(4, ge=1)
+    seq_len: int = Field(512, ge=2)
+    samples: int | None = Field(None, ge=1)
+    warmup: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    save_every: int = Field(50, ge=0)
+    gradient_checkpointing: bool = False
+    data: TextOrigin | None = None
+    seed: int | None = None
+
+    def settings(self, recipe_seed: int, eval_every: int = 0) -> TrainSettings:
+        return TrainSettings(self.steps, self.lr, self.batch_size, self.grad_accum, self.warmup, self.weight_decay,
+                             self.max_grad_norm, self.optimizer, eval_every, self.save_every,
+                             recipe_seed if self.seed is None else self.seed)
+
+
+def has_adapters(model) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def attach_adapters(model, spec: LoraSpec, seed: int) -> int:
+    """Wrap every selected linear in a new ``LoRALinear`` (PEFT init); returns how many."""
+    generator = torch.Generator().manual_seed(seed)
+    count = 0
+    for name, module in select_linears(model, spec.targets, spec.ignore):
+        if ".lora_" in f"{name}.":
+            continue
+        layer = LoRALinear(module, spec.rank, spec.alpha, spec.dropout)
+        layer.to(next(iter([*module.parameters(), *module.buffers()])).device)
+        init_default(layer, generator)
+        set_module(model, name, layer)
+        count += 1
+    return count
+
+
+def lora_parameters(model) -> dict:
+    return {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+
+
+def training_windows(ctx, config: TrainingConfig) -> torch.Tensor:
+    from ..data import token_windows
+
+    origin = config.data or ctx.recipe.spec.data.calibration
+    wanted = config.samples or config.steps * config.batch_size * config.grad_accum
+    return token_windows(ctx.tokenizer, origin.text_source("train"), wanted, config.seq_len,
+                         at_least=None if config.samples else config.batch_size)
+
+
+def run_training(ctx, config: TrainingConfig, params: dict, windows: torch.Tensor, eval_every: int = 0,
+                 evaluate=None, hooks: TrainHooks | None = None, grad_only: dict | None = None) -> TrainResult:
+    """The loop with this stage's checkpoint directory; a failure names the stage and keeps the state."""
+    settings = config.settings(ctx.recipe.spec.seed, eval_every)
+    state_dir = ctx.out_dir / ".cache" / "train" / ctx.recipe.fingerprint(ctx.entry.index)[:16]
+    if not ctx.resume:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    if config.gradient_checkpointing:
+        ctx.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        result = train(ctx.model, params, windows, settings, state_dir, ctx.resume, evaluate, ctx.track,
+                       hooks, grad_only)
+    except StageError as err:
+        kept = " (the last saved training state is kept)" if (state_dir / "train_state.pt").is_file() else ""
+        raise StageError(f"{ctx.entry.where}: {err}{kept}") from None
+    finally:
+        if config.gradient_checkpointing:
+            ctx.model.gradient_checkpointing_disable()
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return result
+
+
+def tail_mean(losses: list[float], count: int = 10) -> float | None:
+    tail = losses[-count:]
+    return sum(tail) / len(tail) if tail else None
