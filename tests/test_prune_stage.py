@@ -77,3 +77,29 @@ def test_bad_prune_recipes_fail_before_loading(tmp_path, stages, message):
     result = run_cli("validate", tiny_recipe(tmp_path, stages))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert re.search(message, result.stderr), result.stderr
+
+
+@pytest.mark.slow
+def test_killed_pruning_resumes_to_the_same_model(tmp_path, probe_ids):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    stages = PRUNE.format(method="loraprune", uniform="true") + "\n  - export: {format: native, verify: false}"
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    compress.run_recipe(compress.load_recipe(tiny_recipe(straight, stages)))
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    recipe = tiny_recipe(crashed, stages)
+    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "tools" / "crash_after_saves.py"), "2", "run",
+                             str(recipe)], capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]  # after step 4: masks from the events at 2 and 4
+    resumed = run_cli("run", recipe, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected = compress.load(straight / "out" / "checkpoint").state_dict()
+    got = compress.load(crashed / "out" / "checkpoint").state_dict()
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
