@@ -18,6 +18,7 @@ class PeakMemory:
     def __init__(self, interval: float = 0.02):
         self.interval = interval
         self.rss_mib = 0.0
+        self.start_rss_mib = 0.0  # RSS when the span began: rss_mib - start_rss_mib is what it added
         self.cuda_mib = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -32,6 +33,7 @@ class PeakMemory:
 
     def __enter__(self) -> "PeakMemory":
         self._sample()
+        self.start_rss_mib = self.rss_mib
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self._thread = threading.Thread(target=self._loop, name="peak-memory", daemon=True)

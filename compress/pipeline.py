@@ -133,6 +133,7 @@ def _run_stage(ctx: Context, entry: StageEntry) -> StageReport:
     with PeakMemory() as peak:
         entry.stage.run(ctx, entry.config, report)
     report.seconds, report.peak_rss_mib = time.perf_counter() - start, peak.rss_mib
+    report.metrics["rss_growth_mib"] = peak.rss_mib - peak.start_rss_mib
     return report
 
 
