@@ -1,0 +1,49 @@
+"""LoRAM recovery: the recovered update is exactly zero on removed neurons and equals the trained update
+on kept ones, for every projection of a GQA layer (independent check by index arithmetic)."""
+
+import pytest
+import torch
+
+from compress.prune.recover import kept_positions, recover_factors
+from compress.prune.units import LayerUnits
+
+UNIT = LayerUnits(0, "model.layers.0", kv_groups=4, group_heads=2, head_dim=8, channels=96)
+REMOVED = {"kv_groups": [1, 3], "channels": list(range(0, 96, 3))}
+HIDDEN = 64
+SHAPES = {"q_proj": (64, HIDDEN), "k_proj": (32, HIDDEN), "v_proj": (32, HIDDEN), "o_proj": (HIDDEN, 64),
+          "gate_proj": (96, HIDDEN), "up_proj": (96, HIDDEN), "down_proj": (HIDDEN, 96)}
+
+
+def test_kept_positions_follow_the_kv_groups():
+    assert kept_positions(UNIT, "k_proj", REMOVED).tolist() == list(range(0, 8)) + list(range(16, 24))
+    assert kept_positions(UNIT, "q_proj", REMOVED).tolist() == list(range(0, 16)) + list(range(32, 48))
+    assert kept_positions(UNIT, "o_proj", REMOVED).tolist() == kept_positions(UNIT, "q_proj", REMOVED).tolist()
+    assert len(kept_positions(UNIT, "down_proj", REMOVED)) == 64
+
+
+@pytest.mark.parametrize("leaf", list(SHAPES))
+def test_recovered_update_is_zero_on_removed_and_trained_on_kept(leaf):
+    out_features, in_features = SHAPES[leaf]
+    kept = kept_positions(UNIT, leaf, REMOVED)
+    rows_pruned = leaf not in ("o_proj", "down_proj")
+    small_out, small_in = (kept.numel(), in_features) if rows_pruned else (out_features, kept.numel())
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(4, small_in, generator=generator, dtype=torch.float64)
+    b = torch.randn(small_out, 4, generator=generator, dtype=torch.float64)
+    full_a, full_b = recover_factors(leaf, a, b, kept, (out_features, in_features))
+    assert full_a.shape == (4, in_features) and full_b.shape == (out_features, 4)
+    update, small = full_b @ full_a, b @ a
+    removed = torch.ones(out_features if rows_pruned else in_features, dtype=torch.bool)
+    removed[kept] = False
+    if rows_pruned:
+        assert torch.equal(update[removed], torch.zeros_like(update[removed]))
+        assert torch.equal(update[kept], small)
+    else:
+        assert torch.equal(update[:, removed], torch.zeros_like(update[:, removed]))
+        assert torch.equal(update[:, kept], small)
+
+
+def test_mismatched_factors_are_refused():
+    kept = kept_positions(UNIT, "q_proj", REMOVED)
+    with pytest.raises(ValueError, match="q_proj: factors"):
+        recover_factors("q_proj", torch.zeros(4, HIDDEN), torch.zeros(64, 4), kept, SHAPES["q_proj"])
