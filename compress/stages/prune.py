@@ -106,6 +106,11 @@ def _shrink(ctx, hooks: PruningHooks, units: list) -> dict:
 
 
 def run(ctx, config: PruneConfig, report) -> None:
+    prune_structured(ctx, config, report)
+
+
+def prune_structured(ctx, config: PruneConfig, report, phase: str = "prune") -> dict:
+    """Prune ``ctx.model`` in place (LoRA run with masks, shrink, merge); returns the removed units."""
     if has_adapters(ctx.model):
         raise StageError(f"{ctx.entry.where}: the model already carries LoRA adapters; prune before adding them")
     units = layer_units(ctx.model)
@@ -121,7 +126,8 @@ def run(ctx, config: PruneConfig, report) -> None:
         grad_only = {f"{u.module(leaf)}.weight": ctx.model.get_submodule(u.module(leaf)).base_layer.weight
                      for u in chosen for leaf in ATTENTION + MLP}
     params = lora_parameters(ctx.model)
-    result = run_training(ctx, config, params, training_windows(ctx, config), hooks=hooks, grad_only=grad_only)
+    result = run_training(ctx, config, params, training_windows(ctx, config), hooks=hooks, grad_only=grad_only,
+                          phase=phase)
     shrunk = _shrink(ctx, hooks, chosen)
     standard = update_config(ctx.model)
     ctx.model.config.compress_pruning = {"method": config.method, "ratio": config.ratio, "layers": shrunk["removed"]}
@@ -135,6 +141,7 @@ def run(ctx, config: PruneConfig, report) -> None:
     report.notes.append(f"{len(chosen)} of {len(units)} layers pruned at {len(events)} events; parameters "
                         f"{params_before:,} -> {params_after:,} ({1 - params_after / params_before:.1%} removed); "
                         + ("standard config" if standard else "per-layer widths (native only)"))
+    return ctx.model.config.compress_pruning
 
 
 STAGE = Stage(name="prune", config=PruneConfig, run=run, modifies_model=True, check=check)

@@ -91,10 +91,12 @@ def training_windows(ctx, config: TrainingConfig) -> torch.Tensor:
 
 
 def run_training(ctx, config: TrainingConfig, params: dict, windows: torch.Tensor, eval_every: int = 0,
-                 evaluate=None, hooks: TrainHooks | None = None, grad_only: dict | None = None) -> TrainResult:
-    """The loop with this stage's checkpoint directory; a failure names the stage and keeps the state."""
+                 evaluate=None, hooks: TrainHooks | None = None, grad_only: dict | None = None,
+                 phase: str = "train") -> TrainResult:
+    """The loop with this stage's checkpoint directory (one per ``phase`` of a stage that trains more
+    than once); a failure names the stage and keeps the state."""
     settings = config.settings(ctx.recipe.spec.seed, eval_every)
-    state_dir = ctx.out_dir / ".cache" / "train" / ctx.recipe.fingerprint(ctx.entry.index)[:16]
+    state_dir = ctx.out_dir / ".cache" / "train" / f"{ctx.recipe.fingerprint(ctx.entry.index)[:16]}-{phase}"
     if not ctx.resume:
         shutil.rmtree(state_dir, ignore_errors=True)
     if config.gradient_checkpointing:

@@ -1,0 +1,226 @@
+"""loram: train LoRA on a pruned (optionally 4-bit) small model, recover it to the large model's shapes.
+
+```yaml
+- loram: {prune: {method: loraprune, ratio: 0.5, uniform: true}, align_steps: 100,
+          quantize_small: nf4, train: {steps: 200, lr: 1.0e-4, lora: {rank: 8, alpha: 16}},
+          output: adapter}      # adapter | merged
+```
+
+LoRAM (Zhang et al., ICLR 2025): the large model is set aside (written to ``OUTPUT/.cache/loram/``),
+a copy is pruned (``prune``: any ``prune`` stage method, structured; or ``semi`` 2:4 /
+``unstructured`` magnitude masks, shapes unchanged), optionally aligned by ``align_steps`` of
+full-parameter training with lm_head frozen (``align_lr``), optionally quantized (``quantize_small``:
+``nf4`` through bitsandbytes with double quantization = QLoRAM, or any ``quantize`` config), and
+LoRA is trained on it (``train``). The adapters are then recovered to the original shapes (zero at
+removed neurons) and put on the large model, kept as adapters (export writes a PEFT adapter for the
+large base) or ``merged``. The small model is cached after pruning/alignment/quantization, so
+``--resume`` after a crash in LoRA training continues that training instead of pruning again.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from compress.lowrank import LoRALinear
+from compress.prune import layer_units
+from compress.prune.recover import kept_positions, recover_factors
+from compress.prune.sparsity import KeepSparse, sparsify
+
+from ..checkpoint.load import load_checkpoint
+from ..checkpoint.write import write_native
+from ..errors import RecipeError, StageError
+from ..stage import Stage, StageConfig
+from ..targets import select_linears, set_module
+from .finetune import check_training_data
+from .prune import PruneConfig, prune_structured
+from .quantize import QuantSpec
+from .training_common import (LoraSpec, TrainingConfig, attach_adapters, lora_parameters, run_training, tail_mean,
+                              training_windows)
+
+STRUCTURED = ("loraprune", "gradient", "magnitude", "random")
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # bitsandbytes NF4 with double quantization (QLoRA): 4.127
+
+
+class LoramPrune(PruneConfig):
+    method: Literal["loraprune", "gradient", "magnitude", "random", "semi", "unstructured"] = "loraprune"
+    uniform: bool = True
+
+
+class LoramTrain(TrainingConfig):
+    lr: float = Field(1.0e-4, gt=0)
+    lora: LoraSpec = LoraSpec(rank=8, alpha=16)
+
+
+class LoramConfig(StageConfig):
+    prune: LoramPrune = LoramPrune()
+    align_steps: int = Field(0, ge=0)
+    align_lr: float = Field(5.0e-5, gt=0)
+    quantize_small: Literal["nf4"] | QuantSpec | None = None
+    train: LoramTrain = LoramTrain()
+    output: Literal["adapter", "merged"] = "adapter"
+
+
+def check(recipe, entry, model) -> None:
+    config: LoramConfig = entry.config
+    try:
+        layer_units(model)
+    except (ValueError, AttributeError) as err:
+        raise RecipeError(f"{entry.where}: {err}") from None
+    for part in ("prune", "train"):
+        check_training_data(recipe, _Entry(f"{entry.where}.{part}", getattr(config, part)))
+    if config.output == "merged" and any(e.config.format == "gptq" for e in recipe.later(entry.index, "export")):
+        raise RecipeError(f"{entry.where}.output: merged leaves a dense model; add a quantize stage before a gptq export")
+
+
+class _Entry:
+    def __init__(self, where: str, config):
+        self.where, self.config = where, config
+
+
+def _linears(model) -> dict:
+    return {n: m for n, m in select_linears(model, ["Linear"], ["lm_head"]) if isinstance(m, torch.nn.Linear)}
+
+
+def _prune_small(ctx, config: LoramConfig, report) -> dict:
+    """Prune (and align) ``ctx.model`` in place; returns the removed units ({} for semi/unstructured)."""
+    prune = config.prune
+    if prune.method in STRUCTURED:
+        removed = prune_structured(ctx, PruneConfig(**prune.model_dump(exclude={"method"}), method=prune.method),
+                                   report, phase="loram-prune")["layers"]
+        hooks = None
+    else:
+        modules = _linears(ctx.model)
+        hooks = KeepSparse(modules, sparsify(modules, prune.method, prune.ratio))
+        removed = {}
+    if config.align_steps:
+        params = {n: p for n, p in ctx.model.named_parameters()
+                  if not n.startswith("lm_head") and p is not ctx.model.get_output_embeddings().weight}
+        align = TrainingConfig(**dict(config.train.model_dump(include=set(TrainingConfig.model_fields)),
+                                      steps=config.align_steps, lr=config.align_lr))
+        result = run_training(ctx, align, params, training_windows(ctx, align), hooks=hooks, phase="loram-align")
+        report.metrics.update(align_first_loss=result.losses[0], align_final_loss=tail_mean(result.losses))
+    return removed
+
+
+def _quantize_small(model, spec) -> None:
+    if spec is None:
+        return
+    for name, linear in _linears(model).items():
+        if spec == "nf4":
+            import bitsandbytes as bnb
+
+            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      compute_dtype=linear.weight.dtype, compress_statistics=True, quant_type="nf4")
+            layer.load_state_dict(linear.state_dict())
+            set_module(model, name, layer.to(linear.weight.device))
+        else:
+            from compress.quant import QuantLinear
+
+            set_module(model, name, QuantLinear.quantize(linear, spec.to_config()))
+
+
+def _storage_bytes(model, dense_bytes: int | None = None) -> int:
+    """Bytes of every parameter and buffer; with ``dense_bytes``, floating tensors counted at that
+    width (packed codes and integer tensors as stored)."""
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        width = dense_bytes if dense_bytes and tensor.is_floating_point() else tensor.element_size()
+        total += tensor.numel() * width
+    return total
+
+
+def _recover(small, large, removed: dict) -> int:
+    """Put the small model's adapters, recovered to full shapes, on the large model; returns how many."""
+    units = {u.prefix: u for u in layer_units(large)}
+    count = 0
+    for name, layer in [(n, m) for n, m in small.named_modules() if isinstance(m, LoRALinear)]:
+        target = large.get_submodule(name)
+        prefix, leaf = name.rsplit(".", 2)[0], name.rsplit(".", 1)[1]
+        unit = units.get(prefix)
+        index = str(unit.index) if unit is not None else None
+        shape = (target.out_features, target.in_features)
+        if unit is not None and index in removed:
+            kept = kept_positions(unit, leaf, removed[index])
+        else:
+            kept = torch.arange(shape[0] if leaf not in ("o_proj", "down_proj") else shape[1])
+        a, b = recover_factors(leaf, layer.lora_A.weight.detach(), layer.lora_B.weight.detach(), kept, shape)
+        adapter = LoRALinear(target, layer.rank, layer.alpha)
+        with torch.no_grad():
+            adapter.lora_A.weight.copy_(a)
+            adapter.lora_B.weight.copy_(b)
+        set_module(large, name, adapter)
+        count += 1
+    return count
+
+
+def _small_model(ctx, config: LoramConfig, cache, report) -> dict:
+    """Make ``ctx.model`` the pruned (aligned) small model, from the cache when a run is resumed;
+    returns the removed units."""
+    small_dir = cache / "small"
+    if ctx.resume and (small_dir / "compress.json").is_file():
+        ctx.model = load_checkpoint(small_dir, dtype=ctx.recipe.spec.dtype)
+        report.notes.append(f"small model from {small_dir} (resumed)")
+    else:
+        removed = _prune_small(ctx, config, report)
+        ctx.model.config.compress_pruning = {"method": config.prune.method, "ratio": config.prune.ratio,
+                                             "layers": removed}
+        write_native(ctx.model, small_dir)
+    return ctx.model.config.compress_pruning["layers"]
+
+
+def run(ctx, config: LoramConfig, report) -> None:
+    cache = ctx.out_dir / ".cache" / "loram" / ctx.recipe.fingerprint(ctx.entry.index)[:16]
+    if not ctx.resume:
+        shutil.rmtree(cache, ignore_errors=True)
+    large_params, large_bytes = sum(p.numel() for p in ctx.model.parameters()), _storage_bytes(ctx.model)
+    if not (cache / "large" / "compress.json").is_file():
+        write_native(ctx.model, cache / "large")
+    removed = _small_model(ctx, config, cache, report)
+    small = ctx.model
+    small_params = sum(p.numel() for p in small.parameters())
+    _quantize_small(small, config.quantize_small)
+    small_bytes = {"as_run": _storage_bytes(small), "16bit": _storage_bytes(small, 2), "large": large_bytes}
+    seed = ctx.recipe.spec.seed if config.train.seed is None else config.train.seed
+    attach_adapters(small, config.train.lora, seed)
+    params = lora_parameters(small)
+    result = run_training(ctx, config.train, params, training_windows(ctx, config.train), phase="loram-train")
+    del params
+    large = load_checkpoint(cache / "large", dtype=ctx.recipe.spec.dtype)
+    count = _recover(small, large, removed)
+    if config.output == "merged":
+        for name, layer in [(n, m) for n, m in large.named_modules() if isinstance(m, LoRALinear)]:
+            layer.merge()
+            set_module(large, name, layer.base_layer)
+    ctx.model = large
+    shutil.rmtree(cache, ignore_errors=True)
+    _report(report, config, result, large_params, small_params, small_bytes, count)
+
+
+def _report(report, config: LoramConfig, result, large_params: int, small_params: int, small_bytes: dict,
+            count: int) -> None:
+    """Training-time parameter memory, small vs large: measured (as run, and with dense tensors at 16
+    bits, the paper's setting) and LoRAM's formula 4 x large / small parameters for a 4-bit small model."""
+    bits = {"nf4": NF4_BITS, None: 16.0}.get(config.quantize_small) if not isinstance(config.quantize_small,
+                                                                                       QuantSpec) else None
+    report.metrics.update(
+        large_params=large_params, small_params=small_params, small_storage_bytes=small_bytes["as_run"],
+        large_storage_bytes=small_bytes["large"], storage_reduction_measured=small_bytes["large"] / small_bytes["as_run"],
+        small_storage_bytes_16bit=small_bytes["16bit"], large_storage_bytes_16bit=2 * large_params,
+        storage_reduction_16bit=2 * large_params / small_bytes["16bit"],
+        storage_reduction_4bit_formula=4 * large_params / small_params, recovered_layers=count,
+        first_loss=result.losses[0], final_loss=tail_mean(result.losses), train_seconds=result.seconds,
+        label=f"loram {config.prune.method} {config.prune.ratio:g}" + (" q" if config.quantize_small else ""))
+    if bits is not None:
+        report.metrics["storage_reduction_computed"] = 16 * large_params / (bits * small_params)
+    report.notes.append(f"small model {small_params:,} params, {small_bytes['16bit'] / 2**20:.1f} MiB with dense "
+                        f"tensors at 16 bits, vs large {large_params:,} params, {2 * large_params / 2**20:.1f} MiB: "
+                        f"{2 * large_params / small_bytes['16bit']:.2f}x less parameter memory; {count} adapters "
+                        f"recovered ({config.output})")
+
+
+STAGE = Stage(name="loram", config=LoramConfig, run=run, modifies_model=True, check=check,
+              leaves_adapters=lambda config: config.output == "adapter")
