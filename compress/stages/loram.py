@@ -196,6 +196,7 @@ def run(ctx, config: LoramConfig, report) -> None:
             layer.merge()
             set_module(large, name, layer.base_layer)
     ctx.model = large
+    ctx.structure["loram"] = {"method": config.prune.method, "ratio": config.prune.ratio, "layers": removed}
     shutil.rmtree(cache, ignore_errors=True)
     _report(report, config, result, large_params, small_params, small_bytes, count)
 
