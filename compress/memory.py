@@ -47,3 +47,16 @@ class PeakMemory:
         self._sample()
         if torch.cuda.is_available():
             self.cuda_mib = torch.cuda.max_memory_allocated() / MIB
+
+
+def release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``), so that RSS measured afterwards
+    reflects what is live; a no-op where it is not available."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

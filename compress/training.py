@@ -52,6 +52,8 @@ class TrainResult:
     resumed_from: int = 0
     seconds: float = 0.0
     tokens: int = 0
+    peak_rss_mib: float = 0.0  # filled by callers that measure the loop (process RSS)
+    rss_growth_mib: float = 0.0
 
 
 class TrainHooks:

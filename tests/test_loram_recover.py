@@ -47,3 +47,25 @@ def test_mismatched_factors_are_refused():
     kept = kept_positions(UNIT, "q_proj", REMOVED)
     with pytest.raises(ValueError, match="q_proj: factors"):
         recover_factors("q_proj", torch.zeros(4, HIDDEN), torch.zeros(64, 4), kept, SHAPES["q_proj"])
+
+
+def test_sparsity_masks_and_alignment_keep_zeros():
+    from compress.prune.sparsity import KeepSparse, magnitude_mask, sparsify
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 16, generator=generator)
+    semi = magnitude_mask(weight, "semi")
+    assert torch.equal(semi.view(8, 4, 4).sum(dim=2), torch.full((8, 4), 2))
+    kept_magnitudes = weight.abs().view(8, 4, 4)
+    assert bool((kept_magnitudes[semi.view(8, 4, 4)].view(8, 4, 2).min(dim=2).values
+                 >= kept_magnitudes[~semi.view(8, 4, 4)].view(8, 4, 2).max(dim=2).values).all())
+    assert int((~magnitude_mask(weight, "unstructured", 0.25)).sum()) == 32
+    layer = torch.nn.Linear(16, 8)
+    masks = sparsify({"l": layer}, "unstructured", 0.5)
+    keeper = KeepSparse({"l": layer}, masks)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.randn(4, 16, generator=generator)).sum().backward()
+    optimizer.step()
+    assert torch.count_nonzero(layer.weight[~masks["l"]]) > 0  # the step moved pruned weights...
+    keeper.after_step(1)
+    assert torch.count_nonzero(layer.weight[~masks["l"]]) == 0  # ...and the hook zeroes them again

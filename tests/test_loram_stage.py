@@ -73,7 +73,8 @@ def test_loram_recovers_a_useful_adapter_for_the_large_model(tmp_path, tiny_pair
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["semi", "unstructured"])
 def test_non_structured_loram_keeps_shapes(tmp_path, method):
-    recipe = compress.load_recipe(task_recipe(tmp_path, method, ", output: merged", export="native"))
+    extra = ", output: merged, align_steps: 2, align_data: {source: stdlib, split: train}"
+    recipe = compress.load_recipe(task_recipe(tmp_path, method, extra, export="native"))
     result = compress.run_recipe(recipe)
     metrics = result.reports[1].metrics
     assert metrics["small_params"] == metrics["large_params"] and metrics["recovered_layers"] == 28

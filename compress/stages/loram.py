@@ -9,7 +9,8 @@
 LoRAM (Zhang et al., ICLR 2025): the large model is set aside (written to ``OUTPUT/.cache/loram/``),
 a copy is pruned (``prune``: any ``prune`` stage method, structured; or ``semi`` 2:4 /
 ``unstructured`` magnitude masks, shapes unchanged), optionally aligned by ``align_steps`` of
-full-parameter training with lm_head frozen (``align_lr``), optionally quantized (``quantize_small``:
+full-parameter training with lm_head frozen (``align_lr``, on ``align_data`` or ``data.calibration``:
+general text, not the fine-tuning domain), optionally quantized (``quantize_small``:
 ``nf4`` through bitsandbytes with double quantization = QLoRAM, or any ``quantize`` config), and
 LoRA is trained on it (``train``). The adapters are then recovered to the original shapes (zero at
 removed neurons) and put on the large model, kept as adapters (export writes a PEFT adapter for the
@@ -32,7 +33,10 @@ from compress.prune.sparsity import KeepSparse, sparsify
 
 from ..checkpoint.load import load_checkpoint
 from ..checkpoint.write import write_native
-from ..errors import RecipeError, StageError
+from ..errors import RecipeError
+from ..evaluate import perplexity
+from ..memory import release_freed_memory
+from ..recipe import TextOrigin
 from ..stage import Stage, StageConfig
 from ..targets import select_linears, set_module
 from .finetune import check_training_data
@@ -59,9 +63,11 @@ class LoramConfig(StageConfig):
     prune: LoramPrune = LoramPrune()
     align_steps: int = Field(0, ge=0)
     align_lr: float = Field(5.0e-5, gt=0)
+    align_data: TextOrigin | None = None  # general text for alignment; default data.calibration
     quantize_small: Literal["nf4"] | QuantSpec | None = None
     train: LoramTrain = LoramTrain()
     output: Literal["adapter", "merged"] = "adapter"
+    evaluate_small: bool = True  # perplexity of the small model with its LoRA on data.eval, before recovery
 
 
 def check(recipe, entry, model) -> None:
@@ -99,8 +105,8 @@ def _prune_small(ctx, config: LoramConfig, report) -> dict:
     if config.align_steps:
         params = {n: p for n, p in ctx.model.named_parameters()
                   if not n.startswith("lm_head") and p is not ctx.model.get_output_embeddings().weight}
-        align = TrainingConfig(**dict(config.train.model_dump(include=set(TrainingConfig.model_fields)),
-                                      steps=config.align_steps, lr=config.align_lr))
+        settings = config.train.model_dump(include=set(TrainingConfig.model_fields) - {"data", "steps", "lr"})
+        align = TrainingConfig(**settings, steps=config.align_steps, lr=config.align_lr, data=config.align_data)
         result = run_training(ctx, align, params, training_windows(ctx, align), hooks=hooks, phase="loram-align")
         report.metrics.update(align_first_loss=result.losses[0], align_final_loss=tail_mean(result.losses))
     return removed
@@ -183,12 +189,15 @@ def run(ctx, config: LoramConfig, report) -> None:
     small = ctx.model
     small_params = sum(p.numel() for p in small.parameters())
     _quantize_small(small, config.quantize_small)
+    release_freed_memory()  # the large model's pruned parts: back to the OS before training is measured
     small_bytes = {"as_run": _storage_bytes(small), "16bit": _storage_bytes(small, 2), "large": large_bytes}
     seed = ctx.recipe.spec.seed if config.train.seed is None else config.train.seed
     attach_adapters(small, config.train.lora, seed)
     params = lora_parameters(small)
     result = run_training(ctx, config.train, params, training_windows(ctx, config.train), phase="loram-train")
     del params
+    if config.evaluate_small and ctx.recipe.spec.data.eval is not None:
+        report.metrics["small_perplexity"] = perplexity(small, ctx.windows("eval"))
     large = load_checkpoint(cache / "large", dtype=ctx.recipe.spec.dtype)
     count = _recover(small, large, removed)
     if config.output == "merged":
@@ -214,6 +223,7 @@ def _report(report, config: LoramConfig, result, large_params: int, small_params
         storage_reduction_16bit=2 * large_params / small_bytes["16bit"],
         storage_reduction_4bit_formula=4 * large_params / small_params, recovered_layers=count,
         first_loss=result.losses[0], final_loss=tail_mean(result.losses), train_seconds=result.seconds,
+        train_peak_rss_mib=result.peak_rss_mib, train_rss_growth_mib=result.rss_growth_mib,
         label=f"loram {config.prune.method} {config.prune.ratio:g}" + (" q" if config.quantize_small else ""))
     if bits is not None:
         report.metrics["storage_reduction_computed"] = 16 * large_params / (bits * small_params)

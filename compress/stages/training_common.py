@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from compress.lowrank import LoRALinear, init_default
 
 from ..errors import StageError
+from ..memory import PeakMemory
 from ..recipe import TextOrigin
 from ..stage import StageConfig
 from ..targets import check_selector, select_linears, set_module
@@ -102,8 +103,10 @@ def run_training(ctx, config: TrainingConfig, params: dict, windows: torch.Tenso
     if config.gradient_checkpointing:
         ctx.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
-        result = train(ctx.model, params, windows, settings, state_dir, ctx.resume, evaluate, ctx.track,
-                       hooks, grad_only)
+        with PeakMemory() as peak:
+            result = train(ctx.model, params, windows, settings, state_dir, ctx.resume, evaluate, ctx.track,
+                           hooks, grad_only)
+        result.peak_rss_mib, result.rss_growth_mib = peak.rss_mib, peak.rss_mib - peak.start_rss_mib
     except StageError as err:
         kept = " (the last saved training state is kept)" if (state_dir / "train_state.pt").is_file() else ""
         raise StageError(f"{ctx.entry.where}: {err}{kept}") from None
