@@ -1,0 +1,70 @@
+"""L4Q (Jeon et al., ACL 2025): quantization-aware LoRA whose result is a fully quantized weight.
+
+    W'  = W0 + s_lora B A                               (merge first, full precision)
+    v   = (W' - offset) / step                          (per group of ``group_size`` input columns)
+    Wq  = step * clamp(round(v), 0, 2^bits - 1) + offset
+    y   = x Wq^T (+ bias)
+
+``L4QMatmul`` is a custom autograd Function that saves only x and the parameters (W0, A, B, step,
+offset) and recomputes W' and Wq in backward, so no W-sized tensor lives between forward and
+backward. Its gradients are those of a straight-through estimator on round():
+
+    G_Wq = G_y^T X (all tokens, not the first sample: a bug of the public reimplementation)
+    M    = 1[0 <= v <= Qp]
+    dA   = s_lora B^T (G_Wq * M)           dB = s_lora (G_Wq * M) A^T
+    dstep   = g * sum_group G_Wq * (M ? round(v) - v : clamp(v, 0, Qp))
+    doffset = g * sum_group G_Wq * (1 - M)
+    dx   = G_y Wq
+
+with ``grad_scale`` g (LSQ's 1 / sqrt(group_size * Qp) by default in ``L4QLinear``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def expand_groups(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, groups] -> [out, groups * group_size]: one value per weight of its group."""
+    return values.repeat_interleave(group_size, dim=1)
+
+
+def sum_groups(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, in] -> [out, in / group_size]: the sum over each group's weights."""
+    return values.reshape(values.shape[0], -1, group_size).sum(dim=2)
+
+
+def fake_quantize(weight: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, group_size: int,
+                  levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Wq, v) of a merged weight [out, in] with per-group step and offset [out, in / group_size]."""
+    step_full, offset_full = expand_groups(step, group_size), expand_groups(offset, group_size)
+    v = (weight - offset_full) / step_full
+    return step_full * torch.clamp(torch.round(v), 0, levels - 1) + offset_full, v
+
+
+class L4QMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w0, lora_a, lora_b, step, offset, scaling: float, group_size: int, levels: int,
+                grad_scale: float):
+        merged = w0 + scaling * (lora_b @ lora_a)
+        quantized, _ = fake_quantize(merged, step, offset, group_size, levels)
+        ctx.save_for_backward(x, w0, lora_a, lora_b, step, offset)
+        ctx.settings = (scaling, group_size, levels, grad_scale)
+        return x @ quantized.t()
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w0, lora_a, lora_b, step, offset = ctx.saved_tensors
+        scaling, group_size, levels, grad_scale = ctx.settings
+        merged = w0 + scaling * (lora_b @ lora_a)
+        quantized, v = fake_quantize(merged, step, offset, group_size, levels)
+        grad_x = grad_y @ quantized if ctx.needs_input_grad[0] else None
+        grad_wq = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # every token
+        inside = (v >= 0) & (v <= levels - 1)
+        grad_merged = grad_wq * inside
+        grad_a = scaling * (lora_b.t() @ grad_merged)
+        grad_b = scaling * (grad_merged @ lora_a.t())
+        step_term = torch.where(inside, torch.round(v) - v, torch.clamp(v, 0, levels - 1))
+        grad_step = grad_scale * sum_groups(grad_wq * step_term, group_size)
+        grad_offset = grad_scale * sum_groups(grad_wq * (~inside), group_size)
+        return grad_x, None, grad_a, grad_b, grad_step, grad_offset, None, None, None, None

@@ -1,0 +1,61 @@
+"""L4Q's custom autograd Function against plain autograd through a straight-through estimator, in
+float64, batch > 1, with clipped entries present, and with LSQ's gradient scale."""
+
+import pytest
+import torch
+
+from compress.lowrank.l4q import L4QMatmul, expand_groups
+
+
+def ste_reference(x, w0, a, b, step, offset, scaling, group_size, levels, grad_scale):
+    """Plain autograd: round() with a straight-through estimator, grad_scale by LSQ's detach trick."""
+    step = step * grad_scale + (step - step * grad_scale).detach()
+    offset = offset * grad_scale + (offset - offset * grad_scale).detach()
+    merged = w0 + scaling * (b @ a)
+    step_full, offset_full = expand_groups(step, group_size), expand_groups(offset, group_size)
+    v = (merged - offset_full) / step_full
+    clamped = torch.clamp(v, 0, levels - 1)  # clamp, then round with a straight-through estimator
+    quantized = step_full * (clamped + (torch.round(clamped) - clamped).detach()) + offset_full
+    return x @ quantized.t()
+
+
+@pytest.mark.parametrize("grad_scale", [1.0, 0.125])
+def test_custom_backward_equals_straight_through_autograd(grad_scale):
+    generator = torch.Generator().manual_seed(0)
+    out_features, in_features, rank, group, levels = 12, 32, 4, 8, 8
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).requires_grad_()
+
+    x = rand(3, 5, in_features)  # batch 3 x 5 tokens: every token must count
+    w0 = torch.randn(out_features, in_features, generator=generator, dtype=torch.float64)
+    a, b = rand(rank, in_features, scale=0.3), rand(out_features, rank, scale=0.3)
+    groups = w0.view(out_features, -1, group)
+    # a step a little too small for the range, so some entries clip at both ends
+    step = (0.8 * (groups.amax(2) - groups.amin(2)) / (levels - 1)).requires_grad_()
+    offset = groups.amin(2).clone().requires_grad_()
+    args = (x, w0, a, b, step, offset, 0.5, group, levels, grad_scale)
+    grad_y = torch.randn(3, 5, out_features, generator=generator, dtype=torch.float64)
+
+    ours = torch.autograd.grad(L4QMatmul.apply(*args), (x, a, b, step, offset), grad_y)
+    theirs = torch.autograd.grad(ste_reference(*args), (x, a, b, step, offset), grad_y)
+    with torch.no_grad():
+        torch.testing.assert_close(L4QMatmul.apply(*args), ste_reference(*args), rtol=0, atol=1e-12)
+        merged = w0 + 0.5 * b @ a
+        v = (merged - expand_groups(offset, group)) / expand_groups(step, group)
+        clipped = (v < 0) | (v > levels - 1)
+    assert 0 < int(clipped.sum()) < clipped.numel() // 2, "the test needs some clipped entries"
+    for name, mine, reference in zip(("x", "A", "B", "step", "offset"), ours, theirs):
+        torch.testing.assert_close(mine, reference, rtol=1e-10, atol=1e-10, msg=f"gradient of {name}")
+
+
+def test_backward_keeps_no_weight_sized_tensor():
+    x = torch.randn(2, 16, dtype=torch.float64, requires_grad=True)
+    w0 = torch.randn(8, 16, dtype=torch.float64)
+    a = torch.randn(2, 16, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(8, 2, dtype=torch.float64, requires_grad=True)
+    step = torch.full((8, 2), 0.1, dtype=torch.float64, requires_grad=True)
+    offset = torch.full((8, 2), -0.4, dtype=torch.float64, requires_grad=True)
+    y = L4QMatmul.apply(x, w0, a, b, step, offset, 1.0, 8, 16, 1.0)
+    saved = y.grad_fn.saved_tensors
+    assert [t.data_ptr() for t in saved] == [t.data_ptr() for t in (x, w0, a, b, step, offset)]  # inputs only
