@@ -147,6 +147,21 @@ def fp32_point() -> dict:
     return {"name": "fp32", "bits": 32.0, "ppl": perplexity(model, evals)}
 
 
+def fp32_lora_point(out: Path) -> dict:
+    """The unquantized model with the same fine-tune (a fresh rank-64 LoRA): how much of the gain after
+    fine-tuning is adaptation to the text domain rather than recovered quantization error."""
+    from compress import run_recipe
+    from compress.recipe import parse_recipe
+
+    stages = [{"finetune": dict(FINETUNE, lora=LORA)}, {"eval": {"baseline": False}}]
+    recipe = parse_recipe({"model": "smollm2-135m", "dtype": "float32", "data": DATA, "stages": stages,
+                           "output": str(out / "points" / "fp32-lora"), "seed": 0})
+    result = run_recipe(recipe, resume=True)
+    tune = result.reports[1]
+    return {"name": "fp32-lora", "bits": 32.0, "ppl": load_rows(out / "results.jsonl")["fp32"]["ppl"],
+            "ppl_finetuned": result.reports[2].metrics["perplexity"], "seconds_finetune": tune.seconds}
+
+
 def load_rows(path: Path) -> dict[str, dict]:
     rows = {}
     if path.is_file():
@@ -182,7 +197,7 @@ def plot(rows: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     families = {}
     for row in rows.values():
-        if row["name"] != "fp32":
+        if row["name"] not in ("fp32", "fp32-lora"):
             families.setdefault(row["name"].rsplit("-", 1)[0] if row["name"][:3] in ("ilp", "lql") else
                                 row["name"].split("-")[0], []).append(row)
     for axis, key, title in ((axes[0], "ppl", "before fine-tuning"), (axes[1], "ppl_finetuned", "after fine-tuning")):
@@ -192,6 +207,8 @@ def plot(rows: dict, path: Path) -> None:
                 axis.plot([r["bits"] for r in members], [r[key] for r in members], "o-", label=family)
         if "fp32" in rows:
             axis.axhline(rows["fp32"]["ppl"], color="gray", linestyle="--", label="fp32")
+        if key == "ppl_finetuned" and "fp32-lora" in rows:
+            axis.axhline(rows["fp32-lora"]["ppl_finetuned"], color="black", linestyle=":", label="fp32 + same LoRA")
         axis.set_title(title)
         axis.set_xlabel("bits per parameter (quantized base, adapters excluded)")
         axis.set_yscale("log")
@@ -222,6 +239,8 @@ def main() -> None:
     if (not wanted or "bnb-nf4" in wanted) and ("bnb-nf4" not in rows or (tune_nf4 and "ppl_finetuned" not in rows["bnb-nf4"])):
         log.info("point bnb-nf4 (finetune: %s)", tune_nf4)
         save_row(results, rows, bnb_nf4_point(tune_nf4))
+    if budgets and "fp32-lora" not in rows and (not wanted or "fp32-lora" in wanted):
+        save_row(results, rows, fp32_lora_point(args.out))
     for name, stage, finetune in points(budgets):
         if (wanted and name not in wanted) or (name in rows and ("ppl_finetuned" in rows[name] or not finetune)):
             continue
