@@ -16,10 +16,16 @@ from torch import nn
 from .lora import LoRALinear
 
 
-def init_default(layer: LoRALinear, generator: torch.Generator | None = None) -> None:
+def kaiming_uniform_(weight: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """PEFT's lora_A init: kaiming_uniform_(a=sqrt(5)) on a [rank, in] weight = U(-1/sqrt(in), 1/sqrt(in))."""
     with torch.no_grad():
-        bound = 1 / math.sqrt(layer.in_features)  # kaiming_uniform_(a=sqrt(5)) on a [rank, in] weight
-        layer.lora_A.weight.uniform_(-bound, bound, generator=generator)
+        bound = 1 / math.sqrt(weight.shape[1])
+        weight.uniform_(-bound, bound, generator=generator)
+
+
+def init_default(layer: LoRALinear, generator: torch.Generator | None = None) -> None:
+    kaiming_uniform_(layer.lora_A.weight, generator)
+    with torch.no_grad():
         nn.init.zeros_(layer.lora_B.weight)
 
 

@@ -68,3 +68,68 @@ class L4QMatmul(torch.autograd.Function):
         grad_step = grad_scale * sum_groups(grad_wq * step_term, group_size)
         grad_offset = grad_scale * sum_groups(grad_wq * (~inside), group_size)
         return grad_x, None, grad_a, grad_b, grad_step, grad_offset, None, None, None, None
+
+
+def minmax_qparams(weight: torch.Tensor, group_size: int, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(step, offset) [out, in / group_size] spanning each group's range with ``levels`` codes."""
+    groups = weight.detach().float().reshape(weight.shape[0], -1, group_size)
+    low, high = groups.amin(dim=2), groups.amax(dim=2)
+    return ((high - low) / (levels - 1)).clamp(min=1e-8), low
+
+
+class L4QLinear(torch.nn.Module):
+    """A frozen dense linear W0 with a LoRA adapter (PEFT names) and learned per-group quantization
+    parameters; its forward is the L4Q fake-quantized product. ``init``: None (min-max per group) or
+    a uniform asymmetric ``QuantizedWeight`` of the same group size (RTN, GPTQ, ...) whose scales
+    and zero points become step and offset = -scale * zero."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float, bits: int, group_size: int,
+                 init=None, generator: torch.Generator | None = None):
+        super().__init__()
+        import math
+
+        from .init import kaiming_uniform_
+
+        if base.in_features % group_size:
+            raise ValueError(f"group_size {group_size} does not divide in_features {base.in_features}")
+        self.base_layer = base.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.bits, self.group_size = rank, float(alpha), bits, group_size
+        self.lora_A = torch.nn.Linear(self.in_features, rank, bias=False, dtype=torch.float32)
+        self.lora_B = torch.nn.Linear(rank, self.out_features, bias=False, dtype=torch.float32)
+        kaiming_uniform_(self.lora_A.weight, generator)
+        torch.nn.init.zeros_(self.lora_B.weight)
+        step, offset = self._initial_qparams(init)
+        self.step, self.offset = torch.nn.Parameter(step), torch.nn.Parameter(offset)
+        self.grad_scale = 1.0 / math.sqrt(group_size * (2**bits - 1))
+
+    def _initial_qparams(self, init) -> tuple[torch.Tensor, torch.Tensor]:
+        if init is None:
+            return minmax_qparams(self.base_layer.weight, self.group_size, 2**self.bits)
+        from compress.quant.uniform import from_gptq_tensors
+
+        config = init.config
+        if config.kind != "uniform" or config.bits != self.bits or config.group_size != self.group_size:
+            raise ValueError(f"cannot start L4Q ({self.bits}-bit, group {self.group_size}) from {config.name}")
+        _, scale, zero = from_gptq_tensors(init.tensors, config.bits, init.shape)
+        return scale.float().contiguous(), (-scale.float() * zero.float()).contiguous()
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.base_layer.weight.float() + self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w0 = self.base_layer.weight.to(torch.float32)
+        y = L4QMatmul.apply(x.to(torch.float32), w0, self.lora_A.weight, self.lora_B.weight, self.step,
+                            self.offset, self.scaling, self.group_size, 2**self.bits, self.grad_scale)
+        if self.base_layer.bias is not None:
+            y = y + self.base_layer.bias.float()
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized merged weight Wq [out, in] the forward uses (fp32)."""
+        return fake_quantize(self.merged_weight(), self.step, self.offset, self.group_size, 2**self.bits)[0]

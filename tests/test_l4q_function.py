@@ -59,3 +59,21 @@ def test_backward_keeps_no_weight_sized_tensor():
     y = L4QMatmul.apply(x, w0, a, b, step, offset, 1.0, 8, 16, 1.0)
     saved = y.grad_fn.saved_tensors
     assert [t.data_ptr() for t in saved] == [t.data_ptr() for t in (x, w0, a, b, step, offset)]  # inputs only
+
+
+def test_first_forward_equals_the_initial_quantized_model():
+    from compress.lowrank.l4q import L4QLinear, fake_quantize, minmax_qparams
+    from compress.quant import QuantConfig, QuantizedWeight, QuantLinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 16)
+    x = torch.randn(3, 7, 64)
+    layer = L4QLinear(base, rank=4, alpha=8, bits=3, group_size=32)  # min-max start, B = 0
+    step, offset = minmax_qparams(base.weight, 32, 8)
+    expected = x @ fake_quantize(base.weight.detach(), step, offset, 32, 8)[0].t() + base.bias
+    torch.testing.assert_close(layer(x), expected.detach(), rtol=0, atol=1e-6)
+    rtn = QuantizedWeight.quantize(base.weight, QuantConfig.uniform(4, 32))  # start from RTN's scales/zeros
+    from_rtn = L4QLinear(base, rank=4, alpha=8, bits=4, group_size=32, init=rtn)
+    reference = QuantLinear.from_weight(rtn, base.bias)
+    torch.testing.assert_close(from_rtn(x), reference(x).detach(), rtol=0, atol=1e-5)
+    assert torch.equal(layer.lora_B.weight, torch.zeros(16, 4))
