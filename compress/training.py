@@ -94,12 +94,19 @@ def micro_batch(step: int, micro: int, settings: TrainSettings, num_windows: int
     return torch.tensor(indices)
 
 
-def build_optimizer(params: list[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
+def build_optimizer(params: dict[str, nn.Parameter], settings: TrainSettings,
+                    param_lr: dict[str, float] | None = None) -> torch.optim.Optimizer:
+    """AdamW (or 8-bit AdamW) over ``params``; those named in ``param_lr`` get their own learning rate."""
+    param_lr = param_lr or {}
+    groups = [{"params": [p for n, p in params.items() if n not in param_lr]}]
+    for lr in sorted(set(param_lr.values())):
+        groups.append({"params": [p for n, p in params.items() if param_lr.get(n) == lr], "lr": lr})
+    groups = [g for g in groups if g["params"]]
     if settings.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        return bnb.optim.AdamW8bit(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
 def causal_lm_loss(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
@@ -157,8 +164,8 @@ def _step(model, windows, params, optimizer, settings: TrainSettings, step: int,
 
 def train(model: nn.Module, params: dict[str, nn.Parameter], windows: torch.Tensor, settings: TrainSettings,
           state_dir: Path | None = None, resume: bool = False, evaluate: Callable[[], float] | None = None,
-          track=None, hooks: TrainHooks | None = None, grad_only: dict[str, nn.Parameter] | None = None
-          ) -> TrainResult:
+          track=None, hooks: TrainHooks | None = None, grad_only: dict[str, nn.Parameter] | None = None,
+          param_lr: dict[str, float] | None = None) -> TrainResult:
     """Train ``params`` (every other parameter frozen) on token ``windows`` [n, seq_len];
     ``grad_only`` parameters get gradients (for ``hooks`` to read) but are never updated."""
     hooks, grad_only = hooks or TrainHooks(), grad_only or {}
@@ -166,7 +173,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], windows: torch.Tens
         parameter.requires_grad_(False)
     for parameter in [*params.values(), *grad_only.values()]:
         parameter.requires_grad_(True)
-    optimizer = build_optimizer(list(params.values()), settings)
+    optimizer = build_optimizer(params, settings, param_lr)
     warmup = max(1, round(settings.warmup * settings.steps)) if settings.warmup > 0 else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, settings.steps, warmup))
     result, path = TrainResult(), state_dir / STATE_FILE if state_dir else None
@@ -174,7 +181,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], windows: torch.Tens
         result.resumed_from = _load_state(path, params, optimizer, result, hooks)
         scheduler.last_epoch = result.resumed_from  # the multiplier is a function of the step alone
         for group in optimizer.param_groups:
-            group["lr"] = settings.lr * lr_multiplier(result.resumed_from, settings.steps, warmup)
+            group["lr"] = group["initial_lr"] * lr_multiplier(result.resumed_from, settings.steps, warmup)
         log.info("resuming training at step %d of %d from %s", result.resumed_from, settings.steps, path)
     start = time.perf_counter()
     model.train()

@@ -69,7 +69,7 @@ BAD = {
                  "stages[0].quantize.config.bits: 3.5 is not one of 2, 3, 4, 8"),
     "typo_in_stage": ("  - quantize: {config: {group_sise: 64}}",
                       "stages[0].quantize.config: unknown key 'group_sise'; allowed: type, bits, group_size"),
-    "unknown_stage": ("  - prune_it: {}", "stages[0]: unknown stage 'prune_it'; available: prune, loram, quantize, lq_lora, finetune, eval, export"),
+    "unknown_stage": ("  - prune_it: {}", "stages[0]: unknown stage 'prune_it'; available: prune, loram, quantize, lq_lora, l4q, finetune, eval, export"),
     "not_a_mapping": ("  - quantize", "stages[0]: each stage is a one-key mapping"),
     "export_not_last": ("  - export: {}\n  - quantize: {}", "stages[1].quantize: must come before stages[0].export"),
     "duplicate_export": ("  - quantize: {}\n  - export: {}\n  - export: {format: native}",

@@ -93,7 +93,7 @@ def training_windows(ctx, config: TrainingConfig) -> torch.Tensor:
 
 def run_training(ctx, config: TrainingConfig, params: dict, windows: torch.Tensor, eval_every: int = 0,
                  evaluate=None, hooks: TrainHooks | None = None, grad_only: dict | None = None,
-                 phase: str = "train") -> TrainResult:
+                 phase: str = "train", param_lr: dict | None = None) -> TrainResult:
     """The loop with this stage's checkpoint directory (one per ``phase`` of a stage that trains more
     than once); a failure names the stage and keeps the state."""
     settings = config.settings(ctx.recipe.spec.seed, eval_every)
@@ -105,7 +105,7 @@ def run_training(ctx, config: TrainingConfig, params: dict, windows: torch.Tenso
     try:
         with PeakMemory() as peak:
             result = train(ctx.model, params, windows, settings, state_dir, ctx.resume, evaluate, ctx.track,
-                           hooks, grad_only)
+                           hooks, grad_only, param_lr)
         result.peak_rss_mib, result.rss_growth_mib = peak.rss_mib, peak.rss_mib - peak.start_rss_mib
     except StageError as err:
         kept = " (the last saved training state is kept)" if (state_dir / "train_state.pt").is_file() else ""

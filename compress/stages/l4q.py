@@ -1,0 +1,128 @@
+"""l4q: quantization-aware LoRA training that ends in fully quantized weights (no adapter ships).
+
+```yaml
+- l4q: {bits: 4, group_size: 64, steps: 200, lr: 1.0e-4, quant_lr: 1.0e-5,
+        lora: {rank: 16, alpha: 32}, zero_point: integer}
+```
+
+Every selected linear becomes an ``L4QLinear``: its LoRA (PEFT init, so the first forward is the
+initial quantized model) and its per-group step and offset are trained together through the
+fake-quantized W0 + s B A (``lr`` for LoRA, ``quant_lr`` for step/offset) on ``data:`` or
+``data.calibration``. Step/offset start from min-max per group, or, for a layer an earlier
+``quantize`` stage packed with the same bits and group size, from its scales and zeros (its
+dequantized weight is then W0). At the end LoRA is merged and the weight quantized with the learned
+parameters; ``zero_point: integer`` rounds offset / step to an integer zero (GPTQ-compatible) and the
+report gives the perplexity before and after that rounding when the recipe has eval data.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from compress.lowrank import LoRALinear
+from compress.lowrank.l4q import L4QLinear
+from compress.quant import QuantConfig, QuantizedWeight, QuantLinear
+from compress.quant.uniform import quantize_codes, to_gptq_tensors
+
+from ..errors import RecipeError, StageError
+from ..evaluate import perplexity
+from ..stage import Stage
+from ..targets import select_linears, set_module
+from .finetune import check_training_data
+from .training_common import LoraSpec, TrainingConfig, has_adapters, run_training, tail_mean, training_windows
+
+
+class L4QConfig(TrainingConfig):
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = Field(64, ge=1)
+    lr: float = Field(1.0e-4, gt=0)
+    quant_lr: float = Field(1.0e-5, gt=0)
+    lora: LoraSpec = LoraSpec(rank=16, alpha=32)
+    zero_point: Literal["integer"] = "integer"
+    targets: list[str] = ["Linear"]
+    ignore: list[str] = ["lm_head"]
+
+
+def check(recipe, entry, model) -> None:
+    config: L4QConfig = entry.config
+    selected = select_linears(model, config.targets, config.ignore)
+    if not selected:
+        raise RecipeError(f"{entry.where}.targets: selects no linear layer")
+    for name, module in selected:
+        if module.in_features % config.group_size:
+            raise RecipeError(f"{entry.where}.group_size: {config.group_size} does not divide in_features "
+                              f"{module.in_features} of {name}")
+    check_training_data(recipe, entry)
+
+
+def _dense_start(module, config: L4QConfig) -> tuple[torch.nn.Linear, QuantizedWeight | None]:
+    """(dense W0 layer, packed weight to start step/offset from, or None for min-max)."""
+    if isinstance(module, LoRALinear):
+        return module.merged_linear(torch.float32), None
+    if isinstance(module, QuantLinear):
+        dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        with torch.no_grad():
+            dense.weight.copy_(module.dequantize(torch.float32))
+            if module.bias is not None:
+                dense.bias.copy_(module.bias.float())
+        same = (module.config.kind == "uniform" and module.config.bits == config.bits
+                and module.config.group_size == config.group_size)
+        return dense, module.quantized_weight() if same else None
+    return module, None
+
+
+def finalize(layer: L4QLinear) -> QuantLinear:
+    """Merge the LoRA and quantize with the learned step and an integer zero = round(-offset / step)."""
+    config = QuantConfig.uniform(layer.bits, layer.group_size, sym=False)
+    with torch.no_grad():
+        scale = layer.step.detach().to(torch.float16).clamp(min=torch.finfo(torch.float16).tiny)
+        zero = torch.round(-layer.offset.detach() / scale.float()).clamp(1, 2**layer.bits - 1).to(torch.int32)
+        merged = layer.merged_weight()
+        codes = quantize_codes(merged, scale, zero, config)
+        weight = QuantizedWeight(config, tuple(merged.shape), to_gptq_tensors(codes, scale, zero, config))
+    return QuantLinear.from_weight(weight, layer.base_layer.bias)
+
+
+def _wrap(ctx, config: L4QConfig, seed: int) -> dict[str, L4QLinear]:
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, module in select_linears(ctx.model, config.targets, config.ignore):
+        dense, start = _dense_start(module, config)
+        layers[name] = L4QLinear(dense, config.lora.rank, config.lora.alpha, config.bits, config.group_size,
+                                 init=start, generator=generator)
+        set_module(ctx.model, name, layers[name])
+    return layers
+
+
+def run(ctx, config: L4QConfig, report) -> None:
+    if has_adapters(ctx.model):
+        raise StageError(f"{ctx.entry.where}: the model carries LoRA adapters; l4q adds and merges its own")
+    layers = _wrap(ctx, config, ctx.recipe.spec.seed if config.seed is None else config.seed)
+    params, param_lr = {}, {}
+    for name, layer in layers.items():
+        for leaf in ("lora_A.weight", "lora_B.weight", "step", "offset"):
+            params[f"{name}.{leaf}"] = layer.get_parameter(leaf)
+            if leaf in ("step", "offset"):
+                param_lr[f"{name}.{leaf}"] = config.quant_lr
+    result = run_training(ctx, config, params, training_windows(ctx, config), param_lr=param_lr)
+    evaluate = ctx.recipe.spec.data.eval is not None
+    if evaluate:
+        report.metrics["perplexity_float_offset"] = perplexity(ctx.model, ctx.windows("eval"))
+    for name, layer in layers.items():
+        set_module(ctx.model, name, finalize(layer))
+        ctx.plan[name] = QuantConfig.uniform(config.bits, config.group_size, sym=False)
+    if evaluate:
+        report.metrics["perplexity_integer_zero"] = perplexity(ctx.model, ctx.windows("eval"))
+        report.notes.append(f"rounding the zero point to an integer: perplexity "
+                            f"{report.metrics['perplexity_float_offset']:.3f} -> "
+                            f"{report.metrics['perplexity_integer_zero']:.3f}")
+    report.metrics.update(first_loss=result.losses[0], final_loss=tail_mean(result.losses), layers=len(layers),
+                          train_seconds=result.seconds, train_peak_rss_mib=result.peak_rss_mib,
+                          train_rss_growth_mib=result.rss_growth_mib,
+                          label=f"l4q int{config.bits}-g{config.group_size}")
+
+
+STAGE = Stage(name="l4q", config=L4QConfig, run=run, modifies_model=True, quantizes=True, check=check)
