@@ -17,7 +17,7 @@ from conftest import ROOT, micro_llama, run_cli, tiny_recipe
 QLORA = """  - quantize: {{method: rtn, config: {{type: uniform, bits: 4, group_size: 32}}}}
   - finetune: {{steps: {steps}, lr: 1.0e-2, batch_size: 2, grad_accum: 2, seq_len: 32, samples: 4,
                 save_every: 2, lora: {{rank: 4, alpha: 8}}{extra}}}
-  - export: {{format: native, verify: false}}"""
+  - export: {{format: native, verify: false, adapters: embed}}"""
 
 
 def state_of(model) -> dict[str, torch.Tensor]:
@@ -102,7 +102,7 @@ def test_qlora_finetune_trains_adapters_only_and_lowers_the_loss(tmp_path):
 def test_finetune_trains_the_lq_lora_adapters_in_place(tmp_path):
     stages = """  - lq_lora: {rank: 4, budget_bits: 4.0, iterations: 2}
   - finetune: {steps: 2, lr: 1.0e-3, batch_size: 2, grad_accum: 1, seq_len: 32, samples: 4}
-  - export: {format: native, verify: false}"""
+  - export: {format: native, verify: false, adapters: embed}"""
     compress.run_recipe(compress.load_recipe(tiny_recipe(tmp_path, stages)))
     before = state_of(compress.load(tmp_path / "out" / ".stages" / "00-lq_lora" / "model"))
     after = state_of(compress.load(tmp_path / "out" / "checkpoint"))

@@ -14,7 +14,7 @@ from conftest import run_cli, tiny_recipe
 
 STAGES = """  - lq_lora: {rank: 8, budget_bits: 3.0, grid: gptq, fisher: true, iterations: 2}
   - eval: {batch_size: 2}
-  - export: {format: native}"""
+  - export: {format: native, adapters: embed}"""
 
 
 @pytest.mark.slow

@@ -1,0 +1,107 @@
+"""Memory accounting from a model's config alone (no weights): parameters by component, packed weight
+storage for any quant config or per-module plan, LoRA adapters, KV cache, and LoRAM's pruned size.
+
+Counts follow the formats we write: uniform configs store codes, an fp16 scale per group and (when
+asymmetric) a packed zero per group; NF configs store codes, integer block scales, second-level scales
+and one fp32 offset. ``g_idx`` (one int32 per input row) is stored but, as in the papers, not counted
+in bits per parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from compress.quant import QuantConfig
+
+# Published architectures (their config.json values that matter for memory).
+PRESETS = {
+    "llama-2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       intermediate_size=11008, vocab_size=32000, tie_word_embeddings=False),
+    "llama-2-13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                        intermediate_size=13824, vocab_size=32000, tie_word_embeddings=False),
+    "llama-2-70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                        intermediate_size=28672, vocab_size=32000, tie_word_embeddings=False),
+    "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
+    "llama-3.1-70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                          intermediate_size=28672, vocab_size=128256, tie_word_embeddings=False),
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
+}
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Architecture":
+        heads = config["num_attention_heads"]
+        return cls(config["hidden_size"], config["num_hidden_layers"], heads,
+                   config.get("num_key_value_heads") or heads,
+                   config.get("head_dim") or config["hidden_size"] // heads, config["intermediate_size"],
+                   config["vocab_size"], bool(config.get("tie_word_embeddings", False)))
+
+    def layer_shapes(self, kv_heads: int | None = None, intermediate: int | None = None) -> dict[str, tuple[int, int]]:
+        """(out, in) of the seven projections of one layer, optionally at pruned widths."""
+        kv = self.kv_heads if kv_heads is None else kv_heads
+        q_width = kv * (self.heads // self.kv_heads) * self.head_dim
+        inter = self.intermediate if intermediate is None else intermediate
+        return {"q_proj": (q_width, self.hidden), "k_proj": (kv * self.head_dim, self.hidden),
+                "v_proj": (kv * self.head_dim, self.hidden), "o_proj": (self.hidden, q_width),
+                "gate_proj": (inter, self.hidden), "up_proj": (inter, self.hidden), "down_proj": (self.hidden, inter)}
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        return {f"model.layers.{i}.{'self_attn' if p in PROJECTIONS[:4] else 'mlp'}.{p}": shape
+                for i in range(self.layers) for p, shape in self.layer_shapes().items()}
+
+    def dense_params(self) -> dict[str, int]:
+        """Parameters outside the decoder projections: embeddings, lm_head (0 when tied), norms."""
+        return {"embeddings": self.vocab * self.hidden, "lm_head": 0 if self.tied else self.vocab * self.hidden,
+                "norms": (2 * self.layers + 1) * self.hidden}
+
+    def total_params(self) -> int:
+        linear = sum(o * i for o, i in self.linear_shapes().values())
+        return linear + sum(self.dense_params().values())
+
+
+def weight_components(config: QuantConfig, shape: tuple[int, int]) -> dict[str, int]:
+    """Bits of each stored component of one matrix [out, in] under ``config``."""
+    out_features, in_features = shape
+    numel = out_features * in_features
+    if config.kind == "uniform":
+        groups = config.groups(in_features)
+        return {"codes": config.bits * numel, "scales": 16 * groups * out_features,
+                "zeros": 0 if config.sym else config.bits * groups * out_features, "second_level": 0}
+    blocks = -(-numel // config.block)
+    dtype_bits = 32 if config.scale_dtype == "float32" else 16
+    return {"codes": config.bits * numel, "scales": config.scale_bits * blocks, "zeros": 0,
+            "second_level": dtype_bits * -(-blocks // config.scale_block) + 32}
+
+
+def adapter_params(shapes: dict[str, tuple[int, int]], rank: int) -> int:
+    return sum(rank * (o + i) for o, i in shapes.values())
+
+
+def kv_cache_bytes(arch: Architecture, batch: int, seq: int, bytes_per_value: int = 2) -> int:
+    return 2 * arch.layers * batch * seq * arch.kv_heads * arch.head_dim * bytes_per_value
+
+
+def loram_pruned_params(arch: Architecture, ratio: float, start: int, end: int) -> int:
+    """Parameters after LoRAM's structured pruning of layers [start, end) at a uniform ``ratio``:
+    kv heads - floor(kv * ratio) KV groups kept, intermediate - ceil(intermediate * ratio) channels."""
+    kv = arch.kv_heads - math.floor(arch.kv_heads * ratio)
+    inter = arch.intermediate - math.ceil(arch.intermediate * ratio)
+    full = sum(o * i for o, i in arch.layer_shapes().values())
+    pruned = sum(o * i for o, i in arch.layer_shapes(kv, inter).values())
+    layers = end - start
+    return (arch.layers - layers) * full + layers * pruned + sum(arch.dense_params().values())

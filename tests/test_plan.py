@@ -1,0 +1,52 @@
+"""Memory accounting against published figures: NF4 with double quantization is 4.127 bits/param
+(QLoRA); LoRAM's QLoRAM-Stru parameter-storage reductions 15.81x (LLaMA-3.1-70B: ratio 0.85 on layers
+4-77 gives 17.85 B parameters) and 16.95x (LLaMA-2-70B); LQ-LoRA's 2.75-bit LLaMA-2-70B is about
+2.85 bits with rank-64 adapters stored in NF8."""
+
+import pytest
+
+from compress.lowrank import NF8_BITS
+from compress.plan import PRESETS, Architecture, adapter_params, kv_cache_bytes, loram_pruned_params, weight_components
+from compress.quant import QuantConfig, QuantizedWeight
+
+
+def test_nf4_double_quant_is_4_127_bits():
+    nf4 = QuantConfig.nf(4, block=64, scale_bits=8, scale_block=256, scale_dtype="float32")
+    assert sum(weight_components(nf4, (4096, 4096)).values()) / 4096**2 == pytest.approx(4.127, abs=5e-4)
+
+
+@pytest.mark.parametrize("config", [QuantConfig.uniform(3, 64), QuantConfig.uniform(4, 128, sym=True),
+                                    QuantConfig.nf(2, block=32, scale_bits=4, scale_block=64, scale_dtype="bfloat16")],
+                         ids=lambda c: c.name)
+def test_components_add_up_to_the_stored_bits(config):
+    import torch
+
+    shape = (96, 256)
+    components = sum(weight_components(config, shape).values())
+    assert components == config.storage_bits(shape)
+    stored = QuantizedWeight.quantize(torch.randn(shape), config).tensors
+    counted = {k: v for k, v in stored.items() if k != "g_idx" and not (k == "qzeros" and config.kind == "uniform"
+                                                                        and config.sym)}
+    assert sum(8 * t.numel() * t.element_size() for t in counted.values()) >= components  # whole int32 words
+
+
+@pytest.mark.parametrize("preset, total, pruned, reduction", [
+    ("llama-3.1-70b", 70.55e9, 17.85e9, 15.81), ("llama-2-70b", 68.98e9, 16.27e9, 16.95)])
+def test_loram_storage_reduction(preset, total, pruned, reduction):
+    arch = Architecture.from_config(PRESETS[preset])
+    small = loram_pruned_params(arch, 0.85, 4, 78)
+    assert arch.total_params() == pytest.approx(total, rel=1e-3)
+    assert small == pytest.approx(pruned, rel=1e-3)
+    assert 4 * arch.total_params() / small == pytest.approx(reduction, abs=0.01)  # 16-bit large / 4-bit small
+
+
+def test_lq_lora_70b_at_2_75_bits_with_nf8_adapters_is_about_2_85():
+    arch = Architecture.from_config(PRESETS["llama-2-70b"])
+    shapes = arch.linear_shapes()
+    linear = sum(o * i for o, i in shapes.values())
+    assert 2.75 + adapter_params(shapes, 64) * NF8_BITS / linear == pytest.approx(2.85, abs=0.005)
+
+
+def test_kv_cache_of_llama_3_1_8b():
+    arch = Architecture.from_config(PRESETS["llama-3.1-8b"])
+    assert kv_cache_bytes(arch, batch=1, seq=4096) == 2 * 32 * 4096 * 8 * 128 * 2  # 512 MiB in fp16
