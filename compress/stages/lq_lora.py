@@ -151,8 +151,12 @@ def run(ctx, config: LQLoRAConfig, report) -> None:
             modules[name] = module
         else:
             report.skip(name, f"not a dense linear ({type(module).__name__})")
+    start = time.perf_counter()
     fisher = _fisher(ctx, config, list(modules))
+    report.metrics["fisher_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
     table = cost_table(ctx, config, modules, fisher)
+    report.metrics["cost_table_seconds"] = time.perf_counter() - start  # near 0 when every entry was cached
     numel = {name: m.weight.numel() for name, m in modules.items()}
     budget = budget_bits_for(numel, config.budget_bits, config.budget_gib)
     start = time.perf_counter()
