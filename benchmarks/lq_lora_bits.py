@@ -198,8 +198,10 @@ def plot(rows: dict, path: Path) -> None:
     families = {}
     for row in rows.values():
         if row["name"] not in ("fp32", "fp32-lora"):
-            families.setdefault(row["name"].rsplit("-", 1)[0] if row["name"][:3] in ("ilp", "lql") else
-                                row["name"].split("-")[0], []).append(row)
+            name = row["name"]
+            family = (name.rsplit("-", 1)[0] if name[:3] in ("ilp", "lql") else
+                      "bnb-nf4 (QLoRA)" if name == "bnb-nf4" else name.split("-")[0])
+            families.setdefault(family, []).append(row)
     for axis, key, title in ((axes[0], "ppl", "before fine-tuning"), (axes[1], "ppl_finetuned", "after fine-tuning")):
         for family, members in sorted(families.items()):
             members = sorted((r for r in members if key in r), key=lambda r: r["bits"])

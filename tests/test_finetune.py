@@ -11,7 +11,7 @@ import torch
 
 import compress
 from compress.lowrank import LoRALinear
-from compress.training import TrainSettings, lr_multiplier, micro_batch, train
+from compress.training import TrainHooks, TrainSettings, lr_multiplier, micro_batch, train
 from conftest import ROOT, micro_llama, run_cli, tiny_recipe
 
 QLORA = """  - quantize: {{method: rtn, config: {{type: uniform, bits: 4, group_size: 32}}}}
@@ -68,8 +68,26 @@ def test_gradient_accumulation_equals_the_larger_batch():
     torch.testing.assert_close(results[2], results[0], rtol=0, atol=1e-6)
 
 
-def test_clipping_bounds_the_update_and_adamw8bit_trains():
+class GradientNorms(TrainHooks):
+    """Records the total gradient norm the optimizer sees (after clipping) at every step."""
+
+    def __init__(self, params):
+        self.params, self.norms = params, []
+
+    def after_backward(self, step):
+        self.norms.append(float(torch.linalg.norm(torch.stack([p.grad.norm() for p in self.params.values()]))))
+
+
+def test_clipping_bounds_the_gradient_and_adamw8bit_trains():
     windows = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    norms = {}
+    for limit in (0.0, 1e-3):
+        model = _adapter_model()
+        hooks = GradientNorms(_lora_params(model))
+        train(model, hooks.params, windows, TrainSettings(steps=2, lr=1e-3, batch_size=2, max_grad_norm=limit),
+              hooks=hooks)
+        norms[limit] = hooks.norms
+    assert min(norms[0.0]) > 1e-2 and max(norms[1e-3]) == pytest.approx(1e-3, rel=1e-4)
     model = _adapter_model()
     before = state_of(model)
     settings = TrainSettings(steps=3, lr=1e-2, batch_size=2, optimizer="adamw8bit", max_grad_norm=0.5)
@@ -161,7 +179,9 @@ def test_bad_finetune_recipes_fail_with_one_line(tmp_path, stages, message):
 def test_finetune_reads_its_own_text_file(tmp_path):
     (tmp_path / "domain.txt").write_text("the cat sat on the mat. " * 400)
     stages = ("  - finetune: {steps: 4, lr: 1.0e-2, batch_size: 2, grad_accum: 1, seq_len: 32, "
-              f"gradient_checkpointing: true, data: {{path: {tmp_path / 'domain.txt'}}}, lora: {{rank: 4, alpha: 8}}}}")
+              f"gradient_checkpointing: true, eval_every: 2, data: {{path: {tmp_path / 'domain.txt'}}}, "
+              "lora: {rank: 4, alpha: 8}}")
     result = compress.run_recipe(compress.load_recipe(tiny_recipe(tmp_path, stages)))
     metrics = result.reports[1].metrics
     assert metrics["windows"] == 8 and metrics["final_loss"] < metrics["first_loss"]
+    assert [e["step"] for e in metrics["evals"]] == [2, 4] and metrics["perplexity"] == metrics["evals"][-1]["perplexity"]
