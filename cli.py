@@ -4,6 +4,7 @@
     compress validate RECIPE                       check a recipe without loading weights
     compress inspect PATH [--json]                 what a checkpoint stores, bits per parameter
     compress eval PATH [--data SOURCE] [--json]    perplexity of any model or checkpoint
+    compress plan --model CONFIG [--gpu-gib G]     inference memory per precision, from the config alone
 
 Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 130 interrupted.
 """
@@ -105,6 +106,30 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from rich.table import Table
+
+    from compress.plan import GIB, INFERENCE_CANDIDATES, architecture_for, inference_breakdown
+
+    arch = architecture_for(args.model)
+    rows = {name: inference_breakdown(arch, config, args.batch, args.seq) for name, config in INFERENCE_CANDIDATES.items()}
+    if args.json:
+        print(json.dumps({"model": args.model, "batch": args.batch, "seq": args.seq, "gpu_gib": args.gpu_gib,
+                          "params": arch.total_params(), "inference": rows}, indent=2))
+        return 0
+    table = Table(title=f"{args.model}: inference memory, batch {args.batch} x {args.seq} tokens (GiB)")
+    for column in ("weights", "packed", "dense", "KV cache", "activations", "total", "fits"):
+        table.add_column(column, justify="right" if column != "weights" else "left")
+    for name, parts in rows.items():
+        total = sum(parts.values()) / GIB
+        packed = (parts["codes"] + parts["scales"] + parts["zeros"] + parts["second_level"]) / GIB
+        fits = "-" if args.gpu_gib is None else ("yes" if total <= args.gpu_gib else "no")
+        table.add_row(name, f"{packed:.2f}", f"{parts['dense'] / GIB:.2f}", f"{parts['kv_cache'] / GIB:.2f}",
+                      f"{parts['activations'] / GIB:.2f}", f"{total:.2f}", fits)
+    _console().print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compress", description="Compress Hugging Face causal LMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -132,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_eval)
+    plan = commands.add_parser("plan", help="memory needed by a model at each precision (config only)")
+    plan.add_argument("--model", required=True, help="preset (llama-2-7b, llama-3.1-70b, ...), built-in name, "
+                      "model directory or config.json")
+    plan.add_argument("--gpu-gib", type=float, default=None)
+    plan.add_argument("--batch", type=int, default=1)
+    plan.add_argument("--seq", type=int, default=4096)
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 

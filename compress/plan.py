@@ -105,3 +105,67 @@ def loram_pruned_params(arch: Architecture, ratio: float, start: int, end: int) 
     pruned = sum(o * i for o, i in arch.layer_shapes(kv, inter).values())
     layers = end - start
     return (arch.layers - layers) * full + layers * pruned + sum(arch.dense_params().values())
+
+
+INFERENCE_CANDIDATES = {
+    "fp16": None,
+    "int8-g128": QuantConfig.uniform(8, 128),
+    "int4-g128": QuantConfig.uniform(4, 128),
+    "nf4-dq": QuantConfig.nf(4, block=64, scale_bits=8, scale_block=256, scale_dtype="float32"),
+    "int3-g128": QuantConfig.uniform(3, 128),
+    "int2-g64": QuantConfig.uniform(2, 64),
+}
+GIB = 1 << 30
+
+
+def inference_breakdown(arch: Architecture, config: QuantConfig | None, batch: int = 1, seq: int = 4096,
+                        adapter_rank: int = 0, adapter_bits: float = 16.0) -> dict[str, float]:
+    """Bytes of each part of an inference deployment: packed weight components (or 16-bit weights),
+    dense embeddings/lm_head/norms at 16 bits, adapters, the 16-bit KV cache, and the transient
+    activations of one layer plus the last token's fp32 logits."""
+    parts = {"codes": 0.0, "scales": 0.0, "zeros": 0.0, "second_level": 0.0}
+    for shape in arch.linear_shapes().values():
+        if config is None:
+            parts["codes"] += 16 * shape[0] * shape[1]
+        else:
+            for key, bits in weight_components(config, shape).items():
+                parts[key] += bits
+    result = {key: bits / 8 for key, bits in parts.items()}
+    result["dense"] = 2 * sum(arch.dense_params().values())
+    result["adapters"] = adapter_bits / 8 * adapter_params(arch.linear_shapes(), adapter_rank)
+    result["kv_cache"] = kv_cache_bytes(arch, batch, seq)
+    result["activations"] = 2 * batch * seq * (2 * arch.hidden + 2 * arch.intermediate) + 4 * batch * arch.vocab
+    return result
+
+
+def best_inference_fit(arch: Architecture, gpu_gib: float, batch: int, seq: int) -> str | None:
+    """The most precise candidate whose total fits in ``gpu_gib`` (candidates are ordered by bits)."""
+    for name, config in INFERENCE_CANDIDATES.items():
+        if sum(inference_breakdown(arch, config, batch, seq).values()) <= gpu_gib * GIB:
+            return name
+    return None
+
+
+def architecture_for(name: str) -> Architecture:
+    """A preset name, or anything ``compress`` can load a config from (built-in name, model or
+    checkpoint directory, config.json, .gguf file), without reading weights."""
+    from pathlib import Path
+
+    from .errors import RecipeError
+    from .models import load_config, resolve_model
+
+    if name in PRESETS:
+        return Architecture.from_config(PRESETS[name])
+    path = Path(name)
+    if path.name == "config.json":
+        import json
+
+        try:
+            return Architecture.from_config(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError) as err:
+            raise RecipeError(f"{path}: not a usable model config ({type(err).__name__}: {err})") from None
+    config = load_config(resolve_model(name)).to_dict()
+    try:
+        return Architecture.from_config(config)
+    except KeyError as err:
+        raise RecipeError(f"{name}: config has no {err.args[0]} (not a Llama-family model?)") from None

@@ -50,3 +50,34 @@ def test_lq_lora_70b_at_2_75_bits_with_nf8_adapters_is_about_2_85():
 def test_kv_cache_of_llama_3_1_8b():
     arch = Architecture.from_config(PRESETS["llama-3.1-8b"])
     assert kv_cache_bytes(arch, batch=1, seq=4096) == 2 * 32 * 4096 * 8 * 128 * 2  # 512 MiB in fp16
+
+
+def test_inference_breakdown_matches_the_stored_weights_and_fits():
+    from compress.plan import GIB, best_inference_fit, inference_breakdown
+
+    arch = Architecture.from_config(PRESETS["llama-2-7b"])
+    int4 = QuantConfig.uniform(4, 128)
+    parts = inference_breakdown(arch, int4, batch=1, seq=4096)
+    linear_bits = sum(int4.storage_bits(s) for s in arch.linear_shapes().values())
+    assert parts["codes"] + parts["scales"] + parts["zeros"] == pytest.approx(linear_bits / 8)
+    assert parts["kv_cache"] == 2 * 32 * 4096 * 32 * 128 * 2  # 2 GiB for LLaMA-2-7B at 4k, fp16
+    fp16 = sum(inference_breakdown(arch, None, 1, 4096).values()) / GIB
+    assert 14 < fp16 < 16  # 6.74 B parameters at 16 bits plus the cache
+    assert best_inference_fit(arch, 24, 1, 4096) == "fp16"
+    assert best_inference_fit(arch, 8, 1, 4096) == "int4-g128"  # int8 needs ~9 GiB
+    assert best_inference_fit(arch, 1, 1, 4096) is None
+
+
+def test_plan_command_prints_json_and_fails_cleanly(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    result = run_cli("plan", "--model", "llama-3.1-8b", "--gpu-gib", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["params"] == pytest.approx(8.03e9, rel=1e-3) and set(plan["inference"]) >= {"fp16", "nf4-dq"}
+    table = run_cli("plan", "--model", "smollm2-135m")
+    assert table.returncode == 0 and "int4-g128" in table.stdout
+    missing = run_cli("plan", "--model", str(tmp_path / "config.json"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr and "config.json" in missing.stderr
