@@ -44,6 +44,24 @@ def run_point(out: Path, method: str, ratio: float, steps: int) -> dict:
             "peak_rss_mib": prune.peak_rss_mib, "rss_growth_mib": prune.metrics["rss_growth_mib"]}
 
 
+def memory_point(out: Path, method: str) -> dict:
+    """Peak memory of the pruning loop alone at a small batch (1 x 128 tokens, 4 steps), where the
+    criterion's own state dominates: LoRAPrune keeps LoRA gradients, ``gradient`` keeps dL/dW0 for every
+    pruned matrix. Run in a fresh process per method (``--memory``)."""
+    from compress import run_recipe
+    from compress.recipe import parse_recipe
+
+    stage = {"prune": {"method": method, "ratio": 0.2, "steps": 4, "every": 2, "batch_size": 1, "grad_accum": 1,
+                       "seq_len": 128, "samples": 4, "uniform": False, "lora": {"rank": 8, "alpha": 16},
+                       "save_every": 0}}
+    recipe = parse_recipe({"model": "smollm2-135m", "dtype": "float32", "data": DATA, "seed": 0, "stages": [stage],
+                           "output": str(out / "memory" / method)})
+    report = run_recipe(recipe, overwrite=True).reports[1]
+    return {"method": method, "peak_rss_mib": report.peak_rss_mib, "rss_growth_mib": report.metrics["rss_growth_mib"],
+            "train_peak_rss_mib": report.metrics.get("train_peak_rss_mib"),
+            "train_rss_growth_mib": report.metrics.get("train_rss_growth_mib")}
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| ratio | method | perplexity | params after | removed | bf16 MiB | seconds | peak RSS MiB | RSS growth MiB |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -79,10 +97,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/bench/prune_methods"))
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--memory", action="store_true", help="only the peak-memory comparison, loraprune vs gradient")
+    parser.add_argument("--memory-method", help=argparse.SUPPRESS)  # internal: one method in this process
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.memory_method:
+        print("RESULT " + json.dumps(memory_point(args.out, args.memory_method)))
+        return
+    if args.memory:
+        import subprocess
+        import sys
+
+        rows = []
+        for method in ("loraprune", "gradient"):
+            done = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--memory-method", method],
+                                  capture_output=True, text=True)
+            line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"{method} failed:\n{done.stderr[-3000:]}")
+            rows.append(json.loads(line.removeprefix("RESULT ")))
+        (args.out / "memory.json").write_text(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2))
+        return
     results = args.out / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
     done = {r["name"] for r in rows if r["steps"] == args.steps}
