@@ -83,7 +83,6 @@ def bnb_nf4_point(finetune: bool) -> dict:
     import bitsandbytes as bnb
     import torch
 
-    from compress.context import Context  # noqa: F401  (the same data path as the pipeline)
     from compress.data import token_windows
     from compress.evaluate import perplexity
     from compress.lowrank import LoRALinear, init_default

@@ -86,11 +86,13 @@ def micro_batch(step: int, micro: int, settings: TrainSettings, num_windows: int
     """Window indices of micro-batch ``micro`` of ``step``: consecutive slices of per-epoch permutations."""
     size = settings.batch_size
     start = (step * settings.grad_accum + micro) * size
-    indices = []
+    orders, indices = {}, []
     for position in range(start, start + size):
         epoch, offset = divmod(position, num_windows)
-        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
-        indices.append(int(torch.randperm(num_windows, generator=generator)[offset]))
+        if epoch not in orders:  # a batch spans at most two epochs: one permutation each
+            generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
+            orders[epoch] = torch.randperm(num_windows, generator=generator)
+        indices.append(int(orders[epoch][offset]))
     return torch.tensor(indices)
 
 

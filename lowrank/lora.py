@@ -96,3 +96,15 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, base={type(self.base_layer).__name__}"
+
+
+def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Replace every ``LoRALinear`` in ``model`` by the dense ``nn.Linear`` base + ΔW (frozen), in
+    ``dtype`` or else its base weight's dtype (fp32 for packed bases); returns how many."""
+    from compress.targets import set_module
+
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for name, layer in layers:
+        width = dtype or getattr(getattr(layer.base_layer, "weight", None), "dtype", torch.float32)
+        set_module(model, name, layer.merged_linear(width).requires_grad_(False))
+    return len(layers)

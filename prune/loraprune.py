@@ -31,7 +31,7 @@ def kept_count(total: int, ratio: float, width: int = 1, round_to: int = 1) -> i
     return keep
 
 
-def lowest_kept(scores: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+def highest_kept(scores: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
     """A boolean mask keeping the ``keep`` highest-scoring units; masked units score zero first."""
     masked_scores = torch.where(mask, scores, torch.full_like(scores, -math.inf))
     order = torch.argsort(masked_scores, descending=True, stable=True)
@@ -69,10 +69,10 @@ class PruningHooks(TrainHooks):
             groups, channels = self.masks.kept[unit.index]
             if self.prune_heads and f"{unit.index}.heads" in self.average.values:
                 keep = kept_count(unit.kv_groups, ratio, unit.group_heads * unit.head_dim, self.round_to)
-                groups = lowest_kept(self.average.values[f"{unit.index}.heads"], groups, keep)
+                groups = highest_kept(self.average.values[f"{unit.index}.heads"], groups, keep)
             if self.prune_channels and f"{unit.index}.channels" in self.average.values:
                 keep = kept_count(unit.channels, ratio, 1, self.round_to)
-                channels = lowest_kept(self.average.values[f"{unit.index}.channels"], channels, keep)
+                channels = highest_kept(self.average.values[f"{unit.index}.channels"], channels, keep)
             self.masks.set(unit.index, groups, channels)
 
     def state_dict(self) -> dict:

@@ -44,10 +44,6 @@ class OutputMasks:
                              ("gate_proj", channels.float()), ("up_proj", channels.float())):
             self._vectors[unit.module(leaf)] = None if bool(vector.all()) else vector
 
-    def ratios(self, index: int) -> tuple[float, float]:
-        groups, channels = self.kept[index]
-        return 1 - float(groups.float().mean()), 1 - float(channels.float().mean())
-
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -70,7 +70,6 @@ def shrink_layer(model: nn.Module, unit: LayerUnits, groups: torch.Tensor, chann
 def layer_widths(model: nn.Module) -> dict[int, dict[str, int]]:
     """{layer: {"kv_groups", "channels"}} of the layers whose widths differ from the config's."""
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     widths = {}
     for unit in layer_units(model):
         if unit.kv_groups != config.num_key_value_heads or unit.channels != config.intermediate_size:
@@ -98,21 +97,14 @@ def update_config(model: nn.Module) -> bool:
 def resize_layers(model: nn.Module, widths: dict) -> None:
     """Give the dense linears of the listed layers their pruned shapes (on the meta device), so that a
     checkpoint of a non-uniformly pruned model loads into a model built from the original config."""
+    from compress.plan import Architecture
     from compress.targets import set_module
 
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    group_heads = config.num_attention_heads // config.num_key_value_heads
-    prefix, layers = decoder_layers(model)
+    arch = Architecture.from_config(model.config.to_dict())
+    prefix, _ = decoder_layers(model)
     for index, width in widths.items():
-        index, hidden = int(index), config.hidden_size
-        q_width, kv_width = width["kv_groups"] * group_heads * head_dim, width["kv_groups"] * head_dim
-        shapes = {"q_proj": (q_width, hidden), "k_proj": (kv_width, hidden), "v_proj": (kv_width, hidden),
-                  "o_proj": (hidden, q_width), "gate_proj": (width["channels"], hidden),
-                  "up_proj": (width["channels"], hidden), "down_proj": (hidden, width["channels"])}
-        unit = LayerUnits(index, f"{prefix}.{index}", width["kv_groups"], group_heads, head_dim, width["channels"])
-        for leaf, (out_features, in_features) in shapes.items():
-            name = unit.module(leaf)
+        for leaf, (out_features, in_features) in arch.layer_shapes(width["kv_groups"], width["channels"]).items():
+            name = f"{prefix}.{index}.{'self_attn' if leaf in ATTENTION else 'mlp'}.{leaf}"
             module = model.get_submodule(name)
             if isinstance(module, nn.Linear):
                 set_module(model, name, nn.Linear(in_features, out_features, bias=module.bias is not None,

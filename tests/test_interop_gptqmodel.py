@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 
 import compress
 from compress.checkpoint import write_gptq
-from compress.checkpoint.peft import adapter_layers, load_peft_adapter, write_peft_adapter
+from compress.checkpoint.write import adapter_modules
+from compress.checkpoint.peft import load_peft_adapter, write_peft_adapter
 from compress.lowrank import LoRALinear
 from compress.targets import select_linears, set_module
 from compress.quant import QuantConfig, QuantLinear
@@ -77,7 +78,7 @@ def interop(tiny_pair, tmp_path_factory):
             layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=generator) * 0.05)
             layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.05)
         set_module(adapted, name, layer)
-    write_peft_adapter(adapter_layers(adapted), work / "mixed-adapter")
+    write_peft_adapter(adapter_modules(adapted), work / "mixed-adapter")
     reference = work / "reference"
     shutil.copytree(GPTQMODEL_CKPT / "quantized", reference)
     tokenizer.save_pretrained(reference)  # GPTQModel's loader insists on a tokenizer in the folder

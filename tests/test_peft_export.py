@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 import compress
 from compress.checkpoint import write_hf
-from compress.checkpoint.peft import adapter_layers, adapters_detached, load_peft_adapter, write_peft_adapter
+from compress.checkpoint.write import adapter_modules
+from compress.checkpoint.peft import adapters_detached, load_peft_adapter, write_peft_adapter
 from compress.lowrank import LoRALinear
 from compress.quant import QuantConfig, QuantLinear
 from compress.targets import select_linears, set_module
@@ -35,7 +36,7 @@ def adapted_model(ranks=(4, 8)):
 
 def test_adapter_files_follow_peft(tmp_path, probe_ids):
     model = adapted_model()
-    layers = adapter_layers(model)
+    layers = adapter_modules(model)
     write_peft_adapter(layers, tmp_path / "adapter", base_model="base-dir")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8.0

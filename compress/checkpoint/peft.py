@@ -31,13 +31,10 @@ from compress.quant import QuantLinear
 
 from ..errors import CheckpointError
 from .atomic import atomic_directory
+from .write import adapter_modules
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
-
-
-def adapter_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 @contextmanager
@@ -46,7 +43,7 @@ def adapters_detached(model: nn.Module) -> Iterator[dict[str, LoRALinear]]:
     alone); on exit the adapters are put back. Yields the detached adapters by module name."""
     from ..targets import set_module
 
-    layers = adapter_layers(model)
+    layers = adapter_modules(model)
     for name, layer in layers.items():
         set_module(model, name, layer.base_layer)
     try:

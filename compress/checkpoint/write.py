@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from compress import __version__
-from compress.lowrank import LoRALinear
+from compress.lowrank import LoRALinear, merge_adapters
 from compress.quant import QuantLinear
 
 from ..errors import CheckpointError
@@ -162,8 +162,7 @@ def dense_copy(model: nn.Module) -> nn.Module:
 
     clone = copy.deepcopy(model)
     dtype = dense_dtype(model)
-    for name, adapter in adapter_modules(clone).items():  # merged: base + scaling * B @ A
-        set_module(clone, name, adapter.merged_linear(dtype).requires_grad_(False))
+    merge_adapters(clone, dtype)  # base + scaling * B @ A
     for name, layer in quantized_modules(clone).items():
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                            device="meta")

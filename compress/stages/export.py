@@ -72,11 +72,12 @@ def _compare_logits(ctx, reloaded, exact: bool, where: str) -> float:
 
 def _write(ctx, config: ExportConfig, target, report: StageReport) -> dict:
     """Write the checkpoint (and the PEFT adapter beside it); returns the adapters written."""
-    from ..checkpoint.peft import adapter_layers, adapters_detached, write_peft_adapter
+    from ..checkpoint.peft import adapters_detached, write_peft_adapter
+    from ..checkpoint.write import adapter_modules
 
     write = WRITERS[config.format]
     kwargs = dict(tokenizer=ctx.tokenizer, recipe=ctx.recipe.to_dict(), max_shard_bytes=config.max_shard_mib << 20)
-    if config.adapters != "peft" or not adapter_layers(ctx.model):
+    if config.adapters != "peft" or not adapter_modules(ctx.model):
         write(ctx.model, target, **kwargs)
         return {}
     with adapters_detached(ctx.model) as layers:

@@ -19,16 +19,14 @@ training. Every ``save_every`` steps the adapters, optimizer and RNG state go to
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field
 
 from ..errors import RecipeError, StageError
 from ..evaluate import perplexity
 from ..stage import Stage
 from ..targets import select_linears
-from .training_common import (LoraSpec, TrainingConfig, attach_adapters, has_adapters, lora_parameters, run_training,
-                              tail_mean, training_windows)
+from .training_common import (LoraSpec, TrainingConfig, attach_adapters, check_training_data, has_adapters,
+                              lora_parameters, run_training, tail_mean, training_windows)
 
 
 class FinetuneConfig(TrainingConfig):
@@ -52,17 +50,9 @@ def check(recipe, entry, model) -> None:
                           "lora: {rank: 16, alpha: 32} or an lq_lora stage before it")
     if config.lora is not None and not select_linears(model, config.lora.targets, config.lora.ignore):
         raise RecipeError(f"{entry.where}.lora.targets: selects no linear layer (targets {config.lora.targets})")
-    check_training_data(recipe, entry)
+    check_training_data(recipe, entry.where, config.data)
     if config.eval_every and recipe.spec.data.eval is None:
         raise RecipeError(f"{entry.where}.eval_every: needs data.eval")
-
-
-def check_training_data(recipe, entry) -> None:
-    data = entry.config.data
-    if data is not None and data.path is not None and not Path(data.path).is_file():
-        raise RecipeError(f"{entry.where}.data.path: {data.path} does not exist")
-    if data is None and recipe.spec.data.calibration is None:
-        raise RecipeError(f"{entry.where}: needs data: or data.calibration")
 
 
 def run(ctx, config: FinetuneConfig, report) -> None:

@@ -31,8 +31,8 @@ from ..errors import RecipeError, StageError
 from ..evaluate import perplexity
 from ..stage import Stage
 from ..targets import select_linears, set_module
-from .finetune import check_training_data
-from .training_common import LoraSpec, TrainingConfig, has_adapters, run_training, tail_mean, training_windows
+from .training_common import (LoraSpec, TrainingConfig, check_training_data, has_adapters, run_training, tail_mean,
+                              training_windows)
 
 
 class L4QConfig(TrainingConfig):
@@ -55,7 +55,7 @@ def check(recipe, entry, model) -> None:
         if module.in_features % config.group_size:
             raise RecipeError(f"{entry.where}.group_size: {config.group_size} does not divide in_features "
                               f"{module.in_features} of {name}")
-    check_training_data(recipe, entry)
+    check_training_data(recipe, entry.where, config.data)
 
 
 def _dense_start(module, config: L4QConfig) -> tuple[torch.nn.Linear, QuantizedWeight | None]:

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from compress.lowrank import LoRALinear
+from compress.lowrank import LoRALinear, merge_adapters
 from compress.prune import layer_units
 from compress.prune.recover import kept_positions, recover_factors
 from compress.prune.sparsity import KeepSparse, sparsify
@@ -39,11 +39,10 @@ from ..memory import release_freed_memory
 from ..recipe import TextOrigin
 from ..stage import Stage, StageConfig
 from ..targets import select_linears, set_module
-from .finetune import check_training_data
 from .prune import PruneConfig, prune_structured
 from .quantize import QuantSpec
-from .training_common import (LoraSpec, TrainingConfig, attach_adapters, lora_parameters, run_training, tail_mean,
-                              training_windows)
+from .training_common import (LoraSpec, TrainingConfig, attach_adapters, check_training_data, lora_parameters,
+                              run_training, tail_mean, training_windows)
 
 STRUCTURED = ("loraprune", "gradient", "magnitude", "random")
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # bitsandbytes NF4 with double quantization (QLoRA): 4.127
@@ -77,14 +76,9 @@ def check(recipe, entry, model) -> None:
     except (ValueError, AttributeError) as err:
         raise RecipeError(f"{entry.where}: {err}") from None
     for part in ("prune", "train"):
-        check_training_data(recipe, _Entry(f"{entry.where}.{part}", getattr(config, part)))
+        check_training_data(recipe, f"{entry.where}.{part}", getattr(config, part).data)
     if config.output == "merged" and any(e.config.format == "gptq" for e in recipe.later(entry.index, "export")):
         raise RecipeError(f"{entry.where}.output: merged leaves a dense model; add a quantize stage before a gptq export")
-
-
-class _Entry:
-    def __init__(self, where: str, config):
-        self.where, self.config = where, config
 
 
 def _linears(model) -> dict:
@@ -190,7 +184,7 @@ def run(ctx, config: LoramConfig, report) -> None:
     small_params = sum(p.numel() for p in small.parameters())
     _quantize_small(small, config.quantize_small)
     release_freed_memory()  # the large model's pruned parts: back to the OS before training is measured
-    small_bytes = {"as_run": _storage_bytes(small), "16bit": _storage_bytes(small, 2), "large": large_bytes}
+    storage = {"small": _storage_bytes(small), "small_16bit": _storage_bytes(small, 2), "large": large_bytes}
     seed = ctx.recipe.spec.seed if config.train.seed is None else config.train.seed
     attach_adapters(small, config.train.lora, seed)
     params = lora_parameters(small)
@@ -201,35 +195,32 @@ def run(ctx, config: LoramConfig, report) -> None:
     large = load_checkpoint(cache / "large", dtype=ctx.recipe.spec.dtype)
     count = _recover(small, large, removed)
     if config.output == "merged":
-        for name, layer in [(n, m) for n, m in large.named_modules() if isinstance(m, LoRALinear)]:
-            layer.merge()
-            set_module(large, name, layer.base_layer)
+        merge_adapters(large)
     ctx.model = large
     ctx.structure["loram"] = {"method": config.prune.method, "ratio": config.prune.ratio, "layers": removed}
     shutil.rmtree(cache, ignore_errors=True)
-    _report(report, config, result, large_params, small_params, small_bytes, count)
+    _report(report, config, result, large_params, small_params, storage, count)
 
 
-def _report(report, config: LoramConfig, result, large_params: int, small_params: int, small_bytes: dict,
+def _report(report, config: LoramConfig, result, large_params: int, small_params: int, storage: dict,
             count: int) -> None:
     """Training-time parameter memory, small vs large: measured (as run, and with dense tensors at 16
     bits, the paper's setting) and LoRAM's formula 4 x large / small parameters for a 4-bit small model."""
-    bits = {"nf4": NF4_BITS, None: 16.0}.get(config.quantize_small) if not isinstance(config.quantize_small,
-                                                                                       QuantSpec) else None
+    bits = None if isinstance(config.quantize_small, QuantSpec) else NF4_BITS if config.quantize_small else 16.0
     report.metrics.update(
-        large_params=large_params, small_params=small_params, small_storage_bytes=small_bytes["as_run"],
-        large_storage_bytes=small_bytes["large"], storage_reduction_measured=small_bytes["large"] / small_bytes["as_run"],
-        small_storage_bytes_16bit=small_bytes["16bit"], large_storage_bytes_16bit=2 * large_params,
-        storage_reduction_16bit=2 * large_params / small_bytes["16bit"],
+        large_params=large_params, small_params=small_params, small_storage_bytes=storage["small"],
+        large_storage_bytes=storage["large"], storage_reduction_measured=storage["large"] / storage["small"],
+        small_storage_bytes_16bit=storage["small_16bit"], large_storage_bytes_16bit=2 * large_params,
+        storage_reduction_16bit=2 * large_params / storage["small_16bit"],
         storage_reduction_4bit_formula=4 * large_params / small_params, recovered_layers=count,
         first_loss=result.losses[0], final_loss=tail_mean(result.losses), train_seconds=result.seconds,
         train_peak_rss_mib=result.peak_rss_mib, train_rss_growth_mib=result.rss_growth_mib,
         label=f"loram {config.prune.method} {config.prune.ratio:g}" + (" q" if config.quantize_small else ""))
     if bits is not None:
         report.metrics["storage_reduction_computed"] = 16 * large_params / (bits * small_params)
-    report.notes.append(f"small model {small_params:,} params, {small_bytes['16bit'] / 2**20:.1f} MiB with dense "
+    report.notes.append(f"small model {small_params:,} params, {storage['small_16bit'] / 2**20:.1f} MiB with dense "
                         f"tensors at 16 bits, vs large {large_params:,} params, {2 * large_params / 2**20:.1f} MiB: "
-                        f"{2 * large_params / small_bytes['16bit']:.2f}x less parameter memory; {count} adapters "
+                        f"{2 * large_params / storage['small_16bit']:.2f}x less parameter memory; {count} adapters "
                         f"recovered ({config.output})")
 
 

@@ -24,14 +24,14 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from compress.lowrank import merge_adapters
 from compress.prune import PruningHooks, layer_units, prunable_layers, prune_events, shrink_layer, update_config
 from compress.prune.units import ATTENTION, MLP
 
 from ..errors import RecipeError, StageError
 from ..stage import Stage
-from .finetune import check_training_data
-from .training_common import (LoraSpec, TrainingConfig, attach_adapters, has_adapters, lora_parameters, run_training,
-                              tail_mean, training_windows)
+from .training_common import (LoraSpec, TrainingConfig, attach_adapters, check_training_data, has_adapters,
+                              lora_parameters, run_training, tail_mean, training_windows)
 
 
 class PruneConfig(TrainingConfig):
@@ -65,19 +65,11 @@ def check(recipe, entry, model) -> None:
             if export.config.format != "native":
                 raise RecipeError(f"{export.where}.format: {export.config.format} cannot describe layers of different "
                                   f"widths left by {entry.where} (uniform: false); export native or prune uniform")
-    check_training_data(recipe, entry)
+    check_training_data(recipe, entry.where, config.data)
 
 
 def _prunable(config: PruneConfig, num_layers: int) -> list[int]:
     return list(range(num_layers)) if config.uniform else prunable_layers(num_layers, config.skip_first, config.skip_last)
-
-
-def _merge_all_adapters(model) -> None:
-    from compress.lowrank import LoRALinear
-    from compress.targets import set_module
-
-    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]:
-        set_module(model, name, module.merged_linear(module.base_layer.weight.dtype).requires_grad_(False))
 
 
 def _probe_logits(ctx) -> torch.Tensor:
@@ -98,7 +90,7 @@ def _shrink(ctx, hooks: PruningHooks, units: list) -> dict:
         removed[str(unit.index)] = {"kv_groups": torch.nonzero(~groups).flatten().tolist(),
                                     "channels": torch.nonzero(~channels).flatten().tolist(),
                                     "kv_groups_before": unit.kv_groups, "channels_before": unit.channels}
-    _merge_all_adapters(ctx.model)
+    merge_adapters(ctx.model)
     difference = float((masked - _probe_logits(ctx)).abs().max())
     if difference > 1e-3 * max(1.0, float(masked.abs().max())):
         raise StageError(f"{ctx.entry.where}: the shrunk model differs from the masked one (max |diff| {difference:.3g})")

@@ -1,10 +1,12 @@
-"""What the training stages share (``finetune``, ``prune``; later ``loram``): the training keys, new
-LoRA adapters, the token windows to train on, and one call that runs the loop with mid-training
-checkpoints under ``OUTPUT/.cache/train/`` (kept until the stage ends, used by ``--resume``)."""
+"""What the training stages share (``finetune``, ``prune``, ``loram``, ``l4q``): the training keys, new
+LoRA adapters, the check and the token windows of their text, and one call that runs the loop with
+mid-training checkpoints under ``OUTPUT/.cache/train/`` (kept until the stage ends, used by
+``--resume``)."""
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -12,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compress.lowrank import LoRALinear, init_default
 
-from ..errors import StageError
+from ..errors import RecipeError, StageError
 from ..memory import PeakMemory
 from ..recipe import TextOrigin
 from ..stage import StageConfig
@@ -80,6 +82,14 @@ def attach_adapters(model, spec: LoraSpec, seed: int) -> int:
 
 def lora_parameters(model) -> dict:
     return {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+
+
+def check_training_data(recipe, where: str, data: TextOrigin | None) -> None:
+    """A training stage's text (``data:`` at ``where``, else ``data.calibration``) exists."""
+    if data is not None and data.path is not None and not Path(data.path).is_file():
+        raise RecipeError(f"{where}.data.path: {data.path} does not exist")
+    if data is None and recipe.spec.data.calibration is None:
+        raise RecipeError(f"{where}: needs data: or data.calibration")
 
 
 def training_windows(ctx, config: TrainingConfig) -> torch.Tensor:
