@@ -4,7 +4,7 @@
 
 Every point runs the same ``prune`` stage (LoRA rank 8, alpha 16, lr 2e-4, batch 4 x 256 tokens of
 stdlib train text, a pruning event every ``steps / 10`` steps on the cubic ramp, LoRAPrune's layer
-exemptions: the first 10 % and the last layer stay whole) and differs only in ``method``; then the
+exemptions: the first 10 % and the last layer stay whole) and differs only in ``method`` (and ``score_columns`` for the upstream LoRAPrune scoring); then the
 held-out perplexity (stdlib eval, 32 x 512). Peak memory is the process RSS during the stage, and its
 growth over the RSS at the stage's start (the gradient criterion must keep dL/dW0 for every pruned
 matrix; LoRAPrune only the LoRA gradients). Reruns skip finished points (``results.jsonl``).
@@ -20,7 +20,9 @@ import os
 from pathlib import Path
 
 RATIOS = (0.2, 0.35, 0.5)
-METHODS = ("loraprune", "magnitude", "random", "gradient")
+# benchmark name -> prune stage keys; "loraprune+columns" is the upstream scoring (o/down columns summed in)
+METHODS = {"loraprune": {"method": "loraprune"}, "loraprune+columns": {"method": "loraprune", "score_columns": True},
+           "gradient": {"method": "gradient"}, "magnitude": {"method": "magnitude"}, "random": {"method": "random"}}
 DATA = {"calibration": {"source": "stdlib", "split": "train", "samples": 16, "seq_len": 256},
         "eval": {"source": "stdlib", "split": "eval", "samples": 32, "seq_len": 512}}
 log = logging.getLogger("prune_methods")
@@ -30,7 +32,7 @@ def run_point(out: Path, method: str, ratio: float, steps: int) -> dict:
     from compress import run_recipe
     from compress.recipe import parse_recipe
 
-    stage = {"prune": {"method": method, "ratio": ratio, "steps": steps, "every": max(1, steps // 10),
+    stage = {"prune": {**METHODS[method], "ratio": ratio, "steps": steps, "every": max(1, steps // 10),
                        "batch_size": 4, "grad_accum": 1, "seq_len": 256, "lr": 2.0e-4, "uniform": False,
                        "lora": {"rank": 8, "alpha": 16}, "save_every": 0}}
     name = f"{method}-{ratio}"
@@ -47,17 +49,26 @@ def run_point(out: Path, method: str, ratio: float, steps: int) -> dict:
 def memory_point(out: Path, method: str) -> dict:
     """Peak memory of the pruning loop alone at a small batch (1 x 128 tokens, 4 steps), where the
     criterion's own state dominates: LoRAPrune keeps LoRA gradients, ``gradient`` keeps dL/dW0 for every
-    pruned matrix. Run in a fresh process per method (``--memory``)."""
+    pruned matrix. Run in a fresh process per method (``--memory``), with glibc's mmap threshold fixed
+at 128 KiB (``MALLOC_MMAP_THRESHOLD_``) so that every large tensor is returned to the OS when freed
+and RSS follows the live tensors instead of the heap's high-water mark. ``baseline_rss_mib`` is the
+process after imports, before the model: peak minus baseline is what the model and the pruning loop
+hold at their peak."""
+    import psutil
+
     from compress import run_recipe
     from compress.recipe import parse_recipe
 
+    baseline_mib = psutil.Process().memory_info().rss / 2**20  # libraries imported, no model yet
     stage = {"prune": {"method": method, "ratio": 0.2, "steps": 4, "every": 2, "batch_size": 1, "grad_accum": 1,
                        "seq_len": 128, "samples": 4, "uniform": False, "lora": {"rank": 8, "alpha": 16},
                        "save_every": 0}}
     recipe = parse_recipe({"model": "smollm2-135m", "dtype": "float32", "data": DATA, "seed": 0, "stages": [stage],
                            "output": str(out / "memory" / method)})
     report = run_recipe(recipe, overwrite=True).reports[1]
-    return {"method": method, "peak_rss_mib": report.peak_rss_mib, "rss_growth_mib": report.metrics["rss_growth_mib"],
+    return {"method": method, "peak_rss_mib": report.peak_rss_mib, "baseline_rss_mib": baseline_mib,
+            "model_and_training_peak_mib": report.peak_rss_mib - baseline_mib,
+            "rss_growth_mib": report.metrics["rss_growth_mib"],
             "train_peak_rss_mib": report.metrics.get("train_peak_rss_mib"),
             "train_rss_growth_mib": report.metrics.get("train_rss_growth_mib")}
 
@@ -65,7 +76,7 @@ def memory_point(out: Path, method: str) -> dict:
 def markdown(rows: list[dict]) -> str:
     lines = ["| ratio | method | perplexity | params after | removed | bf16 MiB | seconds | peak RSS MiB | RSS growth MiB |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in sorted(rows, key=lambda r: (r["ratio"], METHODS.index(r["method"]))):
+    for row in sorted(rows, key=lambda r: (r["ratio"], list(METHODS).index(r["method"]))):
         lines.append(f"| {row['ratio']} | {row['method']} | {row['ppl']:.3f} | {row['params_after']:,} | "
                      f"{1 - row['params_after'] / row['params_before']:.1%} | {row['bytes_after_bf16'] / 2**20:.0f} | "
                      f"{row['seconds']:.0f} | {row['peak_rss_mib']:.0f} | {row['rss_growth_mib']:.0f} |")
@@ -113,7 +124,7 @@ def main() -> None:
         rows = []
         for method in ("loraprune", "gradient"):
             done = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--memory-method", method],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
             line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 raise SystemExit(f"{method} failed:\n{done.stderr[-3000:]}")

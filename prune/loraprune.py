@@ -6,6 +6,13 @@ module's vector L2-normalized) and blended into a moving average (0.9). At each 
 lowest-scoring units of every prunable layer are masked until the layer reaches the event's ratio;
 already-masked units score zero, so they stay masked. Kept widths are rounded up so that they stay
 multiples of ``round_to`` (channels; for heads the q width), so packing and kernels still apply.
+
+With ``score_columns=False`` only the modules whose units are output rows are scored (q/k/v for KV
+groups, gate/up for channels), not o_proj/down_proj, whose units are input columns. That is the
+default for ``loraprune``: its estimate of a column, Ĝ[:, j] = G_W AᵀA[:, j] (+ B Bᵀ G_W[:, j]), mixes
+every input column through the rank-r projection AᵀA, so it carries almost nothing of column j's own
+gradient while B is small (Spearman ≈ 0.0 against the true per-column scores on SmolLM2-135M, against
+0.8-0.97 for rows; BENCHMARKS.md). The upstream code sums the columns in anyway.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from compress.training import TrainHooks
 
 from .importance import ImportanceAverage, weight_importance
 from .masks import OutputMasks
-from .units import ATTENTION, MLP, LayerUnits, attention_unit_scores, mlp_unit_scores
+from .units import ATTENTION, COLUMN_LEAVES, MLP, LayerUnits, attention_unit_scores, mlp_unit_scores
 
 
 def kept_count(total: int, ratio: float, width: int = 1, round_to: int = 1) -> int:
@@ -42,8 +49,10 @@ def highest_kept(scores: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.T
 
 class PruningHooks(TrainHooks):
     def __init__(self, model: nn.Module, units: list[LayerUnits], criterion: str, events: dict[int, float],
-                 prune_heads: bool = True, prune_channels: bool = True, round_to: int = 32, seed: int = 0):
+                 prune_heads: bool = True, prune_channels: bool = True, round_to: int = 32, seed: int = 0,
+                 score_columns: bool = True):
         self.model, self.units, self.criterion, self.events = model, units, criterion, events
+        self.scored = [leaf for leaf in ATTENTION + MLP if score_columns or leaf not in COLUMN_LEAVES]
         self.prune_heads, self.prune_channels, self.round_to = prune_heads, prune_channels, round_to
         self.masks = OutputMasks(model, units)
         self.average = ImportanceAverage(0.9)
@@ -53,7 +62,7 @@ class PruningHooks(TrainHooks):
     def after_backward(self, step: int) -> None:
         for unit in self.units:
             scores = {leaf: weight_importance(self.model.get_submodule(unit.module(leaf)), self.criterion,
-                                              self.generator) for leaf in ATTENTION + MLP}
+                                              self.generator) for leaf in self.scored}
             if self.prune_heads:
                 self.average.update(f"{unit.index}.heads", attention_unit_scores(unit, scores))
             if self.prune_channels:

@@ -19,6 +19,7 @@ from torch import nn
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+COLUMN_LEAVES = ("o_proj", "down_proj")  # their units are input columns; the others' are output rows
 
 
 @dataclass(frozen=True)

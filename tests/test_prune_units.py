@@ -134,3 +134,31 @@ def test_pruning_hooks_mask_the_lowest_units_and_keep_them_masked():
     for index, (groups, channels) in hooks.masks.kept.items():
         assert int(groups.sum()) == 1 and int(channels.sum()) == 128
         assert not bool((channels & ~first[index][1]).any())  # a masked channel never comes back
+
+
+def test_pruning_hooks_without_columns_ignore_o_and_down_proj():
+    """score_columns=False (loraprune's default) scores units from q/k/v and gate/up rows only: large
+    o_proj/down_proj columns change nothing, while with columns they decide the kept channels."""
+    model = _with_adapters(gqa_model(2))
+    unit = layer_units(model)[1]
+    with torch.no_grad():
+        down = model.get_submodule(unit.module("down_proj")).base_layer.weight
+        down[:, :128] *= 1000.0  # channels 0..127 look important to the down_proj columns only
+    kept = {}
+    for score_columns in (False, True):
+        hooks = PruningHooks(model, [unit], "magnitude", {1: 0.5}, round_to=32, score_columns=score_columns)
+        assert ("down_proj" in hooks.scored) == ("o_proj" in hooks.scored) == score_columns
+        hooks.after_backward(1)
+        hooks.after_step(1)
+        kept[score_columns] = hooks.masks.kept[unit.index][1].clone()
+        hooks.masks.remove()
+    assert bool(kept[True][:128].all())
+    assert int(kept[False][:128].sum()) < 100  # rows alone: about half of them, not all
+
+
+def test_prune_stage_scores_columns_except_for_loraprune():
+    from compress.stages.prune import PruneConfig, _score_columns
+
+    assert not _score_columns(PruneConfig(method="loraprune"))
+    assert _score_columns(PruneConfig(method="loraprune", score_columns=True))
+    assert _score_columns(PruneConfig(method="gradient")) and _score_columns(PruneConfig(method="magnitude"))

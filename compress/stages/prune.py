@@ -14,12 +14,14 @@ of each prunable layer are masked, following a cubic ramp from 0 to ``ratio`` be
 ``uniform: true`` prunes every layer by the same count and writes a standard config (any format
 can export it); otherwise the first ``skip_first`` fraction of layers and the last ``skip_last`` are
 left whole (LoRAPrune's default) and only ``native`` can hold the per-layer widths. Kept widths are
-multiples of ``round_to``. The removed indices per layer go to ``config.json`` (``compress_pruning``).
+multiples of ``round_to``. ``loraprune`` scores units from the modules where they are output rows
+(q/k/v, gate/up) unless ``score_columns: true``: its estimate for o_proj/down_proj input columns is
+mostly noise (see compress/prune/loraprune.py). The removed indices per layer go to ``config.json`` (``compress_pruning``).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from pydantic import Field
@@ -46,6 +48,7 @@ class PruneConfig(TrainingConfig):
     prune_warmup: float = Field(0.1, ge=0, lt=1)
     prune_cooldown: float = Field(0.1, ge=0, lt=1)
     grad_accum: int = Field(1, ge=1)
+    score_columns: Optional[bool] = None  # default: false for loraprune (noise there), true otherwise
     lora: LoraSpec = LoraSpec(rank=8, alpha=16)
 
 
@@ -66,6 +69,10 @@ def check(recipe, entry, model) -> None:
                 raise RecipeError(f"{export.where}.format: {export.config.format} cannot describe layers of different "
                                   f"widths left by {entry.where} (uniform: false); export native or prune uniform")
     check_training_data(recipe, entry.where, config.data)
+
+
+def _score_columns(config: PruneConfig) -> bool:
+    return config.method != "loraprune" if config.score_columns is None else config.score_columns
 
 
 def _prunable(config: PruneConfig, num_layers: int) -> list[int]:
@@ -112,7 +119,7 @@ def prune_structured(ctx, config: PruneConfig, report, phase: str = "prune") -> 
     attach_adapters(ctx.model, config.lora, seed)
     events = prune_events(config.steps, config.every, config.ratio, 0.0, config.prune_warmup, config.prune_cooldown)
     hooks = PruningHooks(ctx.model, chosen, config.method, events, "heads" in config.units,
-                         "channels" in config.units, config.round_to, seed)
+                         "channels" in config.units, config.round_to, seed, _score_columns(config))
     grad_only = {}
     if config.method == "gradient":  # the true dL/dW0 needs W0 to require grad: the baseline's memory cost
         grad_only = {f"{u.module(leaf)}.weight": ctx.model.get_submodule(u.module(leaf)).base_layer.weight
