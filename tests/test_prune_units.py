@@ -162,3 +162,40 @@ def test_prune_stage_scores_columns_except_for_loraprune():
     assert not _score_columns(PruneConfig(method="loraprune"))
     assert _score_columns(PruneConfig(method="loraprune", score_columns=True))
     assert _score_columns(PruneConfig(method="gradient")) and _score_columns(PruneConfig(method="magnitude"))
+
+
+def test_gradient_and_magnitude_criteria_match_float64_autograd():
+    """|dL/dW0 ⊙ W0| and |W0 + s B A| against a float64 reference computed without our code."""
+    layer = LoRALinear(torch.nn.Linear(16, 8, bias=False), 4, 8)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, 16)
+    layer.base_layer.weight.requires_grad_(True)
+    layer(x).pow(2).sum().backward()
+    w0 = layer.base_layer.weight.detach().double().requires_grad_(True)
+    a, b = layer.lora_A.weight.detach().double(), layer.lora_B.weight.detach().double()
+    (x.double() @ (w0 + layer.scaling * b @ a).T).pow(2).sum().backward()
+    torch.testing.assert_close(weight_importance(layer, "gradient").double(), (w0.grad * w0).abs().detach(),
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(weight_importance(layer, "magnitude").double(),
+                               (w0 + layer.scaling * b @ a).abs().detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_importance_average_is_an_ema_that_skips_non_finite_updates():
+    from compress.prune.importance import ImportanceAverage
+
+    average = ImportanceAverage(0.9)
+    assert average.update("k", torch.tensor([1.0, 2.0]))
+    assert average.update("k", torch.tensor([11.0, 2.0]))
+    torch.testing.assert_close(average.values["k"], torch.tensor([2.0, 2.0]))  # 0.9 * 1 + 0.1 * 11
+    assert not average.update("k", torch.tensor([float("nan"), 1.0]))
+    torch.testing.assert_close(average.values["k"], torch.tensor([2.0, 2.0]))
+    restored = ImportanceAverage()
+    restored.load_state_dict(average.state_dict())
+    assert restored.decay == 0.9 and torch.equal(restored.values["k"], average.values["k"])
+
+
+def test_random_criterion_is_seeded():
+    layer = torch.nn.Linear(16, 8)
+    draws = [weight_importance(layer, "random", torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1]) and draws[0].shape == (8, 16)
+    assert not torch.equal(draws[0], weight_importance(layer, "random", torch.Generator().manual_seed(4)))
