@@ -81,7 +81,8 @@ def weight_components(config: QuantConfig, shape: tuple[int, int]) -> dict[str, 
     if config.kind == "uniform":
         groups = config.groups(in_features)
         return {"codes": config.bits * numel, "scales": 16 * groups * out_features,
-                "zeros": 0 if config.sym else config.bits * groups * out_features, "second_level": 0}
+                "zeros": 0 if config.sym else (16 if config.float_zero else config.bits) * groups * out_features,
+                "second_level": 0}
     blocks = -(-numel // config.block)
     dtype_bits = 32 if config.scale_dtype == "float32" else 16
     return {"codes": config.bits * numel, "scales": config.scale_bits * blocks, "zeros": 0,

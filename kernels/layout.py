@@ -16,7 +16,8 @@ plane       tensor                                 code of row k, column n
   planes because the 96-bit straddling runs defeat per-word addressing. ``zeros`` [G, N] holds the
   zero points unpacked (uint8, or int16 when an 8-bit zero is 256; 3-bit kernels and the CPU path
   read it); ``zero_mode`` is 0 when every zero is
-  the symmetric constant 2^(b-1) (nothing is read), 1 when kernels read ``qzeros``, 2 for ``zeros``.
+  the symmetric constant 2^(b-1) (nothing is read), 1 when kernels read ``qzeros``, 2 for ``zeros``,
+  3 for float zeros (``float_zero`` configs: ``zeros`` is their fp16 [G, N] tensor, read as fp32).
 - nf: the row-major flattened codes are repacked into the same K-major planes; the per-block scales
   stay double-quantized (``scale_codes`` unpacked to uint8 [B], second-level ``scale_scales`` as fp32,
   the fp32 ``scale_offset``) and are dequantized on the fly as in ``quant.normalfloat``.
@@ -49,7 +50,7 @@ class KernelWeight:
     # uniform
     scales: torch.Tensor | None = None  # fp16 [G, N]
     qzeros: torch.Tensor | None = None  # GPTQ v1 packed (zero - 1) [G, ceil(N/32)*b]
-    zeros: torch.Tensor | None = None  # uint8 (int16 if any zero is 256) [G, N]
+    zeros: torch.Tensor | None = None  # uint8 (int16 if any zero is 256; fp16 in zero_mode 3) [G, N]
     zero_mode: int = 0
     group_size: int = 0  # rows per group when groups are contiguous (partial last group allowed)
     g_idx: torch.Tensor | None = None  # int32 [K] when groups are not contiguous (act order)
@@ -95,11 +96,15 @@ def _uniform_layout(weight: QuantizedWeight) -> KernelWeight:
         codes, codes_hi = code_planes(unpack_codes(tensors["qweight"], 3, in_features, dim=0), 3)
     else:
         codes, codes_hi = tensors["qweight"], None
+    scales = tensors["scales"]
+    size = contiguous_group_size(tensors["g_idx"], scales.shape[0])
+    if weight.config.float_zero:
+        return KernelWeight(kind="uniform", bits=bits, shape=weight.shape, codes=codes, codes_hi=codes_hi,
+                            scales=scales, zeros=tensors["zeros"], zero_mode=3, group_size=size or 0,
+                            g_idx=None if size else tensors["g_idx"].contiguous())
     zeros = unpack_codes(tensors["qzeros"], bits, out_features, dim=1) + 1  # [G, N]
     symmetric = bool((zeros == 2 ** (bits - 1)).all())
     zero_mode = 0 if symmetric else (2 if bits == 3 else 1)
-    scales = tensors["scales"]
-    size = contiguous_group_size(tensors["g_idx"], scales.shape[0])
     return KernelWeight(
         kind="uniform", bits=bits, shape=weight.shape, codes=codes, codes_hi=codes_hi, scales=scales,
         qzeros=tensors["qzeros"], zeros=zeros.to(torch.uint8 if int(zeros.max()) < 256 else torch.int16), zero_mode=zero_mode,

@@ -61,12 +61,12 @@ def unpack_rows(weight: KernelWeight, start: int, stop: int) -> torch.Tensor:
 
 
 def _zeros(weight: KernelWeight, groups: torch.Tensor | slice) -> torch.Tensor:
-    """int16 zero points of the given groups ([G', N])."""
+    """Zero points of the given groups ([G', N]): int16, or fp32 for float zeros (zero_mode 3)."""
     if weight.zero_mode == 0:
         count = weight.scales[groups].shape[0]
         return torch.full((count, weight.shape[0]), 2 ** (weight.bits - 1), dtype=torch.int16,
                           device=weight.device)
-    return weight.zeros[groups].to(torch.int16)
+    return weight.zeros[groups].to(torch.float32 if weight.zero_mode == 3 else torch.int16)
 
 
 def _nf_scales(weight: KernelWeight, blocks: torch.Tensor) -> torch.Tensor:

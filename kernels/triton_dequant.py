@@ -7,7 +7,8 @@ compiler does not contract a multiply-add (always in the interpreter):
 - codes: word ``k // pf`` of a K-major plane, shifted by ``(k % pf) * bits`` (AutoGPTQ's addressing);
   3-bit codes come from a 2-bit plane and a 1-bit plane;
 - uniform (FORMAT 0): ``(q - zero) * scale`` with the group ``k // GROUP`` or ``g_idx[k]``; the zero
-  is the constant 2^(b-1) (ZERO_MODE 0), read from GPTQ v1 ``qzeros`` plus one (1) or read unpacked (2);
+  is the constant 2^(b-1) (ZERO_MODE 0), read from GPTQ v1 ``qzeros`` plus one (1), read unpacked (2),
+  or a float read from fp16 ``zeros`` (3, ``float_zero`` configs: ``(q - zero) * scale`` in fp32);
 - nf (FORMAT 1): ``lut[q] * (c * (s2 / levels) + offset)`` with the block ``(n*K + k) // NF_BLOCK``,
   its uint8 scale code ``c`` and second-level scale ``s2``: double quantization undone on the fly.
 
@@ -55,15 +56,18 @@ def uniform_tile(codes, k_start, offs_k, offs_n, mask, N, K, scales_ptr, zeros_p
     index = group_rows[:, None] * N + offs_n[None, :]
     scale = tl.load(scales_ptr + index, mask=col_mask, other=0.0).to(tl.float32)
     if ZERO_MODE == 0:
-        zero = 1 << (BITS - 1)
+        tile = (codes - (1 << (BITS - 1))).to(tl.float32) * scale
     elif ZERO_MODE == 1:  # GPTQ v1 qzeros [G, ceil(N/32)*BITS], packed along N, stored as zero - 1
         PER_WORD: tl.constexpr = 32 // BITS
         row = ((N + 31) // 32) * BITS
         words = tl.load(zeros_ptr + group_rows[:, None] * row + offs_n[None, :] // PER_WORD, mask=col_mask, other=0)
         zero = ((words >> ((offs_n[None, :] % PER_WORD) * BITS)) & ((1 << BITS) - 1)) + 1
-    else:
-        zero = tl.load(zeros_ptr + index, mask=col_mask, other=0).to(tl.int32)
-    return (codes - zero).to(tl.float32) * scale
+        tile = (codes - zero).to(tl.float32) * scale
+    elif ZERO_MODE == 2:
+        tile = (codes - tl.load(zeros_ptr + index, mask=col_mask, other=0).to(tl.int32)).to(tl.float32) * scale
+    else:  # 3: float zeros, fp16 [G, N]
+        tile = (codes.to(tl.float32) - tl.load(zeros_ptr + index, mask=col_mask, other=0.0).to(tl.float32)) * scale
+    return tile
 
 
 @triton.jit

@@ -62,7 +62,7 @@ def weight_args(weight: KernelWeight) -> tuple[list, dict]:
     dummy = weight.codes
     hi = weight.codes_hi if weight.codes_hi is not None else dummy
     if weight.kind == "uniform":
-        zeros = {0: dummy, 1: weight.qzeros, 2: weight.zeros}[weight.zero_mode]
+        zeros = {0: dummy, 1: weight.qzeros, 2: weight.zeros, 3: weight.zeros}[weight.zero_mode]
         gidx = weight.g_idx if weight.g_idx is not None else dummy
         args = [weight.codes, hi, weight.scales, zeros, gidx, weight.group_size or 1, dummy, dummy, dummy, dummy]
         meta = dict(FORMAT=0, BITS=weight.bits, ZERO_MODE=weight.zero_mode, USE_GIDX=weight.g_idx is not None,
@@ -143,7 +143,7 @@ def _uniform_weight(in_features, codes, codes_hi, scales, zeros, g_idx, bits, gr
                     out_features) -> KernelWeight:
     return KernelWeight(kind="uniform", bits=bits, shape=(out_features, in_features), codes=codes,
                         codes_hi=codes_hi, scales=scales, qzeros=zeros if zero_mode == 1 else None,
-                        zeros=zeros if zero_mode == 2 else None, zero_mode=zero_mode,
+                        zeros=zeros if zero_mode in (2, 3) else None, zero_mode=zero_mode,
                         group_size=group_size, g_idx=g_idx)
 
 
@@ -158,7 +158,7 @@ def _nf_weight(in_features, codes, codes_hi, lut, scale_codes, scale_scales, sca
 def dequant_matmul_uniform(x: torch.Tensor, codes: torch.Tensor, codes_hi: torch.Tensor | None,
                            scales: torch.Tensor, zeros: torch.Tensor | None, g_idx: torch.Tensor | None,
                            bits: int, group_size: int, zero_mode: int, out_features: int) -> torch.Tensor:
-    """x @ W^T for a uniform (GPTQ-layout) weight; ``zeros`` is qzeros (zero_mode 1) or unpacked (2)."""
+    """x @ W^T for a uniform (GPTQ-layout) weight; ``zeros`` is qzeros (zero_mode 1), unpacked (2) or float (3)."""
     weight = _uniform_weight(x.shape[-1], codes, codes_hi, scales, zeros, g_idx, bits, group_size, zero_mode,
                              out_features)
     return triton_dequant_matmul(x, weight)
@@ -213,7 +213,7 @@ dequant_matmul_nf.register_autograd(_grad_input(_nf_weight), setup_context=_save
 def custom_op_call(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
     """Run ``weight`` through its custom op (what the dispatcher calls, and what torch.compile sees)."""
     if weight.kind == "uniform":
-        zeros = {0: None, 1: weight.qzeros, 2: weight.zeros}[weight.zero_mode]
+        zeros = {0: None, 1: weight.qzeros, 2: weight.zeros, 3: weight.zeros}[weight.zero_mode]
         return torch.ops.compress.dequant_matmul_uniform(
             x, weight.codes, weight.codes_hi, weight.scales, zeros, weight.g_idx, weight.bits,
             weight.group_size, weight.zero_mode, weight.shape[0])

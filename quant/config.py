@@ -4,7 +4,9 @@ Two families, one frozen dataclass:
 
 - ``uniform``: group-wise affine integers along the input dimension (GPTQ layout): ``bits`` in
   {2, 3, 4, 8}, ``group_size`` weights per fp16 scale (``-1`` = one group per output channel),
-  ``sym`` (symmetric: the zero point is the constant 2^(bits-1) and is not counted as storage).
+  ``sym`` (symmetric: the zero point is the constant 2^(bits-1) and is not counted as storage),
+  ``float_zero`` (asymmetric with an fp16 zero point per group instead of a packed integer one: what
+  L4Q learns; the ``native`` format only, since GPTQ stores integer zeros).
 - ``nf``: NormalFloat codebook (QLoRA / LQ-LoRA) over row-major blocks of ``block`` weights, with
   the per-block absmax scales themselves quantized to ``scale_bits`` unsigned integers in groups of
   ``scale_block``, whose scales are stored in ``scale_dtype`` (double quantization).
@@ -12,6 +14,7 @@ Two families, one frozen dataclass:
 Bits per parameter, as the papers count them (codes + scales + zeros):
 
     uniform: bits + 16 / group + (bits / group if asym)      int4 g128 asym = 4.15625
+             (16 / group for an fp16 zero instead)           int4 g128 float zero = 4.25
     nf:      bits + scale_bits / block + dtype_bits / (block * scale_block)
              NF4, 8-bit scales over 64, fp32 over 256 = 4.127
 """
@@ -38,6 +41,7 @@ class QuantConfig:
     bits: int
     group_size: int = 128
     sym: bool = False
+    float_zero: bool = False
     block: int = 64
     scale_bits: int = 8
     scale_block: int = 256
@@ -51,7 +55,11 @@ class QuantConfig:
         if self.kind == "uniform":
             if self.group_size != -1 and self.group_size < 1:
                 raise ValueError(f"group_size: {self.group_size} must be -1 (per channel) or positive")
+            if self.float_zero and self.sym:
+                raise ValueError("float_zero: a symmetric config has no zero point to store")
         else:
+            if self.float_zero:
+                raise ValueError("float_zero: only uniform configs have zero points")
             if self.block < 1 or self.scale_block < 1:
                 raise ValueError("block and scale_block must be positive")
             if self.scale_bits not in SUPPORTED_BITS:
@@ -61,8 +69,8 @@ class QuantConfig:
 
     # construction -------------------------------------------------------------------------
     @classmethod
-    def uniform(cls, bits: int, group_size: int = 128, sym: bool = False) -> "QuantConfig":
-        return cls(kind="uniform", bits=bits, group_size=group_size, sym=sym)
+    def uniform(cls, bits: int, group_size: int = 128, sym: bool = False, float_zero: bool = False) -> "QuantConfig":
+        return cls(kind="uniform", bits=bits, group_size=group_size, sym=sym, float_zero=float_zero)
 
     @classmethod
     def nf(cls, bits: int, block: int = 64, scale_bits: int = 8, scale_block: int = 256,
@@ -80,7 +88,8 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         if self.kind == "uniform":
-            return {"type": "uniform", "bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+            fields = {"type": "uniform", "bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+            return {**fields, "float_zero": True} if self.float_zero else fields
         return {"type": "nf", "bits": self.bits, "block": self.block, "scale_bits": self.scale_bits,
                 "scale_block": self.scale_block, "scale_dtype": self.scale_dtype}
 
@@ -93,10 +102,14 @@ class QuantConfig:
     def name(self) -> str:
         if self.kind == "uniform":
             group = "ch" if self.group_size == -1 else f"g{self.group_size}"
-            return f"int{self.bits}-{group}-{'sym' if self.sym else 'asym'}"
+            return f"int{self.bits}-{group}-{'sym' if self.sym else 'fzero' if self.float_zero else 'asym'}"
         return f"nf{self.bits}-b{self.block}-s{self.scale_bits}x{self.scale_block}-{self.scale_dtype}"
 
     # storage --------------------------------------------------------------------------------
+    @property
+    def _zero_bits(self) -> int:
+        return UNIFORM_SCALE_BITS if self.float_zero else self.bits
+
     def groups(self, in_features: int) -> int:
         """Number of scale groups along the input dimension (uniform)."""
         size = in_features if self.group_size == -1 else self.group_size
@@ -109,7 +122,7 @@ class QuantConfig:
         if self.kind == "uniform":
             if self.group_size == -1:
                 return float(self.bits)
-            zeros = 0.0 if self.sym else self.bits / self.group_size
+            zeros = 0.0 if self.sym else self._zero_bits / self.group_size
             return self.bits + UNIFORM_SCALE_BITS / self.group_size + zeros
         return (self.bits + self.scale_bits / self.block
                 + SCALE_DTYPES[self.scale_dtype] / (self.block * self.scale_block))
@@ -123,6 +136,8 @@ class QuantConfig:
             groups = self.groups(in_features)
             codes = _padded(in_features, PACK_WORD_CODES) * self.bits * out_features
             scales = groups * out_features * UNIFORM_SCALE_BITS
+            if self.float_zero:
+                return codes + scales + groups * out_features * UNIFORM_SCALE_BITS
             zeros = 0 if self.sym else groups * _padded(out_features, PACK_WORD_CODES) * self.bits
             return codes + scales + zeros
         numel = out_features * in_features

@@ -10,6 +10,7 @@ uniform    qweight         int32      [ceil(K/32)*b, N]   GPTQ v1: codes packed 
 uniform    qzeros          int32      [G, ceil(N/32)*b]   zero - 1 packed along N
 uniform    scales          float16    [G, N]
 uniform    g_idx           int32      [K]                 group of each input row
+float0     zeros           float16    [G, N]              in place of qzeros (``float_zero``)
 nf         codes           int32      [ceil(N*K/32)*b]    row-major flattened codes
 nf         scale_codes     int32      [ceil(B/32)*sb]     B = ceil(N*K/block) block scales
 nf         scale_scales    scale_dt   [ceil(B/scale_block)]
@@ -34,9 +35,11 @@ def tensor_specs(config: QuantConfig, shape: tuple[int, int]) -> dict[str, tuple
     out_features, in_features = shape
     if config.kind == "uniform":
         groups = config.groups(in_features)
+        zeros = (("zeros", (torch.float16, (groups, out_features))) if config.float_zero
+                 else ("qzeros", (torch.int32, (groups, packed_length(out_features, config.bits)))))
         return {
             "qweight": (torch.int32, (packed_length(in_features, config.bits), out_features)),
-            "qzeros": (torch.int32, (groups, packed_length(out_features, config.bits))),
+            zeros[0]: zeros[1],
             "scales": (torch.float16, (groups, out_features)),
             "g_idx": (torch.int32, (in_features,)),
         }

@@ -7,7 +7,10 @@ Weights are ``W[out, in]`` (the ``nn.Linear`` orientation); groups run along ``i
 - asym: the group range [min(w, 0), max(w, 0)] maps onto [0, maxq]; ``zero`` is an integer, kept
   >= 1 because GPTQ v1 stores ``zero - 1`` (a group whose best zero is 0 gets zero = 1 and the
   scale that still reaches its maximum);
-- sym: ``zero = 2^(bits-1)`` and the scale is the smallest that represents both extremes.
+- sym: ``zero = 2^(bits-1)`` and the scale is the smallest that represents both extremes;
+- float zero (``float_zero``): the group's own range [min, max] maps onto [0, maxq] with an fp16
+  zero ``-min / scale`` that is not rounded; the code is ``round(w / scale + zero)``. Stored as
+  ``zeros`` fp16 [G, N] in place of ``qzeros`` (``native`` only: GPTQ has no such field).
 
 Scales are rounded to fp16 (what the checkpoint holds) before the codes are computed, so the
 in-memory quantized weight and the reloaded one are identical.
@@ -37,10 +40,13 @@ def _group_view(weight: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def choose_qparams(weight: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group (scale fp16 [N, G], zero int32 [N, G]) for a float weight [N, K]."""
+    """Per-group (scale fp16 [N, G], zero int32 [N, G], or fp16 with ``float_zero``) for a float weight [N, K]."""
     maxq = 2**config.bits - 1
     groups = _group_view(weight.float(), effective_group(config, weight.shape[1]))
     low, high = torch.aminmax(groups, dim=2)
+    if config.float_zero:
+        scale = ((high - low) / maxq).clamp(min=FP16_SMALLEST).to(torch.float16)
+        return scale, (-low / scale.float()).to(torch.float16)
     low, high = low.clamp(max=0), high.clamp(min=0)
     if config.sym:
         zero = torch.full_like(low, 2 ** (config.bits - 1))
@@ -60,7 +66,10 @@ def quantize_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     """Integer codes [N, K] (uint8) for a weight given its per-group scale and zero."""
     group = effective_group(config, weight.shape[1])
     groups = _group_view(weight.float(), group)
-    codes = (groups / scale.float().unsqueeze(2)).round_().add_(zero.float().unsqueeze(2))
+    if config.float_zero:
+        codes = (groups / scale.float().unsqueeze(2)).add_(zero.float().unsqueeze(2)).round_()
+    else:
+        codes = (groups / scale.float().unsqueeze(2)).round_().add_(zero.float().unsqueeze(2))
     codes = codes.clamp_(0, 2**config.bits - 1).to(torch.uint8)
     return codes.view(weight.shape[0], -1)[:, : weight.shape[1]]
 
@@ -78,10 +87,23 @@ def default_g_idx(in_features: int, config: QuantConfig) -> torch.Tensor:
 
 
 def quantize_rtn(weight: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tensor]:
-    """Round-to-nearest quantization of a float weight [N, K] into GPTQ v1 tensors."""
+    """Round-to-nearest quantization of a float weight [N, K] into GPTQ v1 tensors (or the
+    float-zero tensors)."""
     scale, zero = choose_qparams(weight, config)
     codes = quantize_codes(weight, scale, zero, config)
-    return to_gptq_tensors(codes, scale, zero, config)
+    pack = to_float_zero_tensors if config.float_zero else to_gptq_tensors
+    return pack(codes, scale, zero, config)
+
+
+def to_float_zero_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                          config: QuantConfig) -> dict[str, torch.Tensor]:
+    """Codes [N, K] packed as GPTQ's qweight, fp16 scale and zero [N, G] stored as [G, N]."""
+    return {
+        "qweight": pack_codes(codes.t(), config.bits, dim=0),
+        "zeros": zero.to(torch.float16).t().contiguous(),
+        "scales": scale.t().contiguous(),
+        "g_idx": default_g_idx(codes.shape[1], config),
+    }
 
 
 def to_gptq_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -99,10 +121,10 @@ def to_gptq_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
 
 def from_gptq_tensors(tensors: dict[str, torch.Tensor], bits: int,
                       shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes [N, K], scale fp16 [N, G], zero int32 [N, G]) from GPTQ v1 tensors."""
+    """(codes [N, K], scale fp16 [N, G], zero [N, G]: int32, fp32 for float zeros) from GPTQ v1 tensors."""
     out_features, in_features = shape
     codes = unpack_codes(tensors["qweight"], bits, in_features, dim=0).t()
-    zero = unpack_codes(tensors["qzeros"], bits, out_features, dim=1).t() + 1
+    zero = unpacked_zeros(tensors, bits, out_features).t()
     return codes, tensors["scales"].t(), zero
 
 
@@ -116,13 +138,21 @@ def contiguous_group_size(g_idx: torch.Tensor, groups: int) -> int | None:
     return size if torch.equal(g_idx, default) else None
 
 
+def unpacked_zeros(tensors: dict[str, torch.Tensor], bits: int, out_features: int) -> torch.Tensor:
+    """Zero points [G, N]: int32 from GPTQ v1 ``qzeros`` (stored minus one), or fp32 from ``zeros``."""
+    if "zeros" in tensors:
+        return tensors["zeros"].float()
+    return unpack_codes(tensors["qzeros"], bits, out_features, dim=1) + 1
+
+
 def dequantize_gptq(tensors: dict[str, torch.Tensor], bits: int, shape: tuple[int, int]) -> torch.Tensor:
-    """Float32 weight [N, K] of a GPTQ v1 matrix: scales[g] * (q - (qzeros[g] + 1)).
+    """Float32 weight [N, K] of a GPTQ v1 matrix: scales[g] * (q - (qzeros[g] + 1)); with an fp16
+    ``zeros`` tensor instead (float zero), scales[g] * (q - zeros[g]) in fp32.
 
     Returned as the transpose of a contiguous [K, N] tensor (the layout the codes unpack into)."""
     out_features, in_features = shape
     codes = unpack_codes(tensors["qweight"], bits, in_features, dim=0)  # [K, N]
-    zero = unpack_codes(tensors["qzeros"], bits, out_features, dim=1) + 1  # [G, N]
+    zero = unpacked_zeros(tensors, bits, out_features)  # [G, N]
     scale = tensors["scales"].float()
     size = contiguous_group_size(tensors["g_idx"], scale.shape[0])
     if size is None:  # act-order checkpoints: gather each row's group

@@ -28,6 +28,8 @@ def nf_and_odd(name):
         return QuantConfig.nf(3, 32, 4, 16, "bfloat16")
     if "o_proj" in name:
         return QuantConfig.uniform(4, 48)  # partial last group of 128 inputs
+    if "v_proj" in name:
+        return QuantConfig.uniform(3, 32, float_zero=True)  # fp16 zeros (L4Q zero_point: float)
     return QuantConfig.nf(4)
 
 
@@ -133,6 +135,9 @@ def test_gptq_refuses_before_writing(tmp_path):
     nf = quantize_model(micro_llama(), lambda n: QuantConfig.nf(4))
     with pytest.raises(CheckpointError, match="NormalFloat"):
         write_gptq(nf, tmp_path / "nf")
+    float_zero = quantize_model(micro_llama(), lambda n: QuantConfig.uniform(4, 32, float_zero=True))
+    with pytest.raises(CheckpointError, match="float zero points; GPTQ stores integer zeros only"):
+        write_gptq(float_zero, tmp_path / "float_zero")
     split = quantize_model(micro_llama(), lambda n: QuantConfig.uniform(8 if "k_proj" in n else 4, 32))
     with pytest.raises(CheckpointError, match="engines fuse these"):
         write_gptq(split, tmp_path / "split")

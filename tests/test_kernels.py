@@ -24,7 +24,8 @@ SHAPES = [(96, 200), (40, 96), (64, 384)]  # (N, K): K and N not powers of two; 
 # explicit launch configs with 32-row K tiles: every tile inside one group/block (GROUP_ALIGNED path)
 ALIGNED = {"gemv": {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 2},
            "gemm": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}}
-UNIFORM = [QuantConfig.uniform(b, g, sym) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1) for sym in (False, True)]
+UNIFORM = [QuantConfig.uniform(b, g, sym) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1) for sym in (False, True)] + [
+    QuantConfig.uniform(b, g, float_zero=True) for b in (2, 3, 4, 8) for g in (64, -1)]  # fp16 zeros (L4Q float)
 NF = [QuantConfig.nf(b, block=block) for b in (2, 3, 4, 8) for block in (32, 64)] + [
     QuantConfig.nf(4, block=64, scale_bits=3, scale_block=16, scale_dtype="bfloat16")]
 CONFIGS = UNIFORM + NF

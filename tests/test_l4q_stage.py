@@ -1,6 +1,7 @@
 """The l4q stage: trains LoRA and step/offset through the fake-quantized merge, ends with packed
 integer-zero weights that export as GPTQ and carry no adapter; starting from a quantize stage's
-scales reproduces that stage's model; finalizing equals the fake quantization when the zero is integer."""
+scales reproduces that stage's model; finalizing equals the fake quantization when the zero is integer;
+zero_point: float keeps fp16 zeros and exports native."""
 
 import re
 
@@ -29,6 +30,35 @@ def test_finalize_equals_fake_quantization_with_an_integer_zero():
     torch.testing.assert_close(packed.dequantize(), layer.quantized_weight(), rtol=0, atol=1e-6)
 
 
+def test_finalize_with_float_zero_keeps_the_learned_offset():
+    """zero_point: float packs the fake-quantized weight up to the fp16 rounding of the zero, and
+    is closer to it than the integer-zero packing when the offsets are off the integer grid."""
+    torch.manual_seed(0)
+    layer = L4QLinear(torch.nn.Linear(64, 16), rank=4, alpha=8, bits=3, group_size=32)
+    with torch.no_grad():
+        layer.offset.add_(0.37 * layer.step)  # a learned offset between two integer zeros
+    target = layer.quantized_weight()
+    packed, rounded = finalize(layer, float_zero=True), finalize(layer)
+    assert packed.config.name == "int3-g32-fzero" and packed.zeros.dtype == torch.float16
+    step = layer.step.detach().repeat_interleave(32, dim=1)
+    error = (packed.dequantize() - target).abs()
+    # fp16 step and zero: a weight within rounding of a level boundary may take the next code
+    assert float((error <= 1e-2 * step).float().mean()) > 0.99 and bool((error <= 1.01 * step).all())
+    assert error.mean() < 0.1 * (rounded.dequantize() - target).abs().mean()
+
+
+@pytest.mark.slow
+def test_l4q_float_zero_exports_native(tmp_path, probe_ids):
+    stages = L4Q.format(steps=2, lr="1.0e-3").replace("alpha: 8}", "alpha: 8}, zero_point: float") + \
+        "\n  - eval: {}\n  - export: {format: native}"
+    result = compress.run_recipe(compress.load_recipe(tiny_recipe(tmp_path, stages)))
+    assert "perplexity_float_zero" in result.reports[1].metrics
+    assert result.reports[-1].metrics["reload_max_abs_logit_diff"] == 0.0
+    model = compress.load(tmp_path / "out" / "checkpoint")
+    configs = {m.config.name for m in model.modules() if isinstance(m, QuantLinear)}
+    assert configs == {"int4-g32-fzero"}
+
+
 @pytest.mark.slow
 def test_l4q_ends_fully_quantized_and_exports_gptq(tmp_path, probe_ids):
     stages = L4Q.format(steps=6, lr="1.0e-3") + "\n  - eval: {}\n  - export: {format: gptq}"
@@ -52,6 +82,13 @@ def test_l4q_from_a_quantize_stage_starts_at_its_model(tmp_path, probe_ids):
     torch.testing.assert_close(logits(after, probe_ids), logits(start, probe_ids), rtol=0, atol=1e-4)
 
 
-def test_bad_l4q_recipes_fail_before_loading(tmp_path):
-    result = run_cli("validate", tiny_recipe(tmp_path, "  - l4q: {group_size: 48}"))
-    assert result.returncode == 2 and re.search(r"stages\[0\]\.l4q\.group_size: 48 does not divide", result.stderr)
+@pytest.mark.parametrize("stages, message", [
+    ("  - l4q: {group_size: 48}", r"stages\[0\]\.l4q\.group_size: 48 does not divide"),
+    ("  - l4q: {zero_point: float}\n  - export: {format: gptq}",
+     r"stages\[1\]\.export\.format: gptq stores integer zero points; stages\[0\]\.l4q \(zero_point: float\)"),
+    ("  - l4q: {zero_point: half}", r"stages\[0\]\.l4q\.zero_point"),
+])
+def test_bad_l4q_recipes_fail_before_loading(tmp_path, stages, message):
+    result = run_cli("validate", tiny_recipe(tmp_path, stages))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.search(message, result.stderr), result.stderr

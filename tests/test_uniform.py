@@ -76,3 +76,25 @@ def test_zero_group_and_more_bits_less_error():
         assert torch.equal(restored[:, :32], torch.zeros(8, 32))
         errors.append(float((restored - weight).norm()))
     assert errors == sorted(errors, reverse=True)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_float_zero_rtn_matches_float64_reference(bits):
+    """float_zero: each group's own [min, max] onto [0, maxq], fp16 scale and unrounded fp16 zero,
+    code = round(w / scale + zero); against a float64 loop, and never worse than integer zeros."""
+    weight = torch.randn(12, 128, generator=torch.Generator().manual_seed(bits)) * 0.05 + 0.02
+    config = QuantConfig.uniform(bits, 32, float_zero=True)
+    ours = QuantizedWeight.quantize(weight, config)
+    assert set(ours.tensors) == {"qweight", "zeros", "scales", "g_idx"} and ours.tensors["zeros"].dtype == torch.float16
+    maxq, expected = 2**bits - 1, torch.empty(12, 128, dtype=torch.float64)
+    for n in range(12):
+        for start in range(0, 128, 32):
+            g = weight[n, start:start + 32].double()
+            scale = float(torch.tensor((float(g.max()) - float(g.min())) / maxq).half())
+            zero = float(torch.tensor(-float(g.min()) / scale).half())
+            codes = torch.clamp(torch.round(g / scale + zero), 0, maxq)
+            expected[n, start:start + 32] = (codes - zero) * scale
+    differ = (ours.dequantize().double() - expected).abs() > 1e-6 * weight.abs().max()
+    assert differ.float().mean() < 2e-3, f"{int(differ.sum())} elements differ"
+    integer = QuantizedWeight.quantize(weight, QuantConfig.uniform(bits, 32)).dequantize()
+    assert (ours.dequantize() - weight).pow(2).mean() <= (integer - weight).pow(2).mean()

@@ -38,6 +38,9 @@ def gptq_problems(configs: dict[str, QuantConfig], shapes: dict[str, tuple[int, 
         if config.kind != "uniform":
             problems.append(f"{name}: {config.name} is a NormalFloat config; GPTQ holds uniform integers "
                             "only (export format native keeps it)")
+        elif config.float_zero:
+            problems.append(f"{name}: {config.name} has float zero points; GPTQ stores integer zeros only "
+                            "(export format native keeps them)")
         if (config.kind == "uniform" and config.group_size != -1
                 and shapes[name][1] % config.group_size):
             problems.append(f"{name}: group_size {config.group_size} does not divide in_features="

@@ -19,7 +19,7 @@ from ..errors import CheckpointError, brief
 from .load import read_layout
 from .tensors import tensor_files
 
-COUNTED = {"uniform": ("qweight", "scales", "qzeros"), "nf": ("codes", "scale_codes", "scale_scales", "scale_offset")}
+COUNTED = {"uniform": ("qweight", "scales", "qzeros", "zeros"), "nf": ("codes", "scale_codes", "scale_scales", "scale_offset")}
 BYTES_PER = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8, "U8": 1, "I8": 1, "F64": 8, "BOOL": 1}
 
 
@@ -61,7 +61,7 @@ def _module_row(name: str, config: QuantConfig, shape, meta: dict) -> dict:
            "bytes": sum(_nbytes(*v) for v in tensors.values()),
            "counted_bits": 8 * sum(_nbytes(*tensors[t]) for t in counted)}
     if config.kind == "uniform":
-        row.update(group_size=config.group_size, sym=config.sym)
+        row.update(group_size=config.group_size, sym=config.sym, float_zero=config.float_zero)
     else:
         row.update(block=config.block, scale_bits=config.scale_bits, scale_block=config.scale_block)
     return row

@@ -11,8 +11,10 @@ fake-quantized W0 + s B A (``lr`` for LoRA, ``quant_lr`` for step/offset) on ``d
 ``data.calibration``. Step/offset start from min-max per group, or, for a layer an earlier
 ``quantize`` stage packed with the same bits and group size, from its scales and zeros (its
 dequantized weight is then W0). At the end LoRA is merged and the weight quantized with the learned
-parameters; ``zero_point: integer`` rounds offset / step to an integer zero (GPTQ-compatible) and the
-report gives the perplexity before and after that rounding when the recipe has eval data.
+parameters: codes round((W - offset) / step) with fp16 scale = step. ``zero_point: integer`` rounds
+-offset / step to an integer zero (GPTQ-compatible); ``float`` keeps it as an fp16 zero per group
+(``int<b>-g<g>-fzero``, 16 more bits per group, ``native`` export only). The report gives the
+perplexity of the fake-quantized model and of the packed one when the recipe has eval data.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pydantic import Field
 from compress.lowrank import LoRALinear
 from compress.lowrank.l4q import L4QLinear
 from compress.quant import QuantConfig, QuantizedWeight, QuantLinear
-from compress.quant.uniform import quantize_codes, to_gptq_tensors
+from compress.quant.uniform import quantize_codes, to_float_zero_tensors, to_gptq_tensors
 
 from ..errors import RecipeError, StageError
 from ..evaluate import perplexity
@@ -41,7 +43,7 @@ class L4QConfig(TrainingConfig):
     lr: float = Field(1.0e-4, gt=0)
     quant_lr: float = Field(1.0e-5, gt=0)
     lora: LoraSpec = LoraSpec(rank=16, alpha=32)
-    zero_point: Literal["integer"] = "integer"
+    zero_point: Literal["integer", "float"] = "integer"
     targets: list[str] = ["Linear"]
     ignore: list[str] = ["lm_head"]
 
@@ -55,6 +57,11 @@ def check(recipe, entry, model) -> None:
         if module.in_features % config.group_size:
             raise RecipeError(f"{entry.where}.group_size: {config.group_size} does not divide in_features "
                               f"{module.in_features} of {name}")
+    if config.zero_point == "float":
+        for export in recipe.later(entry.index, "export"):
+            if export.config.format != "native":
+                raise RecipeError(f"{export.where}.format: {export.config.format} stores integer zero points; "
+                                  f"{entry.where} (zero_point: float) needs native, or zero_point: integer")
     check_training_data(recipe, entry.where, config.data)
 
 
@@ -74,15 +81,20 @@ def _dense_start(module, config: L4QConfig) -> tuple[torch.nn.Linear, QuantizedW
     return module, None
 
 
-def finalize(layer: L4QLinear) -> QuantLinear:
-    """Merge the LoRA and quantize with the learned step and an integer zero = round(-offset / step)."""
-    config = QuantConfig.uniform(layer.bits, layer.group_size, sym=False)
+def finalize(layer: L4QLinear, float_zero: bool = False) -> QuantLinear:
+    """Merge the LoRA and quantize with the learned step and zero = -offset / step: rounded to an
+    integer (GPTQ), or kept as fp16 with ``float_zero``."""
+    config = QuantConfig.uniform(layer.bits, layer.group_size, sym=False, float_zero=float_zero)
     with torch.no_grad():
         scale = layer.step.detach().to(torch.float16).clamp(min=torch.finfo(torch.float16).tiny)
-        zero = torch.round(-layer.offset.detach() / scale.float()).clamp(1, 2**layer.bits - 1).to(torch.int32)
+        zero = -layer.offset.detach() / scale.float()
+        if float_zero:
+            zero, pack = zero.to(torch.float16), to_float_zero_tensors
+        else:
+            zero, pack = torch.round(zero).clamp(1, 2**layer.bits - 1).to(torch.int32), to_gptq_tensors
         merged = layer.merged_weight()
         codes = quantize_codes(merged, scale, zero, config)
-        weight = QuantizedWeight(config, tuple(merged.shape), to_gptq_tensors(codes, scale, zero, config))
+        weight = QuantizedWeight(config, tuple(merged.shape), pack(codes, scale, zero, config))
     return QuantLinear.from_weight(weight, layer.base_layer.bias)
 
 
@@ -111,14 +123,16 @@ def run(ctx, config: L4QConfig, report) -> None:
     evaluate = ctx.recipe.spec.data.eval is not None
     if evaluate:
         report.metrics["perplexity_float_offset"] = perplexity(ctx.model, ctx.windows("eval"))
+    float_zero = config.zero_point == "float"
     for name, layer in layers.items():
-        set_module(ctx.model, name, finalize(layer))
-        ctx.plan[name] = QuantConfig.uniform(config.bits, config.group_size, sym=False)
+        packed = finalize(layer, float_zero)
+        set_module(ctx.model, name, packed)
+        ctx.plan[name] = packed.config
     if evaluate:
-        report.metrics["perplexity_integer_zero"] = perplexity(ctx.model, ctx.windows("eval"))
-        report.notes.append(f"rounding the zero point to an integer: perplexity "
-                            f"{report.metrics['perplexity_float_offset']:.3f} -> "
-                            f"{report.metrics['perplexity_integer_zero']:.3f}")
+        key = f"perplexity_{config.zero_point}_zero"
+        report.metrics[key] = perplexity(ctx.model, ctx.windows("eval"))
+        report.notes.append(f"packing with {config.zero_point} zero points: perplexity "
+                            f"{report.metrics['perplexity_float_offset']:.3f} -> {report.metrics[key]:.3f}")
     report.metrics.update(first_loss=result.losses[0], final_loss=tail_mean(result.losses), layers=len(layers),
                           train_seconds=result.seconds, train_peak_rss_mib=result.peak_rss_mib,
                           train_rss_growth_mib=result.rss_growth_mib,
