@@ -4,7 +4,8 @@
     compress validate RECIPE                       check a recipe without loading weights
     compress inspect PATH [--json]                 what a checkpoint stores, bits per parameter
     compress eval PATH [--data SOURCE] [--json]    perplexity of any model or checkpoint
-    compress plan --model CONFIG [--gpu-gib G]     inference memory per precision, from the config alone
+    compress plan RECIPE | --model CONFIG [--gpu-gib G] [--chart PNG]
+                                                   memory per stage, or per precision and training method
 
 Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 130 interrupted.
 """
@@ -107,26 +108,39 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from rich.table import Table
+    from compress.errors import CompressError
+    from compress.plan_report import model_plan, plan_chart, plan_tables, recipe_plan
 
-    from compress.plan import GIB, INFERENCE_CANDIDATES, architecture_for, inference_breakdown
+    if (args.recipe is None) == (args.model is None):
+        raise CompressError("plan: give a recipe or --model CONFIG (one of them)")
+    if args.recipe is not None:
+        from compress import load_recipe
 
-    arch = architecture_for(args.model)
-    rows = {name: inference_breakdown(arch, config, args.batch, args.seq) for name, config in INFERENCE_CANDIDATES.items()}
+        plan = recipe_plan(load_recipe(args.recipe), args.gpu_gib)
+    else:
+        from compress.plan import architecture_for
+        from compress.plan_training import TrainingSetup
+
+        setup = TrainingSetup(rank=args.rank, batch=args.batch, seq=args.train_seq or args.seq,
+                              checkpointing=args.checkpointing, optimizer=args.optimizer)
+        plan = model_plan(architecture_for(args.model), args.model, args.batch, args.seq, args.gpu_gib, setup)
+    if args.chart:
+        plan_chart(plan, args.chart)
     if args.json:
-        print(json.dumps({"model": args.model, "batch": args.batch, "seq": args.seq, "gpu_gib": args.gpu_gib,
-                          "params": arch.total_params(), "inference": rows}, indent=2))
+        print(json.dumps(plan, indent=2))
         return 0
-    table = Table(title=f"{args.model}: inference memory, batch {args.batch} x {args.seq} tokens (GiB)")
-    for column in ("weights", "packed", "dense", "KV cache", "activations", "total", "fits"):
-        table.add_column(column, justify="right" if column != "weights" else "left")
-    for name, parts in rows.items():
-        total = sum(parts.values()) / GIB
-        packed = (parts["codes"] + parts["scales"] + parts["zeros"] + parts["second_level"]) / GIB
-        fits = "-" if args.gpu_gib is None else ("yes" if total <= args.gpu_gib else "no")
-        table.add_row(name, f"{packed:.2f}", f"{parts['dense'] / GIB:.2f}", f"{parts['kv_cache'] / GIB:.2f}",
-                      f"{parts['activations'] / GIB:.2f}", f"{total:.2f}", fits)
-    _console().print(table)
+    console = _console()
+    for table in plan_tables(plan):
+        console.print(table)
+    if "fit" in plan:
+        fit = plan["fit"]
+        console.print(f"fits in {args.gpu_gib:g} GiB: inference {fit['inference'] or 'nothing'}, "
+                      f"training {fit['training'] or 'nothing'}")
+    if "peak_stage" in plan:
+        console.print(f"peak: {plan['peak_gib']:.2f} GiB in stage {plan['peak_stage']}"
+                      + (f" ({'fits' if plan['fits'] else 'does not fit'} in {args.gpu_gib:g} GiB)" if "fits" in plan else ""))
+    if args.chart:
+        console.print(f"chart: {args.chart}")
     return 0
 
 
@@ -157,12 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_eval)
-    plan = commands.add_parser("plan", help="memory needed by a model at each precision (config only)")
-    plan.add_argument("--model", required=True, help="preset (llama-2-7b, llama-3.1-70b, ...), built-in name, "
-                      "model directory or config.json")
-    plan.add_argument("--gpu-gib", type=float, default=None)
+    plan = commands.add_parser("plan", help="memory a model or a recipe needs (config only, nothing loaded)")
+    plan.add_argument("recipe", nargs="?", help="a recipe: the memory of each stage as it will run")
+    plan.add_argument("--model", help="preset (llama-2-7b, llama-3.1-70b, ...), built-in name, model directory "
+                                      "or config.json: every precision and training method")
+    plan.add_argument("--gpu-gib", type=float, default=None, help="GPU memory: what fits")
     plan.add_argument("--batch", type=int, default=1)
-    plan.add_argument("--seq", type=int, default=4096)
+    plan.add_argument("--seq", type=int, default=4096, help="inference sequence length")
+    plan.add_argument("--train-seq", type=int, default=None, help="training sequence length (default --seq)")
+    plan.add_argument("--rank", type=int, default=16, help="LoRA rank for the training plans")
+    plan.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the training plans")
+    plan.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw")
+    plan.add_argument("--chart", help="write a stacked bar chart (PNG) of the breakdown here")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=cmd_plan)
     return parser

@@ -119,17 +119,19 @@ INFERENCE_CANDIDATES = {
 GIB = 1 << 30
 
 
-def inference_breakdown(arch: Architecture, config: QuantConfig | None, batch: int = 1, seq: int = 4096,
-                        adapter_rank: int = 0, adapter_bits: float = 16.0) -> dict[str, float]:
-    """Bytes of each part of an inference deployment: packed weight components (or 16-bit weights),
-    dense embeddings/lm_head/norms at 16 bits, adapters, the 16-bit KV cache, and the transient
-    activations of one layer plus the last token's fp32 logits."""
+def inference_breakdown(arch: Architecture, config: QuantConfig | dict[str, QuantConfig] | None, batch: int = 1,
+                        seq: int = 4096, adapter_rank: int = 0, adapter_bits: float = 16.0) -> dict[str, float]:
+    """Bytes of each part of an inference deployment: packed weight components (one config for every
+    projection, or an ILP plan {module name: config}; modules it leaves out stay 16-bit), dense
+    embeddings/lm_head/norms at 16 bits, adapters, the 16-bit KV cache, and the transient activations
+    of one layer plus the last token's fp32 logits."""
     parts = {"codes": 0.0, "scales": 0.0, "zeros": 0.0, "second_level": 0.0}
-    for shape in arch.linear_shapes().values():
-        if config is None:
+    for name, shape in arch.linear_shapes().items():
+        module_config = config.get(name) if isinstance(config, dict) else config
+        if module_config is None:
             parts["codes"] += 16 * shape[0] * shape[1]
         else:
-            for key, bits in weight_components(config, shape).items():
+            for key, bits in weight_components(module_config, shape).items():
                 parts[key] += bits
     result = {key: bits / 8 for key, bits in parts.items()}
     result["dense"] = 2 * sum(arch.dense_params().values())

@@ -47,10 +47,11 @@ class TrainingSetup:
     compute_bytes: int = 2
     base_bytes: int = 2
     base: QuantConfig | None = None
+    base_bits: float | None = None  # a mixed-precision base (LQ-LoRA's budget): bits per projection weight
     optimizer: str = "adamw"
     checkpointing: bool = False
     l4q: QuantConfig = field(default_factory=lambda: QuantConfig.uniform(4, 64))
-    prune_ratio: float = 0.0  # loram: uniform structured ratio on layers [prune_start, prune_end)
+    prune_ratio: float = 0.0  # a pruned model (LoRAM's small one): uniform ratio on layers [prune_start, prune_end)
     prune_start: int = 0
     prune_end: int | None = None
     gradient_criterion: bool = False  # prune: the true-gradient criterion keeps dL/dW0
@@ -70,8 +71,7 @@ def layer_shape_list(arch: Architecture, setup: TrainingSetup) -> list[dict[str,
     pruned = arch.layer_shapes(arch.kv_heads - math.floor(arch.kv_heads * setup.prune_ratio),
                                arch.intermediate - math.ceil(arch.intermediate * setup.prune_ratio))
     full = arch.layer_shapes()
-    prunes = setup.method == "loram" and setup.prune_ratio > 0
-    return [pruned if prunes and setup.prune_start <= i < end else full for i in range(arch.layers)]
+    return [pruned if setup.prune_ratio > 0 and setup.prune_start <= i < end else full for i in range(arch.layers)]
 
 
 def _layer_activation_values(shapes: dict[str, tuple[int, int]], arch: Architecture, rank: int) -> int:
@@ -103,7 +103,9 @@ def _frozen_base(arch: Architecture, setup: TrainingSetup, layers: list[dict]) -
     linear = 0.0
     for shapes in layers:
         for shape in shapes.values():
-            if setup.base is None:
+            if setup.base_bits is not None:
+                linear += shape[0] * shape[1] * setup.base_bits / 8
+            elif setup.base is None:
                 linear += shape[0] * shape[1] * setup.base_bytes
             else:
                 linear += sum(weight_components(setup.base, shape).values()) / 8
@@ -128,7 +130,7 @@ def _transient(arch: Architecture, setup: TrainingSetup, layers: list[dict]) -> 
         return 8 * 4 * largest
     if setup.method == "prune":
         return 6 * 4 * largest
-    if setup.base is not None:
+    if setup.base is not None or setup.base_bits is not None:
         return 2 * setup.compute_bytes * largest
     return 0.0
 

@@ -106,3 +106,39 @@ def test_training_fit_degrades_with_less_memory():
     order = ["lora", "qlora", "qloram-0.5", "qloram-0.65", "qloram-0.85", None]
     assert [order.index(c) for c in choices] == sorted(order.index(c) for c in choices)
     assert choices[3] is not None and choices[3].startswith("qloram")
+
+
+def test_recipe_plan_walks_the_stages(tmp_path):
+    """Each stage with what earlier stages left: QLoRA over LQ-LoRA's budget (budget_gib gives the same
+    bytes as the ILP's accounting), pruned shapes after prune, L4Q's packed result at eval."""
+    import json
+
+    import compress
+    from compress.plan_report import recipe_plan
+    from conftest import run_cli, tiny_recipe
+
+    stages = """  - prune: {method: loraprune, ratio: 0.5, uniform: true, steps: 4, batch_size: 2, seq_len: 32}
+  - lq_lora: {rank: 8, budget_gib: 0.0001}
+  - finetune: {steps: 2, batch_size: 2, seq_len: 64, optimizer: adamw8bit}
+  - eval: {}
+  - l4q: {bits: 3, group_size: 32, steps: 2, batch_size: 2, seq_len: 64}
+  - export: {format: gptq}"""
+    recipe = compress.load_recipe(tiny_recipe(tmp_path, stages))
+    plan = recipe_plan(recipe, gpu_gib=1.0)
+    labels = list(plan["stages"])
+    assert labels[0] == "0: prune (loraprune)" and labels[2].startswith("2: finetune (qlora, LQ-LoRA")
+    arch = architecture_for(recipe.spec.model)
+    dense = 4 * sum(arch.dense_params().values())  # float32 recipe
+    finetune = plan["stages"][labels[2]]
+    assert finetune["frozen_base"] == pytest.approx(dense + 0.0001 * 2**30, rel=1e-9)  # the budget, exactly
+    assert finetune["optimizer"] == finetune["trainable"] / 2  # 8-bit AdamW: 2 bytes per fp32 parameter
+    pruned = plan["stages"][labels[1]]["frozen_base"]
+    assert pruned < plan["stages"][labels[0]]["frozen_base"]  # the dense model after pruning is smaller
+    assert plan["peak_gib"] == max(sum(p.values()) for p in plan["stages"].values()) / 2**30 and plan["fits"]
+    chart = tmp_path / "plan.png"
+    result = run_cli("plan", str(tmp_path / "recipe.yaml"), "--json", "--chart", str(chart))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["stages"].keys() == plan["stages"].keys()
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    both = run_cli("plan", str(tmp_path / "recipe.yaml"), "--model", "llama-2-7b")
+    assert both.returncode == 2 and "one of them" in both.stderr and "Traceback" not in both.stderr
