@@ -80,7 +80,8 @@ def _stage_rows(arch: Architecture, entry, state: _State) -> list[tuple[str, dic
         rank = config.lora.rank if config.lora is not None else state.rank
         method = "lora" if state.base_label == "dense" else "qlora"
         state.rank = rank
-        return [(f"finetune ({method}, {state.base_label})", training_breakdown(arch, _training_setup(state.setup, config, method, rank)))]
+        setup = _training_setup(state.setup, config, method, rank)
+        return [(f"finetune ({method}, {state.base_label})", training_breakdown(arch, setup))]
     if name == "l4q":
         setup = replace(_training_setup(state.setup, config, "l4q", config.lora.rank),
                         l4q=_uniform(config.bits, config.group_size))

@@ -54,6 +54,7 @@ class TrainResult:
     tokens: int = 0
     peak_rss_mib: float = 0.0  # filled by callers that measure the loop (process RSS)
     rss_growth_mib: float = 0.0
+    model_mib: float = 0.0  # the model's tensors (parameters and buffers, shared ones once) when training began
 
 
 class TrainHooks:

@@ -73,7 +73,8 @@ def run(ctx, config: FinetuneConfig, report) -> None:
                           tokens=result.tokens, first_loss=result.losses[0] if result.losses else None,
                           final_loss=tail_mean(result.losses), resumed_from_step=result.resumed_from,
                           train_seconds=result.seconds, train_peak_rss_mib=result.peak_rss_mib,
-                          train_rss_growth_mib=result.rss_growth_mib, label=f"finetune {config.steps} steps")
+                          train_rss_growth_mib=result.rss_growth_mib, train_model_mib=result.model_mib,
+                          label=f"finetune {config.steps} steps")
     report.metrics["losses"] = [round(x, 5) for x in result.losses]
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
     report.notes.append(f"{trainable:,} trainable parameters; loss {result.losses[0]:.4f} -> "

@@ -135,7 +135,7 @@ def run(ctx, config: L4QConfig, report) -> None:
                             f"{report.metrics['perplexity_float_offset']:.3f} -> {report.metrics[key]:.3f}")
     report.metrics.update(first_loss=result.losses[0], final_loss=tail_mean(result.losses), layers=len(layers),
                           train_seconds=result.seconds, train_peak_rss_mib=result.peak_rss_mib,
-                          train_rss_growth_mib=result.rss_growth_mib,
+                          train_rss_growth_mib=result.rss_growth_mib, train_model_mib=result.model_mib,
                           label=f"l4q int{config.bits}-g{config.group_size}")
 
 

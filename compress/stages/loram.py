@@ -215,6 +215,7 @@ def _report(report, config: LoramConfig, result, large_params: int, small_params
         storage_reduction_4bit_formula=4 * large_params / small_params, recovered_layers=count,
         first_loss=result.losses[0], final_loss=tail_mean(result.losses), train_seconds=result.seconds,
         train_peak_rss_mib=result.peak_rss_mib, train_rss_growth_mib=result.rss_growth_mib,
+        train_model_mib=result.model_mib,
         label=f"loram {config.prune.method} {config.prune.ratio:g}" + (" q" if config.quantize_small else ""))
     if bits is not None:
         report.metrics["storage_reduction_computed"] = 16 * large_params / (bits * small_params)

@@ -137,7 +137,8 @@ def prune_structured(ctx, config: PruneConfig, report, phase: str = "prune") -> 
                           events=len(events), uniform_config=standard, final_loss=tail_mean(result.losses),
                           first_loss=result.losses[0], shrink_max_abs_logit_diff=shrunk["shrink_max_abs_logit_diff"],
                           train_seconds=result.seconds, train_peak_rss_mib=result.peak_rss_mib,
-                          train_rss_growth_mib=result.rss_growth_mib, label=f"{config.method} {config.ratio:g}")
+                          train_rss_growth_mib=result.rss_growth_mib, train_model_mib=result.model_mib,
+                          label=f"{config.method} {config.ratio:g}")
     report.notes.append(f"{len(chosen)} of {len(units)} layers pruned at {len(events)} events; parameters "
                         f"{params_before:,} -> {params_after:,} ({1 - params_after / params_before:.1%} removed); "
                         + ("standard config" if standard else "per-layer widths (native only)"))

@@ -117,6 +117,7 @@ def run_training(ctx, config: TrainingConfig, params: dict, windows: torch.Tenso
             result = train(ctx.model, params, windows, settings, state_dir, ctx.resume, evaluate, ctx.track,
                            hooks, grad_only, param_lr)
         result.peak_rss_mib, result.rss_growth_mib = peak.rss_mib, peak.rss_mib - peak.start_rss_mib
+        result.model_mib = model_tensor_bytes(ctx.model) / 2**20
     except StageError as err:
         kept = " (the last saved training state is kept)" if (state_dir / "train_state.pt").is_file() else ""
         raise StageError(f"{ctx.entry.where}: {err}{kept}") from None
@@ -125,6 +126,15 @@ def run_training(ctx, config: TrainingConfig, params: dict, windows: torch.Tenso
             ctx.model.gradient_checkpointing_disable()
     shutil.rmtree(state_dir, ignore_errors=True)
     return result
+
+
+def model_tensor_bytes(model) -> int:
+    """Bytes of a model's parameters and buffers, each storage counted once (tied embeddings)."""
+    storages = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type != "meta":
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def tail_mean(losses: list[float], count: int = 10) -> float | None:
