@@ -52,6 +52,20 @@ def test_non_uniform_widths_round_trip_through_native(tmp_path, probe_ids):
 
 
 @pytest.mark.slow
+def test_dropping_the_lora_keeps_the_original_weights_at_kept_positions(tmp_path, tiny_pair):
+    stages = PRUNE.format(method="loraprune", uniform="true").replace("save_every: 2", "save_every: 2, merge_lora: false")
+    compress.run_recipe(compress.load_recipe(tiny_recipe(tmp_path, stages + "\n  - export: {format: hf}")))
+    pruned = compress.load(tmp_path / "out" / "checkpoint")
+    removed = pruned.config.compress_pruning["layers"]
+    for index, layer in enumerate(pruned.model.layers):
+        original = tiny_pair[0].model.layers[index].mlp
+        gone = set(removed[str(index)]["channels"])
+        kept = [c for c in range(original.gate_proj.out_features) if c not in gone]
+        assert torch.equal(layer.mlp.gate_proj.weight, original.gate_proj.weight[kept])
+        assert torch.equal(layer.mlp.down_proj.weight, original.down_proj.weight[:, kept])
+
+
+@pytest.mark.slow
 def test_prune_then_lq_lora_then_finetune_then_export(tmp_path, probe_ids):
     stages = PRUNE.format(method="loraprune", uniform="true") + """
   - lq_lora: {rank: 4, budget_bits: 4.0, iterations: 2}

@@ -8,7 +8,9 @@
 
 LoRAM (Zhang et al., ICLR 2025): the large model is set aside (written to ``OUTPUT/.cache/loram/``),
 a copy is pruned (``prune``: any ``prune`` stage method, structured; or ``semi`` 2:4 /
-``unstructured`` magnitude masks, shapes unchanged), optionally aligned by ``align_steps`` of
+``unstructured`` magnitude masks, shapes unchanged; the LoRA of a LoRAPrune run only scores units and
+is dropped, so the small model holds the large model's own weights at the kept positions, as in
+LoRAM, unless ``prune: {merge_lora: true}``), optionally aligned by ``align_steps`` of
 full-parameter training with lm_head frozen (``align_lr``, on ``align_data`` or ``data.calibration``:
 general text, not the fine-tuning domain), optionally quantized (``quantize_small``:
 ``nf4`` through bitsandbytes with double quantization = QLoRAM, or any ``quantize`` config), and
@@ -51,6 +53,7 @@ NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # bitsandbytes NF4 with double quantiza
 class LoramPrune(PruneConfig):
     method: Literal["loraprune", "gradient", "magnitude", "random", "semi", "unstructured"] = "loraprune"
     uniform: bool = True
+    merge_lora: bool = False
 
 
 class LoramTrain(TrainingConfig):

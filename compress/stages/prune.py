@@ -10,7 +10,8 @@ LoRA adapters (``lora``) are trained on ``data:`` or ``data.calibration`` while 
 one, the memory-hungry baseline; ``magnitude``; ``random``). Every ``every`` steps the lowest units
 of each prunable layer are masked, following a cubic ramp from 0 to ``ratio`` between the
 ``prune_warmup`` and ``prune_cooldown`` fractions of the steps; the last event lands exactly on
-``ratio``. At the end the masked units are removed from the weights and the adapters merged.
+``ratio``. At the end the masked units are removed from the weights and the adapters merged (they
+have learned to compensate for the removed units), or dropped with ``merge_lora: false``.
 ``uniform: true`` prunes every layer by the same count and writes a standard config (any format
 can export it); otherwise the first ``skip_first`` fraction of layers and the last ``skip_last`` are
 left whole (LoRAPrune's default) and only ``native`` can hold the per-layer widths. Kept widths are
@@ -26,7 +27,7 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field
 
-from compress.lowrank import merge_adapters
+from compress.lowrank import LoRALinear, merge_adapters
 from compress.prune import PruningHooks, layer_units, prunable_layers, prune_events, shrink_layer, update_config
 from compress.prune.units import ATTENTION, MLP
 
@@ -48,6 +49,7 @@ class PruneConfig(TrainingConfig):
     prune_warmup: float = Field(0.1, ge=0, lt=1)
     prune_cooldown: float = Field(0.1, ge=0, lt=1)
     grad_accum: int = Field(1, ge=1)
+    merge_lora: bool = True  # false: drop the LoRA, keep the original weights at the kept positions
     score_columns: Optional[bool] = None  # default: false for loraprune (noise there), true otherwise
     lora: LoraSpec = LoraSpec(rank=8, alpha=16)
 
@@ -86,8 +88,14 @@ def _probe_logits(ctx) -> torch.Tensor:
         return ctx.model(input_ids=probe, use_cache=False).logits.float()
 
 
-def _shrink(ctx, hooks: PruningHooks, units: list) -> dict:
-    """Remove the masked units, merge the adapters; returns the removed indices per layer."""
+def _shrink(ctx, hooks: PruningHooks, units: list, keep_lora: bool = True) -> dict:
+    """Remove the masked units and merge the adapters (zeroed first unless ``keep_lora``: the shrunk
+    model is then the original weights at the kept positions); returns the removed indices per layer."""
+    if not keep_lora:
+        with torch.no_grad():
+            for module in ctx.model.modules():
+                if isinstance(module, LoRALinear):
+                    module.lora_B.weight.zero_()
     masked = _probe_logits(ctx)
     hooks.masks.remove()
     removed = {}
@@ -109,7 +117,8 @@ def run(ctx, config: PruneConfig, report) -> None:
 
 
 def prune_structured(ctx, config: PruneConfig, report, phase: str = "prune") -> dict:
-    """Prune ``ctx.model`` in place (LoRA run with masks, shrink, merge); returns the removed units."""
+    """Prune ``ctx.model`` in place (LoRA run with masks, shrink, merge or drop the LoRA); returns the
+    removed units."""
     if has_adapters(ctx.model):
         raise StageError(f"{ctx.entry.where}: the model already carries LoRA adapters; prune before adding them")
     units = layer_units(ctx.model)
@@ -127,7 +136,7 @@ def prune_structured(ctx, config: PruneConfig, report, phase: str = "prune") -> 
     params = lora_parameters(ctx.model)
     result = run_training(ctx, config, params, training_windows(ctx, config), hooks=hooks, grad_only=grad_only,
                           phase=phase)
-    shrunk = _shrink(ctx, hooks, chosen)
+    shrunk = _shrink(ctx, hooks, chosen, config.merge_lora)
     standard = update_config(ctx.model)
     ctx.model.config.compress_pruning = {"method": config.method, "ratio": config.ratio, "layers": shrunk["removed"]}
     ctx.structure["prune"] = ctx.model.config.compress_pruning
