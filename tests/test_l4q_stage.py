@@ -92,3 +92,16 @@ def test_bad_l4q_recipes_fail_before_loading(tmp_path, stages, message):
     result = run_cli("validate", tiny_recipe(tmp_path, stages))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert re.search(message, result.stderr), result.stderr
+
+
+def test_l4q_starts_from_an_lq_lora_q_on_its_grid():
+    from compress.stages.l4q import L4QConfig, _dense_start
+
+    torch.manual_seed(0)
+    q = QuantLinear.quantize(torch.nn.Linear(64, 16), QuantConfig.uniform(4, 32))
+    lq = LoRALinear(q, 4, 8)
+    torch.nn.init.normal_(lq.lora_B.weight, std=0.01)
+    dense, start = _dense_start(lq, L4QConfig(bits=4, group_size=32))
+    torch.testing.assert_close(dense.weight, lq.merged_linear(torch.float32).weight)  # W0 = Q + s B A
+    assert start is not None and torch.equal(start.tensors["scales"], q.scales)
+    assert _dense_start(lq, L4QConfig(bits=3, group_size=32))[1] is None  # another grid: min-max

@@ -10,7 +10,8 @@ initial quantized model) and its per-group step and offset are trained together 
 fake-quantized W0 + s B A (``lr`` for LoRA, ``quant_lr`` for step/offset) on ``data:`` or
 ``data.calibration``. Step/offset start from min-max per group, or, for a layer an earlier
 ``quantize`` stage packed with the same bits and group size, from its scales and zeros (its
-dequantized weight is then W0). At the end LoRA is merged and the weight quantized with the learned
+dequantized weight is then W0); after ``lq_lora``, W0 = Q + s B A and a Q on the same grid gives
+the start. At the end LoRA is merged and the weight quantized with the learned
 parameters: codes round((W - offset) / step) with fp16 scale = step. ``zero_point: integer`` rounds
 -offset / step to an integer zero (GPTQ-compatible); ``float`` keeps it as an fp16 zero per group
 (``int<b>-g<g>-fzero``, 16 more bits per group, ``native`` export only). The report gives the
@@ -65,19 +66,24 @@ def check(recipe, entry, model) -> None:
     check_training_data(recipe, entry.where, config.data)
 
 
+def _same_grid(module, config: L4QConfig) -> bool:
+    return (isinstance(module, QuantLinear) and module.config.kind == "uniform" and not module.config.float_zero
+            and module.config.bits == config.bits and module.config.group_size == config.group_size)
+
+
 def _dense_start(module, config: L4QConfig) -> tuple[torch.nn.Linear, QuantizedWeight | None]:
-    """(dense W0 layer, packed weight to start step/offset from, or None for min-max)."""
+    """(dense W0 layer, packed weight to start step/offset from, or None for min-max). An LQ-LoRA
+    layer gives W0 = Q + s B A, and its Q's scales and zeros when Q is on L4Q's grid."""
     if isinstance(module, LoRALinear):
-        return module.merged_linear(torch.float32), None
+        base = module.base_layer
+        return module.merged_linear(torch.float32), base.quantized_weight() if _same_grid(base, config) else None
     if isinstance(module, QuantLinear):
         dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         with torch.no_grad():
             dense.weight.copy_(module.dequantize(torch.float32))
             if module.bias is not None:
                 dense.bias.copy_(module.bias.float())
-        same = (module.config.kind == "uniform" and module.config.bits == config.bits
-                and module.config.group_size == config.group_size)
-        return dense, module.quantized_weight() if same else None
+        return dense, module.quantized_weight() if _same_grid(module, config) else None
     return module, None
 
 
