@@ -6,7 +6,8 @@
 import pytest
 
 from compress.lowrank import NF8_BITS
-from compress.plan import PRESETS, Architecture, adapter_params, kv_cache_bytes, loram_pruned_params, weight_components
+from compress.plan import (PRESETS, Architecture, adapter_params, architecture_for, inference_breakdown, kv_cache_bytes,
+                           loram_pruned_params, weight_components)
 from compress.quant import QuantConfig, QuantizedWeight
 
 
@@ -81,3 +82,16 @@ def test_plan_command_prints_json_and_fails_cleanly(tmp_path):
     assert table.returncode == 0 and "int4-g128" in table.stdout
     missing = run_cli("plan", "--model", str(tmp_path / "config.json"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr and "config.json" in missing.stderr
+
+
+def test_inference_breakdown_of_an_ilp_plan_counts_each_module_config():
+    """A per-module plan (what lq_lora's ILP writes): each matrix at its own config, the rest 16-bit;
+    the packed total equals the sum of storage_bits the ILP budgets with."""
+    arch = architecture_for("smollm2-135m")
+    shapes = arch.linear_shapes()
+    plan = {name: QuantConfig.uniform(2 if "mlp" in name else 4, 64) for name in list(shapes)[:14]}
+    parts = inference_breakdown(arch, plan, 1, 16)
+    packed = sum(parts[k] for k in ("codes", "scales", "zeros", "second_level"))
+    expected = sum(c.storage_bits(shapes[n]) for n, c in plan.items()) / 8
+    expected += sum(2 * o * i for n, (o, i) in shapes.items() if n not in plan)
+    assert packed == expected
