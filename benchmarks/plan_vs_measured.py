@@ -79,8 +79,9 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| run | plan row | predicted MiB | measured MiB (model + training growth) | model MiB | "
              "growth MiB | predicted / measured |", "|---|---|---:|---:|---:|---:|---:|"]
     for row in rows:
+        ratio = row["predicted_mib"] / row["measured_mib"]
         lines.append(f"| {row['run']} | {row['plan_row']} | {row['predicted_mib']:.0f} | {row['measured_mib']:.0f} | "
-                     f"{row['model_mib']:.0f} | {row['growth_mib']:.0f} | {row['predicted_mib'] / row['measured_mib']:.3f} |")
+                     f"{row['model_mib']:.0f} | {row['growth_mib']:.0f} | {ratio:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -110,7 +110,8 @@ def _loram_rows(arch: Architecture, config, state: _State) -> list[tuple[str, di
 
     structured = config.prune.method in ("loraprune", "gradient", "magnitude", "random")
     start, end = _prune_range(arch, config.prune)
-    small = replace(state.setup, prune_ratio=config.prune.ratio if structured else 0.0, prune_start=start, prune_end=end)
+    small = replace(state.setup, prune_ratio=config.prune.ratio if structured else 0.0, prune_start=start,
+                    prune_end=end)
     rows = [("loram (prune)", training_breakdown(arch, _training_setup(state.setup, config.prune, "prune",
                                                                        config.prune.lora.rank)))]
     if config.align_steps:

@@ -41,8 +41,8 @@ def measured_saved_bytes(config: LlamaConfig, rank: int, batch: int, seq: int, c
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("hidden, inter, heads, kv, rank", [(256, 768, 8, 2, 8), (192, 512, 6, 6, 4), (128, 352, 4, 1, 16)],
-                         ids=["gqa", "mha", "mqa"])
+@pytest.mark.parametrize("hidden, inter, heads, kv, rank",
+                         [(256, 768, 8, 2, 8), (192, 512, 6, 6, 4), (128, 352, 4, 1, 16)], ids=["gqa", "mha", "mqa"])
 def test_activation_count_matches_autograd(hidden, inter, heads, kv, rank):
     config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
                          num_key_value_heads=kv, num_hidden_layers=3, vocab_size=1000, tie_word_embeddings=True)
