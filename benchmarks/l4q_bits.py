@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-CONFIGS = [(3, 128), (3, 64), (4, 128), (4, 64)]  # 3-bit first: the goal is at 3 bits
+CONFIGS = [(3, 64), (3, 128), (4, 64), (4, 128)]  # 3-bit first: the goal is at 3 bits
 METHODS = ("rtn", "rtn+lora", "lqlora+ft", "l4q", "l4q-float")
 DATA = {"calibration": {"source": "stdlib", "split": "train", "samples": 16, "seq_len": 256},
         "eval": {"source": "stdlib", "split": "eval", "samples": 32, "seq_len": 512}}

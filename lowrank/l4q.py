@@ -24,20 +24,25 @@ from __future__ import annotations
 import torch
 
 
-def expand_groups(values: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[out, groups] -> [out, groups * group_size]: one value per weight of its group."""
-    return values.repeat_interleave(group_size, dim=1)
+def expand_groups(values: torch.Tensor, group_size: int, width: int | None = None) -> torch.Tensor:
+    """[out, groups] -> [out, width]: one value per weight of its group (the last group may be
+    partial when ``width`` is not a multiple of ``group_size``)."""
+    return values.repeat_interleave(group_size, dim=1)[:, :width]
 
 
 def sum_groups(values: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[out, in] -> [out, in / group_size]: the sum over each group's weights."""
+    """[out, in] -> [out, ceil(in / group_size)]: the sum over each group's weights."""
+    pad = (-values.shape[1]) % group_size
+    if pad:
+        values = torch.nn.functional.pad(values, (0, pad))
     return values.reshape(values.shape[0], -1, group_size).sum(dim=2)
 
 
 def fake_quantize(weight: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, group_size: int,
                   levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Wq, v) of a merged weight [out, in] with per-group step and offset [out, in / group_size]."""
-    step_full, offset_full = expand_groups(step, group_size), expand_groups(offset, group_size)
+    """(Wq, v) of a merged weight [out, in] with per-group step and offset [out, ceil(in / group_size)]."""
+    width = weight.shape[1]
+    step_full, offset_full = expand_groups(step, group_size, width), expand_groups(offset, group_size, width)
     v = (weight - offset_full) / step_full
     return step_full * torch.clamp(torch.round(v), 0, levels - 1) + offset_full, v
 
@@ -71,9 +76,12 @@ class L4QMatmul(torch.autograd.Function):
 
 
 def minmax_qparams(weight: torch.Tensor, group_size: int, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(step, offset) [out, in / group_size] spanning each group's range with ``levels`` codes."""
-    groups = weight.detach().float().reshape(weight.shape[0], -1, group_size)
-    low, high = groups.amin(dim=2), groups.amax(dim=2)
+    """(step, offset) [out, ceil(in / group_size)] spanning each group's range with ``levels`` codes."""
+    weight = weight.detach().float()
+    pad = (-weight.shape[1]) % group_size
+    low = torch.nn.functional.pad(weight, (0, pad), value=torch.inf).reshape(weight.shape[0], -1, group_size)
+    high = torch.nn.functional.pad(weight, (0, pad), value=-torch.inf).reshape(weight.shape[0], -1, group_size)
+    low, high = low.amin(dim=2), high.amax(dim=2)
     return ((high - low) / (levels - 1)).clamp(min=1e-8), low
 
 
@@ -90,8 +98,6 @@ class L4QLinear(torch.nn.Module):
 
         from .init import kaiming_uniform_
 
-        if base.in_features % group_size:
-            raise ValueError(f"group_size {group_size} does not divide in_features {base.in_features}")
         self.base_layer = base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.bits, self.group_size = rank, float(alpha), bits, group_size

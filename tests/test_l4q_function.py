@@ -4,7 +4,7 @@ float64, batch > 1, with clipped entries present, and with LSQ's gradient scale.
 import pytest
 import torch
 
-from compress.lowrank.l4q import L4QMatmul, expand_groups
+from compress.lowrank.l4q import L4QMatmul
 
 
 def ste_reference(x, w0, a, b, step, offset, scaling, group_size, levels, grad_scale):
@@ -12,17 +12,23 @@ def ste_reference(x, w0, a, b, step, offset, scaling, group_size, levels, grad_s
     step = step * grad_scale + (step - step * grad_scale).detach()
     offset = offset * grad_scale + (offset - offset * grad_scale).detach()
     merged = w0 + scaling * (b @ a)
-    step_full, offset_full = expand_groups(step, group_size), expand_groups(offset, group_size)
+    step_full, offset_full = expand(step, group_size, w0.shape[1]), expand(offset, group_size, w0.shape[1])
     v = (merged - offset_full) / step_full
     clamped = torch.clamp(v, 0, levels - 1)  # clamp, then round with a straight-through estimator
     quantized = step_full * (clamped + (torch.round(clamped) - clamped).detach()) + offset_full
     return x @ quantized.t()
 
 
-@pytest.mark.parametrize("grad_scale", [1.0, 0.125])
-def test_custom_backward_equals_straight_through_autograd(grad_scale):
+def expand(values, group, width):
+    """Per-group values to one per weight, written independently of the code under test."""
+    return torch.stack([values[:, k // group] for k in range(width)], dim=1)
+
+
+@pytest.mark.parametrize("grad_scale, in_features", [(1.0, 32), (0.125, 32), (1.0, 30)],
+                         ids=["whole-groups", "lsq-scale", "partial-last-group"])
+def test_custom_backward_equals_straight_through_autograd(grad_scale, in_features):
     generator = torch.Generator().manual_seed(0)
-    out_features, in_features, rank, group, levels = 12, 32, 4, 8, 8
+    out_features, rank, group, levels = 12, 4, 8, 8
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).requires_grad_()
@@ -30,10 +36,12 @@ def test_custom_backward_equals_straight_through_autograd(grad_scale):
     x = rand(3, 5, in_features)  # batch 3 x 5 tokens: every token must count
     w0 = torch.randn(out_features, in_features, generator=generator, dtype=torch.float64)
     a, b = rand(rank, in_features, scale=0.3), rand(out_features, rank, scale=0.3)
-    groups = w0.view(out_features, -1, group)
+    starts = range(0, in_features, group)
+    low = torch.stack([w0[:, k:k + group].amin(1) for k in starts], dim=1)
+    high = torch.stack([w0[:, k:k + group].amax(1) for k in starts], dim=1)
     # a step a little too small for the range, so some entries clip at both ends
-    step = (0.8 * (groups.amax(2) - groups.amin(2)) / (levels - 1)).requires_grad_()
-    offset = groups.amin(2).clone().requires_grad_()
+    step = (0.8 * (high - low) / (levels - 1)).requires_grad_()
+    offset = low.clone().requires_grad_()
     args = (x, w0, a, b, step, offset, 0.5, group, levels, grad_scale)
     grad_y = torch.randn(3, 5, out_features, generator=generator, dtype=torch.float64)
 
@@ -42,7 +50,7 @@ def test_custom_backward_equals_straight_through_autograd(grad_scale):
     with torch.no_grad():
         torch.testing.assert_close(L4QMatmul.apply(*args), ste_reference(*args), rtol=0, atol=1e-12)
         merged = w0 + 0.5 * b @ a
-        v = (merged - expand_groups(offset, group)) / expand_groups(step, group)
+        v = (merged - expand(offset, group, in_features)) / expand(step, group, in_features)
         clipped = (v < 0) | (v > levels - 1)
     assert 0 < int(clipped.sum()) < clipped.numel() // 2, "the test needs some clipped entries"
     for name, mine, reference in zip(("x", "A", "B", "step", "offset"), ours, theirs):

@@ -83,7 +83,7 @@ def test_l4q_from_a_quantize_stage_starts_at_its_model(tmp_path, probe_ids):
 
 
 @pytest.mark.parametrize("stages, message", [
-    ("  - l4q: {group_size: 48}", r"stages\[0\]\.l4q\.group_size: 48 does not divide"),
+    ("  - l4q: {group_size: 48}\n  - export: {format: gptq}", r"stages\[0\]\.l4q\.group_size: 48 does not divide"),
     ("  - l4q: {zero_point: float}\n  - export: {format: gptq}",
      r"stages\[1\]\.export\.format: gptq stores integer zero points; stages\[0\]\.l4q \(zero_point: float\)"),
     ("  - l4q: {zero_point: half}", r"stages\[0\]\.l4q\.zero_point"),
@@ -105,3 +105,16 @@ def test_l4q_starts_from_an_lq_lora_q_on_its_grid():
     torch.testing.assert_close(dense.weight, lq.merged_linear(torch.float32).weight)  # W0 = Q + s B A
     assert start is not None and torch.equal(start.tensors["scales"], q.scales)
     assert _dense_start(lq, L4QConfig(bits=3, group_size=32))[1] is None  # another grid: min-max
+
+
+def test_partial_last_group_finalizes_to_the_fake_quantized_weight():
+    """in_features 72 with group 32: a last group of 8 (native holds it through g_idx)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(72, 16)
+    rtn = QuantizedWeight.quantize(base.weight, QuantConfig.uniform(4, 32))
+    layer = L4QLinear(base, rank=4, alpha=8, bits=4, group_size=32, init=rtn)
+    assert layer.step.shape == (16, 3)
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.01)
+    torch.testing.assert_close(finalize(layer).dequantize(), layer.quantized_weight(), rtol=0, atol=1e-6)
+    fresh = L4QLinear(base, rank=4, alpha=8, bits=4, group_size=32)  # min-max over the 8 real columns
+    torch.testing.assert_close(fresh.offset[:, 2], base.weight[:, 64:].amin(1).detach())

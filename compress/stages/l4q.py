@@ -54,10 +54,11 @@ def check(recipe, entry, model) -> None:
     selected = select_linears(model, config.targets, config.ignore)
     if not selected:
         raise RecipeError(f"{entry.where}.targets: selects no linear layer")
+    gptq = any(e.config.format == "gptq" for e in recipe.later(entry.index, "export"))
     for name, module in selected:
-        if module.in_features % config.group_size:
+        if gptq and module.in_features % config.group_size:  # native holds a partial last group
             raise RecipeError(f"{entry.where}.group_size: {config.group_size} does not divide in_features "
-                              f"{module.in_features} of {name}")
+                              f"{module.in_features} of {name} (GPTQ engines need whole groups; export native)")
     if config.zero_point == "float":
         for export in recipe.later(entry.index, "export"):
             if export.config.format != "native":
