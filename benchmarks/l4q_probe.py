@@ -16,5 +16,5 @@ stages = ([{"quantize": {"method": "rtn", "config": {"type": "uniform", "bits": 
     {"l4q": {"steps": 24, "lr": 2e-4, "batch_size": 4, "grad_accum": 1, "seq_len": 256, "save_every": 0, "bits": 3,
              "group_size": 64, "quant_lr": qlr, "lora": {"rank": 16, "alpha": 32}}}, {"eval": {"baseline": False}}]
 r = run_recipe(parse_recipe({"model": "smollm2-135m", "dtype": "float32", "data": DATA, "seed": 0, "stages": stages,
-                             "output": f"/tmp/diag/l4q_{qlr}_{init}"}), overwrite=True)
+                             "output": f"out/bench/l4q_probe/{qlr}-{sys.argv[2]}"}), overwrite=True)
 print("RESULT", qlr, init, r.reports[-1].metrics["perplexity"])
