@@ -25,9 +25,9 @@ import argparse
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
+
+from child import child_result, run_child
 
 CONFIGS = [(3, 64), (3, 128), (4, 64), (4, 128)]  # 3-bit first: the goal is at 3 bits
 METHODS = ("rtn", "rtn+lora", "lqlora+ft", "l4q", "l4q-float")
@@ -117,7 +117,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.point:
         method, bits, group = args.point.split(",")
-        print("RESULT " + json.dumps(run_point(args.out, method, int(bits), int(group), args.steps)))
+        print(child_result(run_point(args.out, method, int(bits), int(group), args.steps)))
         return
     results = args.out / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
@@ -129,12 +129,8 @@ def main() -> None:
             if any(r["name"] == name and r["steps"] == args.steps for r in rows):
                 continue
             log.info("point %s", name)
-            done = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--steps", str(args.steps),
-                                   "--point", f"{method},{bits},{group}"], capture_output=True, text=True)
-            line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-            rows.append(json.loads(line.removeprefix("RESULT ")))
+            rows.append(run_child(__file__, ["--out", str(args.out), "--steps", str(args.steps),
+                                             "--point", f"{method},{bits},{group}"], name))
             results.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     (args.out / "results.md").write_text(markdown(rows, linear_parameter_count()))
     print(markdown(rows, linear_parameter_count()))

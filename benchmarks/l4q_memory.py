@@ -24,11 +24,10 @@ import argparse
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from child import child_result, run_child
 
 METHODS = ("lora", "l4q", "qat")
 BATCH, SEQ = 2, 256
@@ -125,18 +124,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.method:
-        print("RESULT " + json.dumps(one_method(args.out, args.method, args.steps)))
+        print(child_result(one_method(args.out, args.method, args.steps)))
         return
     rows = []
     for method in METHODS:
         log.info("method %s", method)
-        done = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--steps", str(args.steps),
-                               "--method", method], capture_output=True, text=True,
-                              env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
-        line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            raise SystemExit(f"{method} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(line.removeprefix("RESULT ")))
+        rows.append(run_child(__file__, ["--out", str(args.out), "--steps", str(args.steps), "--method", method],
+                              method, fixed_mmap=True))
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     (args.out / "results.md").write_text(markdown(rows))
     print(markdown(rows))

@@ -6,15 +6,34 @@ Same data, steps (24), LoRA and eval as ``l4q_bits.py``; ``rtn`` starts step/off
 quantize stage's scales and zeros, ``minmax`` from each group's range. Prints the perplexity.
 """
 
-import sys, json
-from compress import run_recipe
-from compress.recipe import parse_recipe
-qlr = float(sys.argv[1]); init = sys.argv[2] == "rtn"
-DATA = {"calibration": {"source": "stdlib", "split": "train", "samples": 16, "seq_len": 256},
-        "eval": {"source": "stdlib", "split": "eval", "samples": 32, "seq_len": 512}}
-stages = ([{"quantize": {"method": "rtn", "config": {"type": "uniform", "bits": 3, "group_size": 64}}}] if init else []) + [
-    {"l4q": {"steps": 24, "lr": 2e-4, "batch_size": 4, "grad_accum": 1, "seq_len": 256, "save_every": 0, "bits": 3,
-             "group_size": 64, "quant_lr": qlr, "lora": {"rank": 16, "alpha": 32}}}, {"eval": {"baseline": False}}]
-r = run_recipe(parse_recipe({"model": "smollm2-135m", "dtype": "float32", "data": DATA, "seed": 0, "stages": stages,
-                             "output": f"out/bench/l4q_probe/{qlr}-{sys.argv[2]}"}), overwrite=True)
-print("RESULT", qlr, init, r.reports[-1].metrics["perplexity"])
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from l4q_bits import DATA, LORA
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("quant_lr", type=float)
+    parser.add_argument("start", choices=("rtn", "minmax"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from compress import run_recipe
+    from compress.recipe import parse_recipe
+
+    rtn = [{"quantize": {"method": "rtn", "config": {"type": "uniform", "bits": 3, "group_size": 64}}}]
+    l4q = {"l4q": {"steps": 24, "lr": 2.0e-4, "batch_size": 4, "grad_accum": 1, "seq_len": 256, "save_every": 0,
+                   "bits": 3, "group_size": 64, "quant_lr": args.quant_lr, "lora": LORA}}
+    stages = (rtn if args.start == "rtn" else []) + [l4q, {"eval": {"baseline": False}}]
+    recipe = parse_recipe({"model": "smollm2-135m", "dtype": "float32", "data": DATA, "seed": 0, "stages": stages,
+                           "output": f"out/bench/l4q_probe/{args.quant_lr}-{args.start}"})
+    perplexity = run_recipe(recipe, overwrite=True).reports[-1].metrics["perplexity"]
+    print(f"start {args.start}, quant_lr {args.quant_lr:g}: perplexity {perplexity:.3f}")
+
+
+if __name__ == "__main__":
+    main()

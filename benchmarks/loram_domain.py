@@ -24,9 +24,9 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
+
+from child import child_result, run_child
 
 GENERAL = {"source": "stdlib", "split": "eval", "samples": 32, "seq_len": 512}
 LORA = {"rank": 8, "alpha": 16}
@@ -128,7 +128,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.variant:
-        print("RESULT " + json.dumps(run_variant(args.out, args.variant, args.steps, args.ratio)))
+        print(child_result(run_variant(args.out, args.variant, args.steps, args.ratio)))
         return
     results = args.out / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
@@ -138,12 +138,8 @@ def main() -> None:
                for r in rows):
             continue
         log.info("variant %s", variant)
-        done = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--steps", str(args.steps),
-                               "--ratio", str(args.ratio), "--variant", variant], capture_output=True, text=True)
-        line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            raise SystemExit(f"variant {variant} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(line.removeprefix("RESULT ")))
+        rows.append(run_child(__file__, ["--out", str(args.out), "--steps", str(args.steps), "--ratio", str(args.ratio),
+                                         "--variant", variant], f"variant {variant}"))
         results.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     (args.out / "results.md").write_text(markdown(rows))
     print(markdown(rows))

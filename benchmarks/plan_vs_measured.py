@@ -23,9 +23,9 @@ import argparse
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
+
+from child import child_result, run_child
 
 RUNS = ("finetune", "finetune-int4", "l4q", "loram", "qloram")
 TRAIN = {"batch_size": 2, "grad_accum": 1, "seq_len": 256, "save_every": 0, "lr": 1.0e-4}
@@ -95,18 +95,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.run:
-        print("RESULT " + json.dumps(measure(args.out, args.run, args.steps)))
+        print(child_result(measure(args.out, args.run, args.steps)))
         return
     rows = []
     for run in RUNS:
         log.info("run %s", run)
-        done = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--steps", str(args.steps),
-                               "--run", run], capture_output=True, text=True,
-                              env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
-        line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            raise SystemExit(f"{run} failed:\n{done.stderr[-3000:]}")
-        row = json.loads(line.removeprefix("RESULT "))
+        row = run_child(__file__, ["--out", str(args.out), "--steps", str(args.steps), "--run", run], run,
+                        fixed_mmap=True)
         row["plan_row"], row["predicted_mib"] = predicted_mib(recipe_for(args.out, run, args.steps))
         rows.append(row)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))

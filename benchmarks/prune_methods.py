@@ -19,6 +19,8 @@ import logging
 import os
 from pathlib import Path
 
+from child import child_result, run_child
+
 RATIOS = (0.2, 0.35, 0.5)
 # benchmark name -> prune stage keys; "loraprune+columns" is the upstream scoring (o/down columns summed in)
 METHODS = {"loraprune": {"method": "loraprune"}, "loraprune+columns": {"method": "loraprune", "score_columns": True},
@@ -115,20 +117,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.memory_method:
-        print("RESULT " + json.dumps(memory_point(args.out, args.memory_method)))
+        print(child_result(memory_point(args.out, args.memory_method)))
         return
     if args.memory:
-        import subprocess
-        import sys
-
-        rows = []
-        for method in ("loraprune", "gradient"):
-            done = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--memory-method", method],
-                                  capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
-            line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                raise SystemExit(f"{method} failed:\n{done.stderr[-3000:]}")
-            rows.append(json.loads(line.removeprefix("RESULT ")))
+        rows = [run_child(__file__, ["--out", str(args.out), "--memory-method", method], method, fixed_mmap=True)
+                for method in ("loraprune", "gradient")]
         (args.out / "memory.json").write_text(json.dumps(rows, indent=2))
         print(json.dumps(rows, indent=2))
         return

@@ -60,3 +60,13 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def model_tensor_bytes(model, dense_bytes: int | None = None) -> int:
+    """Bytes of a model's parameters and buffers (a tied weight once); with ``dense_bytes``, floating
+    tensors counted at that width (packed codes and integer tensors as stored)."""
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        width = dense_bytes if dense_bytes and tensor.is_floating_point() else tensor.element_size()
+        total += tensor.numel() * width
+    return total

@@ -37,7 +37,7 @@ from ..checkpoint.load import load_checkpoint
 from ..checkpoint.write import write_native
 from ..errors import RecipeError
 from ..evaluate import perplexity
-from ..memory import release_freed_memory
+from ..memory import model_tensor_bytes, release_freed_memory
 from ..recipe import TextOrigin
 from ..stage import Stage, StageConfig
 from ..targets import select_linears, set_module
@@ -126,16 +126,6 @@ def _quantize_small(model, spec) -> None:
             set_module(model, name, QuantLinear.quantize(linear, spec.to_config()))
 
 
-def _storage_bytes(model, dense_bytes: int | None = None) -> int:
-    """Bytes of every parameter and buffer; with ``dense_bytes``, floating tensors counted at that
-    width (packed codes and integer tensors as stored)."""
-    total = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        width = dense_bytes if dense_bytes and tensor.is_floating_point() else tensor.element_size()
-        total += tensor.numel() * width
-    return total
-
-
 def _recover(small, large, removed: dict) -> int:
     """Put the small model's adapters, recovered to full shapes, on the large model; returns how many."""
     units = {u.prefix: u for u in layer_units(large)}
@@ -179,7 +169,7 @@ def run(ctx, config: LoramConfig, report) -> None:
     cache = ctx.out_dir / ".cache" / "loram" / ctx.recipe.fingerprint(ctx.entry.index)[:16]
     if not ctx.resume:
         shutil.rmtree(cache, ignore_errors=True)
-    large_params, large_bytes = sum(p.numel() for p in ctx.model.parameters()), _storage_bytes(ctx.model)
+    large_params, large_bytes = sum(p.numel() for p in ctx.model.parameters()), model_tensor_bytes(ctx.model)
     if not (cache / "large" / "compress.json").is_file():
         write_native(ctx.model, cache / "large")
     removed = _small_model(ctx, config, cache, report)
@@ -187,7 +177,7 @@ def run(ctx, config: LoramConfig, report) -> None:
     small_params = sum(p.numel() for p in small.parameters())
     _quantize_small(small, config.quantize_small)
     release_freed_memory()  # the large model's pruned parts: back to the OS before training is measured
-    storage = {"small": _storage_bytes(small), "small_16bit": _storage_bytes(small, 2), "large": large_bytes}
+    storage = {"small": model_tensor_bytes(small), "small_16bit": model_tensor_bytes(small, 2), "large": large_bytes}
     seed = ctx.recipe.spec.seed if config.train.seed is None else config.train.seed
     attach_adapters(small, config.train.lora, seed)
     params = lora_parameters(small)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from compress.lowrank import LoRALinear, init_default
 
 from ..errors import RecipeError, StageError
-from ..memory import PeakMemory
+from ..memory import PeakMemory, model_tensor_bytes
 from ..recipe import TextOrigin
 from ..stage import StageConfig
 from ..targets import check_selector, select_linears, set_module
@@ -126,15 +126,6 @@ def run_training(ctx, config: TrainingConfig, params: dict, windows: torch.Tenso
             ctx.model.gradient_checkpointing_disable()
     shutil.rmtree(state_dir, ignore_errors=True)
     return result
-
-
-def model_tensor_bytes(model) -> int:
-    """Bytes of a model's parameters and buffers, each storage counted once (tied embeddings)."""
-    storages = {}
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.device.type != "meta":
-            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-    return sum(storages.values())
 
 
 def tail_mean(losses: list[float], count: int = 10) -> float | None:

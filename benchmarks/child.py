@@ -1,0 +1,29 @@
+"""One benchmark point in a fresh process (so its peak memory is its own), and its result.
+
+The parent calls ``run_child(script, args, what)``; the child prints ``child_result(row)``, one line.
+``fixed_mmap=True`` pins glibc's mmap threshold at 128 KiB in the child, so that every large tensor
+is returned to the OS when freed and RSS follows the live tensors instead of the heap's high-water mark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+PREFIX = "RESULT "
+
+
+def child_result(row: dict) -> str:
+    return PREFIX + json.dumps(row)
+
+
+def run_child(script: str, args: list[str], what: str, fixed_mmap: bool = False) -> dict:
+    """Run ``python script *args``; its result row, or exit naming ``what`` with the child's stderr."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if fixed_mmap else None
+    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith(PREFIX)), None)
+    if line is None:
+        raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(line.removeprefix(PREFIX))
