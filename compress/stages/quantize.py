@@ -3,7 +3,15 @@
 ```yaml
 - quantize: {method: rtn, config: {type: uniform, bits: 4, group_size: 64, sym: false},
              overrides: {"re:.*down_proj$": {bits: 8}}, ignore: [lm_head]}
+- quantize: {method: gptq, config: {bits: 3, group_size: 128}, damp: 0.01, block: 128, act_order: false}
 ```
+
+``method: rtn`` rounds each weight to its group's grid. ``method: gptq`` (uniform configs only)
+walks the decoder layer by layer on ``data.calibration`` (``compress.layerwise``): each group of
+linears reading one input gets its input Hessian and is quantized by GPTQ (``quant.gptq``: ``damp``
+fraction of mean diag(H), lazy ``block`` columns, ``act_order`` with static groups); the layer's
+outputs with its quantized linears feed the next layer. Selected linears outside the decoder layers
+(an lm_head that is not ignored) are rounded with RTN, and the report says so.
 
 ``config`` is the default for every selected layer (``targets`` minus ``ignore``: class names, exact
 module names, or ``re:`` regexes). ``overrides`` maps a selector to fields that replace the
@@ -23,10 +31,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from compress.quant import QuantConfig, QuantLinear
+from compress.quant.gptq import gptq_quantize
 
 from ..checkpoint.gptq import gptq_problems
 from ..config_errors import format_validation_error
 from ..errors import RecipeError, StageError
+from ..layerwise import calibrate_layerwise
 from ..stage import Stage, StageConfig
 from ..targets import check_selector, fused_members, matches, select_linears, set_module
 
@@ -71,15 +81,24 @@ class QuantSpec(BaseModel):
         return QuantConfig.nf(self.bits, self.block, self.scale_bits, self.scale_block, self.scale_dtype)
 
 
+GPTQ_ONLY = ("damp", "block", "act_order")
+
+
 class QuantizeConfig(StageConfig):
-    method: Literal["rtn"] = "rtn"
+    method: Literal["rtn", "gptq"] = "rtn"
     config: QuantSpec = QuantSpec()
+    damp: float = Field(0.01, gt=0)
+    block: int = Field(128, ge=1)
+    act_order: bool = False
     overrides: dict[str, dict[str, Any]] = {}
     targets: list[str] = ["Linear"]
     ignore: list[str] = ["lm_head"]
 
     @model_validator(mode="after")
     def _valid_selectors_and_overrides(self) -> "QuantizeConfig":
+        wrong = [key for key in GPTQ_ONLY if key in self.model_fields_set and self.method != "gptq"]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)}: only for method gptq (this stage is method {self.method})")
         for key in list(self.targets) + list(self.ignore) + list(self.overrides):
             problem = check_selector(key)
             if problem:
@@ -139,35 +158,80 @@ def check(recipe, entry, model) -> None:
         if qconfig.kind == "uniform" and qconfig.group_size > shapes[name][1]:
             raise RecipeError(f"{entry.where}: group_size {qconfig.group_size} is larger than in_features="
                               f"{shapes[name][1]} of {name} (use -1 for one group per output channel)")
+    if config.method == "gptq":
+        _check_gptq(recipe, entry, plan)
     if _exports_gptq(recipe, entry):
         problems = gptq_problems(plan, shapes)
         if problems:
             raise RecipeError(f"{entry.where}: cannot be exported as gptq: {problems[0]}")
 
 
+def _check_gptq(recipe, entry, plan: dict[str, QuantConfig]) -> None:
+    for name, qconfig in plan.items():
+        if qconfig.kind != "uniform":
+            raise RecipeError(f"{entry.where}: gptq quantizes to uniform configs; {name} would get {qconfig.name}")
+
+
+def _dense_modules(ctx, plan: dict, report) -> dict[str, torch.nn.Module]:
+    modules = {}
+    for name in plan:
+        module = ctx.model.get_submodule(name)
+        if isinstance(module, QuantLinear):
+            report.skip(name, f"already quantized ({module.config.name})")
+            continue
+        if not torch.isfinite(module.weight).all():
+            raise StageError(f"{ctx.entry.where}: {name} has non-finite weights; cannot quantize")
+        modules[name] = module
+    return modules
+
+
+def _install(ctx, report, name: str, module, layer: QuantLinear, seconds: float, **extra) -> None:
+    weight = module.weight.detach().float()
+    error = (layer.dequantize() - weight).norm() / weight.norm().clamp(min=1e-30)
+    set_module(ctx.model, name, layer)
+    ctx.plan[name] = layer.config
+    report.modules.append({"module": name, "config": layer.config.name, "rel_error": float(error),
+                           "seconds": seconds, **extra})
+
+
+def _quantize_rtn(ctx, modules: dict, plan: dict, report) -> None:
+    for name in ctx.track(list(modules), "quantize"):
+        start = time.perf_counter()
+        layer = QuantLinear.quantize(modules[name], plan[name])
+        _install(ctx, report, name, modules[name], layer, time.perf_counter() - start)
+
+
+def _quantize_gptq(ctx, config: QuantizeConfig, modules: dict, plan: dict, report) -> None:
+    def replace(group: dict, hessians: dict) -> None:
+        for name, module in group.items():
+            start = time.perf_counter()
+            result = gptq_quantize(module.weight, hessians[name].hessian, plan[name], config.damp, config.block,
+                                   config.act_order)
+            layer = QuantLinear.from_weight(result.quantized, module.bias)
+            _install(ctx, report, name, module, layer, time.perf_counter() - start, gptq_loss=result.loss)
+
+    start = time.perf_counter()
+    outside = calibrate_layerwise(ctx.model, ctx.windows("calibration"), modules, replace,
+                                  lambda layers: ctx.track(layers, "gptq layers"))
+    report.metrics["gptq_seconds"] = time.perf_counter() - start
+    if outside:
+        report.notes.append(f"outside the decoder layers, rounded with RTN: {', '.join(outside)}")
+        _quantize_rtn(ctx, {name: modules[name] for name in outside}, plan, report)
+
+
 def run(ctx, config: QuantizeConfig, report) -> None:
     plan, changes, _ = plan_modules(ctx.model, config, _exports_gptq(ctx.recipe, ctx.entry))
     for name, reason in changes:
         report.notes.append(f"{name}: {reason}")
-    bits = params = 0
-    for name in ctx.track(list(plan), "quantize"):
-        module, qconfig = ctx.model.get_submodule(name), plan[name]
-        if isinstance(module, QuantLinear):
-            report.skip(name, f"already quantized ({module.config.name})")
-            continue
-        weight = module.weight.detach()
-        if not torch.isfinite(weight).all():
-            raise StageError(f"{ctx.entry.where}: {name} has non-finite weights; cannot quantize")
-        start = time.perf_counter()
-        layer = QuantLinear.quantize(module, qconfig)
-        error = (layer.dequantize() - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)
-        set_module(ctx.model, name, layer)
-        ctx.plan[name] = qconfig
-        bits += qconfig.storage_bits(layer.shape)
-        params += layer.shape[0] * layer.shape[1]
-        report.modules.append({"module": name, "config": qconfig.name, "rel_error": float(error),
-                               "seconds": time.perf_counter() - start})
-    report.metrics.update(quantized_params=params, label=config.config.to_config().name,
+    modules = _dense_modules(ctx, plan, report)
+    if config.method == "gptq":
+        _quantize_gptq(ctx, config, modules, plan, report)
+    else:
+        _quantize_rtn(ctx, modules, plan, report)
+    params = sum(m.weight.numel() for m in modules.values())
+    bits = sum(plan[name].storage_bits((m.out_features, m.in_features)) for name, m in modules.items())
+    label = config.config.to_config().name
+    report.metrics.update(quantized_params=params, label=label if config.method == "rtn" else f"gptq {label}",
                           bits_per_param=bits / params if params else None)
 
 

@@ -1,0 +1,122 @@
+"""GPTQ (Frantar et al., ICLR 2023): quantize W column by column, spreading each column's rounding
+error over the columns not yet quantized so that the layer output X·Wᵀ changes least.
+
+With H = 2/n · Σ x xᵀ over the layer's calibration inputs (x = one token's input row), dampened by
+``damp`` · mean(diag H), and U the upper Cholesky factor of H⁻¹, column i is rounded to q_i and the
+rest move by W[:, j] -= (w_i - q_i) / U[i, i] · U[i, j] for j > i. Blocks of ``block`` columns are
+updated lazily (one matmul per block). Group scales and zeros are chosen on the error-updated
+columns when the loop reaches each group (the block is rounded up to a multiple of the group so a
+group never straddles a lazy update); with ``act_order`` the columns run by decreasing diag(H) and
+the groups' parameters come from the original W before the loop ("static groups"), so every group
+stays a contiguous run of input columns and the checkpoint needs no act-order ``g_idx``.
+
+The grid is the RTN grid of ``uniform.choose_qparams`` (asymmetric integer zero >= 1, symmetric, or
+fp16 float zero), so with H = I GPTQ returns exactly RTN's codes, scales and zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import QuantConfig, effective_group
+from .qweight import QuantizedWeight
+from .uniform import choose_qparams, to_float_zero_tensors, to_gptq_tensors
+
+
+class HessianAccumulator:
+    """Running H = 2/n · Σ x xᵀ (float32 [in, in]) over every token row seen by ``add``."""
+
+    def __init__(self, in_features: int):
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32)
+        self.rows = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        total = self.rows + x.shape[0]
+        self.hessian.mul_(self.rows / total).addmm_(x.t(), x, alpha=2.0 / total)
+        self.rows = total
+
+
+@dataclass
+class GPTQResult:
+    quantized: QuantizedWeight
+    loss: float  # Σ over columns of (w - q)² / U[i, i]²: GPTQ's own estimate of the output error
+
+
+def _column_codes(column: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: QuantConfig):
+    """(codes, dequantized column) of one column [N] with its group's scale/zero [N]: the RTN rule
+    of ``uniform.quantize_codes``."""
+    maxq = 2**config.bits - 1
+    if config.float_zero:
+        codes = torch.clamp(torch.round(column / scale + zero), 0, maxq)
+    else:
+        codes = torch.clamp(torch.round(column / scale) + zero, 0, maxq)
+    return codes, (codes - zero) * scale
+
+
+def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp · mean(diag H) · I)⁻¹."""
+    damped = hessian.clone()
+    damped.diagonal().add_(damp * float(damped.diagonal().mean()))
+    lower = torch.linalg.cholesky(damped)
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+
+
+def _group_params(weight: torch.Tensor, config: QuantConfig, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scale and zero [N, G] (fp32) of a weight chosen by the RTN rule."""
+    scales, zeros = [], []
+    for start in range(0, weight.shape[1], group):
+        scale, zero = choose_qparams(weight[:, start:start + group], config)
+        scales.append(scale.float())
+        zeros.append(zero.float())
+    return torch.cat(scales, dim=1), torch.cat(zeros, dim=1)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, damp: float = 0.01,
+                  block: int = 128, act_order: bool = False, dtype: torch.dtype = torch.float32) -> GPTQResult:
+    """GPTQ of ``weight`` [N, K] given its inputs' Hessian [K, K] into a uniform ``config``."""
+    if config.kind != "uniform":
+        raise ValueError(f"GPTQ quantizes to uniform configs, not {config.name}")
+    out_features, in_features = weight.shape
+    if tuple(hessian.shape) != (in_features, in_features):
+        raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match in_features {in_features}")
+    w = weight.detach().to(dtype).clone()
+    h = hessian.detach().to(dtype).clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    group = effective_group(config, in_features)
+    static = act_order or group >= in_features  # parameters fixed before the loop
+    scale, zero = _group_params(w, config, group) if static else (None, None)
+    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(in_features)
+    w, h = w[:, order], h[order][:, order]
+    upper = _inverse_cholesky(h, damp)
+    if not static:
+        block = -(-block // group) * group
+        scale = torch.zeros(out_features, -(-in_features // group), dtype=dtype)
+        zero = torch.zeros_like(scale)
+    codes = torch.zeros(out_features, in_features, dtype=dtype)
+    loss = 0.0
+    for start in range(0, in_features, block):
+        end = min(start + block, in_features)
+        chunk, errors = w[:, start:end].clone(), torch.zeros(out_features, end - start, dtype=dtype)
+        inverse = upper[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            g = int(order[column]) // group
+            if not static and column % group == 0:
+                s, z = choose_qparams(chunk[:, i:i + group], config)
+                scale[:, g], zero[:, g] = s.to(dtype)[:, 0], z.to(dtype)[:, 0]
+            codes[:, column], quantized = _column_codes(chunk[:, i], scale[:, g], zero[:, g], config)
+            error = (chunk[:, i] - quantized) / inverse[i, i]
+            loss += float((error**2).sum()) / 2
+            chunk[:, i:] -= error.unsqueeze(1) * inverse[i, i:].unsqueeze(0)
+            errors[:, i] = error
+        w[:, end:] -= errors @ upper[start:end, end:]
+    codes = codes[:, torch.argsort(order)].to(torch.uint8)
+    pack = to_float_zero_tensors if config.float_zero else to_gptq_tensors
+    zero_out = zero.to(torch.float16) if config.float_zero else zero.round().to(torch.int32)
+    tensors = pack(codes, scale.to(torch.float16), zero_out, config)
+    return GPTQResult(QuantizedWeight(config, (out_features, in_features), tensors), loss)
