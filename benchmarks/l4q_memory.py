@@ -55,12 +55,12 @@ class FakeQuantLinear(torch.nn.Module):
     """Full QAT: a trainable weight with per-group LSQ step/offset, fake-quantized by plain autograd."""
 
     def __init__(self, linear: torch.nn.Linear, bits: int = 4, group_size: int = 64):
-        from compress.lowrank.l4q import minmax_qparams
+        from compress.lowrank.l4q import rtn_qparams
 
         super().__init__()
         self.weight = torch.nn.Parameter(linear.weight.detach().float().clone())
         self.bias = linear.bias
-        step, offset = minmax_qparams(self.weight, group_size, 2**bits)
+        step, offset = rtn_qparams(self.weight, bits, group_size)
         self.step, self.offset = torch.nn.Parameter(step), torch.nn.Parameter(offset)
         self.levels, self.group_size = 2**bits, group_size
 

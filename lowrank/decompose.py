@@ -20,10 +20,16 @@ c_j = sqrt(mean_i F_ij) (floored at ``eps`` times their mean, so dead rows or co
 by zero), the rank-r minimizer of ||(r c^T) ⊙ (A - L1 L2)||_F is the SVD of diag(r) A diag(c),
 unscaled: L1 = L̃1 / r, L2 = L̃2 / c. Only the low-rank step and the error are weighted; the
 quantization step stays plain round-to-nearest.
+
+``quantize`` replaces round-to-nearest by another quantizer of W - L1 L2 (GPTQ with the layer's
+input Hessian H), and ``error`` the Frobenius error by another measure of the residual R (for
+GPTQ: the output error sqrt(tr(R H Rᵀ)) / sqrt(2), ``hessian_error``), used to pick the best
+iterate and to stop.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -76,20 +82,31 @@ def weighted_error(residual: torch.Tensor, fisher: torch.Tensor | None) -> float
     return float(torch.linalg.norm(residual * fisher.float().clamp(min=0).sqrt()))
 
 
+def hessian_error(hessian: torch.Tensor) -> Callable[[torch.Tensor], float]:
+    """Residual R [out, in] -> sqrt(tr(R H Rᵀ) / 2): the layer-output error ||X Rᵀ|| for H = 2 XᵀX."""
+    def error(residual: torch.Tensor) -> float:
+        return float(((residual @ hessian) * residual).sum().clamp(min=0).div(2).sqrt())
+    return error
+
+
 def lq_decompose(weight: torch.Tensor, rank: int, config: QuantConfig, iterations: int = 20,
-                 fisher: torch.Tensor | None = None, oversampling: int = 10, seed: int = 0) -> Decomposition:
+                 fisher: torch.Tensor | None = None, oversampling: int = 10, seed: int = 0,
+                 quantize: Callable[[torch.Tensor, QuantConfig], QuantizedWeight] | None = None,
+                 error: Callable[[torch.Tensor], float] | None = None) -> Decomposition:
     """Decompose ``weight`` [out, in] into a ``config``-quantized Q plus a rank-``rank`` L1 @ L2."""
     if iterations < 1:
         raise ValueError(f"iterations: {iterations} must be at least 1")
+    quantize = quantize or QuantizedWeight.quantize
+    error = error or (lambda residual: weighted_error(residual, fisher))
     target = weight.detach().float()
     rows, cols = fisher_weights(fisher) if fisher is not None else (None, None)
     residual_q = torch.zeros_like(target)
     best, errors = None, []
     for step in range(iterations):
         left, right = low_rank_factors(target - residual_q, rank, oversampling, seed + step, rows, cols)
-        quantized = QuantizedWeight.quantize(target - left @ right, config)
+        quantized = quantize(target - left @ right, config)
         residual_q = quantized.dequantize()
-        errors.append(weighted_error(target - residual_q - left @ right, fisher))
+        errors.append(error(target - residual_q - left @ right))
         if best is None or errors[-1] < best.error:
             best = Decomposition(left, right, quantized, errors[-1], best_iteration=step)
         elif errors[-1] > errors[-2]:

@@ -75,24 +75,28 @@ class L4QMatmul(torch.autograd.Function):
         return grad_x, None, grad_a, grad_b, grad_step, grad_offset, None, None, None, None
 
 
-def minmax_qparams(weight: torch.Tensor, group_size: int, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(step, offset) [out, ceil(in / group_size)] spanning each group's range with ``levels`` codes."""
-    weight = weight.detach().float()
-    pad = (-weight.shape[1]) % group_size
-    low = torch.nn.functional.pad(weight, (0, pad), value=torch.inf).reshape(weight.shape[0], -1, group_size)
-    high = torch.nn.functional.pad(weight, (0, pad), value=-torch.inf).reshape(weight.shape[0], -1, group_size)
-    low, high = low.amin(dim=2), high.amax(dim=2)
-    return ((high - low) / (levels - 1)).clamp(min=1e-8), low
+def rtn_qparams(weight: torch.Tensor, bits: int, group_size: int,
+                float_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(step, offset) [out, ceil(in / group_size)] of round-to-nearest's asymmetric grid: fp16 scale
+    and an integer zero >= 1 over the group's range widened to include 0 (so an integer-zero export
+    rounds nothing), or with ``float_zero`` the group's own [min, max] and an fp16 zero."""
+    from compress.quant import QuantConfig
+    from compress.quant.uniform import choose_qparams
+
+    scale, zero = choose_qparams(weight.detach().float(), QuantConfig.uniform(bits, group_size, float_zero=float_zero))
+    return scale.float().contiguous(), (-scale.float() * zero.float()).contiguous()
 
 
 class L4QLinear(torch.nn.Module):
     """A frozen dense linear W0 with a LoRA adapter (PEFT names) and learned per-group quantization
-    parameters; its forward is the L4Q fake-quantized product. ``init``: None (min-max per group) or
-    a uniform asymmetric ``QuantizedWeight`` of the same group size (RTN, GPTQ, ...) whose scales
-    and zero points become step and offset = -scale * zero."""
+    parameters; its forward is the L4Q fake-quantized product. ``init``: None (round-to-nearest's
+    grid of W0, ``rtn_qparams``; ``float_zero`` selects min-max with a free offset) or a uniform
+    asymmetric ``QuantizedWeight`` of the same group size (RTN, GPTQ, ...) whose scales and zero
+    points become step and offset = -scale * zero. Either way the first forward (B = 0) is the
+    initial quantized model."""
 
     def __init__(self, base: torch.nn.Linear, rank: int, alpha: float, bits: int, group_size: int,
-                 init=None, generator: torch.Generator | None = None):
+                 init=None, generator: torch.Generator | None = None, float_zero: bool = False):
         super().__init__()
         import math
 
@@ -105,13 +109,13 @@ class L4QLinear(torch.nn.Module):
         self.lora_B = torch.nn.Linear(rank, self.out_features, bias=False, dtype=torch.float32)
         kaiming_uniform_(self.lora_A.weight, generator)
         torch.nn.init.zeros_(self.lora_B.weight)
-        step, offset = self._initial_qparams(init)
+        step, offset = self._initial_qparams(init, float_zero)
         self.step, self.offset = torch.nn.Parameter(step), torch.nn.Parameter(offset)
         self.grad_scale = 1.0 / math.sqrt(group_size * (2**bits - 1))
 
-    def _initial_qparams(self, init) -> tuple[torch.Tensor, torch.Tensor]:
+    def _initial_qparams(self, init, float_zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if init is None:
-            return minmax_qparams(self.base_layer.weight, self.group_size, 2**self.bits)
+            return rtn_qparams(self.base_layer.weight, self.bits, self.group_size, float_zero)
         from compress.quant.uniform import from_gptq_tensors
 
         config = init.config

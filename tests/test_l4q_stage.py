@@ -73,8 +73,9 @@ def test_l4q_ends_fully_quantized_and_exports_gptq(tmp_path, probe_ids):
 
 
 @pytest.mark.slow
-def test_l4q_from_a_quantize_stage_starts_at_its_model(tmp_path, probe_ids):
-    quantize = "  - quantize: {method: rtn, config: {type: uniform, bits: 4, group_size: 32}}\n"
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_l4q_from_a_quantize_stage_starts_at_its_model(tmp_path, probe_ids, method):
+    quantize = f"  - quantize: {{method: {method}, config: {{type: uniform, bits: 4, group_size: 32}}}}\n"
     stages = quantize + L4Q.format(steps=1, lr="1.0e-12")  # effectively no update: init + finalize only
     compress.run_recipe(compress.load_recipe(tiny_recipe(tmp_path, stages)))
     start = compress.load(tmp_path / "out" / ".stages" / "00-quantize" / "model")
@@ -104,7 +105,7 @@ def test_l4q_starts_from_an_lq_lora_q_on_its_grid():
     dense, start = _dense_start(lq, L4QConfig(bits=4, group_size=32))
     torch.testing.assert_close(dense.weight, lq.merged_linear(torch.float32).weight)  # W0 = Q + s B A
     assert start is not None and torch.equal(start.tensors["scales"], q.scales)
-    assert _dense_start(lq, L4QConfig(bits=3, group_size=32))[1] is None  # another grid: min-max
+    assert _dense_start(lq, L4QConfig(bits=3, group_size=32))[1] is None  # another grid: RTN's of W0
 
 
 def test_partial_last_group_finalizes_to_the_fake_quantized_weight():
@@ -116,5 +117,5 @@ def test_partial_last_group_finalizes_to_the_fake_quantized_weight():
     assert layer.step.shape == (16, 3)
     torch.nn.init.normal_(layer.lora_B.weight, std=0.01)
     torch.testing.assert_close(finalize(layer).dequantize(), layer.quantized_weight(), rtol=0, atol=1e-6)
-    fresh = L4QLinear(base, rank=4, alpha=8, bits=4, group_size=32)  # min-max over the 8 real columns
-    torch.testing.assert_close(fresh.offset[:, 2], base.weight[:, 64:].amin(1).detach())
+    fresh = L4QLinear(base, rank=4, alpha=8, bits=4, group_size=32)  # RTN's grid, the last group's 8 columns
+    torch.testing.assert_close(fresh.quantized_weight(), rtn.dequantize(), rtol=0, atol=1e-6)

@@ -54,6 +54,8 @@ def test_lq_lora_end_to_end(tmp_path, tiny_pair):
     ("  - lq_lora: {rank: 8, budget_bits: 3.0, budget_gib: 1.0}", "exactly one of budget_bits and budget_gib"),
     ("  - lq_lora: {rank: 8, budget_bits: 3.0, grid: nf}\n  - export: {format: gptq}", r"grid: nf configs cannot be written as GPTQ"),
     ("  - lq_lora: {rank: 8, budget_bits: 3.0}\n  - export: {format: gptq, adapters: merge}", r"adapters: merge needs format hf"),
+    ("  - lq_lora: {rank: 8, budget_bits: 3.0, grid: nf, quantizer: gptq}", r"quantizer: gptq needs grid: gptq"),
+    ("  - lq_lora: {rank: 8, budget_bits: 3.0, damp: 0.1}", r"damp: only for quantizer: gptq"),
 ])
 def test_bad_lq_lora_recipes_fail_before_loading(tmp_path, stages, message):
     result = run_cli("validate", tiny_recipe(tmp_path, stages))
@@ -89,3 +91,48 @@ def test_cost_table_in_two_processes_matches_one(tmp_path):
         for config, (error, bits) in entries.items():
             assert tables[1][key][config][1] == bits
             assert tables[1][key][config][0] == pytest.approx(error, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_gptq_quantizer_lowers_the_output_error_of_the_same_allocation(tmp_path, tiny_pair):
+    """quantizer: gptq keeps the ILP's choice (same RTN cost table) and gives logits nearer the
+    float model's on held-out text than round-to-nearest; rank 0 + gptq exports as GPTQ."""
+    from test_gptq_stage import held_out_text
+    from conftest import logits
+
+    text = held_out_text(tiny_pair[1])
+    reference = logits(tiny_pair[0], text)
+    errors, plans = {}, {}
+    for quantizer in ("rtn", "gptq"):
+        stages = (f"  - lq_lora: {{rank: 0, budget_bits: 3.5, grid: gptq, group_sizes: [64], quantizer: {quantizer}}}\n"
+                  "  - export: {format: gptq}")
+        (tmp_path / quantizer).mkdir()
+        path = tiny_recipe(tmp_path / quantizer, stages)
+        path.write_text(path.read_text().replace("samples: 4, seq_len: 64}", "samples: 32, seq_len: 64}", 1))
+        result = compress.run_recipe(compress.load_recipe(path))
+        report = result.reports[1]
+        assert {m["quantizer"] for m in report.modules} == {quantizer}
+        plans[quantizer] = {m["module"]: m["config"] for m in report.modules}
+        model = compress.load(result.out_dir / "checkpoint", dtype="float32")
+        errors[quantizer] = float((logits(model, text) - reference).norm())
+    assert plans["gptq"] == plans["rtn"]
+    assert errors["gptq"] < 0.85 * errors["rtn"], errors
+
+
+def test_lq_decompose_with_gptq_has_less_output_error_than_with_rtn():
+    from compress.lowrank import lq_decompose
+    from compress.lowrank.decompose import hessian_error
+    from compress.quant import QuantConfig
+    from compress.quant.gptq import gptq_quantize
+    from test_gptq import correlated_inputs, hessian_of, weight_of
+
+    x, w = correlated_inputs(1024, 128, 0).float(), weight_of(64, 128, 1).float()
+    hessian = hessian_of(x.double()).float()
+    config, error = QuantConfig.uniform(3, 32), hessian_error(hessian)
+    rtn = lq_decompose(w, 8, config, iterations=4, error=error)
+    gptq = lq_decompose(w, 8, config, iterations=4, error=error,
+                        quantize=lambda matrix, c: gptq_quantize(matrix, hessian, c).quantized)
+    assert gptq.error < 0.8 * rtn.error, (gptq.error, rtn.error)
+    residual = w - gptq.quantized.dequantize() - gptq.low_rank()
+    output_error = float(torch.linalg.norm(x @ residual.t())) / x.shape[0] ** 0.5  # H = 2 XᵀX / n
+    assert abs(error(residual) - output_error) < 1e-3 * output_error

@@ -8,10 +8,13 @@
 Every selected linear becomes an ``L4QLinear``: its LoRA (PEFT init, so the first forward is the
 initial quantized model) and its per-group step and offset are trained together through the
 fake-quantized W0 + s B A (``lr`` for LoRA, ``quant_lr`` for step/offset) on ``data:`` or
-``data.calibration``. Step/offset start from min-max per group, or, for a layer an earlier
-``quantize`` stage packed with the same bits and group size, from its scales and zeros (its
-dequantized weight is then W0); after ``lq_lora``, W0 = Q + s B A and a Q on the same grid gives
-the start. At the end LoRA is merged and the weight quantized with the learned
+``data.calibration``. Step/offset start from round-to-nearest's grid of W0 (integer zeros; with
+``zero_point: float``, each group's min-max and a free offset), or, for a layer an earlier
+``quantize`` stage (RTN or GPTQ) packed with the same bits and group size, from its scales and
+zeros (its dequantized weight is then W0); after ``lq_lora``, W0 = Q + s B A and a Q on the same
+grid gives the start. A min-max start with ``zero_point: integer`` would put the offset between
+integer zeros, and rounding it at the end costs most of what training gained (measured:
+BENCHMARKS.md, L4Q). At the end LoRA is merged and the weight quantized with the learned
 parameters: codes round((W - offset) / step) with fp16 scale = step. ``zero_point: integer`` rounds
 -offset / step to an integer zero (GPTQ-compatible); ``float`` keeps it as an fp16 zero per group
 (``int<b>-g<g>-fzero``, 16 more bits per group, ``native`` export only). The report gives the
@@ -73,7 +76,7 @@ def _same_grid(module, config: L4QConfig) -> bool:
 
 
 def _dense_start(module, config: L4QConfig) -> tuple[torch.nn.Linear, QuantizedWeight | None]:
-    """(dense W0 layer, packed weight to start step/offset from, or None for min-max). An LQ-LoRA
+    """(dense W0 layer, packed weight to start step/offset from, or None for W0's RTN grid). An LQ-LoRA
     layer gives W0 = Q + s B A, and its Q's scales and zeros when Q is on L4Q's grid."""
     if isinstance(module, LoRALinear):
         base = module.base_layer
@@ -111,7 +114,7 @@ def _wrap(ctx, config: L4QConfig, seed: int) -> dict[str, L4QLinear]:
     for name, module in select_linears(ctx.model, config.targets, config.ignore):
         dense, start = _dense_start(module, config)
         layers[name] = L4QLinear(dense, config.lora.rank, config.lora.alpha, config.bits, config.group_size,
-                                 init=start, generator=generator)
+                                 init=start, generator=generator, float_zero=config.zero_point == "float")
         set_module(ctx.model, name, layers[name])
     return layers
 

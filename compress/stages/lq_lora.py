@@ -16,6 +16,12 @@ recompute them; ``workers: N`` computes them in N processes. ``alpha`` sets the 
 alpha / rank (LQ-LoRA: 16 at rank 64). ``group_sizes`` restricts the grid to those groups (NF:
 blocks). ``rank: 0`` is mixed-precision quantization by the same ILP with no low-rank part and no
 adapters (its result exports as GPTQ on the gptq grid).
+
+``quantizer: gptq`` (gptq grid) quantizes Q with GPTQ instead of round-to-nearest: the chosen
+configs are then applied layer by layer on ``data.calibration`` (``compress.layerwise``), each
+matrix's Q = GPTQ(W - L1 L2) with its input Hessian H (``damp``), and the alternation keeps the
+iterate with the least output error sqrt(tr(R H Rᵀ) / 2). The ILP's cost table stays the RTN
+decomposition's (GPTQ for every config of every matrix would multiply its cost by the grid size).
 """
 
 from __future__ import annotations
@@ -30,11 +36,13 @@ from pydantic import Field, model_validator
 
 from compress.lowrank import (GRIDS, NF8_BITS, InfeasibleBudget, LoRALinear, allocate, budget_bits_for, empirical_fisher,
                               init_from_factors, lq_decompose, matrix_costs, minimum_bits)
-from compress.lowrank.decompose import weighted_error
-from compress.quant import QuantLinear
+from compress.lowrank.decompose import hessian_error, weighted_error
+from compress.quant import QuantizedWeight, QuantLinear
+from compress.quant.gptq import gptq_quantize
 
 from ..checkpoint.atomic import atomic_write_text
 from ..errors import RecipeError, StageError
+from ..layerwise import calibrate_layerwise
 from ..parallel import parallel_map
 from ..stage import Stage, StageConfig
 from ..targets import check_selector, fused_members, select_linears, set_module
@@ -55,9 +63,15 @@ class LQLoRAConfig(StageConfig):
     solver: Literal["HiGHS", "PULP_CBC_CMD"] | None = None
     seed: int = 0
     workers: int = Field(1, ge=1)
+    quantizer: Literal["rtn", "gptq"] = "rtn"
+    damp: float = Field(0.01, gt=0)
 
     @model_validator(mode="after")
     def _one_budget_and_valid_selectors(self) -> "LQLoRAConfig":
+        if self.quantizer == "gptq" and self.grid != "gptq":
+            raise ValueError(f"quantizer: gptq needs grid: gptq (GPTQ rounds to uniform grids, not {self.grid})")
+        if "damp" in self.model_fields_set and self.quantizer != "gptq":
+            raise ValueError("damp: only for quantizer: gptq")
         if (self.budget_bits is None) == (self.budget_gib is None):
             raise ValueError("give exactly one of budget_bits and budget_gib")
         for key in list(self.targets) + list(self.ignore):
@@ -176,25 +190,52 @@ def run(ctx, config: LQLoRAConfig, report) -> None:
                           label=f"lq-lora r{config.rank} {config.grid} {result.bits / params:.2f}b")
 
 
+def _decompose(module, qconfig, config: LQLoRAConfig, fisher, hessian=None) -> tuple[torch.nn.Module, dict]:
+    """(new layer, report entry) for one matrix: Q (+ a LoRA adapter initialized to L1 L2 when rank
+    > 0) by RTN, or by GPTQ with the input Hessian when given."""
+    weight = module.weight.detach().float()
+    quantize, error = QuantizedWeight.quantize, (lambda residual: weighted_error(residual, fisher))
+    scale = max(float(torch.linalg.norm(weight)), 1e-30)
+    if hessian is not None:
+        quantize = lambda matrix, c: gptq_quantize(matrix, hessian, c, config.damp).quantized  # noqa: E731
+        error = hessian_error(hessian)
+        scale = max(error(weight), 1e-30)
+    if config.rank == 0:
+        quantized = quantize(weight, qconfig)
+        layer = QuantLinear.from_weight(quantized, module.bias)
+        return layer, {"iterations": 0, "rel_error": error(weight - quantized.dequantize()) / scale}
+    result = lq_decompose(weight, config.rank, qconfig, config.iterations, fisher, seed=config.seed,
+                          quantize=quantize, error=error)
+    layer = LoRALinear(QuantLinear.from_weight(result.quantized, module.bias), config.rank, config.alpha)
+    init_from_factors(layer, result.left, result.right)
+    return layer, {"iterations": len(result.errors), "rel_error": result.error / scale}
+
+
 def _replace(ctx, config: LQLoRAConfig, modules: dict, fisher: dict, choice: dict, report) -> None:
-    """Decompose every matrix with its chosen config (rank 0: just quantize it, no adapter)."""
+    """Decompose every matrix with its chosen config (rank 0: just quantize it, no adapter);
+    ``rel_error``: the residual's (Fisher-weighted) Frobenius norm over ||W||, or with GPTQ its
+    output error over W's."""
     by_name = {c.name: c for c in GRIDS[config.grid]()}
-    for name in ctx.track(list(modules), "lq_lora decompose"):
-        module, qconfig = modules[name], by_name[choice[name]]
-        norm = max(float(torch.linalg.norm(module.weight.detach().float())), 1e-30)
-        if config.rank == 0:
-            layer = QuantLinear.quantize(module, qconfig)
-            residual = module.weight.detach().float() - layer.dequantize(torch.float32)
-            entry = {"iterations": 0, "rel_error": weighted_error(residual, fisher.get(name)) / norm}
-        else:
-            result = lq_decompose(module.weight, config.rank, qconfig, config.iterations, fisher.get(name),
-                                  seed=config.seed)
-            layer = LoRALinear(QuantLinear.from_weight(result.quantized, module.bias), config.rank, config.alpha)
-            init_from_factors(layer, result.left, result.right)
-            entry = {"iterations": len(result.errors), "rel_error": result.error / norm}
+
+    def install(name: str, hessian=None) -> None:
+        layer, entry = _decompose(modules[name], by_name[choice[name]], config, fisher.get(name), hessian)
         set_module(ctx.model, name, layer)
-        ctx.plan[name] = qconfig
-        report.modules.append({"module": name, "config": qconfig.name, **entry})
+        ctx.plan[name] = by_name[choice[name]]
+        report.modules.append({"module": name, "config": choice[name], "quantizer": "gptq" if hessian is not None
+                               else "rtn", **entry})
+
+    remaining = list(modules)
+    if config.quantizer == "gptq":
+        def replace(group: dict, hessians: dict) -> None:
+            for name in group:
+                install(name, hessians[name].hessian)
+
+        remaining = calibrate_layerwise(ctx.model, ctx.windows("calibration"), modules, replace,
+                                        lambda layers: ctx.track(layers, "lq_lora gptq layers"))
+        if remaining:
+            report.notes.append(f"outside the decoder layers, quantized with RTN: {', '.join(remaining)}")
+    for name in ctx.track(remaining, "lq_lora decompose"):
+        install(name)
 
 
 STAGE = Stage(name="lq_lora", config=LQLoRAConfig, run=run, modifies_model=True, quantizes=True, check=check,
