@@ -1,7 +1,7 @@
 """l4q: quantization-aware LoRA training that ends in fully quantized weights (no adapter ships).
 
 ```yaml
-- l4q: {bits: 4, group_size: 64, steps: 200, lr: 1.0e-4, quant_lr: 1.0e-5,
+- l4q: {bits: 4, group_size: 64, steps: 200, lr: 1.0e-4, quant_lr: 1.0e-3,
         lora: {rank: 16, alpha: 32}, zero_point: integer}
 ```
 
@@ -45,7 +45,7 @@ class L4QConfig(TrainingConfig):
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(64, ge=1)
     lr: float = Field(1.0e-4, gt=0)
-    quant_lr: float = Field(1.0e-5, gt=0)
+    quant_lr: float = Field(1.0e-3, gt=0)  # best of 1e-5..3e-3 at int3 g64, 24 steps (BENCHMARKS.md)
     lora: LoraSpec = LoraSpec(rank=16, alpha=32)
     zero_point: Literal["integer", "float"] = "integer"
     targets: list[str] = ["Linear"]
