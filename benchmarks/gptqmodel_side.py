@@ -6,7 +6,8 @@ the calibration windows ``peers.py`` also gives our GPTQ, and GPTQModel loading 
 JOB.json: {"action": "quantize" | "load", ...}
 - quantize: {"model_dir", "windows" (safetensors with ``calibration`` and ``eval`` int64 [n, seq]),
   "out", "bits", "group_size", "sym", "damp", "desc_act", "act_group_aware"}: quantizes (fp32 on
-  CPU), saves to ``out``; prints RESULT {"seconds", "peak_rss_mib"}.
+  CPU), saves to ``out``; prints RESULT {"seconds" of ``quantize()`` alone, "peak_rss_mib" of the
+  process after it}.
 - load: {"path", "windows"}: loads a GPTQ checkpoint with GPTQModel (CPU torch kernel, fp16) and
   prints RESULT {"perplexity"} on the eval windows, computed as ``compress.evaluate`` does
   (exp of the mean next-token NLL over every window).
@@ -28,14 +29,15 @@ def quantize(job: dict) -> dict:
     windows = load_file(job["windows"])["calibration"]
     config = QuantizeConfig(bits=job["bits"], group_size=job["group_size"], sym=job["sym"], desc_act=job["desc_act"],
                             damp_percent=job["damp"], act_group_aware=job["act_group_aware"])
-    start = time.perf_counter()
     model = GPTQModel.load(job["model_dir"], config, device="cpu", dtype=torch.float32)
     samples = [{"input_ids": row.view(1, -1), "attention_mask": torch.ones(1, row.numel(), dtype=torch.int64)}
                for row in windows]
+    start = time.perf_counter()
     model.quantize(samples, batch_size=1)
+    seconds = time.perf_counter() - start  # quantization only, as our stage's seconds (loading excluded)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model.save(job["out"])
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"seconds": seconds, "peak_rss_mib": peak}
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@ inputs); from then on each decoder layer is called on its own with those inputs.
 the selected linears are visited in groups that read the same input tensor (for Llama: q/k/v,
 then o, then gate/up, then down), each group's input Hessians are accumulated over every window
 and handed to a callback that replaces those linears (GPTQ's "true sequential" order: a group
-sees the inputs the already-replaced groups produce). The layer's outputs, computed with its
+sees the inputs the already-replaced groups produce); those passes stop at the group's last
+linear. The layer's outputs, computed with its
 replaced linears, are the next layer's inputs. Nothing is copied: the model is held once.
 """
 
@@ -85,13 +86,26 @@ def input_groups(layer: nn.Module, modules: dict[str, nn.Module], sample: tuple[
 
 @torch.no_grad()
 def group_hessians(layer: nn.Module, modules: dict[str, nn.Module], inputs: LayerInputs) -> dict[str, HessianAccumulator]:
-    """Input Hessians of ``modules`` over every batch of ``inputs`` (one pass through ``layer``)."""
+    """Input Hessians of ``modules`` over every batch of ``inputs``. Each forward through ``layer``
+    stops as soon as the last of them has read its input (the rest of the layer is not needed)."""
     hessians = {name: HessianAccumulator(module.in_features) for name, module in modules.items()}
-    handles = [module.register_forward_pre_hook(lambda m, a, acc=hessians[name]: acc.add(a[0]))
+    seen: set[str] = set()
+
+    def accumulate(name: str, x: torch.Tensor) -> None:
+        hessians[name].add(x)
+        seen.add(name)
+        if len(seen) == len(modules):
+            raise _StopForward
+
+    handles = [module.register_forward_pre_hook(lambda m, a, name=name: accumulate(name, a[0]))
                for name, module in modules.items()]
     try:
         for args, kwargs in inputs:
-            _call(layer, args, kwargs)
+            seen.clear()
+            try:
+                _call(layer, args, kwargs)
+            except _StopForward:
+                pass
     finally:
         for handle in handles:
             handle.remove()

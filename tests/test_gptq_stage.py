@@ -94,21 +94,6 @@ def test_gptq_stage_is_closer_to_the_float_model_than_rtn(tmp_path, tiny_pair, a
     assert gptq.reports[-1].metrics["reload_max_abs_logit_diff"] == 0.0
 
 
-def test_gptq_sample_yaml_parses():
-    from compress.recipe import parse_recipe
-    from compress.stages.quantize import STAGE
-
-    doc = STAGE.config.__module__
-    import importlib
-    import re
-    import yaml
-    text = importlib.import_module(doc).__doc__
-    block = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
-    stages = yaml.safe_load(block)
-    parse_recipe({"model": "tiny-llama", "data": {"calibration": {"source": "stdlib", "samples": 2, "seq_len": 16}},
-                  "stages": stages, "output": "unused"})
-
-
 @pytest.mark.parametrize("stages,message", [
     ("  - quantize: {method: rtn, damp: 0.05}", "damp: only for method gptq"),
     ("  - quantize: {method: gptq, config: {type: nf, bits: 4}}", "gptq quantizes to uniform configs"),

@@ -55,8 +55,9 @@ def test_recipe_module_sample_parses():
     assert parse_recipe(yaml.safe_load(sample)).spec.model == "smollm2-135m"
 
 
-def test_resolved_recipe_round_trips():
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml")
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_resolved_recipe_round_trips(path):
+    recipe = load_recipe(path)
     again = parse_recipe(recipe.to_dict())
     assert again.to_dict() == recipe.to_dict()
     assert again.fingerprint(1) == recipe.fingerprint(1) != recipe.fingerprint(2)

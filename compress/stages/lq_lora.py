@@ -32,7 +32,7 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from compress.lowrank import (GRIDS, NF8_BITS, InfeasibleBudget, LoRALinear, allocate, budget_bits_for, empirical_fisher,
                               init_from_factors, lq_decompose, matrix_costs, minimum_bits)
@@ -79,6 +79,14 @@ class LQLoRAConfig(StageConfig):
             if problem:
                 raise ValueError(f"selector {key!r}: {problem}")
         return self
+
+
+    @model_serializer(mode="wrap")
+    def _damp_only_for_gptq(self, handler):
+        data = handler(self)
+        if self.quantizer != "gptq":
+            data.pop("damp", None)
+        return data
 
 
 def grid_for(config: LQLoRAConfig, shape: tuple[int, int]) -> list:

@@ -107,6 +107,14 @@ class QuantizeConfig(StageConfig):
             self.override_spec(key)
         return self
 
+    @model_serializer(mode="wrap")
+    def _gptq_fields_only_for_gptq(self, handler):
+        data = handler(self)
+        if self.method != "gptq":
+            for key in GPTQ_ONLY:
+                data.pop(key, None)
+        return data
+
     def override_spec(self, key: str) -> QuantSpec:
         merged = dict(self.config.model_dump(exclude_unset=True), **self.overrides[key])
         try:
