@@ -149,6 +149,19 @@ def best_inference_fit(arch: Architecture, gpu_gib: float, batch: int, seq: int)
     return None
 
 
+def calibration_breakdown(arch: Architecture, samples: int, seq: int, width: int, batch: int = 8) -> dict[str, int]:
+    """Bytes a layer-by-layer calibration (GPTQ) adds to the model it quantizes in place: every
+    calibration window's hidden states at the current layer's input and output, and transiently the
+    largest group's input Hessians (fp32) with GPTQ's two in x in working copies plus one batch of
+    the layer's intermediate activations (``compress.layerwise`` runs ``batch`` windows at a time)."""
+    hidden_states = 2 * samples * seq * arch.hidden * width
+    shapes = arch.layer_shapes()
+    groups = [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    hessians = max(sum(shapes[p][1] ** 2 for p in group) + 2 * shapes[group[0]][1] ** 2 for group in groups) * 4
+    layer = batch * seq * (3 * arch.intermediate + 4 * arch.hidden + arch.heads * seq) * width
+    return {"activations": hidden_states, "transient": hessians + layer}
+
+
 def architecture_for(name: str) -> Architecture:
     """A preset name, or anything ``compress`` can load a config from (built-in name, model or
     checkpoint directory, config.json, .gguf file), without reading weights."""

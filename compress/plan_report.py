@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .plan import GIB, INFERENCE_CANDIDATES, Architecture, best_inference_fit, inference_breakdown
+from .plan import (GIB, INFERENCE_CANDIDATES, Architecture, best_inference_fit, calibration_breakdown,
+                   inference_breakdown)
 from .plan_training import (TRAINING_CANDIDATES, TrainingSetup, best_training_fit, candidate_setup, layer_shape_list,
                             training_breakdown)
 
@@ -42,6 +43,7 @@ class _State:
     base_label: str = "dense"
     rank: int = 0
     eval_seq: int = 512
+    calibration: tuple[int, int] = (128, 512)  # data.calibration (samples, seq_len)
 
 
 def _training_setup(setup: TrainingSetup, config, method: str, rank: int) -> TrainingSetup:
@@ -60,6 +62,10 @@ def _quantized(state: _State, config, label: str) -> None:
     state.base_label = label
 
 
+def _calibration(arch: Architecture, state: _State) -> dict[str, int]:
+    return calibration_breakdown(arch, *state.calibration, state.setup.compute_bytes)
+
+
 def _stage_rows(arch: Architecture, entry, state: _State) -> list[tuple[str, dict]]:
     """(row label, breakdown) for one stage; updates ``state`` with what the stage leaves."""
     name, config = entry.name, entry.config
@@ -67,6 +73,8 @@ def _stage_rows(arch: Architecture, entry, state: _State) -> list[tuple[str, dic
     held = {"frozen_base": held["frozen_base"], "trainable": held["trainable"]}
     if name == "quantize":
         _quantized(state, config.config.to_config(), config.config.to_config().name)
+        if config.method == "gptq":
+            return [("quantize (gptq)", {**held, **_calibration(arch, state)})]
         return [(name, held)]
     if name == "lq_lora":
         bits = config.budget_bits
@@ -75,7 +83,7 @@ def _stage_rows(arch: Architecture, entry, state: _State) -> list[tuple[str, dic
             bits = config.budget_gib * GIB * 8 / numel  # the ILP's budget over the (possibly pruned) matrices
         state.setup = replace(state.setup, base=None, base_bits=bits)
         state.base_label, state.rank = f"LQ-LoRA {bits:.2f} bits", config.rank
-        return [(name, held)]
+        return [(name, {**held, **_calibration(arch, state)} if config.quantizer == "gptq" else held)]
     if name == "finetune":
         rank = config.lora.rank if config.lora is not None else state.rank
         method = "lora" if state.base_label == "dense" else "qlora"
@@ -138,7 +146,9 @@ def recipe_plan(recipe, gpu_gib: float | None = None) -> dict:
 
     arch = architecture_for(recipe.spec.model)
     width = DTYPE_BYTES[recipe.spec.dtype]
-    state = _State(TrainingSetup(compute_bytes=width, base_bytes=width), eval_seq=recipe.spec.data.eval.seq_len)
+    calibration = recipe.spec.data.calibration
+    state = _State(TrainingSetup(compute_bytes=width, base_bytes=width), eval_seq=recipe.spec.data.eval.seq_len,
+                   calibration=(calibration.samples, calibration.seq_len))
     stages = {}
     for entry in recipe.stages:
         for label, parts in _stage_rows(arch, entry, state):

@@ -3,6 +3,8 @@
 4-77 gives 17.85 B parameters) and 16.95x (LLaMA-2-70B); LQ-LoRA's 2.75-bit LLaMA-2-70B is about
 2.85 bits with rank-64 adapters stored in NF8."""
 
+from pathlib import Path
+
 import pytest
 
 from compress.lowrank import NF8_BITS
@@ -95,3 +97,16 @@ def test_inference_breakdown_of_an_ilp_plan_counts_each_module_config():
     expected = sum(c.storage_bits(shapes[n]) for n, c in plan.items()) / 8
     expected += sum(2 * o * i for n, (o, i) in shapes.items() if n not in plan)
     assert packed == expected
+
+
+def test_gptq_recipe_plan_counts_the_calibration_hidden_states():
+    """recipes/gptq.yaml: 32 x 512 calibration tokens, fp32, SmolLM2 (hidden 576): the layer-by-layer
+    pass holds every window's input and output hidden states, plus the largest group's Hessians."""
+    from compress.plan_report import recipe_plan
+    from compress.recipe import load_recipe
+
+    stages = recipe_plan(load_recipe(Path(__file__).parent.parent / "recipes" / "gptq.yaml"))["stages"]
+    quantize = stages["0: quantize (gptq)"]
+    assert quantize["activations"] == 2 * 32 * 512 * 576 * 4
+    assert quantize["transient"] >= (1536**2 + 2 * 1536**2) * 4  # down_proj's H and GPTQ's two copies
+    assert "transient" not in stages["2: export"] or stages["2: export"]["transient"] == 0
