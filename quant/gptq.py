@@ -16,6 +16,7 @@ fp16 float zero), so with H = I GPTQ returns exactly RTN's codes, scales and zer
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,8 @@ import torch
 from .config import QuantConfig, effective_group
 from .qweight import QuantizedWeight
 from .uniform import choose_qparams, to_float_zero_tensors, to_gptq_tensors
+
+log = logging.getLogger(__name__)
 
 
 class HessianAccumulator:
@@ -56,12 +59,20 @@ def _column_codes(column: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     return codes, (codes - zero) * scale
 
 
-def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp · mean(diag H) · I)⁻¹."""
-    damped = hessian.clone()
-    damped.diagonal().add_(damp * float(damped.diagonal().mean()))
-    lower = torch.linalg.cholesky(damped)
-    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+def _inverse_cholesky(hessian: torch.Tensor, damp: float, retries: int = 4) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp · mean(diag H) · I)⁻¹; a Hessian that is not positive
+    definite at ``damp`` (too few calibration tokens for its width) is retried with 10x the damping."""
+    for attempt in range(retries + 1):
+        damped = hessian.clone()
+        damped.diagonal().add_(damp * 10**attempt * float(damped.diagonal().mean()))
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0:
+                if attempt:
+                    log.warning("GPTQ: Hessian not positive definite at damp %g; used %g", damp, damp * 10**attempt)
+                return upper
+    raise ValueError(f"GPTQ: the Hessian is not positive definite even at damp {damp * 10**retries:g}")
 
 
 def _group_params(weight: torch.Tensor, config: QuantConfig, group: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -134,3 +134,16 @@ def test_bad_inputs_are_refused():
         gptq_quantize(torch.zeros(4, 8), torch.eye(8), QuantConfig.nf(4, 8))
     with pytest.raises(ValueError, match="hessian shape"):
         gptq_quantize(torch.zeros(4, 8), torch.eye(6), QuantConfig.uniform(4, 8))
+
+
+def test_a_singular_hessian_is_retried_with_more_damping(caplog):
+    """Fewer tokens than input features and a negative-definite direction added: Cholesky fails at
+    damp 0.01 and GPTQ retries with 10x the damping instead of crashing."""
+    x, w = correlated_inputs(8, 64, 11).float(), weight_of(16, 64, 12).float()
+    hessian = hessian_of(x.double()).float()
+    direction = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    hessian -= 0.05 * float(hessian.diagonal().mean()) * torch.outer(direction, direction) / direction.norm() ** 2
+    with caplog.at_level("WARNING"):
+        result = gptq_quantize(w, hessian, QuantConfig.uniform(4, 16))
+    assert "not positive definite at damp 0.01" in caplog.text
+    assert torch.isfinite(result.quantized.dequantize()).all()
