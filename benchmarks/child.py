@@ -19,11 +19,12 @@ def child_result(row: dict) -> str:
     return PREFIX + json.dumps(row)
 
 
-def run_child(script: str, args: list[str], what: str, fixed_mmap: bool = False, python: str | None = None) -> dict:
+def run_child(script: str, args: list[str], what: str, fixed_mmap: bool = False, python: str | None = None,
+              cwd: str | None = None) -> dict:
     """Run ``python script *args`` (this interpreter unless ``python`` names another, e.g. a side
-    venv's); its result row, or exit naming ``what`` with the child's stderr."""
+    venv's; in ``cwd`` when given); its result row, or exit naming ``what`` with the child's stderr."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if fixed_mmap else None
-    done = subprocess.run([python or sys.executable, script, *args], capture_output=True, text=True, env=env)
+    done = subprocess.run([python or sys.executable, script, *args], capture_output=True, text=True, env=env, cwd=cwd)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith(PREFIX)), None)
     if line is None:
         raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")

@@ -14,7 +14,8 @@ another (so its wall time and peak RSS are its own), all from one command:
 - ``lqlora-r0``: our LQ-LoRA ILP with rank 0 (mixed-precision per-matrix configs) at a 3.0 and 3.5
   bit budget, with GPTQ as its quantizer;
 - ``lqlora-r16``: LQ-LoRA rank 16 (Q + L1 L2, the adapters counted at 16 bit), GPTQ quantizer;
-- ``l4q``: L4Q at int4 and int3 g64 (24 steps of 4 x 256 tokens, quant_lr 1e-3), packed, no adapter.
+- ``l4q``: our GPTQ, then L4Q from its scales and zeros at int4, int3 and int2 g64 (24 steps of
+  4 x 256 tokens, quant_lr 1e-3), packed with integer zeros, no adapter.
 
 Calibration: 32 x 512 tokens of the stdlib train split for every calibrated method; perplexity on
 32 x 512 held-out tokens. Bits per parameter: the bytes of every checkpoint tensor belonging to the
@@ -43,7 +44,7 @@ DATA = {"calibration": {"source": "stdlib", "split": "train", "samples": 32, "se
 GROUP = 64  # SmolLM2's 576 input features hold whole groups of 64, not of 128
 ROWS = ([("fp32", None)] + [(method, bits) for bits in (4, 3, 2) for method in ("rtn", "gptq", "gptqmodel")]
         + [("bnb-nf4", 4)] + [(f"lqlora-r{rank}", budget) for rank in (0, 16) for budget in (3.5, 3.0)]
-        + [("l4q", 4), ("l4q", 3)])
+        + [("l4q", 4), ("l4q", 3), ("l4q", 2)])
 log = logging.getLogger("peers")
 
 
@@ -126,7 +127,8 @@ def recipe_stages(method: str, setting: float) -> list[dict]:
         return [{"lq_lora": {"rank": rank, "alpha": 2 * rank if rank else 16, "budget_bits": setting, "grid": "gptq",
                              "quantizer": "gptq", "iterations": 10}}]
     tune = {"steps": 24, "lr": 2.0e-4, "batch_size": 4, "grad_accum": 1, "seq_len": 256, "save_every": 0}
-    return [{"l4q": dict(tune, bits=int(setting), group_size=GROUP, quant_lr=1.0e-3, lora={"rank": 16, "alpha": 32})}]
+    return [{"quantize": {"method": "gptq", "config": quant}},
+            {"l4q": dict(tune, bits=int(setting), group_size=GROUP, quant_lr=1.0e-3, lora={"rank": 16, "alpha": 32})}]
 
 
 def run_ours(out: Path, method: str, setting: float, point: Path) -> dict:
@@ -138,12 +140,13 @@ def run_ours(out: Path, method: str, setting: float, point: Path) -> dict:
     recipe = parse_recipe({"model": "smollm2-135m", "dtype": "float32", "data": DATA, "seed": 0, "stages": stages,
                            "output": str(point)})
     reports = run_recipe(recipe, overwrite=True).reports
-    work, evaluation = reports[1], next(r for r in reports if r.name == "eval")  # reports[0]: loading
+    work = [r for r in reports[1:] if r.name not in ("eval", "export")]  # reports[0]: loading
+    evaluation = next(r for r in reports if r.name == "eval")
     checkpoints = [point / "checkpoint"] + ([point / "checkpoint-adapter"] if method == "lqlora-r16" else [])
     names = linear_names(load(point / "checkpoint", dtype="float32"))
     return {"ppl": evaluation.metrics["perplexity"], "bits_per_param": linear_tensor_bits(checkpoints, names),
-            "disk_mib": sum(directory_bytes(c) for c in checkpoints) / 2**20, "seconds": work.seconds,
-            "peak_rss_mib": work.peak_rss_mib}
+            "disk_mib": sum(directory_bytes(c) for c in checkpoints) / 2**20,
+            "seconds": sum(r.seconds for r in work), "peak_rss_mib": max(r.peak_rss_mib for r in work)}
 
 
 def run_fp32(out: Path, point: Path) -> dict:
@@ -176,7 +179,8 @@ def side(job: dict, what: str) -> dict:
     env_job = Path(job["job_file"])
     env_job.write_text(json.dumps(job))
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # its default asks for more than a 2-core machine has
-    return run_child(str(Path(__file__).parent / "gptqmodel_side.py"), [str(env_job)], what, python=str(SIDE_PYTHON))
+    return run_child(str(Path(__file__).resolve().parent / "gptqmodel_side.py"), [str(env_job)], what,
+                     python=str(SIDE_PYTHON), cwd=str(env_job.parent))  # GPTQModel writes logs/ into its cwd
 
 
 def run_gptqmodel(out: Path, bits: int, point: Path) -> dict:
