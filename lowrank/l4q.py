@@ -124,6 +124,14 @@ class L4QLinear(torch.nn.Module):
         _, scale, zero = from_gptq_tensors(init.tensors, config.bits, init.shape)
         return scale.float().contiguous(), (-scale.float() * zero.float()).contiguous()
 
+    @torch.no_grad()
+    def round_offset_to_integer_zero(self) -> None:
+        """offset := -step * z with z = clamp(round(-offset / step), 1, 2^bits - 1): the fake
+        quantization becomes exactly GPTQ's integer-zero grid (with fp16 steps)."""
+        self.step.copy_(self.step.to(torch.float16).float().clamp(min=torch.finfo(torch.float16).tiny))
+        zero = torch.round(-self.offset / self.step).clamp(1, 2**self.bits - 1)
+        self.offset.copy_(-self.step * zero)
+
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank

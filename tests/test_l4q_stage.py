@@ -30,6 +30,27 @@ def test_finalize_equals_fake_quantization_with_an_integer_zero():
     torch.testing.assert_close(packed.dequantize(), layer.quantized_weight(), rtol=0, atol=1e-6)
 
 
+def test_rounded_offsets_pack_without_loss():
+    """After round_offset_to_integer_zero the fake quantization is the integer-zero grid: finalize
+    packs exactly the weight the forward used, even from offsets between integer zeros."""
+    torch.manual_seed(0)
+    layer = L4QLinear(torch.nn.Linear(64, 16), rank=4, alpha=8, bits=3, group_size=32)
+    with torch.no_grad():
+        layer.offset.add_(0.37 * layer.step)
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.01)
+    assert (finalize(layer).dequantize() - layer.quantized_weight()).abs().max() > 1e-3  # rounding would cost
+    layer.round_offset_to_integer_zero()
+    torch.testing.assert_close(finalize(layer).dequantize(), layer.quantized_weight(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_integer_zeros_from_the_first_step_make_packing_lossless(tmp_path):
+    stages = L4Q.format(steps=3, lr="1.0e-2").replace("alpha: 8}", "alpha: 8}, integer_zero_from: 0.0") + \
+        "\n  - eval: {}"
+    metrics = compress.run_recipe(compress.load_recipe(tiny_recipe(tmp_path, stages))).reports[1].metrics
+    assert metrics["perplexity_integer_zero"] == pytest.approx(metrics["perplexity_float_offset"], rel=1e-5)
+
+
 def test_finalize_with_float_zero_keeps_the_learned_offset():
     """zero_point: float packs the fake-quantized weight up to the fp16 rounding of the zero, and
     is closer to it than the integer-zero packing when the offsets are off the integer grid."""
@@ -88,6 +109,7 @@ def test_l4q_from_a_quantize_stage_starts_at_its_model(tmp_path, probe_ids, meth
     ("  - l4q: {zero_point: float}\n  - export: {format: gptq}",
      r"stages\[1\]\.export\.format: gptq stores integer zero points; stages\[0\]\.l4q \(zero_point: float\)"),
     ("  - l4q: {zero_point: half}", r"stages\[0\]\.l4q\.zero_point"),
+    ("  - l4q: {zero_point: float, integer_zero_from: 0.5}", r"integer_zero_from: only with zero_point: integer"),
 ])
 def test_bad_l4q_recipes_fail_before_loading(tmp_path, stages, message):
     result = run_cli("validate", tiny_recipe(tmp_path, stages))

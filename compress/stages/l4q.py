@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_serializer, model_validator
 
 from compress.lowrank import LoRALinear
 from compress.lowrank.l4q import L4QLinear
@@ -37,6 +37,7 @@ from ..errors import RecipeError, StageError
 from ..evaluate import perplexity
 from ..stage import Stage
 from ..targets import select_linears, set_module
+from ..training import TrainHooks
 from .training_common import (LoraSpec, TrainingConfig, check_training_data, has_adapters, run_training, tail_mean,
                               training_windows)
 
@@ -48,8 +49,22 @@ class L4QConfig(TrainingConfig):
     quant_lr: float = Field(1.0e-3, gt=0)  # best of 1e-5..3e-3 at int3 g64, 24 steps (BENCHMARKS.md)
     lora: LoraSpec = LoraSpec(rank=16, alpha=32)
     zero_point: Literal["integer", "float"] = "integer"
+    integer_zero_from: float = Field(0.75, ge=0, le=1)  # fraction of steps after which zeros stay integer
     targets: list[str] = ["Linear"]
     ignore: list[str] = ["lm_head"]
+
+    @model_validator(mode="after")
+    def _integer_zero_from_needs_integer_zeros(self) -> "L4QConfig":
+        if "integer_zero_from" in self.model_fields_set and self.zero_point != "integer":
+            raise ValueError("integer_zero_from: only with zero_point: integer (float zeros are never rounded)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _integer_zero_from_only_for_integer(self, handler):
+        data = handler(self)
+        if self.zero_point != "integer":
+            data.pop("integer_zero_from", None)
+        return data
 
 
 def check(recipe, entry, model) -> None:
@@ -108,6 +123,20 @@ def finalize(layer: L4QLinear, float_zero: bool = False) -> QuantLinear:
     return QuantLinear.from_weight(weight, layer.base_layer.bias)
 
 
+class IntegerZeroSettling(TrainHooks):
+    """From step ``start`` on, after every optimizer step, round each layer's zero to an integer
+    (and its step to fp16): the rest of training sees the grid the GPTQ export will hold, so the
+    final packing loses nothing to rounding. Stateless: a resumed run applies it from the same step."""
+
+    def __init__(self, layers: dict[str, L4QLinear], start: int):
+        self.layers, self.start = layers, start
+
+    def after_step(self, step: int) -> None:
+        if step >= self.start:
+            for layer in self.layers.values():
+                layer.round_offset_to_integer_zero()
+
+
 def _wrap(ctx, config: L4QConfig, seed: int) -> dict[str, L4QLinear]:
     generator = torch.Generator().manual_seed(seed)
     layers = {}
@@ -129,7 +158,10 @@ def run(ctx, config: L4QConfig, report) -> None:
             params[f"{name}.{leaf}"] = layer.get_parameter(leaf)
             if leaf in ("step", "offset"):
                 param_lr[f"{name}.{leaf}"] = config.quant_lr
-    result = run_training(ctx, config, params, training_windows(ctx, config), param_lr=param_lr)
+    hooks = None
+    if config.zero_point == "integer" and config.integer_zero_from < 1:
+        hooks = IntegerZeroSettling(layers, max(1, round(config.integer_zero_from * config.steps)))
+    result = run_training(ctx, config, params, training_windows(ctx, config), param_lr=param_lr, hooks=hooks)
     evaluate = ctx.recipe.spec.data.eval is not None
     if evaluate:
         report.metrics["perplexity_float_offset"] = perplexity(ctx.model, ctx.windows("eval"))
