@@ -75,28 +75,27 @@ class L4QMatmul(torch.autograd.Function):
         return grad_x, None, grad_a, grad_b, grad_step, grad_offset, None, None, None, None
 
 
-def rtn_qparams(weight: torch.Tensor, bits: int, group_size: int,
-                float_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def rtn_qparams(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(step, offset) [out, ceil(in / group_size)] of round-to-nearest's asymmetric grid: fp16 scale
     and an integer zero >= 1 over the group's range widened to include 0 (so an integer-zero export
-    rounds nothing), or with ``float_zero`` the group's own [min, max] and an fp16 zero."""
+    rounds nothing at the start)."""
     from compress.quant import QuantConfig
     from compress.quant.uniform import choose_qparams
 
-    scale, zero = choose_qparams(weight.detach().float(), QuantConfig.uniform(bits, group_size, float_zero=float_zero))
+    scale, zero = choose_qparams(weight.detach().float(), QuantConfig.uniform(bits, group_size))
     return scale.float().contiguous(), (-scale.float() * zero.float()).contiguous()
 
 
 class L4QLinear(torch.nn.Module):
     """A frozen dense linear W0 with a LoRA adapter (PEFT names) and learned per-group quantization
     parameters; its forward is the L4Q fake-quantized product. ``init``: None (round-to-nearest's
-    grid of W0, ``rtn_qparams``; ``float_zero`` selects min-max with a free offset) or a uniform
+    grid of W0, ``rtn_qparams``) or a uniform
     asymmetric ``QuantizedWeight`` of the same group size (RTN, GPTQ, ...) whose scales and zero
     points become step and offset = -scale * zero. Either way the first forward (B = 0) is the
     initial quantized model."""
 
     def __init__(self, base: torch.nn.Linear, rank: int, alpha: float, bits: int, group_size: int,
-                 init=None, generator: torch.Generator | None = None, float_zero: bool = False):
+                 init=None, generator: torch.Generator | None = None):
         super().__init__()
         import math
 
@@ -109,13 +108,13 @@ class L4QLinear(torch.nn.Module):
         self.lora_B = torch.nn.Linear(rank, self.out_features, bias=False, dtype=torch.float32)
         kaiming_uniform_(self.lora_A.weight, generator)
         torch.nn.init.zeros_(self.lora_B.weight)
-        step, offset = self._initial_qparams(init, float_zero)
+        step, offset = self._initial_qparams(init)
         self.step, self.offset = torch.nn.Parameter(step), torch.nn.Parameter(offset)
         self.grad_scale = 1.0 / math.sqrt(group_size * (2**bits - 1))
 
-    def _initial_qparams(self, init, float_zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _initial_qparams(self, init) -> tuple[torch.Tensor, torch.Tensor]:
         if init is None:
-            return rtn_qparams(self.base_layer.weight, self.bits, self.group_size, float_zero)
+            return rtn_qparams(self.base_layer.weight, self.bits, self.group_size)
         from compress.quant.uniform import from_gptq_tensors
 
         config = init.config

@@ -8,8 +8,9 @@
 Every selected linear becomes an ``L4QLinear``: its LoRA (PEFT init, so the first forward is the
 initial quantized model) and its per-group step and offset are trained together through the
 fake-quantized W0 + s B A (``lr`` for LoRA, ``quant_lr`` for step/offset) on ``data:`` or
-``data.calibration``. Step/offset start from round-to-nearest's grid of W0 (integer zeros; with
-``zero_point: float``, each group's min-max and a free offset), or, for a layer an earlier
+``data.calibration``. Step/offset start from round-to-nearest's grid of W0 (integer zeros, the
+range widened to include 0; also for ``zero_point: float``, where a min-max start measured worse),
+or, for a layer an earlier
 ``quantize`` stage (RTN or GPTQ) packed with the same bits and group size, from its scales and
 zeros (its dequantized weight is then W0); after ``lq_lora``, W0 = Q + s B A and a Q on the same
 grid gives the start. A min-max start with ``zero_point: integer`` would put the offset between
@@ -143,7 +144,7 @@ def _wrap(ctx, config: L4QConfig, seed: int) -> dict[str, L4QLinear]:
     for name, module in select_linears(ctx.model, config.targets, config.ignore):
         dense, start = _dense_start(module, config)
         layers[name] = L4QLinear(dense, config.lora.rank, config.lora.alpha, config.bits, config.group_size,
-                                 init=start, generator=generator, float_zero=config.zero_point == "float")
+                                 init=start, generator=generator)
         set_module(ctx.model, name, layers[name])
     return layers
 
