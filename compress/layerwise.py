@@ -68,8 +68,8 @@ def _call(layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
 def input_groups(layer: nn.Module, modules: dict[str, nn.Module], sample: tuple[tuple, dict]) -> list[list[str]]:
     """The ``modules`` (name -> linear inside ``layer``) grouped by the input tensor they read, in
     the order the layer runs them (one forward on ``sample``)."""
-    order: list[tuple[str, int]] = []
-    handles = [module.register_forward_pre_hook(lambda m, a, name=name: order.append((name, id(a[0]))))
+    order: list[tuple[str, torch.Tensor]] = []  # the tensors themselves: kept alive, their ids stay unique
+    handles = [module.register_forward_pre_hook(lambda m, a, name=name: order.append((name, a[0])))
                for name, module in modules.items()]
     try:
         with torch.no_grad():
@@ -78,9 +78,9 @@ def input_groups(layer: nn.Module, modules: dict[str, nn.Module], sample: tuple[
         for handle in handles:
             handle.remove()
     groups: dict[int, list[str]] = {}
-    for name, tensor_id in order:
+    for name, tensor in order:
         if name not in sum(groups.values(), []):
-            groups.setdefault(tensor_id, []).append(name)
+            groups.setdefault(id(tensor), []).append(name)
     return list(groups.values())
 
 
