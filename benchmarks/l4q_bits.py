@@ -9,7 +9,8 @@ data (stdlib train text, 4 x 256 tokens per step), steps and LoRA (rank 16, alph
 - ``rtn+lora``: RTN base + a LoRA fine-tune (QLoRA-style: the adapter stays in 16 bit);
 - ``lqlora+ft``: LQ-LoRA (rank 16, ILP over the gptq grid, groups 64/128) at the RTN config's bits per
   parameter, then the same fine-tune of its adapters;
-- ``l4q``: L4Q (quant_lr 1e-3, step/offset from RTN's grid), merged and packed with integer zeros:
+- ``l4q``: L4Q with its defaults (step/offset from RTN's grid, quant_lr 1e-2 of each layer's mean
+  step, zeros kept integer over the last 25 % of steps), merged and packed with integer zeros:
   GPTQ-exportable, no adapter;
 - ``l4q-float``: the same with ``zero_point: float`` (fp16 zeros, native only; 16 bits per group
   instead of ``bits``), at int3 g128 only.
@@ -57,7 +58,7 @@ def stages_for(method: str, bits: int, group: int, steps: int) -> list[dict]:
               "group_sizes": [64, 128], "iterations": 10}
         return [{"lq_lora": lq}, {"finetune": tune}, evaluate]
     zero = "float" if method == "l4q-float" else "integer"
-    return [{"l4q": dict(tune, bits=bits, group_size=group, quant_lr=1.0e-3, lora=LORA, zero_point=zero)}, evaluate]
+    return [{"l4q": dict(tune, bits=bits, group_size=group, quant_lr=1.0e-2, lora=LORA, zero_point=zero)}, evaluate]
 
 
 def run_point(out: Path, method: str, bits: int, group: int, steps: int) -> dict:

@@ -15,7 +15,7 @@ another (so its wall time and peak RSS are its own), all from one command:
   bit budget, with GPTQ as its quantizer;
 - ``lqlora-r16``: LQ-LoRA rank 16 (Q + L1 L2, the adapters counted at 16 bit), GPTQ quantizer;
 - ``l4q``: our GPTQ, then L4Q from its scales and zeros at int4, int3 and int2 g64 (24 steps of
-  4 x 256 tokens, quant_lr 1e-3), packed with integer zeros, no adapter.
+  4 x 256 tokens, l4q's defaults), packed with integer zeros, no adapter.
 
 Calibration: 32 x 512 tokens of the stdlib train split for every calibrated method; perplexity on
 32 x 512 held-out tokens. Bits per parameter: the bytes of every checkpoint tensor belonging to the
@@ -128,7 +128,7 @@ def recipe_stages(method: str, setting: float) -> list[dict]:
                              "quantizer": "gptq", "iterations": 10}}]
     tune = {"steps": 24, "lr": 2.0e-4, "batch_size": 4, "grad_accum": 1, "seq_len": 256, "save_every": 0}
     return [{"quantize": {"method": "gptq", "config": quant}},
-            {"l4q": dict(tune, bits=int(setting), group_size=GROUP, quant_lr=1.0e-3, lora={"rank": 16, "alpha": 32})}]
+            {"l4q": dict(tune, bits=int(setting), group_size=GROUP, lora={"rank": 16, "alpha": 32})}]
 
 
 def run_ours(out: Path, method: str, setting: float, point: Path) -> dict:

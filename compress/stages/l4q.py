@@ -1,14 +1,16 @@
 """l4q: quantization-aware LoRA training that ends in fully quantized weights (no adapter ships).
 
 ```yaml
-- l4q: {bits: 4, group_size: 64, steps: 200, lr: 1.0e-4, quant_lr: 1.0e-3,
+- l4q: {bits: 4, group_size: 64, steps: 200, lr: 1.0e-4, quant_lr: 1.0e-2,
         lora: {rank: 16, alpha: 32}, zero_point: integer}
 ```
 
 Every selected linear becomes an ``L4QLinear``: its LoRA (PEFT init, so the first forward is the
 initial quantized model) and its per-group step and offset are trained together through the
-fake-quantized W0 + s B A (``lr`` for LoRA, ``quant_lr`` for step/offset) on ``data:`` or
-``data.calibration``. Step/offset start from round-to-nearest's grid of W0 (integer zeros, the
+fake-quantized W0 + s B A (``lr`` for LoRA; ``quant_lr`` for step/offset, relative: each layer's
+rate is ``quant_lr`` times its mean initial step, because Adam moves a parameter by about its rate
+per step whatever the parameter's scale, and steps differ 2x per bit and 10x between layers) on
+``data:`` or ``data.calibration``. Step/offset start from round-to-nearest's grid of W0 (integer zeros, the
 range widened to include 0; also for ``zero_point: float``, where a min-max start measured worse),
 or, for a layer an earlier
 ``quantize`` stage (RTN or GPTQ) packed with the same bits and group size, from its scales and
@@ -47,7 +49,7 @@ class L4QConfig(TrainingConfig):
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(64, ge=1)
     lr: float = Field(1.0e-4, gt=0)
-    quant_lr: float = Field(1.0e-3, gt=0)  # best of 1e-5..3e-3 at int3 g64, 24 steps (BENCHMARKS.md)
+    quant_lr: float = Field(1.0e-2, gt=0)  # in units of each layer's mean initial step (BENCHMARKS.md, L4Q)
     lora: LoraSpec = LoraSpec(rank=16, alpha=32)
     zero_point: Literal["integer", "float"] = "integer"
     integer_zero_from: float = Field(0.75, ge=0, le=1)  # fraction of steps after which zeros stay integer
@@ -157,8 +159,8 @@ def run(ctx, config: L4QConfig, report) -> None:
     for name, layer in layers.items():
         for leaf in ("lora_A.weight", "lora_B.weight", "step", "offset"):
             params[f"{name}.{leaf}"] = layer.get_parameter(leaf)
-            if leaf in ("step", "offset"):
-                param_lr[f"{name}.{leaf}"] = config.quant_lr
+            if leaf in ("step", "offset"):  # Adam moves a parameter ~lr per step whatever its scale
+                param_lr[f"{name}.{leaf}"] = config.quant_lr * float(layer.step.detach().mean())
     hooks = None
     if config.zero_point == "integer" and config.integer_zero_from < 1:
         hooks = IntegerZeroSettling(layers, max(1, round(config.integer_zero_from * config.steps)))
