@@ -6,7 +6,7 @@
 Same data, steps (24), LoRA and eval as ``l4q_bits.py``. ``rtn-grid`` is the l4q default (the float
 W0, step/offset on RTN's grid of it); ``rtn-stage`` runs an RTN quantize stage first (W0 is then
 RTN's dequantized weight). ``--quant-lr`` is relative to each layer's mean initial step (since
-commit 0f4c1a9; before it, an absolute rate: the probes of BENCHMARKS.md say which). Prints the
+commit 0db69e3; before it, an absolute rate: the probes of BENCHMARKS.md say which). Prints the
 packed (integer zero) and the fake-quantized perplexity.
 """
 
