@@ -176,11 +176,11 @@ def run_bnb(out: Path, point: Path) -> dict:
 
 
 def side(job: dict, what: str) -> dict:
-    env_job = Path(job["job_file"])
-    env_job.write_text(json.dumps(job))
+    job_file = Path(job["job_file"])
+    job_file.write_text(json.dumps(job))
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # its default asks for more than a 2-core machine has
-    return run_child(str(Path(__file__).resolve().parent / "gptqmodel_side.py"), [str(env_job)], what,
-                     python=str(SIDE_PYTHON), cwd=str(env_job.parent))  # GPTQModel writes logs/ into its cwd
+    return run_child(str(Path(__file__).resolve().parent / "gptqmodel_side.py"), [str(job_file)], what,
+                     python=str(SIDE_PYTHON), cwd=str(job_file.parent))  # GPTQModel writes logs/ into its cwd
 
 
 def run_gptqmodel(out: Path, bits: int, point: Path) -> dict:

@@ -6,8 +6,8 @@ the selected linears are visited in groups that read the same input tensor (for 
 then o, then gate/up, then down), each group's input Hessians are accumulated over every window
 and handed to a callback that replaces those linears (GPTQ's "true sequential" order: a group
 sees the inputs the already-replaced groups produce); those passes stop at the group's last
-linear. The layer's outputs, computed with its
-replaced linears, are the next layer's inputs. Nothing is copied: the model is held once.
+linear. The layer's outputs, computed with its replaced linears, are the next layer's inputs.
+Nothing is copied: the model is held once.
 """
 
 from __future__ import annotations

@@ -89,10 +89,9 @@ def rtn_qparams(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch
 class L4QLinear(torch.nn.Module):
     """A frozen dense linear W0 with a LoRA adapter (PEFT names) and learned per-group quantization
     parameters; its forward is the L4Q fake-quantized product. ``init``: None (round-to-nearest's
-    grid of W0, ``rtn_qparams``) or a uniform
-    asymmetric ``QuantizedWeight`` of the same group size (RTN, GPTQ, ...) whose scales and zero
-    points become step and offset = -scale * zero. Either way the first forward (B = 0) is the
-    initial quantized model."""
+    grid of W0, ``rtn_qparams``) or a uniform asymmetric ``QuantizedWeight`` of the same group size
+    (RTN, GPTQ, ...) whose scales and zero points become step and offset = -scale * zero. Either
+    way the first forward (B = 0) is the initial quantized model."""
 
     def __init__(self, base: torch.nn.Linear, rank: int, alpha: float, bits: int, group_size: int,
                  init=None, generator: torch.Generator | None = None):
@@ -124,12 +123,20 @@ class L4QLinear(torch.nn.Module):
         return scale.float().contiguous(), (-scale.float() * zero.float()).contiguous()
 
     @torch.no_grad()
+    def export_qparams(self, integer_zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) [out, groups] the packed layer stores: fp16 scale = step, zero = -offset /
+        scale; with ``integer_zero`` rounded into GPTQ v1's range [1, 2^bits - 1] (fp32 values)."""
+        scale = self.step.detach().to(torch.float16).clamp(min=torch.finfo(torch.float16).tiny)
+        zero = -self.offset.detach() / scale.float()
+        return scale, torch.round(zero).clamp(1, 2**self.bits - 1) if integer_zero else zero
+
+    @torch.no_grad()
     def round_offset_to_integer_zero(self) -> None:
-        """offset := -step * z with z = clamp(round(-offset / step), 1, 2^bits - 1): the fake
-        quantization becomes exactly GPTQ's integer-zero grid (with fp16 steps)."""
-        self.step.copy_(self.step.to(torch.float16).float().clamp(min=torch.finfo(torch.float16).tiny))
-        zero = torch.round(-self.offset / self.step).clamp(1, 2**self.bits - 1)
-        self.offset.copy_(-self.step * zero)
+        """step := its fp16 value, offset := -step * z with the integer zero z of ``export_qparams``:
+        the fake quantization becomes exactly the integer-zero grid the GPTQ packing holds."""
+        scale, zero = self.export_qparams(integer_zero=True)
+        self.step.copy_(scale.float())
+        self.offset.copy_(-scale.float() * zero)
 
     @property
     def scaling(self) -> float:

@@ -10,12 +10,11 @@ initial quantized model) and its per-group step and offset are trained together 
 fake-quantized W0 + s B A (``lr`` for LoRA; ``quant_lr`` for step/offset, relative: each layer's
 rate is ``quant_lr`` times its mean initial step, because Adam moves a parameter by about its rate
 per step whatever the parameter's scale, and steps differ 2x per bit and 10x between layers) on
-``data:`` or ``data.calibration``. Step/offset start from round-to-nearest's grid of W0 (integer zeros, the
-range widened to include 0; also for ``zero_point: float``, where a min-max start measured worse),
-or, for a layer an earlier
-``quantize`` stage (RTN or GPTQ) packed with the same bits and group size, from its scales and
-zeros (its dequantized weight is then W0); after ``lq_lora``, W0 = Q + s B A and a Q on the same
-grid gives the start. A min-max start with ``zero_point: integer`` would put the offset between
+``data:`` or ``data.calibration``. Step/offset start from round-to-nearest's grid of W0 (integer
+zeros, the range widened to include 0; also for ``zero_point: float``, where a min-max start
+measured worse), or, for a layer an earlier ``quantize`` stage (RTN or GPTQ) packed with the same
+bits and group size, from its scales and zeros (its dequantized weight is then W0); after
+``lq_lora``, W0 = Q + s B A and a Q on the same grid gives the start. A min-max start with ``zero_point: integer`` would put the offset between
 integer zeros, and rounding it at the end costs most of what training gained (measured:
 BENCHMARKS.md, L4Q). At the end LoRA is merged and the weight quantized with the learned
 parameters: codes round((W - offset) / step) with fp16 scale = step. ``zero_point: integer`` rounds
@@ -114,12 +113,11 @@ def finalize(layer: L4QLinear, float_zero: bool = False) -> QuantLinear:
     integer (GPTQ), or kept as fp16 with ``float_zero``."""
     config = QuantConfig.uniform(layer.bits, layer.group_size, sym=False, float_zero=float_zero)
     with torch.no_grad():
-        scale = layer.step.detach().to(torch.float16).clamp(min=torch.finfo(torch.float16).tiny)
-        zero = -layer.offset.detach() / scale.float()
+        scale, zero = layer.export_qparams(integer_zero=not float_zero)
         if float_zero:
             zero, pack = zero.to(torch.float16), to_float_zero_tensors
         else:
-            zero, pack = torch.round(zero).clamp(1, 2**layer.bits - 1).to(torch.int32), to_gptq_tensors
+            zero, pack = zero.to(torch.int32), to_gptq_tensors
         merged = layer.merged_weight()
         codes = quantize_codes(merged, scale, zero, config)
         weight = QuantizedWeight(config, tuple(merged.shape), pack(codes, scale, zero, config))

@@ -80,7 +80,6 @@ class LQLoRAConfig(StageConfig):
                 raise ValueError(f"selector {key!r}: {problem}")
         return self
 
-
     @model_serializer(mode="wrap")
     def _damp_only_for_gptq(self, handler):
         data = handler(self)
