@@ -35,7 +35,7 @@ import torch
 from compress.quant.normalfloat import nf_codebook
 from compress.quant.packing import RUN, pack_codes, packed_length, unpack_codes
 from compress.quant.qweight import QuantizedWeight
-from compress.quant.uniform import contiguous_group_size
+from compress.quant.uniform import contiguous_group_size, gptq_v1_zeros
 
 
 @dataclass
@@ -102,9 +102,10 @@ def _uniform_layout(weight: QuantizedWeight) -> KernelWeight:
         return KernelWeight(kind="uniform", bits=bits, shape=weight.shape, codes=codes, codes_hi=codes_hi,
                             scales=scales, zeros=tensors["zeros"], zero_mode=3, group_size=size or 0,
                             g_idx=None if size else tensors["g_idx"].contiguous())
-    zeros = unpack_codes(tensors["qzeros"], bits, out_features, dim=1) + 1  # [G, N]
+    zeros = gptq_v1_zeros(tensors["qzeros"], bits, out_features)  # [G, N]
     symmetric = bool((zeros == 2 ** (bits - 1)).all())
-    zero_mode = 0 if symmetric else (2 if bits == 3 else 1)
+    per_field = torch.equal(zeros, unpack_codes(tensors["qzeros"], bits, out_features, dim=1) + 1)
+    zero_mode = 0 if symmetric else (2 if bits == 3 or not per_field else 1)  # 1: the kernel adds 1 per field
     return KernelWeight(
         kind="uniform", bits=bits, shape=weight.shape, codes=codes, codes_hi=codes_hi, scales=scales,
         qzeros=tensors["qzeros"], zeros=zeros.to(torch.uint8 if int(zeros.max()) < 256 else torch.int16), zero_mode=zero_mode,

@@ -142,7 +142,23 @@ def unpacked_zeros(tensors: dict[str, torch.Tensor], bits: int, out_features: in
     """Zero points [G, N]: int32 from GPTQ v1 ``qzeros`` (stored minus one), or fp32 from ``zeros``."""
     if "zeros" in tensors:
         return tensors["zeros"].float()
-    return unpack_codes(tensors["qzeros"], bits, out_features, dim=1) + 1
+    return gptq_v1_zeros(tensors["qzeros"], bits, out_features)
+
+
+def gptq_v1_zeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
+    """Integer zero points [G, N] of GPTQ v1 ``qzeros`` [G, N*b/32], whose fields hold ``zero - 1``.
+
+    A zero of 0 has no field value of its own. GPTQModel writes 2/4/8-bit qzeros by subtracting
+    ``0x..0101`` (a 1 in every field) from each whole int32 word, so such a zero borrows from the
+    field above it; the inverse adds the constant back word by word. 3-bit fields straddle words and
+    GPTQModel shifts them one by one modulo 8. Writers that keep every zero >= 1 (ours) never store
+    a field of 2^b - 1, and for them both rules are the plain per-field ``+ 1``."""
+    if bits == 3:
+        return (unpack_codes(qzeros, bits, out_features, dim=1) + 1) & 7
+    ones = sum(1 << (bits * field) for field in range(32 // bits))
+    words = (qzeros.to(torch.int64) + ones) & 0xFFFFFFFF
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return unpack_codes(words, bits, out_features, dim=1)
 
 
 def dequantize_gptq(tensors: dict[str, torch.Tensor], bits: int, shape: tuple[int, int]) -> torch.Tensor:

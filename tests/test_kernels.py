@@ -291,3 +291,25 @@ def test_reference_backward_recomputes_tiles(config, monkeypatch):
     torch.nn.functional.linear(x64, oracle.double(), bias64).pow(2).sum().backward()
     assert relative_error(x.grad, x64.grad) < 1e-6  # fp32 accumulation vs float64
     assert relative_error(bias.grad, bias64.grad) < 1e-6
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_borrowed_gptqmodel_qzeros_read_unpacked(bits):
+    """qzeros where GPTQModel wrote a zero of 0 (a borrow across fields) are not per-field zero - 1:
+    the layout reads the unpacked zeros (mode 2), and the tiled and Triton dequantizations equal
+    scale * (q - zero) computed in float64 from the true zeros."""
+    from test_uniform import gptqmodel_v1_words
+
+    qweight, _ = packed((64, 128), QuantConfig.uniform(bits, 64))
+    zeros = torch.randint(0, 2**bits, (2, 64), generator=torch.Generator().manual_seed(bits))
+    zeros[:, 0] = 0
+    qweight.tensors["qzeros"] = gptqmodel_v1_words(zeros, bits)
+    codes = unpack_codes(qweight.tensors["qweight"], bits, 128, dim=0)  # [K, N]
+    scales = qweight.tensors["scales"].double().repeat_interleave(64, dim=0)
+    expected = ((codes - zeros.repeat_interleave(64, dim=0)).double() * scales).t().float()
+    prepared = layout.prepare(qweight)
+    assert prepared.zero_mode == 2
+    assert torch.equal(qweight.dequantize(), expected)
+    assert torch.equal(reference.dequantize(prepared), expected)
+    tiles = triton_launch.triton_dequantize(on_device(prepared), 32, 32)
+    torch.testing.assert_close(tiles.t().cpu(), expected, rtol=0 if DEVICE == "cpu" else 2e-7, atol=0 if DEVICE == "cpu" else 1e-7)

@@ -98,3 +98,39 @@ def test_float_zero_rtn_matches_float64_reference(bits):
     assert differ.float().mean() < 2e-3, f"{int(differ.sum())} elements differ"
     integer = QuantizedWeight.quantize(weight, QuantConfig.uniform(bits, 32)).dequantize()
     assert (ours.dequantize() - weight).pow(2).mean() <= (integer - weight).pow(2).mean()
+
+
+def gptqmodel_v1_words(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Python-int reference for the qzeros GPTQModel writes: the zeros laid out as one little-endian
+    bit stream per group row (field i at bits [b*i, b*i + b)), cut into int32 words; 2/4/8 bits then
+    subtract a 1 from every field of each whole word (borrows cross fields), 3 bits subtract 1 from
+    each field modulo 8."""
+    rows = []
+    for row in zeros.tolist():
+        if bits == 3:
+            row = [(z - 1) % 8 for z in row]
+        stream = sum(z << (bits * i) for i, z in enumerate(row))
+        words = [(stream >> (32 * w)) & 0xFFFFFFFF for w in range(-(-len(row) // 32) * bits)]
+        if bits != 3:
+            ones = sum(1 << (bits * i) for i in range(32 // bits))
+            words = [(w - ones) % 2**32 for w in words]
+        rows.append([w - 2**32 if w >= 2**31 else w for w in words])
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_reads_gptqmodel_qzeros_with_zero_points_of_zero(bits):
+    """GPTQModel's asym checkpoints may hold zero = 0 (stored as a borrow from the next field): the
+    reader recovers every zero exactly, where a per-field ``+ 1`` would read 2^b and miss a borrow."""
+    from compress.quant.packing import unpack_codes
+    from compress.quant.uniform import gptq_v1_zeros
+
+    generator = torch.Generator().manual_seed(bits)
+    zeros = torch.randint(0, 2**bits, (5, 96), generator=generator)
+    zeros[:, :4] = torch.tensor([0, 2**bits - 1, 0, 1])
+    words = gptqmodel_v1_words(zeros, bits)
+    assert torch.equal(gptq_v1_zeros(words, bits, 96), zeros)
+    assert not torch.equal(unpack_codes(words, bits, 96, dim=1) + 1, zeros)  # the old per-field reading
+    ours = gptqmodel_v1_words(zeros.clamp(min=1), bits)  # zeros >= 1: no borrow, plain per-field
+    assert torch.equal(gptq_v1_zeros(ours, bits, 96), zeros.clamp(min=1))
+    assert torch.equal(unpack_codes(ours, bits, 96, dim=1) + 1, zeros.clamp(min=1))
