@@ -32,12 +32,21 @@ def _console(stderr: bool = False):
 
 def cmd_run(args) -> int:
     from compress import load_recipe, run_recipe
+    from compress.distributed import init_ranks, shutdown
     from compress.progress import ProgressBars
     from compress.report import summary_table
 
     recipe = load_recipe(args.recipe)
-    progress = ProgressBars(_console(stderr=True), enabled=not args.quiet)
-    result = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite, progress=progress)
+    ranks = init_ranks()  # under torchrun: this process's rank; rank 0 alone writes and prints
+    if not ranks.main:
+        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))  # rank 0 tells the story
+    progress = ProgressBars(_console(stderr=True), enabled=not args.quiet and ranks.main)
+    try:
+        result = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite, progress=progress, ranks=ranks)
+    finally:
+        shutdown()
+    if not ranks.main:
+        return 0
     console = _console()
     console.print(summary_table(result.reports, title=f"compress run {args.recipe}"))
     for report in result.reports:

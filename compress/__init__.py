@@ -31,10 +31,10 @@ def load_recipe(path):
     return _load_recipe(path)
 
 
-def run_recipe(recipe, resume: bool = False, overwrite: bool = False, progress=None):
+def run_recipe(recipe, resume: bool = False, overwrite: bool = False, progress=None, ranks=None):
     from .pipeline import run_recipe as _run_recipe
 
-    return _run_recipe(recipe, resume=resume, overwrite=overwrite, progress=progress)
+    return _run_recipe(recipe, resume=resume, overwrite=overwrite, progress=progress, ranks=ranks)
 
 
 def inspect(path, verify: bool = True) -> dict:

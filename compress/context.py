@@ -13,6 +13,7 @@ from torch import nn
 from compress.quant import QuantConfig
 
 from .data import token_windows
+from .distributed import Ranks
 from .models import ModelSource
 from .progress import ProgressBars
 from .recipe import Recipe
@@ -34,6 +35,8 @@ class Context:
     reports: list[StageReport] = field(default_factory=list)
     entry: Any = None  # the StageEntry being run
     resume: bool = False  # continue interrupted work (e.g. mid-training checkpoints) rather than redo it
+    stream: Any = None  # a compress.streaming.StreamedModel when the recipe streams (``model`` is its skeleton)
+    ranks: Ranks = field(default_factory=Ranks)  # this process's place in a torchrun launch (0 of 1 alone)
     _windows: dict = field(default_factory=dict, repr=False)
 
     def windows(self, role: str) -> torch.Tensor:

@@ -116,6 +116,19 @@ ReplaceGroup = Callable[[dict[str, nn.Module], dict[str, HessianAccumulator]], N
 
 
 @torch.no_grad()
+def calibrate_layer(layer: nn.Module, modules: dict[str, nn.Module], replace: ReplaceGroup,
+                    inputs: LayerInputs) -> LayerInputs:
+    """Call ``replace(modules, hessians)`` for each input group of ``modules`` (linears inside
+    ``layer``, by full name); return the layer's outputs, computed with the replaced linears, as the
+    next layer's inputs."""
+    if modules:
+        for group in input_groups(layer, modules, inputs[0]):
+            members = {name: modules[name] for name in group}
+            replace(members, group_hessians(layer, members, inputs))
+    return [((_call(layer, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+
+
+@torch.no_grad()
 def calibrate_layerwise(model: nn.Module, windows: torch.Tensor, selected: dict[str, nn.Module],
                         replace: ReplaceGroup, track=None, batch: int = 8) -> list[str]:
     """Walk the decoder layer by layer, calling ``replace(modules, hessians)`` for each input group
@@ -126,9 +139,5 @@ def calibrate_layerwise(model: nn.Module, windows: torch.Tensor, selected: dict[
     inputs = first_layer_inputs(model, windows, batch)
     for prefix, layer in (track(layers) if track else layers):
         local = {name: module for name, module in selected.items() if name.startswith(f"{prefix}.")}
-        if local:
-            for group in input_groups(layer, local, inputs[0]):
-                modules = {name: local[name] for name in group}
-                replace(modules, group_hessians(layer, modules, inputs))
-        inputs = [((_call(layer, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+        inputs = calibrate_layer(layer, local, replace, inputs)
     return [name for name in selected if name not in inside]

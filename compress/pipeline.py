@@ -4,7 +4,9 @@ save the state after each one, and write ``report.json`` / ``report.md``.
 State after stage N lives in ``<output>/.stages/NN-name/``: ``state.json`` (the recipe fingerprint of
 stages 0..N, the plan, metrics and reports) and, for stages that change the model, ``model/`` (a
 native checkpoint). Each is written atomically, so a run killed at any point leaves only complete
-states. ``resume`` continues after the last stage whose recipe prefix is unchanged.
+states. ``resume`` continues after the last stage whose recipe prefix is unchanged. With
+``streaming: true`` the model is a skeleton (``compress.streaming``): a stage writes its ``model/``
+unit by unit itself, and that checkpoint is where the next stage reads its weights.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import json
 import logging
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint.atomic import atomic_directory
+from .checkpoint.atomic import atomic_directory, atomic_write_text
 from .checkpoint.load import load_checkpoint
+from .checkpoint.tensors import TensorSource
 from .checkpoint.write import write_native
 from .context import Context
+from .distributed import Ranks, init_ranks
 from .errors import CompressError
 from .lock import output_lock
 from .memory import PeakMemory
@@ -28,6 +33,7 @@ from .progress import ProgressBars
 from .recipe import Recipe, StageEntry
 from .report import StageReport, write_reports
 from .stages.evaluation import linear_bits_per_param, score, wants_baseline
+from .streaming import StreamedModel
 from .validate import check_recipe
 
 log = logging.getLogger(__name__)
@@ -78,6 +84,10 @@ class StageStates:
 
     def save(self, entry: StageEntry, ctx: Context) -> None:
         state = dict(ctx.state(), fingerprint=self.recipe.fingerprint(entry.index), stage=entry.name)
+        if ctx.stream is not None:  # a streaming stage has written its model/ here itself
+            self.path(entry).mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path(entry) / "state.json", json.dumps(state, indent=2, sort_keys=True) + "\n")
+            return
         with atomic_directory(self.path(entry)) as staging:
             if entry.stage.modifies_model:
                 write_native(ctx.model, staging / "model")
@@ -93,13 +103,25 @@ class StageStates:
         return None
 
 
+def _streamed_context(recipe: Recipe, directory: Path, progress: ProgressBars) -> Context:
+    """The skeleton of the checkpoint in ``directory``, streamed (nothing but the config is loaded)."""
+    source = resolve_model(recipe.spec.model)
+    stream = StreamedModel.open(directory, recipe.spec.dtype)
+    return Context(recipe, source, stream.model, load_tokenizer(source), recipe.output, progress, stream=stream)
+
+
 def _fresh_context(recipe: Recipe, progress: ProgressBars) -> Context:
     source = resolve_model(recipe.spec.model)
     report = StageReport("load", -1)
     start = time.perf_counter()
     with PeakMemory() as peak:
-        model, tokenizer = load_model(source, recipe.spec.dtype)
-        ctx = Context(recipe, source, model, tokenizer, recipe.output, progress)
+        if recipe.spec.streaming:
+            ctx = _streamed_context(recipe, source.path, progress)
+            model = ctx.model
+            report.notes.append("streaming: the model's weights stay in its files, read one layer at a time")
+        else:
+            model, tokenizer = load_model(source, recipe.spec.dtype)
+            ctx = Context(recipe, source, model, tokenizer, recipe.output, progress)
         report.metrics.update(label=recipe.spec.dtype, bits_per_param=linear_bits_per_param(model),
                               params=sum(p.numel() for p in model.parameters()))
         report.notes.extend(source.caveats)
@@ -116,6 +138,10 @@ def _resumed_context(recipe: Recipe, states: StageStates, done: list[StageEntry]
                      progress: ProgressBars) -> Context:
     source = resolve_model(recipe.spec.model)
     model_dir = states.latest_model(done)
+    if recipe.spec.streaming:
+        ctx = _streamed_context(recipe, model_dir or source.path, progress)
+        ctx.restore(states.load(done[-1]))
+        return ctx
     if model_dir is not None:
         model, tokenizer = load_checkpoint(model_dir, dtype=recipe.spec.dtype), load_tokenizer(source)
     else:
@@ -142,31 +168,70 @@ def report_header(ctx: Context) -> dict:
     from .kernels import select_backend
 
     return {"output": str(ctx.out_dir), "model": ctx.recipe.spec.model, "dtype": ctx.recipe.spec.dtype,
-            "kernel": select_backend()[0], "compress": __version__, "seed": ctx.recipe.spec.seed}
+            "kernel": select_backend()[0], "compress": __version__, "seed": ctx.recipe.spec.seed,
+            "ranks": ctx.ranks.world}
+
+
+def _stages_to_keep(states: StageStates, resume: bool, overwrite: bool) -> int:
+    """How many saved stages this run continues after (removing the others)."""
+    if states.exist() and not (resume or overwrite):
+        raise CompressError(f"{states.root.parent}: holds the saved stages of an earlier run; pass --resume to "
+                            "continue it or --overwrite to start over")
+    done = states.completed() if resume else []
+    states.discard_after(len(done))
+    return len(done)
+
+
+def _agreed_start(states: StageStates, resume: bool, overwrite: bool, ranks: Ranks) -> int:
+    """Rank 0 decides where the run starts (or why it cannot); every rank gets the same answer."""
+    try:
+        start: int | str = _stages_to_keep(states, resume, overwrite) if ranks.main else 0
+    except CompressError as err:
+        start = str(err)
+    start = ranks.broadcast(start)
+    if isinstance(start, str):
+        raise CompressError(start)
+    return start
+
+
+def _run_stages(ctx: Context, states: StageStates, pending: tuple[StageEntry, ...]) -> None:
+    for entry in ctx.track(pending, "stages"):
+        if not ctx.ranks.main and not entry.stage.modifies_model:
+            continue  # eval and export only report and write: rank 0's work
+        if ctx.stream is not None and entry.stage.modifies_model:
+            ctx.stream.target = states.path(entry) / "model"
+        ctx.reports.append(_run_stage(ctx, entry))
+        if ctx.ranks.main:
+            states.save(entry, ctx)
+        if entry.stage.modifies_model:
+            ctx.ranks.barrier()  # a streaming stage's output is complete before any rank reads it
+        if ctx.stream is not None and entry.stage.modifies_model:
+            ctx.stream.source = TensorSource(ctx.stream.target)
 
 
 def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False,
-               progress: ProgressBars | None = None) -> RunResult:
-    """Run every stage of ``recipe`` not already completed; see the module docstring."""
+               progress: ProgressBars | None = None, ranks: Ranks | None = None) -> RunResult:
+    """Run every stage of ``recipe`` not already completed; see the module docstring. Under
+    ``torchrun`` every rank runs it (``compress.distributed``); rank 0 alone locks and writes."""
     progress = progress or ProgressBars(enabled=False)
+    ranks = ranks or init_ranks()
     check_recipe(recipe)
     out_dir = recipe.output
-    with output_lock(out_dir):
+    with output_lock(out_dir) if ranks.main else nullcontext():
         states = StageStates(out_dir / STATE_DIR, recipe)
-        if states.exist() and not (resume or overwrite):
-            raise CompressError(f"{out_dir}: holds the saved stages of an earlier run; pass --resume to "
-                                "continue it or --overwrite to start over")
-        done = states.completed() if resume else []
-        states.discard_after(len(done))
+        kept = _agreed_start(states, resume, overwrite, ranks)
+        done = list(recipe.stages[:kept])
         with progress.session():
             if done:
                 log.info("resuming after stage %d (%s)", done[-1].index, done[-1].name)
                 ctx = _resumed_context(recipe, states, done, progress)
             else:
                 ctx = _fresh_context(recipe, progress)
-            ctx.resume = resume
-            for entry in ctx.track(recipe.stages[len(done):], "stages"):
-                ctx.reports.append(_run_stage(ctx, entry))
-                states.save(entry, ctx)
-        report_json, report_md = write_reports(out_dir, ctx.reports, report_header(ctx))
+            ctx.resume, ctx.ranks = resume, ranks
+            _run_stages(ctx, states, recipe.stages[kept:])
+        if ranks.main:
+            report_json, report_md = write_reports(out_dir, ctx.reports, report_header(ctx))
+        else:
+            report_json, report_md = out_dir / "report.json", out_dir / "report.md"
+        ranks.barrier()  # every rank leaves once rank 0 has written everything
     return RunResult(out_dir, ctx.reports, report_json, report_md, done[-1].index if done else None)

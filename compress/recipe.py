@@ -13,6 +13,7 @@ stages:                    # ordered list; each item is a one-key mapping
   - export: {format: gptq}
 output: out/quickstart
 seed: 0
+streaming: false           # true: hold one decoder layer at a time (compress.streaming)
 ```
 """
 
@@ -86,6 +87,7 @@ class RecipeSpec(BaseModel):
     stages: list[Any] = Field(min_length=1)
     output: str
     seed: int = 0
+    streaming: bool = False
 
 
 @dataclass(frozen=True)

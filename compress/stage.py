@@ -33,3 +33,4 @@ class Stage:
     needs_data: tuple[str, ...] = ()
     check: Callable | None = None
     leaves_adapters: Callable | None = None  # config -> whether the model carries LoRA adapters after it
+    streaming: Callable | None = None  # config -> None if it runs in a streaming recipe, else why not

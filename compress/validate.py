@@ -6,6 +6,7 @@
 2. Each stage's own checks against the model's structure: the model is built from its config on the
    meta device (no weights), so a group size that does not fit or a selector that matches nothing is
    reported with the stage's location before minutes are spent loading.
+3. With ``streaming: true``: every stage streams, and the model is a directory of safetensors files.
 """
 
 from __future__ import annotations
@@ -56,10 +57,34 @@ def check_rules(recipe: Recipe) -> None:
         for role in entry.stage.needs_data:
             if getattr(recipe.spec.data, role) is None:
                 raise RecipeError(f"{entry.where}: needs data.{role}")
+    if recipe.spec.streaming:
+        _check_streaming(recipe)
     for role in ("calibration", "eval"):
         spec = getattr(recipe.spec.data, role)
         if spec is not None and spec.path is not None and not Path(spec.path).is_file():
             raise RecipeError(f"data.{role}.path: {spec.path} does not exist")
+
+
+def _check_streaming(recipe: Recipe) -> None:
+    for entry in recipe.stages:
+        if entry.stage.streaming is None:
+            names = sorted({s.name for s in _registry().values() if s.streaming is not None})
+            raise RecipeError(f"{entry.where}: does not run with streaming: true (stages that stream: "
+                              f"{', '.join(names)})")
+        reason = entry.stage.streaming(entry.config)
+        if reason:
+            raise RecipeError(f"{entry.where}: does not run with streaming: true: {reason}")
+    source = resolve_model(recipe.spec.model)
+    if source.kind not in ("hf", "checkpoint"):
+        raise RecipeError(f"streaming: true reads a model's safetensors files one layer at a time; model "
+                          f"{recipe.spec.model!r} is a {source.kind} model (export it as a native or hf "
+                          "checkpoint first)")
+
+
+def _registry() -> dict:
+    from .stages import STAGES
+
+    return STAGES
 
 
 def build_skeleton(recipe: Recipe) -> Skeleton:

@@ -24,7 +24,9 @@ def _causal_lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 def empirical_fisher(model: nn.Module, samples: Iterable[torch.Tensor], targets: list[str],
                      progress=None) -> dict[str, torch.Tensor]:
-    """{weight name: fp32 diagonal Fisher}, for the parameters named in ``targets``.
+    """{weight name: float64 diagonal Fisher (sums of squared gradients)}, for the parameters named in
+    ``targets``. Float64 keeps the sum (nearly) independent of the order of the samples, so sums over
+    disjoint parts of them (one per rank) add up to the same float32 values.
 
     ``samples`` yields 1-D token tensors; ``progress`` (optional) is called once per sample."""
     parameters = dict(model.named_parameters())
@@ -32,7 +34,7 @@ def empirical_fisher(model: nn.Module, samples: Iterable[torch.Tensor], targets:
     if missing:
         raise KeyError(f"no parameter named {missing[0]!r}")
     flags = {name: p.requires_grad for name, p in parameters.items()}
-    fisher = {name: torch.zeros_like(parameters[name], dtype=torch.float32) for name in targets}
+    fisher = {name: torch.zeros_like(parameters[name], dtype=torch.float64) for name in targets}
     handles = []
     for name, parameter in parameters.items():
         parameter.requires_grad_(name in fisher)
@@ -54,6 +56,6 @@ def empirical_fisher(model: nn.Module, samples: Iterable[torch.Tensor], targets:
 
 def _accumulator(total: torch.Tensor):
     def hook(parameter: torch.Tensor) -> None:
-        total.add_(parameter.grad.float().square())
+        total.add_(parameter.grad.double().square())
         parameter.grad = None  # freed before the next weight's gradient is computed
     return hook

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -17,9 +18,10 @@ from ..errors import CheckpointError
 from .atomic import atomic_directory
 from .gptq import gptq_problems, quantization_config
 from .manifest import write_manifest
-from .tensors import DEFAULT_SHARD_BYTES, save_tensors
+from .tensors import DEFAULT_SHARD_BYTES, ShardWriter, save_tensors
 
 FORMATS = ("gptq", "native", "hf")
+Shards = tuple[int, Iterator[dict[str, torch.Tensor]]]
 
 
 BASE = ".base_layer"  # LoRALinear keeps its base here; checkpoints store the base under the layer's name
@@ -79,8 +81,17 @@ def describe_modules(model: nn.Module) -> dict[str, dict]:
             for name, m in quantized_modules(model).items()}
 
 
-def _write_common(model: nn.Module, staging: Path, config: dict, tokenizer, max_shard_bytes: int) -> None:
-    save_tensors(model_state(model), staging, max_shard_bytes)
+def _write_common(model: nn.Module, staging: Path, config: dict, tokenizer, max_shard_bytes: int,
+                  shards: Shards | None = None) -> None:
+    """Tensors (the model's state, or ``shards`` of a streamed model: (count, iterator of tensor
+    dicts), one file each), config.json, generation config, tokenizer."""
+    if shards is None:
+        save_tensors(model_state(model), staging, max_shard_bytes)
+    else:
+        writer = ShardWriter(staging, shards[0])
+        for tensors in shards[1]:
+            writer.write(tensors)
+        writer.finish()
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     generation = getattr(model, "generation_config", None)
     if generation is not None:
@@ -108,11 +119,12 @@ def _refuse_pruned_widths(model: nn.Module, fmt: str) -> None:
 
 
 def write_native(model: nn.Module, directory: Path, tokenizer=None, recipe: dict | None = None,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, shards: Shards | None = None) -> dict:
     """Any mix of dense, uniform and NF layers, with their configs in ``compress.json`` (and the
-    per-layer widths of a non-uniformly pruned model)."""
+    per-layer widths of a non-uniformly pruned model). ``shards``: the tensors of a streamed model
+    (whose ``model`` is a skeleton), written as they come."""
     with atomic_directory(directory) as staging:
-        _write_common(model, staging, config_dict(model), tokenizer, max_shard_bytes)
+        _write_common(model, staging, config_dict(model), tokenizer, max_shard_bytes, shards)
         return write_manifest(staging, {"format": "native", "compress_version": __version__,
                                         "modules": describe_modules(model), "adapters": describe_adapters(model),
                                         "layer_widths": pruned_widths(model), "recipe": recipe})
@@ -125,8 +137,9 @@ def _layer_linears(model: nn.Module) -> list[str]:
 
 
 def write_gptq(model: nn.Module, directory: Path, tokenizer=None, recipe: dict | None = None,
-               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
-    """GPTQ v1 with per-module ``dynamic`` bits; fails before writing if a module does not fit."""
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES, shards: Shards | None = None) -> dict:
+    """GPTQ v1 with per-module ``dynamic`` bits; fails before writing if a module does not fit.
+    ``shards`` as for ``write_native``."""
     modules = quantized_modules(model)
     if not modules:
         raise CheckpointError("export format gptq: the model has no quantized layers "
@@ -147,7 +160,7 @@ def write_gptq(model: nn.Module, directory: Path, tokenizer=None, recipe: dict |
     quant = quantization_config(configs, _layer_linears(model), num_layers, lm_head)
     config = dict(config_dict(model), quantization_config=quant)
     with atomic_directory(directory) as staging:
-        _write_common(model, staging, config, tokenizer, max_shard_bytes)
+        _write_common(model, staging, config, tokenizer, max_shard_bytes, shards)
         (staging / "quantize_config.json").write_text(json.dumps(quant, indent=2, sort_keys=True) + "\n")
         return write_manifest(staging, {"format": "gptq", "compress_version": __version__,
                                         "modules": describe_modules(model), "recipe": recipe})

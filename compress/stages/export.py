@@ -98,16 +98,43 @@ def _adapter_bits(report: StageReport, layers: dict, quantized_params: int) -> N
                           bits_per_param_with_adapters_nf8=base + NF8_BITS * params / quantized_params)
 
 
+def _write_streamed(ctx, config: ExportConfig, target, report: StageReport) -> None:
+    """Copy the stream's source (the last stage's checkpoint) unit by unit into ``format``."""
+    stream = ctx.stream
+
+    def shards():
+        for prefix in ctx.track(stream.units, f"export {config.format} (streaming)"):
+            yield stream.source.read(stream.unit_names(prefix))
+
+    WRITERS[config.format](ctx.model, target, tokenizer=ctx.tokenizer, recipe=ctx.recipe.to_dict(),
+                           shards=(len(stream.units), shards()))
+    if config.verify:
+        inspect_checkpoint(target, verify=True)
+        report.notes.append(f"streaming: every file of {target} checked against its manifest sha256; the reload "
+                            "and logits check needs the whole model in memory and was not run")
+
+
+def streams(config: ExportConfig) -> str | None:
+    """Why this export cannot run in a streaming recipe (None: it can)."""
+    if config.format == "hf":
+        return "format hf dequantizes the whole model; export gptq or native"
+    return None
+
+
 def run(ctx, config: ExportConfig, report: StageReport) -> None:
     target = ctx.out_dir / config.path
-    layers = _write(ctx, config, target, report)
+    if ctx.stream is not None:
+        _write_streamed(ctx, config, target, report)
+        layers = {}
+    else:
+        layers = _write(ctx, config, target, report)
     info = inspect_checkpoint(target, verify=False)
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
     report.metrics.update(path=str(target), format=config.format, size_bytes=size, label=config.format,
                           bits_per_param=info["bits_per_param"], bits_per_param_total=info["bits_per_param_total"],
                           kernel=info["kernel"])
     _adapter_bits(report, layers, info.get("quantized_params") or 0)
-    if not config.verify:
+    if not config.verify or ctx.stream is not None:
         return
     reloaded = load_checkpoint(target, dtype=ctx.recipe.spec.dtype)
     if layers:
@@ -122,4 +149,4 @@ def run(ctx, config: ExportConfig, report: StageReport) -> None:
         report.notes.append(f"reloaded from {target}: perplexity {report.metrics['perplexity']:.3f}")
 
 
-STAGE = Stage(name="export", config=ExportConfig, run=run, modifies_model=False)
+STAGE = Stage(name="export", config=ExportConfig, run=run, modifies_model=False, streaming=streams)

@@ -12,7 +12,9 @@ with its config. With ``fisher: true`` the diagonal empirical Fisher from ``data
 weights the low-rank step, the error and so the ILP costs. For the ``gptq`` grid, q/k/v and gate/up
 of a layer are tied to one config (engines fuse them). Cost entries are cached per matrix under
 ``OUTPUT/.cache/lq_lora/`` (keyed by the weight's hash and the settings), so a resumed run does not
-recompute them; ``workers: N`` computes them in N processes. ``alpha`` sets the adapter scaling
+recompute them; ``workers: N`` computes them in N processes. With ``torchrun`` the cost table, the
+Fisher windows and the decompositions are shared out over the ranks and rank 0 solves the ILP
+(``compress.distributed``). ``alpha`` sets the adapter scaling
 alpha / rank (LQ-LoRA: 16 at rank 64). ``group_sizes`` restricts the grid to those groups (NF:
 blocks). ``rank: 0`` is mixed-precision quantization by the same ILP with no low-rank part and no
 adapters (its result exports as GPTQ on the gptq grid).
@@ -151,18 +153,22 @@ def cost_table(ctx, config: LQLoRAConfig, modules: dict, fisher: dict) -> dict[s
             weight = module.weight.detach().float()
             jobs[name] = (weight, grid_for(config, tuple(weight.shape)), config.rank, config.iterations,
                           fisher.get(name), config.seed)
-    for name, entries in ctx.track(parallel_map(matrix_costs, jobs, config.workers), "lq_lora costs", len(jobs)):
-        table[name] = entries
+    mine = set(ctx.ranks.share(list(jobs)))  # with torchrun, each rank computes (and caches) its share
+    local = {}
+    for name, entries in ctx.track(parallel_map(matrix_costs, {n: j for n, j in jobs.items() if n in mine},
+                                                config.workers), "lq_lora costs", len(mine)):
+        local[name] = entries
         atomic_write_text(paths[name], json.dumps(entries))
+    table.update(ctx.ranks.gather(local))
     return {name: table[name] for name in modules}
 
 
 def _fisher(ctx, config: LQLoRAConfig, names: list[str]) -> dict[str, torch.Tensor]:
     if not config.fisher:
         return {}
-    windows = ctx.windows("calibration")
-    fisher = empirical_fisher(ctx.model, list(windows), [f"{n}.weight" for n in names])
-    return {name: fisher[f"{name}.weight"] for name in names}
+    windows = ctx.ranks.share(list(ctx.windows("calibration")))  # float64 partial sums, added in rank order
+    fisher = empirical_fisher(ctx.model, windows, [f"{n}.weight" for n in names])
+    return {name: ctx.ranks.sum_in_rank_order(fisher[f"{name}.weight"]).float() for name in names}
 
 
 def run(ctx, config: LQLoRAConfig, report) -> None:
@@ -181,12 +187,9 @@ def run(ctx, config: LQLoRAConfig, report) -> None:
     numel = {name: m.weight.numel() for name, m in modules.items()}
     budget = budget_bits_for(numel, config.budget_bits, config.budget_gib)
     start = time.perf_counter()
-    try:
-        result = allocate({n: {c: e[0] for c, e in t.items()} for n, t in table.items()},
-                          {n: {c: e[1] for c, e in t.items()} for n, t in table.items()},
-                          numel, budget, _ties(list(modules), config.grid), config.solver)
-    except InfeasibleBudget as err:
-        raise StageError(f"{ctx.entry.where}: {err}") from None
+    result = ctx.ranks.broadcast(_allocate(config, table, numel, budget, list(modules)) if ctx.ranks.main else None)
+    if isinstance(result, InfeasibleBudget):
+        raise StageError(f"{ctx.entry.where}: {result}")
     report.metrics.update(ilp_seconds=time.perf_counter() - start, ilp_solver=result.solver)
     _replace(ctx, config, modules, fisher, result.choice, report)
     params = sum(numel.values())
@@ -195,6 +198,16 @@ def run(ctx, config: LQLoRAConfig, report) -> None:
                           bits_per_param_with_adapters_16bit=(result.bits + 16 * adapters) / params,
                           bits_per_param_with_adapters_nf8=(result.bits + NF8_BITS * adapters) / params,
                           label=f"lq-lora r{config.rank} {config.grid} {result.bits / params:.2f}b")
+
+
+def _allocate(config: LQLoRAConfig, table: dict, numel: dict, budget: float, names: list[str]):
+    """The ILP's result, or the InfeasibleBudget that says why there is none (rank 0 solves it)."""
+    try:
+        return allocate({n: {c: e[0] for c, e in t.items()} for n, t in table.items()},
+                        {n: {c: e[1] for c, e in t.items()} for n, t in table.items()},
+                        numel, budget, _ties(names, config.grid), config.solver)
+    except InfeasibleBudget as err:
+        return err
 
 
 def _decompose(module, qconfig, config: LQLoRAConfig, fisher, hessian=None) -> tuple[torch.nn.Module, dict]:
@@ -224,25 +237,26 @@ def _replace(ctx, config: LQLoRAConfig, modules: dict, fisher: dict, choice: dic
     output error over W's."""
     by_name = {c.name: c for c in GRIDS[config.grid]()}
 
-    def install(name: str, hessian=None) -> None:
-        layer, entry = _decompose(modules[name], by_name[choice[name]], config, fisher.get(name), hessian)
-        set_module(ctx.model, name, layer)
-        ctx.plan[name] = by_name[choice[name]]
-        report.modules.append({"module": name, "config": choice[name], "quantizer": "gptq" if hessian is not None
-                               else "rtn", **entry})
+    def install(names: list[str], hessians: dict | None = None, track=None) -> None:
+        mine = ctx.ranks.share(names)  # with torchrun, each rank decomposes its share
+        local = {name: _decompose(modules[name], by_name[choice[name]], config, fisher.get(name),
+                                  hessians[name].hessian if hessians else None) for name in (track or list)(mine)}
+        done = ctx.ranks.gather(local)
+        for name in names:
+            layer, entry = done[name]
+            set_module(ctx.model, name, layer)
+            ctx.plan[name] = by_name[choice[name]]
+            report.modules.append({"module": name, "config": choice[name], "quantizer": "gptq" if hessians
+                                   else "rtn", **entry})
 
     remaining = list(modules)
     if config.quantizer == "gptq":
-        def replace(group: dict, hessians: dict) -> None:
-            for name in group:
-                install(name, hessians[name].hessian)
-
-        remaining = calibrate_layerwise(ctx.model, ctx.windows("calibration"), modules, replace,
+        remaining = calibrate_layerwise(ctx.model, ctx.windows("calibration"), modules,
+                                        lambda group, hessians: install(list(group), hessians),
                                         lambda layers: ctx.track(layers, "lq_lora gptq layers"))
         if remaining:
             report.notes.append(f"outside the decoder layers, quantized with RTN: {', '.join(remaining)}")
-    for name in ctx.track(remaining, "lq_lora decompose"):
-        install(name)
+    install(remaining, track=lambda names: ctx.track(names, "lq_lora decompose"))
 
 
 STAGE = Stage(name="lq_lora", config=LQLoRAConfig, run=run, modifies_model=True, quantizes=True, check=check,

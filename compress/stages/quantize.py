@@ -13,7 +13,8 @@ fraction of mean diag(H), lazy ``block`` columns, ``act_order`` with static grou
 outputs with its quantized linears feed the next layer. Selected linears outside the decoder layers
 (an lm_head that is not ignored) are rounded with RTN, and the report says so.
 
-``config`` is the default for every selected layer (``targets`` minus ``ignore``: class names, exact
+With ``torchrun`` the matrices (of each GPTQ input group) are shared out over the ranks
+(``compress.distributed``). ``config`` is the default for every selected layer (``targets`` minus ``ignore``: class names, exact
 module names, or ``re:`` regexes). ``overrides`` maps a selector to fields that replace the
 default's; every matching override applies, in order. ``type: nf`` selects NormalFloat codes with
 double-quantized block scales (``bits, block, scale_bits, scale_block, scale_dtype``); ``uniform``
@@ -36,8 +37,10 @@ from compress.quant.gptq import gptq_quantize
 from ..checkpoint.gptq import gptq_problems
 from ..config_errors import format_validation_error
 from ..errors import RecipeError, StageError
-from ..layerwise import calibrate_layerwise
+from ..checkpoint.write import write_native
+from ..layerwise import calibrate_layer, calibrate_layerwise, first_layer_inputs
 from ..stage import Stage, StageConfig
+from ..streaming import REST
 from ..targets import check_selector, fused_members, matches, select_linears, set_module
 
 NF_ONLY = ("block", "scale_bits", "scale_block", "scale_dtype")
@@ -202,22 +205,27 @@ def _install(ctx, report, name: str, module, layer: QuantLinear, seconds: float,
                            "seconds": seconds, **extra})
 
 
-def _quantize_rtn(ctx, modules: dict, plan: dict, report) -> None:
-    for name in ctx.track(list(modules), "quantize"):
+def _install_shared(ctx, report, modules: dict, work, track: bool) -> None:
+    """Run ``work(name, module) -> (layer, report extras)`` on this rank's share of ``modules``,
+    gather every rank's layers and install them all, in ``modules`` order."""
+    mine = ctx.ranks.share(list(modules))
+    local = {}
+    for name in ctx.track(mine, "quantize") if track else mine:
         start = time.perf_counter()
-        layer = QuantLinear.quantize(modules[name], plan[name])
-        _install(ctx, report, name, modules[name], layer, time.perf_counter() - start)
+        layer, extra = work(name, modules[name])
+        local[name] = (layer, time.perf_counter() - start, extra)
+    done = ctx.ranks.gather(local)
+    for name, module in modules.items():
+        layer, seconds, extra = done[name]
+        _install(ctx, report, name, module, layer, seconds, **extra)
+
+
+def _quantize_rtn(ctx, modules: dict, plan: dict, report, track: bool = True) -> None:
+    _install_shared(ctx, report, modules, lambda name, module: (QuantLinear.quantize(module, plan[name]), {}), track)
 
 
 def _quantize_gptq(ctx, config: QuantizeConfig, modules: dict, plan: dict, report) -> None:
-    def replace(group: dict, hessians: dict) -> None:
-        for name, module in group.items():
-            start = time.perf_counter()
-            result = gptq_quantize(module.weight, hessians[name].hessian, plan[name], config.damp, config.block,
-                                   config.act_order)
-            layer = QuantLinear.from_weight(result.quantized, module.bias)
-            _install(ctx, report, name, module, layer, time.perf_counter() - start, gptq_loss=result.loss)
-
+    replace = _gptq_replace(ctx, config, plan, report)
     start = time.perf_counter()
     outside = calibrate_layerwise(ctx.model, ctx.windows("calibration"), modules, replace,
                                   lambda layers: ctx.track(layers, "gptq layers"))
@@ -227,21 +235,67 @@ def _quantize_gptq(ctx, config: QuantizeConfig, modules: dict, plan: dict, repor
         _quantize_rtn(ctx, {name: modules[name] for name in outside}, plan, report)
 
 
+def _gptq_replace(ctx, config: QuantizeConfig, plan: dict, report):
+    def work(name: str, module, hessians: dict):
+        result = gptq_quantize(module.weight, hessians[name].hessian, plan[name], config.damp, config.block,
+                               config.act_order)
+        return QuantLinear.from_weight(result.quantized, module.bias), {"gptq_loss": result.loss}
+
+    def replace(group: dict, hessians: dict) -> None:
+        _install_shared(ctx, report, group, lambda name, module: work(name, module, hessians), track=False)
+    return replace
+
+
+def _quantize_streamed(ctx, config: QuantizeConfig, plan: dict, report) -> dict[str, tuple[int, int]]:
+    """Unit by unit from the stream's source into its target (``compress.streaming``): the units
+    outside the layers first (their selected linears by RTN; GPTQ's first-layer inputs computed
+    while the embeddings are in memory), then each decoder layer. Returns the quantized shapes."""
+    stream, shapes = ctx.stream, {}
+
+    def shards():
+        inputs = None
+        for prefix in ctx.track(stream.units, "quantize layers (streaming)"):
+            with stream.unit(prefix) as unit:
+                local = {n: c for n, c in plan.items() if (n.startswith(f"{prefix}.") if prefix else not stream.inside_layers(n))}
+                modules = _dense_modules(ctx, local, report)
+                shapes.update({n: (m.out_features, m.in_features) for n, m in modules.items()})
+                if config.method == "gptq" and prefix == REST:
+                    inputs = first_layer_inputs(ctx.model, ctx.windows("calibration"))
+                    if modules:
+                        report.notes.append(f"outside the decoder layers, rounded with RTN: {', '.join(modules)}")
+                if config.method == "gptq" and prefix != REST:
+                    inputs = calibrate_layer(unit, modules, _gptq_replace(ctx, config, plan, report), inputs)
+                else:
+                    _quantize_rtn(ctx, modules, plan, report, track=False)
+                yield stream.state_of(prefix)
+
+    if ctx.ranks.main:
+        write_native(ctx.model, stream.target, shards=(len(stream.units), shards()))
+    else:  # the same walk (the ranks exchange results at every layer); rank 0 writes
+        for _ in shards():
+            pass
+    return shapes
+
+
 def run(ctx, config: QuantizeConfig, report) -> None:
     plan, changes, _ = plan_modules(ctx.model, config, _exports_gptq(ctx.recipe, ctx.entry))
     for name, reason in changes:
         report.notes.append(f"{name}: {reason}")
-    modules = _dense_modules(ctx, plan, report)
-    if config.method == "gptq":
-        _quantize_gptq(ctx, config, modules, plan, report)
+    if ctx.stream is not None:
+        shapes = _quantize_streamed(ctx, config, plan, report)
     else:
-        _quantize_rtn(ctx, modules, plan, report)
-    params = sum(m.weight.numel() for m in modules.values())
-    bits = sum(plan[name].storage_bits((m.out_features, m.in_features)) for name, m in modules.items())
+        modules = _dense_modules(ctx, plan, report)
+        if config.method == "gptq":
+            _quantize_gptq(ctx, config, modules, plan, report)
+        else:
+            _quantize_rtn(ctx, modules, plan, report)
+        shapes = {name: (m.out_features, m.in_features) for name, m in modules.items()}
+    params = sum(o * i for o, i in shapes.values())
+    bits = sum(plan[name].storage_bits(shape) for name, shape in shapes.items())
     label = config.config.to_config().name
     report.metrics.update(quantized_params=params, label=label if config.method == "rtn" else f"gptq {label}",
                           bits_per_param=bits / params if params else None)
 
 
 STAGE = Stage(name="quantize", config=QuantizeConfig, run=run, modifies_model=True, quantizes=True,
-              check=check)
+              check=check, streaming=lambda config: None)

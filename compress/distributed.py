@@ -1,0 +1,106 @@
+"""Per-matrix work spread over the processes of a ``torchrun`` launch (``torch.distributed``).
+
+    torchrun --nproc-per-node 2 -m compress.entry.cli run recipe.yaml          # CPU: gloo
+    torchrun --nproc-per-node 8 -m compress.entry.cli run recipe.yaml          # one node, 8 GPUs: NCCL
+    torchrun --nnodes 2 --node-rank R --master-addr HOST --master-port 29500 \\
+             --nproc-per-node 8 -m compress.entry.cli run recipe.yaml          # two nodes, shared disk
+
+Every rank runs the whole recipe on the same model (or the same stream of layers) and takes its share
+of the independent work units: the matrices of a GPTQ input group, the matrices of LQ-LoRA's cost
+table and decomposition, the calibration windows of the Fisher pass. Results are exchanged so that
+every rank continues with the same model. Rank 0 alone solves the ILP (the choice is broadcast),
+holds the output lock and writes every file. A unit's result does not depend on which rank computed
+it, and reductions run in a fixed order, so any number of ranks writes the same bytes as one.
+
+Without ``torchrun`` (no ``WORLD_SIZE`` in the environment, or 1) nothing is initialized and every
+call below is a local no-op.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the launch: ``rank`` of ``world`` (0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this rank writes files and solves the ILP."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def share(self, items: Iterable[T]) -> list[T]:
+        """This rank's units: every ``world``-th item starting at ``rank`` (a fixed assignment)."""
+        return [item for i, item in enumerate(items) if i % self.world == self.rank]
+
+    def gather(self, local: dict) -> dict:
+        """The union of every rank's ``local`` results, on every rank (keys are disjoint)."""
+        if not self.distributed:
+            return dict(local)
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, local)
+        merged: dict = {}
+        for part in parts:
+            merged.update(part)
+        return merged
+
+    def broadcast(self, value: T) -> T:
+        """Rank 0's ``value`` on every rank."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum_in_rank_order(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of every rank's ``tensor``, added in rank order (the same bytes on every rank)."""
+        if not self.distributed:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(parts, tensor.contiguous())
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
+        return total
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def init_ranks() -> Ranks:
+    """Join the ``torchrun`` process group when launched by it (gloo on CPU, NCCL with CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
+        log.info("rank %d of %d (%s)", dist.get_rank(), world, backend)
+    return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,69 @@
+"""torch.distributed launched by torchrun (gloo, 2 CPU processes) against the same recipe in one process.
+
+The output directory of a single-process run is moved aside, the 2-process run writes the same
+path, and every file of the exported checkpoint (tensors, config.json with its quantization_config,
+the manifest with its sha256s) must be byte-identical. Recipes: GPTQ in memory; GPTQ streamed
+(rank 0 writes each layer's shard after the ranks exchanged that layer's matrices); LQ-LoRA rank 8
+with Fisher weighting (cost table, Fisher windows and decompositions shared out; rank 0 solves the ILP).
+"""
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_cli, write_recipe
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason=f"torchrun missing at {TORCHRUN}")
+
+HEAD = """model: {model}
+streaming: {streaming}
+data:
+  calibration: {{source: stdlib, split: train, samples: 6, seq_len: 64}}
+stages:
+{stages}
+output: {output}
+"""
+RECIPES = {
+    "gptq": ("false", "  - quantize: {method: gptq, config: {bits: 4, group_size: 64}}\n  - export: {format: gptq}"),
+    "gptq-streamed": ("true", "  - quantize: {method: gptq, config: {bits: 3, group_size: 64}}\n  - export: {format: gptq}"),
+    "lq-lora-fisher": ("false", "  - lq_lora: {rank: 8, budget_bits: 3.5, fisher: true, iterations: 2, group_sizes: [64]}\n"
+                                "  - export: {format: native, adapters: embed}"),
+}
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_pair, tmp_path_factory):
+    model, tokenizer = tiny_pair
+    directory = tmp_path_factory.mktemp("dist") / "tiny"
+    model.save_pretrained(directory, max_shard_size="300KB")
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_two_processes_write_the_bytes_of_one(model_dir, tmp_path, name):
+    streaming, stages = RECIPES[name]
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "recipe.yaml", HEAD.format(model=model_dir, streaming=streaming, stages=stages,
+                                                                output=out))
+    single = run_cli("run", recipe, "--quiet")
+    assert single.returncode == 0, single.stderr[-3000:]
+    expected = file_hashes(out / "checkpoint")
+    shutil.move(out, tmp_path / "single")
+    launched = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "compress.entry.cli",
+                               "run", str(recipe), "--quiet"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert file_hashes(out / "checkpoint") == expected
+    assert json.loads((out / "report.json").read_text())["header"]["ranks"] == 2
+    assert json.loads((tmp_path / "single" / "report.json").read_text())["header"]["ranks"] == 1

@@ -1,0 +1,114 @@
+"""Streaming (``streaming: true``): stages hold one decoder layer at a time.
+
+- On tiny-llama saved as a sharded Hugging Face directory, streamed RTN and GPTQ quantize + GPTQ
+  export write exactly the tensors the in-memory run writes (torch.equal on every tensor), and the
+  reloaded checkpoints give identical logits.
+- A streamed run resumes from its saved stage: the export reads the quantize stage's shards.
+- Recipes that cannot stream exit 2 with one line naming the stage.
+- At scale (slow): a synthetic Llama of 1.54 B parameters (22 layers of 60.8 M, random bf16 weights in
+  one shard per layer) is quantized (RTN int4 g128) and exported as GPTQ in fp32 with the process's
+  peak RSS (ru_maxrss, exact) above its pre-run baseline below three of its decoder layers in fp32
+  (3 x 243 MB): the model itself is 6.2 GB in fp32.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, logits, run_cli, write_recipe
+
+import compress
+from compress.checkpoint.tensors import load_tensors
+from compress.recipe import parse_recipe
+from compress.synthetic import layer_shapes, parameter_count, write_synthetic_llama
+
+DATA = {"calibration": {"source": "stdlib", "split": "train", "samples": 4, "seq_len": 64},
+        "eval": {"source": "stdlib", "split": "eval", "samples": 2, "seq_len": 64}}
+
+
+@pytest.fixture(scope="module")
+def sharded_tiny(tiny_pair, tmp_path_factory):
+    """tiny-llama as a Hugging Face directory in many small shards (tensors split across files)."""
+    model, tokenizer = tiny_pair
+    directory = tmp_path_factory.mktemp("sharded") / "tiny"
+    model.save_pretrained(directory, max_shard_size="200KB")
+    tokenizer.save_pretrained(directory)
+    assert len(list(directory.glob("model-*.safetensors"))) > 4
+    return directory
+
+
+def recipe(model_dir, out, stages, streaming=True):
+    return parse_recipe({"model": str(model_dir), "data": DATA, "stages": stages, "output": str(out),
+                         "streaming": streaming})
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_streamed_run_writes_the_in_memory_tensors(sharded_tiny, tmp_path, method, probe_ids):
+    stages = [{"quantize": {"method": method, "config": {"bits": 4, "group_size": 64},
+                            "overrides": {"re:.*down_proj$": {"bits": 8}}}}, {"export": {"format": "gptq"}}]
+    in_memory = compress.run_recipe(recipe(sharded_tiny, tmp_path / "memory", stages, streaming=False))
+    streamed = compress.run_recipe(recipe(sharded_tiny, tmp_path / "streamed", stages))
+    expected, got = load_tensors(tmp_path / "memory" / "checkpoint"), load_tensors(tmp_path / "streamed" / "checkpoint")
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+    assert len(list((tmp_path / "streamed" / "checkpoint").glob("model-*-of-00005.safetensors"))) == 5  # rest + 4 layers
+    assert torch.equal(logits(compress.load(tmp_path / "streamed" / "checkpoint"), probe_ids),
+                       logits(compress.load(tmp_path / "memory" / "checkpoint"), probe_ids))
+    quantize = streamed.reports[1]
+    assert quantize.metrics["bits_per_param"] == in_memory.reports[1].metrics["bits_per_param"]
+    assert len(quantize.modules) == 28
+
+
+def test_streamed_run_resumes_from_its_saved_stage(sharded_tiny, tmp_path):
+    quantize = {"quantize": {"config": {"bits": 4, "group_size": 64}}}
+    compress.run_recipe(recipe(sharded_tiny, tmp_path / "out", [quantize]))
+    state = tmp_path / "out" / ".stages" / "00-quantize" / "model"
+    assert (state / "model.safetensors.index.json").is_file()
+    resumed = compress.run_recipe(recipe(sharded_tiny, tmp_path / "out", [quantize, {"export": {"format": "native"}}]),
+                                  resume=True)
+    assert resumed.resumed_after == 0 and [r.name for r in resumed.reports][-1] == "export"
+    written, saved = load_tensors(tmp_path / "out" / "checkpoint"), load_tensors(state)
+    assert sorted(written) == sorted(saved) and all(torch.equal(written[n], saved[n]) for n in saved)
+
+
+@pytest.mark.parametrize("stages, model, message", [
+    ("  - quantize: {}\n  - eval: {}", None, r"stages\[1\]\.eval: does not run with streaming: true \(stages that stream: export, quantize\)"),
+    ("  - quantize: {}\n  - export: {format: hf}", None, r"stages\[1\]\.export: does not run with streaming: true: format hf"),
+    ("  - quantize: {}", "tiny-llama", r"streaming: true reads a model's safetensors files .*'tiny-llama' is a builtin model"),
+])
+def test_recipes_that_cannot_stream_fail_with_one_line(sharded_tiny, tmp_path, stages, model, message):
+    import re
+
+    text = (f"model: {model or sharded_tiny}\nstreaming: true\nstages:\n{stages}\noutput: {tmp_path / 'out'}\n")
+    result = run_cli("run", write_recipe(tmp_path / "recipe.yaml", text))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_1_5b_model_streams_within_three_layers_of_memory(tmp_path):
+    model_dir = tmp_path / "synthetic-1.5b"
+    config = write_synthetic_llama(model_dir, "1.5b")
+    params = parameter_count(config)
+    assert 1.45e9 < params < 1.6e9
+    layer_bytes = 4 * sum(torch.Size(shape).numel() for shape in layer_shapes(config).values())  # fp32
+    text = (f"model: {model_dir}\nstreaming: true\ndtype: float32\nstages:\n"
+            "  - quantize: {method: rtn, config: {bits: 4, group_size: 128}}\n"
+            "  - export: {format: gptq}\n"
+            f"output: {tmp_path / 'out'}\n")
+    measured = tmp_path / "rss.json"
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "tools" / "peak_rss.py"), str(measured), "run",
+                             str(write_recipe(tmp_path / "recipe.yaml", text)), "--quiet"],
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rss = json.loads(measured.read_text())
+    growth = (rss["peak_mib"] - rss["baseline_mib"]) * 2**20
+    print(f"peak RSS growth {growth / 2**20:.0f} MiB; one layer {layer_bytes / 2**20:.0f} MiB; "
+          f"model {4 * params / 2**30:.1f} GiB in fp32", file=sys.stderr)
+    assert growth < 3 * layer_bytes
+    info = compress.inspect(tmp_path / "out" / "checkpoint")
+    assert len(info["modules"]) == 7 * config["num_hidden_layers"]
+    assert info["bits_per_param"] == pytest.approx(4 + 32 / 128)  # codes + fp16 scale + packed zero per group
