@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .checkpoint.atomic import atomic_directory, atomic_write_text
 from .checkpoint.load import load_checkpoint
-from .checkpoint.tensors import TensorSource
+from .checkpoint.shards import TensorSource
 from .checkpoint.write import write_native
 from .context import Context
 from .distributed import Ranks, init_ranks

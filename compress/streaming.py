@@ -2,18 +2,22 @@
 
 The model is a skeleton on the meta device, built from ``config.json`` (or from the layout of the
 previous stage's checkpoint); its weights stay in safetensors files. A streaming stage visits the
-model unit by unit: first everything outside the decoder layers (embeddings, final norm, head),
-then each decoder layer in order. A unit's tensors are read from the current ``TensorSource`` (each
+model unit by unit: first each module outside the decoder layers that holds tensors (embeddings,
+final norm, head: one unit each, as a large vocabulary's matrix can outweigh a layer), then each
+decoder layer in order. A unit's tensors are read from the current ``TensorSource`` (each
 file opened only while they are read), the stage works on the unit, the unit is written as one
 shard of the stage's output checkpoint and goes back to the meta device. That checkpoint (native
 format, with its manifest) is the next stage's source.
 
-Peak memory is one unit in the run's dtype plus what the stage carries from layer to layer (GPTQ's
-calibration activations); never the model.
+Peak memory is the largest unit in the run's dtype plus what the stage carries from layer to layer
+(GPTQ's calibration activations); never the model.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,13 +27,10 @@ from torch import nn
 
 from compress.quant import QuantLinear
 
-from .checkpoint.tensors import TensorSource
+from .checkpoint.shards import TensorSource
 from .errors import CheckpointError
 from .layerwise import decoder_layers
 from .models import DTYPES
-
-REST = ""  # the unit of every tensor outside the decoder layers
-
 
 def release(module: nn.Module) -> None:
     """Send a module's parameters and buffers back to the meta device (and drop kernel caches)."""
@@ -37,6 +38,11 @@ def release(module: nn.Module) -> None:
         if isinstance(sub, QuantLinear):
             sub._layout = None
     module.to("meta")
+
+
+def meta_like(tensor: torch.Tensor) -> torch.Tensor:
+    meta = torch.empty_like(tensor, device="meta")
+    return nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
 
 
 class StreamedModel:
@@ -51,12 +57,17 @@ class StreamedModel:
         self.model, self.source, self.dtype = model, source, DTYPES[dtype]
         self.target: Path | None = None
         self.layers = decoder_layers(model)
-        self._prefixes = [prefix for prefix, _ in self.layers]
-        for module in self.model.modules():  # the skeleton's dense parameters in the run's dtype
+        self.layer_prefixes = [prefix for prefix, _ in self.layers]
+        self._retie()
+        cast: dict[int, nn.Parameter] = {}  # the skeleton's dense parameters in the run's dtype (ties kept)
+        for module in self.model.modules():
             for name, param in list(module.named_parameters(recurse=False)):
                 if param.is_floating_point() and param.dtype != self.dtype:
-                    setattr(module, name, nn.Parameter(torch.empty_like(param, device="meta", dtype=self.dtype),
-                                                       requires_grad=param.requires_grad))
+                    cast.setdefault(id(param), nn.Parameter(torch.empty_like(param, device="meta", dtype=self.dtype),
+                                                            requires_grad=param.requires_grad))
+                    setattr(module, name, cast[id(param)])
+        self.embeddings = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+        self.units = self._outer_units() + self.layer_prefixes
 
     @classmethod
     def open(cls, directory: Path, dtype: str, verify: bool = True) -> "StreamedModel":
@@ -71,92 +82,115 @@ class StreamedModel:
         model = build_model(layout.config, modules, (layout.manifest or {}).get("layer_widths"))
         return cls(model.eval(), source, dtype)
 
-    @property
-    def units(self) -> list[str]:
-        return [REST] + self._prefixes
+    def unit_of(self, name: str) -> str:
+        """The unit a tensor (or module) belongs to: its decoder layer, or the module that owns it."""
+        layer = next((p for p in self.layer_prefixes if name.startswith(f"{p}.")), None)
+        return layer if layer is not None else name.rpartition(".")[0]
+
+    def owns(self, prefix: str, module_name: str) -> bool:
+        """Whether a module (by full name) lies in unit ``prefix``."""
+        return module_name == prefix or module_name.startswith(f"{prefix}.")
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        """The skeleton's state, a tensor shared by two names (a tied head) under its first name."""
+        state, seen = {}, set()
+        for name, tensor in self.model.state_dict(keep_vars=True).items():
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                state[name] = tensor
+        return state
+
+    def _outer_units(self) -> list[str]:
+        units: list[str] = []
+        for name in self._state():
+            unit = self.unit_of(name)
+            if unit not in self.layer_prefixes and unit not in units:
+                units.append(unit)
+        return units
 
     def unit_names(self, prefix: str) -> list[str]:
-        if prefix != REST:
-            return self.source.names(prefix)
-        return [n for n in self.source.names() if not any(n.startswith(f"{p}.") for p in self._prefixes)]
+        """The source's tensor names in unit ``prefix``."""
+        return [n for n in self.source.names() if self.unit_of(n) == prefix]
 
-    def inside_layers(self, name: str) -> bool:
-        return any(name.startswith(f"{p}.") for p in self._prefixes)
-
-    def _expected(self, prefix: str) -> set[str]:
-        """The unit's state-dict names in the skeleton (full names)."""
-        names = self.model.state_dict(keep_vars=True)
-        if prefix == REST:
-            return {n for n in names if not self.inside_layers(n)}
-        return {n for n in names if n.startswith(f"{prefix}.")}
+    def _expected(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {n: t for n, t in self._state().items() if self.unit_of(n) == prefix}
 
     def _owner(self, name: str) -> tuple[nn.Module, str]:
         owner, _, leaf = name.rpartition(".")
         return self.model.get_submodule(owner), leaf
 
-    def _cast(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def _dtype_for(self, name: str, stored: torch.dtype) -> torch.dtype:
         """Dense floating tensors in the run's dtype; packed buffers (and their scales) as stored."""
         module, leaf = self._owner(name)
-        if not tensor.is_floating_point() or (isinstance(module, QuantLinear) and leaf != "bias"):
-            return tensor
-        return tensor.to(self.dtype)
+        if not stored.is_floating_point or (isinstance(module, QuantLinear) and leaf != "bias"):
+            return stored
+        return self.dtype
 
     def _fill(self, prefix: str) -> nn.Module:
-        from .checkpoint.load import is_tied_head
-
-        expected = self._expected(prefix)
-        tensors = self.source.read([n for n in self.unit_names(prefix) if n in expected], self._cast)
-        tensors.update({n: None for n in self.unit_names(prefix) if n not in expected})  # reported below
-        tied = {n for n in expected - set(tensors) if is_tied_head(n, self.model.config)}
-        missing, unexpected = sorted(expected - set(tensors) - tied), sorted(set(tensors) - expected)
+        expected, present = self._expected(prefix), self.unit_names(prefix)
+        missing, unexpected = sorted(set(expected) - set(present)), sorted(set(present) - set(expected))
         if missing or unexpected:
-            raise CheckpointError(f"{self.source.directory}: {prefix or 'outside the decoder layers'}: "
-                                  f"{len(missing)} tensors missing (e.g. {missing[:2]}), {len(unexpected)} "
-                                  f"unexpected (e.g. {unexpected[:2]})")
+            raise CheckpointError(f"{self.source.directory}: {prefix}: {len(missing)} tensors missing (e.g. "
+                                  f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+        tensors = self.source.read(present, self._dtype_for)
         self.model.load_state_dict(tensors, strict=False, assign=True)
-        if tied:
-            self.model.tie_weights()
-        return self.model if prefix == REST else self.model.get_submodule(prefix)
+        self._retie()
+        return_freed_memory()  # the read's buffers
+        return self.model.get_submodule(prefix)
+
+    def _retie(self) -> None:
+        """A tied dense head follows the embeddings (real while they are in memory, meta after)."""
+        head = self.model.get_output_embeddings()
+        if getattr(self.model.config, "tie_word_embeddings", False) and type(head) is nn.Linear:
+            head.weight = self.model.get_input_embeddings().weight
 
     def state_of(self, prefix: str) -> dict[str, torch.Tensor]:
-        """The unit's tensors as a checkpoint stores them: full names, a tied head stored once."""
-        from .checkpoint.write import model_state
-
-        if prefix != REST:
-            return {f"{prefix}.{k}": v for k, v in model_state(self.model.get_submodule(prefix)).items()}
-        state, seen = {}, set()
-        for name, tensor in self.model.state_dict(keep_vars=True).items():
-            if not self.inside_layers(name) and id(tensor) not in seen:
-                seen.add(id(tensor))
-                state[name] = tensor.detach()
-        return state
+        """The unit's tensors as a checkpoint stores them (full names, a tied head stored once)."""
+        return {n: t.detach() for n, t in self._expected(prefix).items()}
 
     def _release(self, prefix: str) -> None:
-        if prefix != REST:
+        if prefix in self.layer_prefixes:
             release(self.model.get_submodule(prefix))
             return
-        replaced: dict[int, torch.Tensor] = {}  # tied tensors stay one tensor
-        for name in self._expected(REST):
+        for name, tensor in self._expected(prefix).items():
             module, leaf = self._owner(name)
             if isinstance(module, QuantLinear):
                 module._layout = None
-            tensor = getattr(module, leaf)
             if tensor is not None and not tensor.is_meta:
-                replaced.setdefault(id(tensor), meta_like(tensor))
                 if isinstance(tensor, nn.Parameter):
-                    setattr(module, leaf, replaced[id(tensor)])
+                    setattr(module, leaf, meta_like(tensor))
                 else:
-                    module._buffers[leaf] = replaced[id(tensor)]
+                    module._buffers[leaf] = meta_like(tensor)
+        self._retie()
 
     @contextmanager
     def unit(self, prefix: str) -> Iterator[nn.Module]:
-        """The unit filled with its tensors inside the block; back on the meta device after it."""
+        """The unit filled with its tensors inside the block; back on the meta device after it, and
+        its memory given back to the system (see ``return_freed_memory``)."""
         try:
             yield self._fill(prefix)
         finally:
             self._release(prefix)
+            return_freed_memory()
 
 
-def meta_like(tensor: torch.Tensor) -> torch.Tensor:
-    meta = torch.empty_like(tensor, device="meta")
-    return nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+def return_freed_memory() -> None:
+    """Free what reference cycles still hold, then ask glibc to hand its free heap pages back.
+
+    Without this the process's memory creeps up by most of a unit per unit: cycles (modules that
+    refer to each other) wait for the garbage collector, and glibc keeps freed blocks below its
+    adaptive mmap threshold (up to 32 MiB, the size of a layer's matrices) in the heap."""
+    gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018  (glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None

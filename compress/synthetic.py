@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint.tensors import ShardWriter
+from .checkpoint.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,14 @@ from .normalfloat import SCALE_TORCH_DTYPES, dequantize_nf, quantize_nf
 from .packing import packed_length
 from .uniform import dequantize_gptq, quantize_rtn
 
+ROW_BLOCK = 1024  # output rows per slice of uniform quantize/dequantize (a multiple of 32)
+
+
+def _concat_rows(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The tensors of row blocks (each but the last a multiple of 32 rows) joined along N."""
+    return {name: parts[0][name] if name == "g_idx" else torch.cat([p[name] for p in parts], dim=1)
+            for name in parts[0]}
+
 
 def tensor_specs(config: QuantConfig, shape: tuple[int, int]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Name -> (dtype, shape) of every tensor a matrix of ``shape`` stores under ``config``."""
@@ -76,16 +84,45 @@ class QuantizedWeight:
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, config: QuantConfig) -> "QuantizedWeight":
-        """Round-to-nearest (uniform) or nearest-codebook (nf) quantization of a float weight."""
-        quantizer = quantize_rtn if config.kind == "uniform" else quantize_nf
-        return cls(config, tuple(weight.shape), quantizer(weight.detach(), config))
+        """Round-to-nearest (uniform) or nearest-codebook (nf) quantization of a float weight.
+        Uniform weights go ``ROW_BLOCK`` rows at a time (rows are independent, so the result is the
+        same and the temporaries stay small)."""
+        weight = weight.detach()
+        if config.kind != "uniform":
+            return cls(config, tuple(weight.shape), quantize_nf(weight, config))
+        parts = [quantize_rtn(weight[start:start + ROW_BLOCK], config) for start in range(0, weight.shape[0], ROW_BLOCK)]
+        return cls(config, tuple(weight.shape), parts[0] if len(parts) == 1 else _concat_rows(parts))
+
+    def rows(self, start: int, end: int) -> "QuantizedWeight":
+        """Output rows [start, end) of a uniform weight (``start`` a multiple of 32: whole zero words)."""
+        if self.config.kind != "uniform" or start % 32:
+            raise ValueError("rows: uniform weights, from a multiple of 32")
+        words = slice(start * self.config.bits // 32, packed_length(end, self.config.bits))
+        tensors = {name: (t[:, words] if name == "qzeros" else t if name == "g_idx" else t[:, start:end])
+                   for name, t in self.tensors.items()}
+        return QuantizedWeight(self.config, (end - start, self.shape[1]), tensors)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if self.config.kind == "uniform":
-            weight = dequantize_gptq(self.tensors, self.config.bits, self.shape)
-        else:
-            weight = dequantize_nf(self.tensors, self.config, self.shape)
-        return weight.to(dtype)
+        if self.config.kind != "uniform":
+            return dequantize_nf(self.tensors, self.config, self.shape).to(dtype)
+        out = torch.empty(self.shape, dtype=dtype)
+        for start, block in self._row_blocks():
+            out[start:start + block.shape[0]] = dequantize_gptq(block.tensors, self.config.bits, block.shape)
+        return out
+
+    def squared_error(self, weight: torch.Tensor) -> float:
+        """||weight - dequantize()||² in float64, a block of rows at a time (uniform)."""
+        if self.config.kind != "uniform":
+            return float((self.dequantize() - weight.float()).double().square().sum())
+        total = 0.0
+        for start, block in self._row_blocks():
+            rows = weight[start:start + block.shape[0]].float()
+            total += float((dequantize_gptq(block.tensors, self.config.bits, block.shape) - rows).double().square().sum())
+        return total
+
+    def _row_blocks(self):
+        for start in range(0, self.shape[0], ROW_BLOCK):
+            yield start, self.rows(start, min(start + ROW_BLOCK, self.shape[0]))
 
     def storage_bits(self) -> int:
         return self.config.storage_bits(self.shape)

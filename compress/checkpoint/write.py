@@ -18,7 +18,8 @@ from ..errors import CheckpointError
 from .atomic import atomic_directory
 from .gptq import gptq_problems, quantization_config
 from .manifest import write_manifest
-from .tensors import DEFAULT_SHARD_BYTES, ShardWriter, save_tensors
+from .shards import ShardWriter
+from .tensors import DEFAULT_SHARD_BYTES, save_tensors
 
 FORMATS = ("gptq", "native", "hf")
 Shards = tuple[int, Iterator[dict[str, torch.Tensor]]]
@@ -91,6 +92,7 @@ def _write_common(model: nn.Module, staging: Path, config: dict, tokenizer, max_
         writer = ShardWriter(staging, shards[0])
         for tensors in shards[1]:
             writer.write(tensors)
+            del tensors  # before the producer moves on: a unit's tensors must not outlive it
         writer.finish()
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     generation = getattr(model, "generation_config", None)

@@ -26,6 +26,7 @@ every such change is listed in the report.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any, Literal
 
 import torch
@@ -40,7 +41,7 @@ from ..errors import RecipeError, StageError
 from ..checkpoint.write import write_native
 from ..layerwise import calibrate_layer, calibrate_layerwise, first_layer_inputs
 from ..stage import Stage, StageConfig
-from ..streaming import REST
+from ..streaming import release
 from ..targets import check_selector, fused_members, matches, select_linears, set_module
 
 NF_ONLY = ("block", "scale_bits", "scale_block", "scale_dtype")
@@ -197,9 +198,11 @@ def _dense_modules(ctx, plan: dict, report) -> dict[str, torch.nn.Module]:
 
 
 def _install(ctx, report, name: str, module, layer: QuantLinear, seconds: float, **extra) -> None:
-    weight = module.weight.detach().float()
-    error = (layer.dequantize() - weight).norm() / weight.norm().clamp(min=1e-30)
+    weight = module.weight.detach()
+    error = layer.quantized_weight().squared_error(weight) ** 0.5 / max(float(weight.float().norm()), 1e-30)
     set_module(ctx.model, name, layer)
+    if ctx.stream is not None:
+        release(module)  # streaming: the replaced dense weight goes now, not with its unit
     ctx.plan[name] = layer.config
     report.modules.append({"module": name, "config": layer.config.name, "rel_error": float(error),
                            "seconds": seconds, **extra})
@@ -208,6 +211,12 @@ def _install(ctx, report, name: str, module, layer: QuantLinear, seconds: float,
 def _install_shared(ctx, report, modules: dict, work, track: bool) -> None:
     """Run ``work(name, module) -> (layer, report extras)`` on this rank's share of ``modules``,
     gather every rank's layers and install them all, in ``modules`` order."""
+    if not ctx.ranks.distributed:  # install each layer as it is made: its dense weight goes at once
+        for name in ctx.track(list(modules), "quantize") if track else modules:
+            start = time.perf_counter()
+            layer, extra = work(name, modules[name])
+            _install(ctx, report, name, modules[name], layer, time.perf_counter() - start, **extra)
+        return
     mine = ctx.ranks.share(list(modules))
     local = {}
     for name in ctx.track(mine, "quantize") if track else mine:
@@ -247,33 +256,37 @@ def _gptq_replace(ctx, config: QuantizeConfig, plan: dict, report):
 
 
 def _quantize_streamed(ctx, config: QuantizeConfig, plan: dict, report) -> dict[str, tuple[int, int]]:
-    """Unit by unit from the stream's source into its target (``compress.streaming``): the units
-    outside the layers first (their selected linears by RTN; GPTQ's first-layer inputs computed
+    """Unit by unit from the stream's source into its target (``compress.streaming``): the modules
+    outside the layers first (selected linears there by RTN; GPTQ's first-layer inputs computed
     while the embeddings are in memory), then each decoder layer. Returns the quantized shapes."""
-    stream, shapes = ctx.stream, {}
+    stream, shapes, outer = ctx.stream, {}, []
+
+    def quantize_unit(prefix: str, unit, inputs):
+        """One unit's selected linears; returns the next layer's inputs (GPTQ). Its locals (the
+        replaced dense linears) are gone when it returns."""
+        modules = _dense_modules(ctx, {n: c for n, c in plan.items() if stream.owns(prefix, n)}, report)
+        shapes.update({n: (m.out_features, m.in_features) for n, m in modules.items()})
+        if config.method == "gptq" and prefix == stream.embeddings:
+            inputs = first_layer_inputs(ctx.model, ctx.windows("calibration"))
+        if config.method == "gptq" and prefix in stream.layer_prefixes:
+            return calibrate_layer(unit, modules, _gptq_replace(ctx, config, plan, report), inputs)
+        outer.extend(modules if config.method == "gptq" else [])
+        _quantize_rtn(ctx, modules, plan, report, track=False)
+        return inputs
 
     def shards():
         inputs = None
-        for prefix in ctx.track(stream.units, "quantize layers (streaming)"):
+        for prefix in ctx.track(stream.units, "quantize (streaming)"):
             with stream.unit(prefix) as unit:
-                local = {n: c for n, c in plan.items() if (n.startswith(f"{prefix}.") if prefix else not stream.inside_layers(n))}
-                modules = _dense_modules(ctx, local, report)
-                shapes.update({n: (m.out_features, m.in_features) for n, m in modules.items()})
-                if config.method == "gptq" and prefix == REST:
-                    inputs = first_layer_inputs(ctx.model, ctx.windows("calibration"))
-                    if modules:
-                        report.notes.append(f"outside the decoder layers, rounded with RTN: {', '.join(modules)}")
-                if config.method == "gptq" and prefix != REST:
-                    inputs = calibrate_layer(unit, modules, _gptq_replace(ctx, config, plan, report), inputs)
-                else:
-                    _quantize_rtn(ctx, modules, plan, report, track=False)
+                inputs = quantize_unit(prefix, unit, inputs)
                 yield stream.state_of(prefix)
 
     if ctx.ranks.main:
         write_native(ctx.model, stream.target, shards=(len(stream.units), shards()))
     else:  # the same walk (the ranks exchange results at every layer); rank 0 writes
-        for _ in shards():
-            pass
+        deque(shards(), maxlen=0)
+    if outer:
+        report.notes.append(f"outside the decoder layers, rounded with RTN: {', '.join(outer)}")
     return shapes
 
 

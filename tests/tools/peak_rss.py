@@ -3,14 +3,22 @@
     python tests/tools/peak_rss.py OUT.json run recipe.yaml ...
 
 ``baseline_mib``: RSS once torch, transformers' Llama and every compress stage are imported (what any
-run holds before touching a model); ``peak_mib``: the process's peak RSS (``ru_maxrss``, exact, not
-sampled) after the command; ``exit_code``: the CLI's."""
+run holds before touching a model); ``peak_mib``: the process's peak RSS after the command, exact, not
+sampled: the kernel's high-water mark of this process's memory (``VmHWM``). Not ``ru_maxrss``: Linux
+carries that across ``exec`` from the parent's memory when the parent started us with ``vfork``, as
+Python's ``subprocess`` does, so a child of a large pytest process would report the parent's peak.
+``exit_code``: the CLI's."""
 
 import json
-import resource
 import sys
 
 import psutil
+
+
+def high_water_mib() -> float:
+    with open("/proc/self/status") as status:
+        kib = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    return int(kib) / 1024
 
 
 def main() -> None:
@@ -22,7 +30,7 @@ def main() -> None:
 
     baseline = psutil.Process().memory_info().rss / 2**20
     code = cli.main(sys.argv[2:])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = high_water_mib()
     with open(sys.argv[1], "w") as handle:
         json.dump({"baseline_mib": baseline, "peak_mib": peak, "exit_code": code}, handle)
     sys.exit(code)
