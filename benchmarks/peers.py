@@ -20,8 +20,9 @@ another (so its wall time and peak RSS are its own), all from one command:
 Calibration: 32 x 512 tokens of the stdlib train split for every calibrated method; perplexity on
 32 x 512 held-out tokens. Bits per parameter: the bytes of every checkpoint tensor belonging to the
 linear layers (codes, scales, zeros, g_idx, bitsandbytes' absmax and quant maps, adapters) over the
-linear layers' parameter count. Size on disk: the whole checkpoint directory. Our GPTQ checkpoints
-are also loaded by GPTQModel (its CPU torch kernel, fp16) and their perplexity compared. Reruns skip
+linear layers' parameter count. Size on disk: the whole checkpoint directory. Every GPTQ checkpoint
+(ours and GPTQModel's) is also loaded by GPTQModel (its CPU torch kernel, fp16) and the perplexities
+of the two loaders compared. Reruns skip
 finished rows (``results.jsonl``); writes ``results.md`` under ``--out``.
 """
 
@@ -214,7 +215,7 @@ def run_point(out: Path, method: str, setting: float | None) -> dict:
         row = run_gptqmodel(out, int(setting), point)
     else:
         row = run_ours(out, method, setting, point)
-    if method == "gptq":
+    if method in ("gptq", "gptqmodel"):  # both loaders on both tools' checkpoints
         row["ppl_in_gptqmodel"] = gptqmodel_reads_ours(out, point)
     return {"name": name, "method": method, "setting": setting, **row}
 
@@ -227,10 +228,12 @@ def markdown(rows: list[dict]) -> str:
         setting = "-" if row["setting"] is None else f"{row['setting']:g}"
         lines.append(f"| {row['method']} | {setting} | {row['ppl']:.3f} | {row['bits_per_param']:.3f} | "
                      f"{row['disk_mib']:.1f} | {row['seconds']:.0f} | {peak} |")
-    ours = [r for r in rows if "ppl_in_gptqmodel" in r]
-    if ours:
-        lines += ["", "| our GPTQ checkpoint | perplexity, our loader | perplexity, GPTQModel loader |", "|---|---:|---:|"]
-        lines += [f"| int{int(r['setting'])} g{GROUP} | {r['ppl']:.3f} | {r['ppl_in_gptqmodel']:.3f} |" for r in ours]
+    loaded = [r for r in rows if "ppl_in_gptqmodel" in r]
+    if loaded:
+        lines += ["", "| GPTQ checkpoint written by | bits | perplexity, our loader | perplexity, GPTQModel loader |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {'compress' if r['method'] == 'gptq' else 'GPTQModel'} | int{int(r['setting'])} g{GROUP} | "
+                  f"{r['ppl']:.3f} | {r['ppl_in_gptqmodel']:.3f} |" for r in loaded]
     return "\n".join(lines) + "\n"
 
 

@@ -10,7 +10,9 @@ of the independent work units: the matrices of a GPTQ input group, the matrices 
 table and decomposition, the calibration windows of the Fisher pass. Results are exchanged so that
 every rank continues with the same model. Rank 0 alone solves the ILP (the choice is broadcast),
 holds the output lock and writes every file. A unit's result does not depend on which rank computed
-it, and reductions run in a fixed order, so any number of ranks writes the same bytes as one.
+it, and reductions run in a fixed order, so any number of ranks writes the same bytes as one process
+with the same number of threads (torchrun gives each rank one; CPU matrix products round differently
+with a different thread count).
 
 Without ``torchrun`` (no ``WORLD_SIZE`` in the environment, or 1) nothing is initialized and every
 call below is a local no-op.

@@ -2,20 +2,23 @@
 
 The output directory of a single-process run is moved aside, the 2-process run writes the same
 path, and every file of the exported checkpoint (tensors, config.json with its quantization_config,
-the manifest with its sha256s) must be byte-identical. Recipes: GPTQ in memory; GPTQ streamed
+the manifest with its sha256s) must be byte-identical. Both runs use one thread per process
+(torchrun's default): CPU matrix products split their sums differently over different numbers of
+threads, so a 2-thread process rounds differently from a 1-thread one, distributed or not. Recipes: GPTQ in memory; GPTQ streamed
 (rank 0 writes each layer's shard after the ranks exchanged that layer's matrices); LQ-LoRA rank 8
 with Fisher weighting (cost table, Fisher windows and decompositions shared out; rank 0 solves the ILP).
 """
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli, write_recipe
+from conftest import ROOT, write_recipe
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason=f"torchrun missing at {TORCHRUN}")
@@ -57,12 +60,15 @@ def test_two_processes_write_the_bytes_of_one(model_dir, tmp_path, name):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "recipe.yaml", HEAD.format(model=model_dir, streaming=streaming, stages=stages,
                                                                 output=out))
-    single = run_cli("run", recipe, "--quiet")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "compress.entry.cli", "run", str(recipe), "--quiet"],
+                            capture_output=True, text=True, timeout=900, env=env)
     assert single.returncode == 0, single.stderr[-3000:]
     expected = file_hashes(out / "checkpoint")
     shutil.move(out, tmp_path / "single")
     launched = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "compress.entry.cli",
-                               "run", str(recipe), "--quiet"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+                               "run", str(recipe), "--quiet"], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                              env=env)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert file_hashes(out / "checkpoint") == expected
     assert json.loads((out / "report.json").read_text())["header"]["ranks"] == 2
