@@ -113,11 +113,11 @@ class QuantizedWeight:
     def squared_error(self, weight: torch.Tensor) -> float:
         """||weight - dequantize()||² in float64, a block of rows at a time (uniform)."""
         if self.config.kind != "uniform":
-            return float((self.dequantize() - weight.float()).double().square().sum())
+            return float((self.dequantize().double() - weight.double()).square().sum())
         total = 0.0
         for start, block in self._row_blocks():
-            rows = weight[start:start + block.shape[0]].float()
-            total += float((dequantize_gptq(block.tensors, self.config.bits, block.shape) - rows).double().square().sum())
+            rows = weight[start:start + block.shape[0]].double()
+            total += float((dequantize_gptq(block.tensors, self.config.bits, block.shape).double() - rows).square().sum())
         return total
 
     def _row_blocks(self):

@@ -134,3 +134,22 @@ def test_reads_gptqmodel_qzeros_with_zero_points_of_zero(bits):
     ours = gptqmodel_v1_words(zeros.clamp(min=1), bits)  # zeros >= 1: no borrow, plain per-field
     assert torch.equal(gptq_v1_zeros(ours, bits, 96), zeros.clamp(min=1))
     assert torch.equal(unpack_codes(ours, bits, 96, dim=1) + 1, zeros.clamp(min=1))
+
+
+@pytest.mark.parametrize("config", [QuantConfig.uniform(b, 32, sym) for b in (2, 3, 4, 8) for sym in (False, True)]
+                         + [QuantConfig.uniform(3, 32, float_zero=True)], ids=lambda c: c.name)
+def test_row_blocks_change_nothing(config):
+    """Uniform quantize/dequantize/error run ROW_BLOCK rows at a time: the same tensors as one pass
+    over the matrix (2100 rows: two full blocks and a partial one that is not a multiple of 32), the
+    same dequantized weight, and the error equals a float64 sum."""
+    from compress.quant.qweight import ROW_BLOCK
+    from compress.quant.uniform import dequantize_gptq, quantize_rtn
+
+    weight = torch.randn(2 * ROW_BLOCK + 52, 64, generator=torch.Generator().manual_seed(config.bits))
+    blocked = QuantizedWeight.quantize(weight, config)
+    whole = quantize_rtn(weight, config)
+    assert sorted(blocked.tensors) == sorted(whole) and all(torch.equal(blocked.tensors[k], whole[k]) for k in whole)
+    dense = dequantize_gptq(whole, config.bits, tuple(weight.shape))
+    assert torch.equal(blocked.dequantize(), dense)
+    assert torch.equal(blocked.rows(ROW_BLOCK, 2 * ROW_BLOCK + 52).dequantize(), dense[ROW_BLOCK:])
+    assert blocked.squared_error(weight) == pytest.approx(float((dense.double() - weight.double()).square().sum()), rel=1e-12)

@@ -31,10 +31,12 @@ def read_header(path: Path) -> tuple[dict, int]:
     """(header without metadata, offset of the data) of a safetensors file; CheckpointError if it is
     not one, or if a tensor's bytes would lie past the end of the file (truncated)."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
+            if 8 + length > size:
+                raise ValueError("header longer than the file")
             header = json.loads(handle.read(length))
-        size = path.stat().st_size
     except (OSError, struct.error, ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__})") from None
     header.pop("__metadata__", None)
