@@ -107,7 +107,7 @@ def load_config(source: ModelSource):
             config = AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
         else:
             config = AutoConfig.from_pretrained(source.path)
-    except (OSError, ValueError, KeyError) as err:
+    except Exception as err:  # transformers' and huggingface_hub's validators raise many types
         raise ModelError(f"model: cannot read the config of {source.name}: {brief(err)}") from None
     return strip_quantization_config(config)
 

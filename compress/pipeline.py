@@ -15,7 +15,7 @@ import json
 import logging
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from .checkpoint.shards import TensorSource
 from .checkpoint.write import write_native
 from .context import Context
 from .distributed import Ranks, init_ranks
-from .errors import CompressError
+from .errors import CompressError, StageError
 from .lock import output_lock
 from .memory import PeakMemory
 from .models import load_model, load_tokenizer, resolve_model
@@ -156,11 +156,23 @@ def _run_stage(ctx: Context, entry: StageEntry) -> StageReport:
     log.info("stage %d/%d: %s", entry.index + 1, len(ctx.recipe.stages), entry.name)
     ctx.entry = entry
     start = time.perf_counter()
-    with PeakMemory() as peak:
+    with PeakMemory() as peak, _os_errors_say_where(entry.where):
         entry.stage.run(ctx, entry.config, report)
     report.seconds, report.peak_rss_mib = time.perf_counter() - start, peak.rss_mib
     report.metrics["rss_growth_mib"] = peak.rss_mib - peak.start_rss_mib
     return report
+
+
+@contextmanager
+def _os_errors_say_where(where: str):
+    """A failed read or write (a full disk, a file size limit, a vanished file) ends the run with one
+    line naming the stage and the file; atomic writes leave the earlier state as it was."""
+    try:
+        yield
+    except OSError as err:
+        target = f" {err.filename}:" if err.filename else ""
+        raise StageError(f"{where}:{target} {err.strerror or err} (nothing of this stage was kept; earlier "
+                         "stages' state is intact: free the space and --resume)") from None
 
 
 def report_header(ctx: Context) -> dict:
@@ -202,7 +214,8 @@ def _run_stages(ctx: Context, states: StageStates, pending: tuple[StageEntry, ..
             ctx.stream.target = states.path(entry) / "model"
         ctx.reports.append(_run_stage(ctx, entry))
         if ctx.ranks.main:
-            states.save(entry, ctx)
+            with _os_errors_say_where(f"{entry.where} (saving its state)"):
+                states.save(entry, ctx)
         if entry.stage.modifies_model:
             ctx.ranks.barrier()  # a streaming stage's output is complete before any rank reads it
         if ctx.stream is not None and entry.stage.modifies_model:

@@ -32,6 +32,13 @@ PRESETS = {
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def _positive(config: dict, key: str) -> int:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}: {value!r} is not a positive integer")
+    return value
+
+
 @dataclass(frozen=True)
 class Architecture:
     hidden: int
@@ -45,11 +52,17 @@ class Architecture:
 
     @classmethod
     def from_config(cls, config: dict) -> "Architecture":
-        heads = config["num_attention_heads"]
-        return cls(config["hidden_size"], config["num_hidden_layers"], heads,
-                   config.get("num_key_value_heads") or heads,
-                   config.get("head_dim") or config["hidden_size"] // heads, config["intermediate_size"],
-                   config["vocab_size"], bool(config.get("tie_word_embeddings", False)))
+        """From a config.json mapping; KeyError for a missing field, ValueError for a wrong one."""
+        if not isinstance(config, dict):
+            raise ValueError(f"expected a JSON object, got {type(config).__name__}")
+        hidden, heads = _positive(config, "hidden_size"), _positive(config, "num_attention_heads")
+        kv_heads = _positive(config, "num_key_value_heads") if config.get("num_key_value_heads") is not None else heads
+        if heads % kv_heads:
+            raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        head_dim = _positive(config, "head_dim") if config.get("head_dim") is not None else hidden // heads
+        return cls(hidden, _positive(config, "num_hidden_layers"), heads, kv_heads, max(head_dim, 1),
+                   _positive(config, "intermediate_size"), _positive(config, "vocab_size"),
+                   bool(config.get("tie_word_embeddings", False)))
 
     def layer_shapes(self, kv_heads: int | None = None, intermediate: int | None = None) -> dict[str, tuple[int, int]]:
         """(out, in) of the seven projections of one layer, optionally at pruned widths."""
@@ -167,7 +180,7 @@ def architecture_for(name: str) -> Architecture:
     checkpoint directory, config.json, .gguf file), without reading weights."""
     from pathlib import Path
 
-    from .errors import RecipeError
+    from .errors import RecipeError, brief
     from .models import load_config, resolve_model
 
     if name in PRESETS:
@@ -178,10 +191,14 @@ def architecture_for(name: str) -> Architecture:
 
         try:
             return Architecture.from_config(json.loads(path.read_text()))
-        except (OSError, ValueError, KeyError) as err:
-            raise RecipeError(f"{path}: not a usable model config ({type(err).__name__}: {err})") from None
+        except KeyError as err:
+            raise RecipeError(f"{path}: config has no {err.args[0]} (not a Llama-family model?)") from None
+        except (OSError, ValueError) as err:
+            raise RecipeError(f"{path}: not a usable model config ({type(err).__name__}: {brief(err)})") from None
     config = load_config(resolve_model(name)).to_dict()
     try:
         return Architecture.from_config(config)
     except KeyError as err:
         raise RecipeError(f"{name}: config has no {err.args[0]} (not a Llama-family model?)") from None
+    except ValueError as err:
+        raise RecipeError(f"{name}: not a usable model config: {brief(err)}") from None

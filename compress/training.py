@@ -145,6 +145,10 @@ def _load_state(path: Path, params: dict[str, nn.Parameter], optimizer, result: 
     return state["step"]
 
 
+class NonFiniteLoss(StageError):
+    """A training loss that is nan or inf; the message names the step."""
+
+
 def _step(model, windows, params, optimizer, settings: TrainSettings, step: int, hooks: TrainHooks,
           grad_only: dict[str, nn.Parameter]) -> float:
     total = 0.0
@@ -152,7 +156,7 @@ def _step(model, windows, params, optimizer, settings: TrainSettings, step: int,
         batch = windows[micro_batch(step, micro, settings, windows.shape[0])]
         loss = causal_lm_loss(model, batch.to(next(iter(params.values())).device))
         if not torch.isfinite(loss):
-            raise StageError(f"training loss is {float(loss.detach())} at step {step + 1}")
+            raise NonFiniteLoss(f"training loss is {float(loss.detach())} at step {step + 1}")
         (loss / settings.grad_accum).backward()
         total += float(loss.detach()) / settings.grad_accum
     if settings.max_grad_norm > 0:
@@ -189,6 +193,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], windows: torch.Tens
     start = time.perf_counter()
     model.train()
     steps = range(result.resumed_from, settings.steps)
+    saved = result.resumed_from  # the step of the training checkpoint on disk (0: none)
     try:
         for step in track(steps, "train") if track else steps:
             result.losses.append(_step(model, windows, params, optimizer, settings, step, hooks, grad_only))
@@ -203,6 +208,11 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], windows: torch.Tens
                 log.info("step %d: loss %.4f, eval perplexity %.3f", done, result.losses[-1], result.evals[-1]["perplexity"])
             if path is not None and settings.save_every and done % settings.save_every == 0 and done < settings.steps:
                 _save_state(path, done, params, optimizer, result, hooks)
+                saved = done
+    except NonFiniteLoss as err:
+        kept = (f"; the last good training checkpoint (step {saved}) is kept in {path}: lower the learning rate "
+                "and --resume" if saved else "; no training checkpoint was saved before it")
+        raise NonFiniteLoss(f"{err}{kept}") from None
     finally:
         model.eval()
         for parameter in [*params.values(), *grad_only.values()]:

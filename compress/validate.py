@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import RecipeError
+from .errors import ModelError, RecipeError, brief
 from .models import ModelSource, load_config, resolve_model
 from .recipe import Recipe
 
@@ -101,8 +101,12 @@ def build_skeleton(recipe: Recipe) -> Skeleton:
             return Skeleton(source, config, None)
         return Skeleton(source, config, build_model(layout.config, layout.modules, layout.manifest.get("layer_widths")
                                                     if layout.manifest else None))
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # a config whose values no model can be built from
+        raise ModelError(f"model: {recipe.spec.model}: its config does not describe a model that can be built: "
+                         f"{type(err).__name__}: {brief(err)}") from None
     return Skeleton(source, config, model)
 
 

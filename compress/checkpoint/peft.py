@@ -75,8 +75,18 @@ def write_peft_adapter(layers: dict[str, LoRALinear], directory: Path, base_mode
         tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()
     with atomic_directory(Path(directory)) as staging:
         lora_config(layers, base_model).save_pretrained(str(staging))
+        _sort_target_modules(staging / "adapter_config.json")
         save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
     return Path(directory)
+
+
+def _sort_target_modules(path: Path) -> None:
+    """PEFT keeps target_modules as a set and writes it in hash order, which changes from process to
+    process; sorted, the same adapter always gives the same bytes."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 class QuantLoraLinear(nn.Module, LoraLayer):

@@ -31,7 +31,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], directory: Path,
     prepared = {n: tensors[n].detach().contiguous().cpu() for n in names}
     total = sum(_nbytes(t) for t in prepared.values())
     if total <= max_shard_bytes:
-        save_file(prepared, str(directory / SINGLE), metadata={"format": "pt"})
+        _save_file(prepared, directory / SINGLE)
         return [SINGLE]
     shards: list[list[str]] = [[]]
     size = 0
@@ -44,12 +44,20 @@ def save_tensors(tensors: dict[str, torch.Tensor], directory: Path,
     files, weight_map = [], {}
     for i, shard in enumerate(shards, start=1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: prepared[n] for n in shard}, str(directory / file), metadata={"format": "pt"})
+        _save_file({n: prepared[n] for n in shard}, directory / file)
         files.append(file)
         weight_map.update({n: file for n in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return files + [INDEX]
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' writer, its I/O failures (a full disk) raised as OSError naming the file."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as err:
+        raise OSError(0, f"cannot write: {brief(err)}", str(path)) from None
 
 
 def tensor_files(directory: Path) -> list[Path]:
