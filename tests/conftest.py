@@ -30,6 +30,17 @@ def tiny_pair():
     return load_model(resolve_model("tiny-llama"), "float32")
 
 
+@pytest.fixture(scope="session")
+def sharded_tiny(tiny_pair, tmp_path_factory):
+    """tiny-llama as a Hugging Face directory in many small shards (tensors split across files)."""
+    model, tokenizer = tiny_pair
+    directory = tmp_path_factory.mktemp("sharded") / "tiny"
+    model.save_pretrained(directory, max_shard_size="200KB")
+    tokenizer.save_pretrained(directory)
+    assert len(list(directory.glob("model-*.safetensors"))) > 4
+    return directory
+
+
 @pytest.fixture
 def tiny_model(tiny_pair):
     """A fresh copy of tiny-llama that a test may modify."""
@@ -95,6 +106,14 @@ def quantize_model(model, config_for):
         if config is not None:
             set_module(model, name, QuantLinear.quantize(module, config))
     return model
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every file under ``directory``, by relative path."""
+    import hashlib
+
+    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def logits(model, ids):

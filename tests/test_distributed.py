@@ -9,7 +9,6 @@ threads, so a 2-thread process rounds differently from a 1-thread one, distribut
 with Fisher weighting (cost table, Fisher windows and decompositions shared out; rank 0 solves the ILP).
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, write_recipe
+from conftest import ROOT, file_hashes, write_recipe
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason=f"torchrun missing at {TORCHRUN}")
@@ -39,26 +38,12 @@ RECIPES = {
 }
 
 
-def file_hashes(directory: Path) -> dict[str, str]:
-    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_pair, tmp_path_factory):
-    model, tokenizer = tiny_pair
-    directory = tmp_path_factory.mktemp("dist") / "tiny"
-    model.save_pretrained(directory, max_shard_size="300KB")
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_two_processes_write_the_bytes_of_one(model_dir, tmp_path, name):
+def test_two_processes_write_the_bytes_of_one(sharded_tiny, tmp_path, name):
     streaming, stages = RECIPES[name]
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "recipe.yaml", HEAD.format(model=model_dir, streaming=streaming, stages=stages,
+    recipe = write_recipe(tmp_path / "recipe.yaml", HEAD.format(model=sharded_tiny, streaming=streaming, stages=stages,
                                                                 output=out))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "compress.entry.cli", "run", str(recipe), "--quiet"],

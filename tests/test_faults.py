@@ -12,7 +12,6 @@ stop with one line and keep what was already saved.
   checkpoint is kept on disk and names a step before it.
 """
 
-import hashlib
 import os
 import random
 import re
@@ -24,7 +23,7 @@ import time
 
 import pytest
 import torch
-from conftest import run_cli, tiny_recipe
+from conftest import file_hashes, run_cli, tiny_recipe
 
 import compress
 
@@ -32,11 +31,6 @@ STAGES = """  - quantize: {config: {bits: 4, group_size: 64}}
   - finetune: {steps: 8, save_every: 2, batch_size: 2, seq_len: 32, lora: {rank: 4}}
   - export: {format: native, adapters: embed}
   - export: {format: gptq, path: gptq}"""
-
-
-def file_hashes(directory):
-    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def outputs(out):

@@ -1,7 +1,6 @@
 """End to end on tiny-llama: run, reports, reload; resume after SIGKILL gives identical files; the
 output lock; an earlier run's state is never silently overwritten."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -12,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import logits, run_cli, tiny_recipe
+from conftest import file_hashes, logits, run_cli, tiny_recipe
 
 import compress
 from compress.errors import CompressError
@@ -23,11 +22,6 @@ STAGES = """  - quantize: {config: {bits: 4, group_size: 64}, overrides: {"re:.*
   - eval: {batch_size: 2}
   - export: {format: gptq}
   - export: {format: native, path: native}"""
-
-
-def file_hashes(directory):
-    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow

@@ -28,17 +28,6 @@ DATA = {"calibration": {"source": "stdlib", "split": "train", "samples": 4, "seq
         "eval": {"source": "stdlib", "split": "eval", "samples": 2, "seq_len": 64}}
 
 
-@pytest.fixture(scope="module")
-def sharded_tiny(tiny_pair, tmp_path_factory):
-    """tiny-llama as a Hugging Face directory in many small shards (tensors split across files)."""
-    model, tokenizer = tiny_pair
-    directory = tmp_path_factory.mktemp("sharded") / "tiny"
-    model.save_pretrained(directory, max_shard_size="200KB")
-    tokenizer.save_pretrained(directory)
-    assert len(list(directory.glob("model-*.safetensors"))) > 4
-    return directory
-
-
 def recipe(model_dir, out, stages, streaming=True):
     return parse_recipe({"model": str(model_dir), "data": DATA, "stages": stages, "output": str(out),
                          "streaming": streaming})
