@@ -25,12 +25,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compress.lowrank import LoRALinear
 from compress.quant import QuantLinear
 
 from .checkpoint.shards import TensorSource
+from .checkpoint.write import BASE
 from .errors import CheckpointError
 from .layerwise import decoder_layers
 from .models import DTYPES
+
+def stored_name(name: str) -> str:
+    """A tensor's name in a checkpoint: a ``LoRALinear``'s base is stored under the layer's name."""
+    return name.replace(BASE + ".", ".")
+
 
 def release(module: nn.Module) -> None:
     """Send a module's parameters and buffers back to the meta device (and drop kernel caches)."""
@@ -73,13 +80,17 @@ class StreamedModel:
     def open(cls, directory: Path, dtype: str, verify: bool = True) -> "StreamedModel":
         """The skeleton of the checkpoint in ``directory`` (dense Hugging Face, GPTQ or native; the
         manifest's sha256 checked when there is one) with ``directory`` as its source."""
-        from .checkpoint.load import build_model, read_layout
+        from .checkpoint.load import build_model, read_layout, wrap_adapters
 
         source = TensorSource(directory)
         layout = read_layout(directory, verify=verify, tensor_names=source.names())
         modules = {name: (config, shape or (source.shape(f"{name}.scales")[1], source.shape(f"{name}.g_idx")[0]))
                    for name, (config, shape) in layout.modules.items()}
         model = build_model(layout.config, modules, (layout.manifest or {}).get("layer_widths"))
+        adapters = (layout.manifest or {}).get("adapters") or {}
+        if adapters:
+            with torch.device("meta"):
+                wrap_adapters(model, adapters, {}, directory)
         return cls(model.eval(), source, dtype)
 
     def unit_of(self, name: str) -> str:
@@ -113,11 +124,14 @@ class StreamedModel:
         return [n for n in self.source.names() if self.unit_of(n) == prefix]
 
     def _expected(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {n: t for n, t in self._state().items() if self.unit_of(n) == prefix}
+        """The unit's tensors by their names in a checkpoint (an adapter's base under the layer's)."""
+        return {stored_name(n): t for n, t in self._state().items() if self.unit_of(n) == prefix}
 
     def _owner(self, name: str) -> tuple[nn.Module, str]:
+        """(module, attribute) holding a tensor named as in a checkpoint."""
         owner, _, leaf = name.rpartition(".")
-        return self.model.get_submodule(owner), leaf
+        module = self.model.get_submodule(owner)
+        return (module.base_layer, leaf) if isinstance(module, LoRALinear) else (module, leaf)
 
     def _dtype_for(self, name: str, stored: torch.dtype) -> torch.dtype:
         """Dense floating tensors in the run's dtype; packed buffers (and their scales) as stored."""
@@ -133,7 +147,8 @@ class StreamedModel:
             raise CheckpointError(f"{self.source.directory}: {prefix}: {len(missing)} tensors missing (e.g. "
                                   f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
         tensors = self.source.read(present, self._dtype_for)
-        self.model.load_state_dict(tensors, strict=False, assign=True)
+        skeleton_names = {stored_name(n): n for n in self._state()}
+        self.model.load_state_dict({skeleton_names[n]: t for n, t in tensors.items()}, strict=False, assign=True)
         self._retie()
         return_freed_memory()  # the read's buffers
         return self.model.get_submodule(prefix)

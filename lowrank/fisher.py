@@ -59,3 +59,51 @@ def _accumulator(total: torch.Tensor):
         total.add_(parameter.grad.double().square())
         parameter.grad = None  # freed before the next weight's gradient is computed
     return hook
+
+
+def layer_fisher(layer: nn.Module, samples: list[tuple[tuple, dict]], upstream: list[torch.Tensor],
+                 targets: dict[str, nn.Parameter]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """One decoder layer's share of ``empirical_fisher``, for a model walked layer by layer.
+
+    ``samples``: the layer's (args, kwargs) for each sample (args[0] its input hidden states);
+    ``upstream``: dL_n/d(output) of each sample, from the layer above (or the head). Each sample is
+    run forward and back on its own, so the squared gradients are per-sample as in
+    ``empirical_fisher``. Returns ({target name: float64 Fisher}, dL_n/d(input) per sample)."""
+    parameters = list(layer.parameters())
+    flags = [p.requires_grad for p in parameters]
+    fisher = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in targets.items()}
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    handles = []
+    for name, parameter in targets.items():
+        parameter.requires_grad_(True)
+        handles.append(parameter.register_post_accumulate_grad_hook(_accumulator(fisher[name])))
+    below = []
+    try:
+        with torch.enable_grad():
+            for (args, kwargs), grad in zip(samples, upstream):
+                hidden = args[0].detach().requires_grad_(True)
+                out = layer(hidden, *args[1:], **kwargs)
+                (out[0] if isinstance(out, tuple) else out).backward(grad)
+                below.append(hidden.grad)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for parameter, flag in zip(parameters, flags):
+            parameter.grad = None
+            parameter.requires_grad_(flag)
+    return fisher, below
+
+
+def head_gradients(norm: nn.Module, head: nn.Module, hidden: list[torch.Tensor],
+                   samples: list[torch.Tensor]) -> list[torch.Tensor]:
+    """dL_n/d(final hidden states) of each sample: L_n is the next-token loss of ``samples[n]`` (1-D
+    tokens) with logits ``head(norm(hidden[n]))``, as in ``empirical_fisher``."""
+    grads = []
+    with torch.enable_grad():
+        for states, tokens in zip(hidden, samples):
+            states = states.detach().requires_grad_(True)
+            logits = head(norm(states))[0, :-1].float()
+            nn.functional.cross_entropy(logits, tokens.view(-1)[1:].to(logits.device)).backward(inputs=[states])
+            grads.append(states.grad)
+    return grads

@@ -4,9 +4,11 @@ error over the columns not yet quantized so that the layer output X·Wᵀ change
 With H = 2/n · Σ x xᵀ over the layer's calibration inputs (x = one token's input row), dampened by
 ``damp`` · mean(diag H), and U the upper Cholesky factor of H⁻¹, column i is rounded to q_i and the
 rest move by W[:, j] -= (w_i - q_i) / U[i, i] · U[i, j] for j > i. Blocks of ``block`` columns are
-updated lazily (one matmul per block). Group scales and zeros are chosen on the error-updated
-columns when the loop reaches each group (the block is rounded up to a multiple of the group so a
-group never straddles a lazy update); with ``act_order`` the columns run by decreasing diag(H) and
+updated lazily (one matmul per block). A group's scale and zero are chosen when the loop reaches
+its first column, as in the reference implementation: from W as the lazy updates of the blocks
+before have left it, without the updates made so far inside the current block. (Choosing them from
+the fully updated columns instead gave a worse model: SmolLM2-135M int3 g64 perplexity 13.12 vs
+12.70, see BENCHMARKS.md.) With ``act_order`` the columns run by decreasing diag(H) and
 the groups' parameters come from the original W before the loop ("static groups"), so every group
 stays a contiguous run of input columns and the checkpoint needs no act-order ``g_idx``.
 
@@ -105,7 +107,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
     w, h = w[:, order], h[order][:, order]
     upper = _inverse_cholesky(h, damp)
     if not static:
-        block = -(-block // group) * group
         scale = torch.zeros(out_features, -(-in_features // group), dtype=dtype)
         zero = torch.zeros_like(scale)
     codes = torch.zeros(out_features, in_features, dtype=dtype)
@@ -117,8 +118,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
         for i in range(end - start):
             column = start + i
             g = int(order[column]) // group
-            if not static and column % group == 0:
-                s, z = choose_qparams(chunk[:, i:i + group], config)
+            if not static and column % group == 0:  # w: updated by the blocks before this one only
+                s, z = choose_qparams(w[:, column:column + group], config)
                 scale[:, g], zero[:, g] = s.to(dtype)[:, 0], z.to(dtype)[:, 0]
             codes[:, column], quantized = _column_codes(chunk[:, i], scale[:, g], zero[:, g], config)
             error = (chunk[:, i] - quantized) / inverse[i, i]

@@ -6,7 +6,8 @@ the manifest with its sha256s) must be byte-identical. Both runs use one thread 
 (torchrun's default): CPU matrix products split their sums differently over different numbers of
 threads, so a 2-thread process rounds differently from a 1-thread one, distributed or not. Recipes: GPTQ in memory; GPTQ streamed
 (rank 0 writes each layer's shard after the ranks exchanged that layer's matrices); LQ-LoRA rank 8
-with Fisher weighting (cost table, Fisher windows and decompositions shared out; rank 0 solves the ILP).
+with Fisher weighting (cost table, Fisher windows and decompositions shared out; rank 0 solves the ILP),
+in memory and streamed (there with GPTQ as its quantizer and the adapter exported as PEFT).
 """
 
 import json
@@ -35,6 +36,8 @@ RECIPES = {
     "gptq-streamed": ("true", "  - quantize: {method: gptq, config: {bits: 3, group_size: 64}}\n  - export: {format: gptq}"),
     "lq-lora-fisher": ("false", "  - lq_lora: {rank: 8, budget_bits: 3.5, fisher: true, iterations: 2, group_sizes: [64]}\n"
                                 "  - export: {format: native, adapters: embed}"),
+    "lq-lora-fisher-streamed": ("true", "  - lq_lora: {rank: 8, budget_bits: 3.5, fisher: true, iterations: 2, "
+                                        "group_sizes: [64], quantizer: gptq}\n  - export: {format: native}"),
 }
 
 
@@ -56,5 +59,7 @@ def test_two_processes_write_the_bytes_of_one(sharded_tiny, tmp_path, name):
                               env=env)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert file_hashes(out / "checkpoint") == expected
+    if (tmp_path / "single" / "checkpoint-adapter").is_dir():
+        assert file_hashes(out / "checkpoint-adapter") == file_hashes(tmp_path / "single" / "checkpoint-adapter")
     assert json.loads((out / "report.json").read_text())["header"]["ranks"] == 2
     assert json.loads((tmp_path / "single" / "report.json").read_text())["header"]["ranks"] == 1

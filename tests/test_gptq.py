@@ -30,9 +30,10 @@ def hessian_of(x: torch.Tensor) -> torch.Tensor:
     return 2.0 * x.t() @ x / x.shape[0]
 
 
-def obq_reference(weight, hessian, config: QuantConfig, damp: float, act_order: bool):
+def obq_reference(weight, hessian, config: QuantConfig, damp: float, act_order: bool, block: int):
     """GPTQ written as OBQ's explicit inverse update, column by column in float64 (no Cholesky, no
-    blocks): returns the dequantized weight."""
+    lazy updates): returns the dequantized weight. As in GPTQ's reference code, a group's parameters
+    come from the weights as they stood when the ``block`` of columns holding its first column began."""
     w, h = weight.clone().double(), hessian.clone().double()
     width, maxq = w.shape[1], 2**config.bits - 1
     group = width if config.group_size == -1 else config.group_size
@@ -45,10 +46,12 @@ def obq_reference(weight, hessian, config: QuantConfig, damp: float, act_order: 
         for start in range(0, width, group):
             params[start // group] = choose_qparams(w[:, start:start + group], config)
     remaining = list(order.tolist())
-    for column in order.tolist():
+    for position, column in enumerate(order.tolist()):
         g = column // group
+        if position % block == 0:
+            at_block_start = w.clone()
         if not static and column % group == 0:
-            params[g] = choose_qparams(w[:, column:column + group], config)
+            params[g] = choose_qparams(at_block_start[:, column:column + group], config)
         scale, zero = params[g][0].double()[:, 0], params[g][1].double()[:, 0]
         if config.float_zero:
             code = torch.clamp(torch.round(w[:, column] / scale + zero), 0, maxq)
@@ -70,7 +73,7 @@ def test_gptq_matches_the_float64_obq_reference(bits, group, act_order, sym):
     x, w = correlated_inputs(512, 64, 0), weight_of(24, 64, 1)
     config = QuantConfig.uniform(bits, group, sym=sym)
     ours = gptq_quantize(w, hessian_of(x), config, damp=0.01, block=24, act_order=act_order, dtype=torch.float64)
-    reference = obq_reference(w, hessian_of(x), config, 0.01, act_order)
+    reference = obq_reference(w, hessian_of(x), config, 0.01, act_order, block=24)
     dequantized = ours.quantized.dequantize().double()
     # the same codes up to rare rounding ties; every dequantized weight then agrees to fp32 precision
     mismatch = (dequantized - reference).abs() > 1e-5

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from conftest import ROOT, logits, run_cli, write_recipe
 
 import compress
@@ -51,6 +52,57 @@ def test_streamed_run_writes_the_in_memory_tensors(sharded_tiny, tmp_path, metho
     assert len(quantize.modules) == 28
 
 
+@pytest.mark.parametrize("lq_lora, export", [
+    ({"rank": 8, "budget_bits": 3.5, "iterations": 2}, {"format": "native"}),  # base + PEFT adapter
+    ({"rank": 4, "budget_bits": 3.5, "iterations": 2, "fisher": True}, {"format": "native", "adapters": "embed"}),
+    ({"rank": 0, "budget_bits": 3.0, "quantizer": "gptq"}, {"format": "gptq"}),
+])
+def test_streamed_lq_lora_writes_the_in_memory_tensors(sharded_tiny, tmp_path, lq_lora, export):
+    stages = [{"lq_lora": lq_lora}, {"export": export}]
+    in_memory = compress.run_recipe(recipe(sharded_tiny, tmp_path / "memory", stages, streaming=False))
+    streamed = compress.run_recipe(recipe(sharded_tiny, tmp_path / "streamed", stages))
+    expected, got = (load_tensors(tmp_path / run / "checkpoint") for run in ("memory", "streamed"))
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[name], expected[name]) for name in expected)
+    peft = lq_lora["rank"] > 0 and export.get("adapters") != "embed"
+    assert (tmp_path / "streamed" / "checkpoint-adapter").is_dir() == peft
+    if peft:
+        expected, got = (load_file(str(tmp_path / run / "checkpoint-adapter" / "adapter_model.safetensors"))
+                         for run in ("memory", "streamed"))
+        assert sorted(got) == sorted(expected) and all(torch.equal(got[name], expected[name]) for name in expected)
+    for key in ("bits_per_param", "bits_per_param_with_adapters_16bit"):
+        assert streamed.reports[1].metrics[key] == in_memory.reports[1].metrics[key]
+    assert [m["config"] for m in streamed.reports[1].modules] == [m["config"] for m in in_memory.reports[1].modules]
+
+
+def test_streamed_fisher_equals_the_whole_model_backward(sharded_tiny, tmp_path):
+    """Forward and backward one layer at a time give the Fisher of one backward through the model."""
+    from types import SimpleNamespace
+
+    from compress.data import token_windows
+    from compress.distributed import Ranks
+    from compress.lowrank.fisher import empirical_fisher
+    from compress.models import load_model, resolve_model
+    from compress.streamed_fisher import load_layer_fisher, streamed_fisher
+    from compress.streaming import StreamedModel
+
+    model, tokenizer = load_model(resolve_model(str(sharded_tiny)), "float32")
+    spec = recipe(sharded_tiny, tmp_path, [{"eval": {}}]).spec.data.calibration
+    windows = token_windows(tokenizer, spec.text_source("calibration"), spec.samples, spec.seq_len)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    expected = empirical_fisher(model, windows, [f"{n}.weight" for n in names])
+    stream = StreamedModel.open(sharded_tiny, "float32")
+    ctx = SimpleNamespace(stream=stream, model=stream.model, ranks=Ranks(), windows=lambda role: windows,
+                          track=lambda items, *_: items, entry=SimpleNamespace(where="stages[0].lq_lora"))
+    directory = streamed_fisher(ctx, names, tmp_path / "fisher")
+    got = {}
+    for prefix in stream.layer_prefixes:
+        got.update(load_layer_fisher(directory, prefix))
+    assert sorted(got) == sorted(names)
+    assert not (directory / "activations-rank0").exists()
+    for name in names:
+        assert torch.equal(got[name], expected[f"{name}.weight"].float()), name  # the same operations, in the same order
+
+
 def test_streamed_run_resumes_from_its_saved_stage(sharded_tiny, tmp_path):
     quantize = {"quantize": {"config": {"bits": 4, "group_size": 64}}}
     compress.run_recipe(recipe(sharded_tiny, tmp_path / "out", [quantize]))
@@ -64,7 +116,7 @@ def test_streamed_run_resumes_from_its_saved_stage(sharded_tiny, tmp_path):
 
 
 @pytest.mark.parametrize("stages, model, message", [
-    ("  - quantize: {}\n  - eval: {}", None, r"stages\[1\]\.eval: does not run with streaming: true \(stages that stream: export, quantize\)"),
+    ("  - quantize: {}\n  - eval: {}", None, r"stages\[1\]\.eval: does not run with streaming: true \(stages that stream: export, lq_lora, quantize\)"),
     ("  - quantize: {}\n  - export: {format: hf}", None, r"stages\[1\]\.export: does not run with streaming: true: format hf"),
     ("  - quantize: {}", "tiny-llama", r"streaming: true reads a model's safetensors files .*'tiny-llama' is a builtin model"),
 ])

@@ -98,20 +98,42 @@ def _adapter_bits(report: StageReport, layers: dict, quantized_params: int) -> N
                           bits_per_param_with_adapters_nf8=base + NF8_BITS * params / quantized_params)
 
 
-def _write_streamed(ctx, config: ExportConfig, target, report: StageReport) -> None:
-    """Copy the stream's source (the last stage's checkpoint) unit by unit into ``format``."""
-    stream = ctx.stream
+def _write_streamed(ctx, config: ExportConfig, target, report: StageReport) -> dict:
+    """Copy the stream's source (the last stage's checkpoint) unit by unit into ``format``; LoRA
+    adapters (``adapters: peft``) are set aside as their units pass and written as a PEFT adapter."""
+    from ..checkpoint.peft import adapters_detached, write_peft_adapter
+    from ..checkpoint.write import adapter_modules
+
+    stream, adapters, layers = ctx.stream, {}, {}
+    split = config.adapters == "peft" and bool(adapter_modules(ctx.model))
 
     def shards():
         for prefix in ctx.track(stream.units, f"export {config.format} (streaming)"):
-            yield stream.source.read(stream.unit_names(prefix))
+            tensors = stream.source.read(stream.unit_names(prefix))
+            if split:
+                adapters.update({n: t for n, t in tensors.items() if ".lora_" in n})
+                tensors = {n: t for n, t in tensors.items() if ".lora_" not in n}
+            yield tensors
 
-    WRITERS[config.format](ctx.model, target, tokenizer=ctx.tokenizer, recipe=ctx.recipe.to_dict(),
-                           shards=(len(stream.units), shards()))
+    write = WRITERS[config.format]
+    kwargs = dict(tokenizer=ctx.tokenizer, recipe=ctx.recipe.to_dict(), shards=(len(stream.units), shards()))
+    if not split:
+        write(ctx.model, target, **kwargs)
+    else:
+        with adapters_detached(ctx.model) as layers:
+            write(ctx.model, target, **kwargs)
+        for name, layer in layers.items():  # small: the adapters are held in memory
+            for leaf in ("lora_A", "lora_B"):
+                weight = adapters[f"{name}.{leaf}.weight"].to(ctx.stream.dtype)
+                getattr(layer, leaf).weight = torch.nn.Parameter(weight, requires_grad=False)
+        adapter_dir = write_peft_adapter(layers, ctx.out_dir / config.adapter_dir(), base_model=str(target))
+        report.metrics["adapter_path"] = str(adapter_dir)
+        report.notes.append(f"PEFT adapter ({len(layers)} layers) in {adapter_dir}")
     if config.verify:
         inspect_checkpoint(target, verify=True)
         report.notes.append(f"streaming: every file of {target} checked against its manifest sha256; the reload "
                             "and logits check needs the whole model in memory and was not run")
+    return layers
 
 
 def streams(config: ExportConfig) -> str | None:
@@ -124,8 +146,7 @@ def streams(config: ExportConfig) -> str | None:
 def run(ctx, config: ExportConfig, report: StageReport) -> None:
     target = ctx.out_dir / config.path
     if ctx.stream is not None:
-        _write_streamed(ctx, config, target, report)
-        layers = {}
+        layers = _write_streamed(ctx, config, target, report)
     else:
         layers = _write(ctx, config, target, report)
     info = inspect_checkpoint(target, verify=False)

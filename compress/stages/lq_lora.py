@@ -171,33 +171,52 @@ def _fisher(ctx, config: LQLoRAConfig, names: list[str]) -> dict[str, torch.Tens
     return {name: ctx.ranks.sum_in_rank_order(fisher[f"{name}.weight"]).float() for name in names}
 
 
-def run(ctx, config: LQLoRAConfig, report) -> None:
+def dense_selection(ctx, config: LQLoRAConfig, report) -> dict:
+    """{name: module} of the selected dense linears (others are reported as skipped)."""
     modules = {}
     for name, module in select_linears(ctx.model, config.targets, config.ignore):
         if isinstance(module, torch.nn.Linear):
             modules[name] = module
         else:
             report.skip(name, f"not a dense linear ({type(module).__name__})")
+    return modules
+
+
+def solve(ctx, config: LQLoRAConfig, table: dict, numel: dict, report):
+    """The ILP's choice on rank 0, broadcast; an impossible budget ends the stage."""
+    budget = budget_bits_for(numel, config.budget_bits, config.budget_gib)
+    start = time.perf_counter()
+    result = ctx.ranks.broadcast(_allocate(config, table, numel, budget, list(numel)) if ctx.ranks.main else None)
+    if isinstance(result, InfeasibleBudget):
+        raise StageError(f"{ctx.entry.where}: {result}")
+    report.metrics.update(ilp_seconds=time.perf_counter() - start, ilp_solver=result.solver)
+    return result
+
+
+def report_sizes(config: LQLoRAConfig, result, shapes: dict[str, tuple[int, int]], report) -> None:
+    params = sum(o * i for o, i in shapes.values())
+    adapters = sum(config.rank * (o + i) for o, i in shapes.values())
+    report.metrics.update(bits_per_param=result.bits / params, quantized_params=params, rank=config.rank,
+                          bits_per_param_with_adapters_16bit=(result.bits + 16 * adapters) / params,
+                          bits_per_param_with_adapters_nf8=(result.bits + NF8_BITS * adapters) / params,
+                          label=f"lq-lora r{config.rank} {config.grid} {result.bits / params:.2f}b")
+
+
+def run(ctx, config: LQLoRAConfig, report) -> None:
+    if ctx.stream is not None:
+        from .lq_lora_streamed import run_streamed  # it builds on this module's parts
+
+        return run_streamed(ctx, config, report)
+    modules = dense_selection(ctx, config, report)
     start = time.perf_counter()
     fisher = _fisher(ctx, config, list(modules))
     report.metrics["fisher_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
     table = cost_table(ctx, config, modules, fisher)
     report.metrics["cost_table_seconds"] = time.perf_counter() - start  # near 0 when every entry was cached
-    numel = {name: m.weight.numel() for name, m in modules.items()}
-    budget = budget_bits_for(numel, config.budget_bits, config.budget_gib)
-    start = time.perf_counter()
-    result = ctx.ranks.broadcast(_allocate(config, table, numel, budget, list(modules)) if ctx.ranks.main else None)
-    if isinstance(result, InfeasibleBudget):
-        raise StageError(f"{ctx.entry.where}: {result}")
-    report.metrics.update(ilp_seconds=time.perf_counter() - start, ilp_solver=result.solver)
+    result = solve(ctx, config, table, {name: m.weight.numel() for name, m in modules.items()}, report)
     _replace(ctx, config, modules, fisher, result.choice, report)
-    params = sum(numel.values())
-    adapters = sum(config.rank * (m.in_features + m.out_features) for m in modules.values())
-    report.metrics.update(bits_per_param=result.bits / params, quantized_params=params, rank=config.rank,
-                          bits_per_param_with_adapters_16bit=(result.bits + 16 * adapters) / params,
-                          bits_per_param_with_adapters_nf8=(result.bits + NF8_BITS * adapters) / params,
-                          label=f"lq-lora r{config.rank} {config.grid} {result.bits / params:.2f}b")
+    report_sizes(config, result, {n: tuple(m.weight.shape) for n, m in modules.items()}, report)
 
 
 def _allocate(config: LQLoRAConfig, table: dict, numel: dict, budget: float, names: list[str]):
@@ -231,10 +250,11 @@ def _decompose(module, qconfig, config: LQLoRAConfig, fisher, hessian=None) -> t
     return layer, {"iterations": len(result.errors), "rel_error": result.error / scale}
 
 
-def _replace(ctx, config: LQLoRAConfig, modules: dict, fisher: dict, choice: dict, report) -> None:
-    """Decompose every matrix with its chosen config (rank 0: just quantize it, no adapter);
-    ``rel_error``: the residual's (Fisher-weighted) Frobenius norm over ||W||, or with GPTQ its
-    output error over W's."""
+def installer(ctx, config: LQLoRAConfig, modules: dict, fisher: dict, choice: dict, report):
+    """``install(names, hessians=None, track=None)``: decompose those of ``modules`` with their chosen
+    configs (shared out over the ranks) and put the results into the model (rank 0: just quantize,
+    no adapter); ``rel_error`` is the residual's (Fisher-weighted) Frobenius norm over ||W||, or with
+    GPTQ its output error over W's."""
     by_name = {c.name: c for c in GRIDS[config.grid]()}
 
     def install(names: list[str], hessians: dict | None = None, track=None) -> None:
@@ -249,6 +269,12 @@ def _replace(ctx, config: LQLoRAConfig, modules: dict, fisher: dict, choice: dic
             report.modules.append({"module": name, "config": choice[name], "quantizer": "gptq" if hessians
                                    else "rtn", **entry})
 
+    return install
+
+
+def _replace(ctx, config: LQLoRAConfig, modules: dict, fisher: dict, choice: dict, report) -> None:
+    """Decompose every matrix with its chosen config (GPTQ's layer by layer, see ``installer``)."""
+    install = installer(ctx, config, modules, fisher, choice, report)
     remaining = list(modules)
     if config.quantizer == "gptq":
         remaining = calibrate_layerwise(ctx.model, ctx.windows("calibration"), modules,
@@ -260,4 +286,4 @@ def _replace(ctx, config: LQLoRAConfig, modules: dict, fisher: dict, choice: dic
 
 
 STAGE = Stage(name="lq_lora", config=LQLoRAConfig, run=run, modifies_model=True, quantizes=True, check=check,
-              leaves_adapters=lambda config: config.rank > 0)
+              leaves_adapters=lambda config: config.rank > 0, streaming=lambda config: None)

@@ -1,0 +1,101 @@
+"""The diagonal empirical Fisher of a streamed model (``compress.streaming``), one layer in memory.
+
+``lowrank.fisher.empirical_fisher`` needs the whole model for each sample's backward pass. Here the
+same per-sample gradients are computed in two walks over the decoder layers:
+
+1. forward, layer by layer: each layer's input hidden states (every sample) are saved to disk
+   under ``directory/activations-rank<r>`` and the layer's outputs become the next layer's inputs;
+2. the head (final norm and output matrix, with the modules outside the layers in memory) gives
+   dL_n/d(last hidden states) per sample; then backward, from the last layer to the first: each
+   layer is run again on its saved inputs and back-propagated with the gradient from above
+   (``lowrank.fisher.layer_fisher``); its targets' squared gradients are written as one file per
+   layer, ``directory/<layer>.safetensors`` (float32), and dL_n/d(inputs) go one layer down.
+
+Disk holds one boundary's activations per layer (samples x seq_len x hidden in the run's dtype);
+memory holds one layer, one boundary's activations and one boundary's gradients. With ``torchrun``
+each rank takes its share of the samples and the float64 sums are added in rank order, as in the
+in-memory path, so the files are the same bytes on every rank and for any number of ranks.
+"""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from compress.lowrank.fisher import head_gradients, layer_fisher
+
+from .errors import StageError
+from .layerwise import _call, first_layer_inputs
+
+ACTIVATIONS = "activations"
+
+
+def fisher_file(directory: Path, layer: str) -> Path:
+    return directory / f"{layer}.safetensors"
+
+
+def load_layer_fisher(directory: Path | None, layer: str) -> dict[str, torch.Tensor]:
+    """{module name: Fisher of its weight} for one layer ({} without a Fisher or targets there)."""
+    if directory is None or not fisher_file(directory, layer).is_file():
+        return {}
+    return load_file(str(fisher_file(directory, layer)))
+
+
+def streamed_fisher(ctx, names: list[str], directory: Path) -> Path:
+    """Write the Fisher of every module in ``names`` (linears inside the decoder layers, by full
+    name) to ``directory``, one file per layer; returns ``directory``."""
+    stream = ctx.stream
+    outside = [n for n in names if not any(stream.owns(p, n) for p in stream.layer_prefixes)]
+    if outside:
+        raise StageError(f"{ctx.entry.where}: fisher: true with streaming covers linears inside the decoder "
+                         f"layers only; add {outside[0]!r} to ignore")
+    if ctx.ranks.main:
+        shutil.rmtree(directory, ignore_errors=True)
+    ctx.ranks.barrier()
+    activations = directory / f"{ACTIVATIONS}-rank{ctx.ranks.rank}"  # each rank's own samples
+    activations.mkdir(parents=True)
+    windows = ctx.windows("calibration")
+    samples = [windows[i] for i in ctx.ranks.share(range(windows.shape[0]))]
+    kwargs, hidden = _forward(ctx, samples, activations)
+    with ExitStack() as units:
+        for prefix in stream.units:
+            if prefix not in stream.layer_prefixes:
+                units.enter_context(stream.unit(prefix))
+        upstream = head_gradients(ctx.model.get_decoder().norm, ctx.model.get_output_embeddings(),
+                                  hidden, [s.view(1, -1) for s in samples])
+    del hidden
+    for index, prefix in ctx.track(list(enumerate(stream.layer_prefixes))[::-1], "fisher backward (streaming)"):
+        saved = torch.load(activations / f"{index}.pt")
+        with stream.unit(prefix) as layer:
+            targets = {n: ctx.model.get_submodule(n).weight for n in names if stream.owns(prefix, n)}
+            inputs = [((states,) + args, kw) for states, (args, kw) in zip(saved, kwargs)]
+            fisher, upstream = layer_fisher(layer, inputs, upstream, targets)
+        total = {n: ctx.ranks.sum_in_rank_order(f).float().contiguous() for n, f in fisher.items()}
+        if total and ctx.ranks.main:
+            partial = fisher_file(directory, prefix).with_suffix(".part")
+            save_file(total, str(partial))
+            partial.replace(fisher_file(directory, prefix))
+        (activations / f"{index}.pt").unlink()
+    activations.rmdir()
+    ctx.ranks.barrier()
+    return directory
+
+
+def _forward(ctx, samples: list[torch.Tensor], activations: Path):
+    """Walk the layers forward, saving each layer's input hidden states (one tensor per sample) as
+    ``activations/<index>.pt``. Returns (each sample's other layer arguments, the last layer's
+    outputs)."""
+    stream = ctx.stream
+    with stream.unit(stream.embeddings):
+        captured = first_layer_inputs(ctx.model, torch.stack(samples), batch=1)
+    rest = [(tuple(args[1:]), kwargs) for args, kwargs in captured]
+    hidden = [args[0] for args, _ in captured]
+    for index, prefix in ctx.track(list(enumerate(stream.layer_prefixes)), "fisher forward (streaming)"):
+        torch.save(hidden, activations / f"{index}.pt")
+        with stream.unit(prefix) as layer, torch.no_grad():
+            hidden = [_call(layer, (states,) + args, kwargs) for states, (args, kwargs) in zip(hidden, rest)]
+    return rest, hidden
