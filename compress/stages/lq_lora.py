@@ -14,7 +14,8 @@ of a layer are tied to one config (engines fuse them). Cost entries are cached p
 ``OUTPUT/.cache/lq_lora/`` (keyed by the weight's hash and the settings), so a resumed run does not
 recompute them; ``workers: N`` computes them in N processes. With ``torchrun`` the cost table, the
 Fisher windows and the decompositions are shared out over the ranks and rank 0 solves the ILP
-(``compress.distributed``). ``alpha`` sets the adapter scaling
+(``compress.distributed``). With ``streaming: true`` the stage holds one decoder layer at a time
+(``lq_lora_streamed``). ``alpha`` sets the adapter scaling
 alpha / rank (LQ-LoRA: 16 at rank 64). ``group_sizes`` restricts the grid to those groups (NF:
 blocks). ``rank: 0`` is mixed-precision quantization by the same ILP with no low-rank part and no
 adapters (its result exports as GPTQ on the gptq grid).
