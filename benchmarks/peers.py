@@ -179,7 +179,7 @@ def run_bnb(out: Path, point: Path) -> dict:
 def side(job: dict, what: str) -> dict:
     job_file = Path(job["job_file"])
     job_file.write_text(json.dumps(job))
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # its default asks for more than a 2-core machine has
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # one worker per core here (its own default would be 1)
     return run_child(str(Path(__file__).resolve().parent / "gptqmodel_side.py"), [str(job_file)], what,
                      python=str(SIDE_PYTHON), cwd=str(job_file.parent))  # GPTQModel writes logs/ into its cwd
 

@@ -4,8 +4,8 @@
 
 Synthetic Llama models (``compress.synthetic``: random bf16 weights, one shard per layer) run the
 recipe ``quantize {method, int4 g128} -> export gptq`` in fp32, each point in a fresh process through
-``tests/tools/peak_rss.py`` (peak RSS from ru_maxrss, exact, minus the RSS once torch, transformers and
-compress are imported). Points:
+``tests/tools/peak_rss.py`` (peak RSS from the kernel's high-water mark VmHWM, exact, minus the RSS
+once torch, transformers and compress are imported). Points:
 
 - the presets 0.1b, 0.5b, 1.5b, streamed, and the same recipe in memory (``streaming: false``) side by
   side as the baseline;

@@ -60,7 +60,8 @@ def first_layer_inputs(model: nn.Module, windows: torch.Tensor, batch: int = 8) 
     return captured
 
 
-def _call(layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+def call_layer(layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """A decoder layer's output hidden states (the first element when it returns a tuple)."""
     out = layer(*args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -73,7 +74,7 @@ def input_groups(layer: nn.Module, modules: dict[str, nn.Module], sample: tuple[
                for name, module in modules.items()]
     try:
         with torch.no_grad():
-            _call(layer, *sample)
+            call_layer(layer, *sample)
     finally:
         for handle in handles:
             handle.remove()
@@ -103,7 +104,7 @@ def group_hessians(layer: nn.Module, modules: dict[str, nn.Module], inputs: Laye
         for args, kwargs in inputs:
             seen.clear()
             try:
-                _call(layer, args, kwargs)
+                call_layer(layer, args, kwargs)
             except _StopForward:
                 pass
     finally:
@@ -125,7 +126,7 @@ def calibrate_layer(layer: nn.Module, modules: dict[str, nn.Module], replace: Re
         for group in input_groups(layer, modules, inputs[0]):
             members = {name: modules[name] for name in group}
             replace(members, group_hessians(layer, members, inputs))
-    return [((_call(layer, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+    return [((call_layer(layer, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
 
 
 @torch.no_grad()

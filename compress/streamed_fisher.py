@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from compress.lowrank.fisher import head_gradients, layer_fisher
 
 from .errors import StageError
-from .layerwise import _call, first_layer_inputs
+from .layerwise import call_layer, first_layer_inputs
 
 ACTIVATIONS = "activations"
 
@@ -60,13 +60,17 @@ def streamed_fisher(ctx, names: list[str], directory: Path) -> Path:
     activations.mkdir(parents=True)
     windows = ctx.windows("calibration")
     samples = [windows[i] for i in ctx.ranks.share(range(windows.shape[0]))]
+    norm = getattr(ctx.model.get_decoder(), "norm", None)
+    if norm is None or not samples:
+        raise StageError(f"{ctx.entry.where}: fisher: true with streaming needs a decoder whose final norm is "
+                         f"its `norm` (Llama family) and at least one calibration sample per rank "
+                         f"({windows.shape[0]} samples, {ctx.ranks.world} ranks)")
     kwargs, hidden = _forward(ctx, samples, activations)
     with ExitStack() as units:
         for prefix in stream.units:
             if prefix not in stream.layer_prefixes:
                 units.enter_context(stream.unit(prefix))
-        upstream = head_gradients(ctx.model.get_decoder().norm, ctx.model.get_output_embeddings(),
-                                  hidden, [s.view(1, -1) for s in samples])
+        upstream = head_gradients(norm, ctx.model.get_output_embeddings(), hidden, [s.view(1, -1) for s in samples])
     del hidden
     for index, prefix in ctx.track(list(enumerate(stream.layer_prefixes))[::-1], "fisher backward (streaming)"):
         saved = torch.load(activations / f"{index}.pt")
@@ -97,5 +101,5 @@ def _forward(ctx, samples: list[torch.Tensor], activations: Path):
     for index, prefix in ctx.track(list(enumerate(stream.layer_prefixes)), "fisher forward (streaming)"):
         torch.save(hidden, activations / f"{index}.pt")
         with stream.unit(prefix) as layer, torch.no_grad():
-            hidden = [_call(layer, (states,) + args, kwargs) for states, (args, kwargs) in zip(hidden, rest)]
+            hidden = [call_layer(layer, (states,) + args, kwargs) for states, (args, kwargs) in zip(hidden, rest)]
     return rest, hidden

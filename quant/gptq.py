@@ -5,10 +5,11 @@ With H = 2/n · Σ x xᵀ over the layer's calibration inputs (x = one token's i
 ``damp`` · mean(diag H), and U the upper Cholesky factor of H⁻¹, column i is rounded to q_i and the
 rest move by W[:, j] -= (w_i - q_i) / U[i, i] · U[i, j] for j > i. Blocks of ``block`` columns are
 updated lazily (one matmul per block). A group's scale and zero are chosen when the loop reaches
-its first column, as in the reference implementation: from W as the lazy updates of the blocks
-before have left it, without the updates made so far inside the current block. (Choosing them from
-the fully updated columns instead gave a worse model: SmolLM2-135M int3 g64 perplexity 13.12 vs
-12.70, see BENCHMARKS.md.) With ``act_order`` the columns run by decreasing diag(H) and
+its first column, as in the reference implementation and GPTQModel: from W as the lazy updates of
+the blocks before have left it, without the updates made so far inside the current block. (Taking
+them from the fully updated columns is as valid; on SmolLM2-135M g64 it gave int3 13.12 vs 12.70
+and int4 7.48 vs 7.52, differences of the size GPTQ shows under any small change of its input, see
+BENCHMARKS.md.) With ``act_order`` the columns run by decreasing diag(H) and
 the groups' parameters come from the original W before the loop ("static groups"), so every group
 stays a contiguous run of input columns and the checkpoint needs no act-order ``g_idx``.
 

@@ -3,6 +3,10 @@
 - On tiny-llama saved as a sharded Hugging Face directory, streamed RTN and GPTQ quantize + GPTQ
   export write exactly the tensors the in-memory run writes (torch.equal on every tensor), and the
   reloaded checkpoints give identical logits.
+- Streamed LQ-LoRA (RTN and GPTQ quantizers, ranks 0/4/8, with and without Fisher) + export (PEFT
+  adapter, embedded adapter, GPTQ) writes exactly the in-memory run's tensors and adapters.
+- The Fisher computed layer by layer (forward with saved activations, then backward one layer at a
+  time) equals ``empirical_fisher``'s backward through the whole model, bit for bit.
 - A streamed run resumes from its saved stage: the export reads the quantize stage's shards.
 - Recipes that cannot stream exit 2 with one line naming the stage.
 - At scale (slow): a synthetic Llama of 1.54 B parameters (22 layers of 60.8 M, random bf16 weights in
