@@ -18,9 +18,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -187,6 +189,28 @@ class StreamedModel:
         finally:
             self._release(prefix)
             return_freed_memory()
+
+
+def rewrite_units(ctx, description: str, work: Callable[[str, nn.Module, Any], Any]) -> None:
+    """Walk the stream's units in order, each filled in memory: ``work(prefix, unit, carried)``
+    changes the unit and returns what the next unit receives (GPTQ's activations; None at the
+    start), then the unit is written as one shard of the stage's checkpoint (``stream.target``).
+    Rank 0 writes; the other ranks make the same walk (they exchange results at every unit)."""
+    stream = ctx.stream
+
+    def shards():
+        carried = None
+        for prefix in ctx.track(stream.units, description):
+            with stream.unit(prefix) as unit:
+                carried = work(prefix, unit, carried)
+                yield stream.state_of(prefix)
+
+    if ctx.ranks.main:
+        from .checkpoint.write import write_native
+
+        write_native(ctx.model, stream.target, shards=(len(stream.units), shards()))
+    else:
+        deque(shards(), maxlen=0)
 
 
 def return_freed_memory() -> None:

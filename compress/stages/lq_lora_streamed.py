@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections import deque
 
-from ..checkpoint.write import write_native
 from ..layerwise import calibrate_layer, first_layer_inputs
 from ..streamed_fisher import load_layer_fisher, streamed_fisher
+from ..streaming import rewrite_units
 from .lq_lora import cost_table, dense_selection, installer, report_sizes, solve
 
 
@@ -63,16 +62,6 @@ def _decompose_streamed(ctx, config, shapes: dict, fisher_dir, choice: dict, rep
         install(list(modules))
         return inputs
 
-    def shards():
-        inputs = None
-        for prefix in ctx.track(stream.units, "lq_lora decompose (streaming)"):
-            with stream.unit(prefix) as unit:
-                inputs = decompose_unit(prefix, unit, inputs)
-                yield stream.state_of(prefix)
-
-    if ctx.ranks.main:
-        write_native(ctx.model, stream.target, shards=(len(stream.units), shards()))
-    else:  # the same walk (the ranks exchange results at every unit); rank 0 writes
-        deque(shards(), maxlen=0)
+    rewrite_units(ctx, "lq_lora decompose (streaming)", decompose_unit)
     if outer:
         report.notes.append(f"outside the decoder layers, quantized with RTN: {', '.join(outer)}")

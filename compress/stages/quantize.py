@@ -26,7 +26,6 @@ every such change is listed in the report.
 from __future__ import annotations
 
 import time
-from collections import deque
 from typing import Any, Literal
 
 import torch
@@ -38,10 +37,9 @@ from compress.quant.gptq import gptq_quantize
 from ..checkpoint.gptq import gptq_problems
 from ..config_errors import format_validation_error
 from ..errors import RecipeError, StageError
-from ..checkpoint.write import write_native
 from ..layerwise import calibrate_layer, calibrate_layerwise, first_layer_inputs
 from ..stage import Stage, StageConfig
-from ..streaming import release
+from ..streaming import release, rewrite_units
 from ..targets import check_selector, fused_members, matches, select_linears, set_module
 
 NF_ONLY = ("block", "scale_bits", "scale_block", "scale_dtype")
@@ -274,17 +272,7 @@ def _quantize_streamed(ctx, config: QuantizeConfig, plan: dict, report) -> dict[
         _quantize_rtn(ctx, modules, plan, report, track=False)
         return inputs
 
-    def shards():
-        inputs = None
-        for prefix in ctx.track(stream.units, "quantize (streaming)"):
-            with stream.unit(prefix) as unit:
-                inputs = quantize_unit(prefix, unit, inputs)
-                yield stream.state_of(prefix)
-
-    if ctx.ranks.main:
-        write_native(ctx.model, stream.target, shards=(len(stream.units), shards()))
-    else:  # the same walk (the ranks exchange results at every layer); rank 0 writes
-        deque(shards(), maxlen=0)
+    rewrite_units(ctx, "quantize (streaming)", quantize_unit)
     if outer:
         report.notes.append(f"outside the decoder layers, rounded with RTN: {', '.join(outer)}")
     return shapes
