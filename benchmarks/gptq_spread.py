@@ -6,7 +6,7 @@ GPTQ's result is sensitive to small changes of its input: a rounding decision th
 error fed to every later column, so two correct implementations, or one implementation given the
 same windows in another order, land about 1 % apart at 4 bits on SmolLM2-135M. One run each cannot
 settle a 1 % comparison. This script runs both tools on the peers benchmark's calibration windows
-(``peers.py``: stdlib train, 512 tokens) taking the first 32, 31 and 30 of them, at 4 and 3 bits
+(``peers.py``: stdlib train, 512 tokens) taking the first 32, 31, 30, 29 and 28 of them, at 4 and 3 bits
 (g64, asymmetric, damp 0.01, no act order), each point in its own process, and evaluates every
 checkpoint with the same code on the same 32 held-out windows. Reported: each perplexity, each tool's
 mean and range, and the ratio of the means. Reruns skip finished points (``results.jsonl``).
@@ -24,7 +24,7 @@ from pathlib import Path
 from child import child_result, run_child
 from peers import DATA, GROUP, dense_model_dir, evaluate, side, windows_file
 
-COUNTS = (32, 31, 30)
+COUNTS = (32, 31, 30, 29, 28)
 POINTS = [(tool, bits, count) for bits in (4, 3) for count in COUNTS for tool in ("ours", "gptqmodel")]
 log = logging.getLogger("gptq_spread")
 
@@ -78,7 +78,8 @@ def markdown(rows: list[dict]) -> str:
             lines.append(f"| {bits} | {tool} | " + " | ".join(f"{ppl[c]:.3f}" for c in COUNTS) +
                          f" | {means[tool]:.3f} | {min(ppl.values()):.3f}-{max(ppl.values()):.3f} |")
         if len(means) == 2:
-            lines.append(f"| {bits} | ours / gptqmodel | | | | {means['ours'] / means['gptqmodel']:.4f} | |")
+            lines.append(f"| {bits} | ours / gptqmodel |" + " |" * len(COUNTS) +
+                         f" {means['ours'] / means['gptqmodel']:.4f} | |")
     return "\n".join(lines) + "\n"
 
 
