@@ -7,10 +7,13 @@ is returned to the OS when freed and RSS follows the live tensors instead of the
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 PREFIX = "RESULT "
 
@@ -29,3 +32,20 @@ def run_child(script: str, args: list[str], what: str, fixed_mmap: bool = False,
     if line is None:
         raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
     return json.loads(line.removeprefix(PREFIX))
+
+
+def bench_args(description: str, default_out: str, extra=None) -> argparse.Namespace:
+    """The command line every multi-point benchmark shares: ``--out`` (resolved, created) and the
+    internal ``--point`` a child runs; ``extra(parser)`` adds a script's own options. Also sets
+    offline mode and logging."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=Path(default_out))
+    parser.add_argument("--point", help=argparse.SUPPRESS)  # internal: one point in this process
+    if extra:
+        extra(parser)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args

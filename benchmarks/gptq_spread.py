@@ -14,14 +14,12 @@ mean and range, and the ratio of the means. Reruns skip finished points (``resul
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import statistics
 from pathlib import Path
 
-from child import child_result, run_child
+from child import bench_args, child_result, run_child
 from peers import DATA, GROUP, dense_model_dir, evaluate, side, windows_file
 
 COUNTS = (32, 31, 30, 29, 28)
@@ -84,15 +82,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("out/bench/gptq_spread"))
-    parser.add_argument("--point", help=argparse.SUPPRESS)  # internal: tool,bits,count in this process
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    if args.point:
+    args = bench_args(__doc__.splitlines()[0], "out/bench/gptq_spread")
+    out = args.out
+    if args.point:  # tool,bits,count
         tool, bits, count = args.point.split(",")
         point = out / "points" / f"{tool}-{bits}-{count}"
         run = run_ours if tool == "ours" else run_gptqmodel

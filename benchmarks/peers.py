@@ -28,7 +28,6 @@ finished rows (``results.jsonl``); writes ``results.md`` under ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ import resource
 import time
 from pathlib import Path
 
-from child import child_result, run_child
+from child import bench_args, child_result, run_child
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDE_PYTHON = ROOT / ".venv-gptqmodel" / "bin" / "python"
@@ -238,16 +237,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("out/bench/peers"))
-    parser.add_argument("--only", nargs="*", help="row names to run (default: every row)")
-    parser.add_argument("--point", help=argparse.SUPPRESS)  # internal: method[,setting] in this process
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    args.out = args.out.resolve()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.point:
+    args = bench_args(__doc__.splitlines()[0], "out/bench/peers", lambda parser: parser.add_argument(
+        "--only", nargs="*", help="row names to run (default: every row)"))
+    if args.point:  # method[,setting]
         method, _, setting = args.point.partition(",")
         print(child_result(run_point(args.out, method, float(setting) if setting else None)))
         return
