@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 
 from child import bench_args, child_result, run_child
-from peers import DATA, GROUP, dense_model_dir, side, windows_file
+from peers import DATA, GROUP, dense_model_dir, gptqmodel_quantize, windows_file
 
 POINTS = ("ours", "ours-streamed", "gptqmodel", "gptqmodel-in-memory")
 log = logging.getLogger("gptq_memory")
@@ -45,11 +45,8 @@ def run_ours(out: Path, point: Path, streaming: bool) -> dict:
 
 
 def run_gptqmodel(out: Path, point: Path, offload: bool) -> dict:
-    point.mkdir(parents=True, exist_ok=True)
-    job = {"action": "quantize", "model_dir": str(dense_model_dir(out)), "windows": str(windows_file(out)),
-           "out": str(point / "checkpoint"), "bits": 4, "group_size": GROUP, "sym": False, "damp": 0.01,
-           "desc_act": False, "act_group_aware": False, "offload_to_disk": offload, "job_file": str(point / "job.json")}
-    return side(job, f"gptqmodel int4 (offload_to_disk={offload})")
+    return gptqmodel_quantize(out, point, 4, windows_file(out), f"gptqmodel int4 (offload_to_disk={offload})",
+                              offload_to_disk=offload)
 
 
 def same_tensors(first: Path, second: Path) -> bool:

@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 
 from child import bench_args, child_result, run_child
-from peers import DATA, GROUP, dense_model_dir, evaluate, side, windows_file
+from peers import DATA, GROUP, dense_model_dir, evaluate, gptqmodel_quantize, windows_file
 
 COUNTS = (32, 31, 30, 29, 28)
 POINTS = [(tool, bits, count) for bits in (4, 3) for count in COUNTS for tool in ("ours", "gptqmodel")]
@@ -55,11 +55,7 @@ def run_ours(out: Path, bits: int, count: int, point: Path) -> float:
 def run_gptqmodel(out: Path, bits: int, count: int, point: Path) -> float:
     from compress import load
 
-    point.mkdir(parents=True, exist_ok=True)
-    job = {"action": "quantize", "model_dir": str(dense_model_dir(out)), "windows": str(subset_windows(out, count)),
-           "out": str(point / "checkpoint"), "bits": bits, "group_size": GROUP, "sym": False, "damp": 0.01,
-           "desc_act": False, "act_group_aware": False, "job_file": str(point / "job.json")}
-    side(job, f"gptqmodel int{bits} on {count} windows")
+    gptqmodel_quantize(out, point, bits, subset_windows(out, count), f"gptqmodel int{bits} on {count} windows")
     return evaluate(load(point / "checkpoint", dtype="float32"), out)
 
 

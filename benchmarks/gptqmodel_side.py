@@ -6,8 +6,8 @@ the calibration windows ``peers.py`` also gives our GPTQ, and GPTQModel loading 
 JOB.json: {"action": "quantize" | "load", ...}
 - quantize: {"model_dir", "windows" (safetensors with ``calibration`` and ``eval`` int64 [n, seq]),
   "out", "bits", "group_size", "sym", "damp", "desc_act", "act_group_aware", optional
-  "offload_to_disk" (GPTQModel's default, True, when absent)}: quantizes (fp32 on CPU), saves to ``out``; prints RESULT {"seconds" of ``quantize()`` alone, "peak_rss_mib" of the
-  process after it}.
+  "offload_to_disk" (GPTQModel's default, True, when absent)}: quantizes (fp32 on CPU), saves to
+  ``out``; prints RESULT {"seconds" of ``quantize()`` alone, "peak_rss_mib" of the process after it}.
 - load: {"path", "windows"}: loads a GPTQ checkpoint with GPTQModel (CPU torch kernel, fp16) and
   prints RESULT {"perplexity"} on the eval windows, computed as ``compress.evaluate`` does
   (exp of the mean next-token NLL over every window).

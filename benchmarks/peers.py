@@ -183,13 +183,21 @@ def side(job: dict, what: str) -> dict:
                      python=str(SIDE_PYTHON), cwd=str(job_file.parent))  # GPTQModel writes logs/ into its cwd
 
 
+def gptqmodel_quantize(out: Path, point: Path, bits: int, windows: Path, what: str, **options) -> dict:
+    """GPTQModel's GPTQ in the side venv with our GPTQ's settings (asymmetric g64, damp 0.01, no act
+    order) on ``windows``, saved under ``point / "checkpoint"``; ``options`` add job keys
+    (``offload_to_disk``). Its seconds and peak RSS."""
+    point.mkdir(parents=True, exist_ok=True)
+    job = {"action": "quantize", "model_dir": str(dense_model_dir(out)), "windows": str(windows),
+           "out": str(point / "checkpoint"), "bits": bits, "group_size": GROUP, "sym": False, "damp": 0.01,
+           "desc_act": False, "act_group_aware": False, "job_file": str(point / "job.json"), **options}
+    return side(job, what)
+
+
 def run_gptqmodel(out: Path, bits: int, point: Path) -> dict:
     from compress import load
 
-    job = {"action": "quantize", "model_dir": str(dense_model_dir(out)), "windows": str(windows_file(out)),
-           "out": str(point / "checkpoint"), "bits": bits, "group_size": GROUP, "sym": False, "damp": 0.01,
-           "desc_act": False, "act_group_aware": False, "job_file": str(point / "job.json")}
-    result = side(job, f"gptqmodel int{bits}")
+    result = gptqmodel_quantize(out, point, bits, windows_file(out), f"gptqmodel int{bits}")
     model = load(point / "checkpoint", dtype="float32")
     return {"ppl": evaluate(model, out), "bits_per_param": linear_tensor_bits([point / "checkpoint"], linear_names(model)),
             "disk_mib": directory_bytes(point / "checkpoint") / 2**20, "seconds": result["seconds"],

@@ -31,7 +31,7 @@ from compress.lowrank import LoRALinear
 from compress.quant import QuantLinear
 
 from .checkpoint.shards import TensorSource
-from .checkpoint.write import BASE
+from .checkpoint.write import BASE, write_native
 from .errors import CheckpointError
 from .layerwise import decoder_layers
 from .models import DTYPES
@@ -206,8 +206,6 @@ def rewrite_units(ctx, description: str, work: Callable[[str, nn.Module, Any], A
                 yield stream.state_of(prefix)
 
     if ctx.ranks.main:
-        from .checkpoint.write import write_native
-
         write_native(ctx.model, stream.target, shards=(len(stream.units), shards()))
     else:
         deque(shards(), maxlen=0)
