@@ -15,12 +15,58 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")  # third-party tqdm bars (GGUF conversion, datasets); ours are rich
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``error:`` line and exit code 2, like every other error."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def at_least(minimum: int):
+    """An argparse type: an integer no smaller than ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the smallest allowed, {minimum}")
+        return value
+    return parse
+
+
+def positive_gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of GiB")
+    return value
+
+
+def png_path(text: str) -> Path:
+    """A chart file to write: a .png name in an existing, writable directory."""
+    path = Path(text)
+    if path.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"{text!r} does not end in .png (the chart is a PNG image)")
+    folder = path.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (path.exists() and not path.is_file()):
+        raise argparse.ArgumentTypeError(f"{text!r}: cannot be written")
+    return path
 
 
 def _console(stderr: bool = False):
@@ -124,8 +170,11 @@ def cmd_plan(args) -> int:
         raise CompressError("plan: give a recipe or --model CONFIG (one of them)")
     if args.recipe is not None:
         from compress import load_recipe
+        from compress.validate import check_rules
 
-        plan = recipe_plan(load_recipe(args.recipe), args.gpu_gib)
+        recipe = load_recipe(args.recipe)
+        check_rules(recipe)  # the recipe's own rules (no weights, no model config needed)
+        plan = recipe_plan(recipe, args.gpu_gib)
     else:
         from compress.plan import architecture_for
         from compress.plan_training import TrainingSetup
@@ -134,7 +183,10 @@ def cmd_plan(args) -> int:
                               checkpointing=args.checkpointing, optimizer=args.optimizer)
         plan = model_plan(architecture_for(args.model), args.model, args.batch, args.seq, args.gpu_gib, setup)
     if args.chart:
-        plan_chart(plan, args.chart)
+        try:
+            plan_chart(plan, args.chart)
+        except OSError as err:
+            raise CompressError(f"plan --chart {args.chart}: cannot write: {err.strerror or err}") from None
     if args.json:
         print(json.dumps(plan, indent=2))
         return 0
@@ -154,8 +206,11 @@ def cmd_plan(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compress", description="Compress Hugging Face causal LMs.")
+    from compress import __version__
+
+    parser = OneLineParser(prog="compress", description="Compress Hugging Face causal LMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"compress {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a recipe")
     run.add_argument("recipe")
@@ -174,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="perplexity of a model or checkpoint")
     evaluate.add_argument("path", help="checkpoint or model directory, .gguf file, or built-in name")
     evaluate.add_argument("--data", default="stdlib:eval", help="stdlib:train|eval, a file, or hub:NAME[:CONFIG[:SPLIT]]")
-    evaluate.add_argument("--samples", type=int, default=32)
-    evaluate.add_argument("--seq-len", type=int, default=512)
-    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--samples", type=at_least(1), default=32)
+    evaluate.add_argument("--seq-len", type=at_least(2), default=512, help="tokens per window (at least 2)")
+    evaluate.add_argument("--batch-size", type=at_least(1), default=4)
     evaluate.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_eval)
@@ -184,20 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("recipe", nargs="?", help="a recipe: the memory of each stage as it will run")
     plan.add_argument("--model", help="preset (llama-2-7b, llama-3.1-70b, ...), built-in name, model directory "
                                       "or config.json: every precision and training method")
-    plan.add_argument("--gpu-gib", type=float, default=None, help="GPU memory: what fits")
-    plan.add_argument("--batch", type=int, default=1)
-    plan.add_argument("--seq", type=int, default=4096, help="inference sequence length")
-    plan.add_argument("--train-seq", type=int, default=None, help="training sequence length (default --seq)")
-    plan.add_argument("--rank", type=int, default=16, help="LoRA rank for the training plans")
+    plan.add_argument("--gpu-gib", type=positive_gib, default=None, help="GPU memory: what fits")
+    plan.add_argument("--batch", type=at_least(1), default=1)
+    plan.add_argument("--seq", type=at_least(1), default=4096, help="inference sequence length")
+    plan.add_argument("--train-seq", type=at_least(2), default=None, help="training sequence length (default --seq)")
+    plan.add_argument("--rank", type=at_least(1), default=16, help="LoRA rank for the training plans")
     plan.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the training plans")
     plan.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw")
-    plan.add_argument("--chart", help="write a stacked bar chart (PNG) of the breakdown here")
+    plan.add_argument("--chart", type=png_path, help="write a stacked bar chart of the breakdown to this .png file")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=cmd_plan)
     return parser
 
 
 def configure_logging(verbose: bool) -> None:
+    # transformers sets its own loggers' level when it first logs (from this variable), overriding ours
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning" if verbose else "error")
     from rich.logging import RichHandler
 
     handler = RichHandler(console=_console(stderr=True), show_path=False, show_time=False)

@@ -47,7 +47,8 @@ class Context:
         return self._windows[role]
 
     def track(self, items, description: str, total: int | None = None):
-        return self.progress.track(items, description, total)
+        """``items`` with a progress display; each is a unit of work (``Ranks.pace``)."""
+        return self.ranks.pace(self.progress.track(items, description, total))
 
     def state(self) -> dict:
         """JSON-able state (the model is saved separately)."""

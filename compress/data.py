@@ -53,7 +53,7 @@ class TextSource:
 
 def parse_source_string(text: str) -> TextSource:
     """``stdlib:train|eval``, ``hub:NAME[:CONFIG[:SPLIT]]`` or a file path (CLI form)."""
-    if text.startswith("stdlib"):
+    if text == "stdlib" or text.startswith("stdlib:"):
         split = text.partition(":")[2] or "eval"
         if split not in ("train", "eval"):
             raise DataError(f"--data {text}: stdlib split must be train or eval")
@@ -62,6 +62,17 @@ def parse_source_string(text: str) -> TextSource:
         parts = text.split(":")[1:] + [None, None]
         return TextSource("hub", parts[2] or "test", path=parts[0], hub_config=parts[1])
     return TextSource("file", "all", path=text)
+
+
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a data file (None: it can)."""
+    if path.is_dir():
+        return "is a directory, not a file (name one .txt, .jsonl or .parquet file)"
+    if not path.exists():
+        return "does not exist"
+    if not path.is_file():
+        return "is not a regular file"
+    return None
 
 
 def stdlib_files(split: str) -> list[Path]:
@@ -95,8 +106,9 @@ def _iter_dataset(source: TextSource) -> Iterator[str]:
     try:
         if source.kind == "file":
             path = Path(source.path)
-            if not path.is_file():
-                raise DataError(f"data file {path} does not exist")
+            problem = file_problem(path)
+            if problem:
+                raise DataError(f"data file {path} {problem}")
             builder = FILE_SUFFIXES.get(path.suffix)
             if builder is None:
                 raise DataError(f"data file {path}: unsupported suffix {path.suffix!r} "

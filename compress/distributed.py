@@ -14,6 +14,12 @@ it, and reductions run in a fixed order, so any number of ranks writes the same 
 with the same number of threads (torchrun gives each rank one; CPU matrix products round differently
 with a different thread count).
 
+Ranks never rely on staying in step: every list that is shared out is built from what every rank
+agrees on (never from what one rank happens to find on disk), and ``share`` checks that agreement,
+failing on every rank at once, naming the first difference, rather than leaving a unit to nobody.
+``COMPRESS_RANK_DELAY=RANK:SECONDS`` makes that rank sleep before each unit of work it walks (each
+item a stage's progress tracks): the tests use it to drive the ranks apart on purpose.
+
 Without ``torchrun`` (no ``WORLD_SIZE`` in the environment, or 1) nothing is initialized and every
 call below is a local no-op.
 """
@@ -21,14 +27,18 @@ call below is a local no-op.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from .errors import CompressError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,6 +50,7 @@ class Ranks:
 
     rank: int = 0
     world: int = 1
+    delay: float = 0.0  # seconds this rank sleeps before each unit (COMPRESS_RANK_DELAY; tests)
 
     @property
     def main(self) -> bool:
@@ -51,8 +62,28 @@ class Ranks:
         return self.world > 1
 
     def share(self, items: Iterable[T]) -> list[T]:
-        """This rank's units: every ``world``-th item starting at ``rank`` (a fixed assignment)."""
-        return [item for i, item in enumerate(items) if i % self.world == self.rank]
+        """This rank's units: every ``world``-th item starting at ``rank`` (a fixed assignment) of a
+        list that every rank must hold alike (checked)."""
+        items = list(items)
+        if self.distributed:
+            self._check_agreement(items)
+        return items[self.rank::self.world]
+
+    def _check_agreement(self, items: list) -> None:
+        digest = hashlib.sha256(repr(items).encode()).hexdigest()
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, (digest, len(items), repr(items[:3])))
+        if len({part[0] for part in parts}) > 1:
+            seen = "; ".join(f"rank {r}: {n} items, first {head}" for r, (_, n, head) in enumerate(parts))
+            raise RuntimeError(f"ranks disagree on the units they share out ({seen}): a shared-out list was "
+                               "built from state that differs between ranks")
+
+    def pace(self, items: Iterable[T]) -> Iterator[T]:
+        """``items``, with this rank's ``delay`` before each (no delay: unchanged)."""
+        for item in items:
+            if self.delay:
+                time.sleep(self.delay)
+            yield item
 
     def gather(self, local: dict) -> dict:
         """The union of every rank's ``local`` results, on every rank (keys are disjoint)."""
@@ -100,7 +131,19 @@ def init_ranks() -> Ranks:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
         log.info("rank %d of %d (%s)", dist.get_rank(), world, backend)
-    return Ranks(dist.get_rank(), dist.get_world_size())
+    return Ranks(dist.get_rank(), dist.get_world_size(), _delay_for(dist.get_rank()))
+
+
+def _delay_for(rank: int) -> float:
+    """This rank's sleep per unit from ``COMPRESS_RANK_DELAY=RANK:SECONDS`` (0 when unset or another rank)."""
+    setting = os.environ.get("COMPRESS_RANK_DELAY", "")
+    if not setting:
+        return 0.0
+    who, _, seconds = setting.partition(":")
+    try:
+        return float(seconds) if int(who) == rank else 0.0
+    except ValueError:
+        raise CompressError(f"COMPRESS_RANK_DELAY={setting!r}: expected RANK:SECONDS, e.g. 1:0.5") from None
 
 
 def shutdown() -> None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import ModelError
+
+MAX_EXP_ARGUMENT = math.log(sys.float_info.max)
 
 
 @torch.no_grad()
@@ -18,7 +23,9 @@ def window_nll(model: nn.Module, windows: torch.Tensor) -> tuple[float, int]:
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, track=None) -> float:
-    """exp(mean NLL per predicted token) over all windows, in batches of ``batch_size``."""
+    """exp(mean NLL per predicted token) over all windows, in batches of ``batch_size`` (``inf`` when
+    it overflows a float)."""
+    check_token_ids(model, windows)
     batches = list(torch.split(windows, batch_size))
     iterator = track(batches, "perplexity") if track else batches
     total, count = 0.0, 0
@@ -27,7 +34,24 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, tra
         nll, tokens = window_nll(model, batch.to(device))
         total += nll
         count += tokens
-    return math.exp(total / count)
+    return exp_or_inf(total / count)
+
+
+def check_token_ids(model: nn.Module, windows: torch.Tensor) -> None:
+    """Every token id has an embedding (a tokenizer from another model gives ids past the end)."""
+    size = model.get_input_embeddings().num_embeddings
+    top = int(windows.max()) if windows.numel() else 0
+    if top >= size:
+        raise ModelError(f"the text's token ids reach {top}, but the model embeds only {size} (the tokenizer does "
+                         "not belong to this model)")
+
+
+def exp_or_inf(mean_nll: float) -> float:
+    """exp of a mean loss; a model so wrong that it overflows a float reports ``inf``, not a crash
+    (a nan loss stays nan)."""
+    if math.isnan(mean_nll):
+        return math.nan
+    return math.exp(mean_nll) if mean_nll < MAX_EXP_ARGUMENT else math.inf
 
 
 def kernels_used(model) -> dict:

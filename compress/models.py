@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from .cache import cache_dir
+from .checkpoint.load import is_tied_head, load_checkpoint, refuse_lost_manifest
+from .dtypes import DTYPES
 from .errors import ModelError, brief
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,6 @@ TINY_LLAMA_CONFIG = dict(hidden_size=256, num_hidden_layers=4, num_attention_hea
 TINY_LLAMA_SEED = 1234
 BUILTINS = ("smollm2-135m", "tiny-llama")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ def resolve_model(name: str) -> ModelSource:
             return ModelSource(name, "checkpoint", path)
         if (path / "config.json").is_file():
             kind = "checkpoint" if _has_gptq_config(path) else "hf"
+            if kind == "hf":
+                refuse_lost_manifest(path)  # one of ours without its compress.json: damaged
             return ModelSource(name, kind, path)
         raise ModelError(f"model: {path} has no config.json (not a Hugging Face model directory)")
     raise ModelError(f"model: {name!r} is not a built-in ({', '.join(BUILTINS)}), "
@@ -165,8 +168,6 @@ def load_model(source: ModelSource, dtype: str = "float32"):
     torch_dtype = DTYPES[dtype]
     tokenizer = load_tokenizer(source)
     if source.kind == "checkpoint":
-        from .checkpoint.load import load_checkpoint
-
         return load_checkpoint(source.path, dtype=dtype), tokenizer
     if source.name == "tiny-llama":
         model = _tiny_llama(load_config(source), torch_dtype)
@@ -191,8 +192,6 @@ def _from_gguf(path: Path, dtype: torch.dtype):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .checkpoint.load import is_tied_head
-
     log.info("loading %s (dequantizing GGUF)", path.name)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
@@ -211,9 +210,21 @@ def _from_gguf(path: Path, dtype: torch.dtype):
 
 
 def _from_hf_dir(path: Path, dtype: torch.dtype):
+    """A Hugging Face directory through transformers, refusing what transformers would paper over:
+    a tensor the model needs that is not in the files (it would start from random values) or one in
+    the files that the model has no place for."""
     from transformers import AutoModelForCausalLM
 
+    refuse_lost_manifest(path)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"model: cannot load {path}: {brief(err)}") from None
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    except Exception as err:  # transformers and safetensors raise many types for unreadable weights
+        raise ModelError(f"model: cannot load {path}: {type(err).__name__}: {brief(err)}") from None
+    missing = sorted(k for k in info.get("missing_keys", []) if not is_tied_head(k, model.config))
+    unexpected = sorted(info.get("unexpected_keys", []))
+    if missing or unexpected:
+        what = [f"{len(missing)} missing (e.g. {', '.join(missing[:3])})"] if missing else []
+        what += [f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})"] if unexpected else []
+        raise ModelError(f"model: {path}: its tensors do not match its config: {'; '.join(what)}; a damaged or "
+                         "incomplete model is not loaded with random weights")
+    return model

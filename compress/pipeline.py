@@ -185,13 +185,12 @@ def report_header(ctx: Context) -> dict:
 
 
 def _stages_to_keep(states: StageStates, resume: bool, overwrite: bool) -> int:
-    """How many saved stages this run continues after (removing the others)."""
+    """How many saved stages this run continues after (the others are removed later, once the run's
+    inputs have been read: a model that fails to load must not cost the earlier run its stages)."""
     if states.exist() and not (resume or overwrite):
         raise CompressError(f"{states.root.parent}: holds the saved stages of an earlier run; pass --resume to "
                             "continue it or --overwrite to start over")
-    done = states.completed() if resume else []
-    states.discard_after(len(done))
-    return len(done)
+    return len(states.completed()) if resume else 0
 
 
 def _agreed_start(states: StageStates, resume: bool, overwrite: bool, ranks: Ranks) -> int:
@@ -240,6 +239,8 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False,
                 ctx = _resumed_context(recipe, states, done, progress)
             else:
                 ctx = _fresh_context(recipe, progress)
+            if ranks.main:
+                states.discard_after(kept)  # the inputs are read: the earlier run's later stages can go
             ctx.resume, ctx.ranks = resume, ranks
             _run_stages(ctx, states, recipe.stages[kept:])
         if ranks.main:

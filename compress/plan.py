@@ -9,10 +9,16 @@ in bits per parameter.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
+from compress.prune.units import layer_shapes
 from compress.quant import QuantConfig
+
+from .errors import RecipeError, brief
+from .models import load_config, resolve_model
 
 # Published architectures (their config.json values that matter for memory).
 PRESETS = {
@@ -65,13 +71,11 @@ class Architecture:
                    bool(config.get("tie_word_embeddings", False)))
 
     def layer_shapes(self, kv_heads: int | None = None, intermediate: int | None = None) -> dict[str, tuple[int, int]]:
-        """(out, in) of the seven projections of one layer, optionally at pruned widths."""
-        kv = self.kv_heads if kv_heads is None else kv_heads
-        q_width = kv * (self.heads // self.kv_heads) * self.head_dim
-        inter = self.intermediate if intermediate is None else intermediate
-        return {"q_proj": (q_width, self.hidden), "k_proj": (kv * self.head_dim, self.hidden),
-                "v_proj": (kv * self.head_dim, self.hidden), "o_proj": (self.hidden, q_width),
-                "gate_proj": (inter, self.hidden), "up_proj": (inter, self.hidden), "down_proj": (self.hidden, inter)}
+        """(out, in) of the seven projections of one layer, optionally at pruned widths (the math is
+        ``compress.prune.layer_shapes``, which the physical shrink uses too)."""
+        return layer_shapes(self.hidden, self.head_dim, self.heads // self.kv_heads,
+                            self.kv_heads if kv_heads is None else kv_heads,
+                            self.intermediate if intermediate is None else intermediate)
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         return {f"model.layers.{i}.{'self_attn' if p in PROJECTIONS[:4] else 'mlp'}.{p}": shape
@@ -178,17 +182,10 @@ def calibration_breakdown(arch: Architecture, samples: int, seq: int, width: int
 def architecture_for(name: str) -> Architecture:
     """A preset name, or anything ``compress`` can load a config from (built-in name, model or
     checkpoint directory, config.json, .gguf file), without reading weights."""
-    from pathlib import Path
-
-    from .errors import RecipeError, brief
-    from .models import load_config, resolve_model
-
     if name in PRESETS:
         return Architecture.from_config(PRESETS[name])
     path = Path(name)
     if path.name == "config.json":
-        import json
-
         try:
             return Architecture.from_config(json.loads(path.read_text()))
         except KeyError as err:

@@ -23,64 +23,27 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError
 
 from . import __version__
 from .config_errors import format_validation_error
-from .data import TextSource
 from .errors import RecipeError
-from .stage import Stage, StageConfig
-
-
-class TextOrigin(BaseModel):
-    """Where text comes from: exactly one of ``source: stdlib``, ``path`` or ``hub``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    source: Optional[Literal["stdlib"]] = None
-    path: Optional[str] = None
-    hub: Optional[str] = None
-    name: Optional[str] = None
-    field: str = "text"
-    split: Optional[str] = None
-
-    @model_validator(mode="after")
-    def _one_origin(self) -> "TextOrigin":
-        given = [k for k in ("source", "path", "hub") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of source: stdlib, path: FILE or hub: NAME"
-                             + (f" (got {', '.join(given)})" if given else ""))
-        if self.source == "stdlib" and self.split not in (None, "train", "eval"):
-            raise ValueError(f"split: {self.split!r} is not one of 'train', 'eval' for source stdlib")
-        return self
-
-    def text_source(self, role: str) -> TextSource:
-        default_split = "eval" if role == "eval" else "train"
-        if self.source == "stdlib":
-            return TextSource("stdlib", self.split or default_split)
-        if self.path is not None:
-            return TextSource("file", self.split or "all", path=self.path, field=self.field)
-        return TextSource("hub", self.split or ("test" if role == "eval" else "train"), path=self.hub,
-                          field=self.field, hub_config=self.name)
-
-
-class SourceSpec(TextOrigin):
-    """A text source and how many windows of how many tokens to cut from it."""
-
-    samples: int = Field(128, ge=1)
-    seq_len: int = Field(512, ge=2)
+from .stage import STRICT, Stage, StageConfig
+from .stages import STAGES
+from .text_specs import SourceSpec
 
 
 class DataSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
     calibration: SourceSpec = SourceSpec(source="stdlib", split="train", samples=128, seq_len=512)
     eval: SourceSpec = SourceSpec(source="stdlib", split="eval", samples=32, seq_len=512)
 
 
 class RecipeSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
     model: str
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     data: DataSpec = DataSpec()
@@ -151,8 +114,6 @@ def _parse_stage(index: int, item: Any, registry: dict[str, Stage]) -> StageEntr
 
 def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     """Validate a loaded YAML document; raises RecipeError with one line on the first problem."""
-    from .stages import STAGES
-
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: expected a mapping with model, stages and output "
                           f"(got {type(data).__name__})")
@@ -164,16 +125,40 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     return Recipe(spec, stages)
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last silently, so a typo'd copy would override a setting without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file does not exist") from None
     except OSError as err:
         raise RecipeError(f"{path}: cannot read: {err.strerror or err}") from None
     try:
-        data = yaml.safe_load(text)
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+                          "save the recipe as UTF-8") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    text = _read_text(path)
+    try:
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         place = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

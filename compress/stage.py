@@ -11,10 +11,14 @@ from typing import Callable
 from pydantic import BaseModel, ConfigDict
 
 
-class StageConfig(BaseModel):
-    """Base of every stage config: unknown keys are errors, values are immutable."""
+# every recipe mapping: unknown keys are errors, values are immutable, inf and nan are not numbers
+STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class StageConfig(BaseModel):
+    """Base of every stage config (``STRICT``)."""
+
+    model_config = STRICT
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,12 @@ from torch import nn
 from compress.lowrank import LoRALinear
 from compress.quant import QuantLinear
 
+from .checkpoint.load import build_model, read_layout, wrap_adapters
 from .checkpoint.shards import TensorSource
 from .checkpoint.write import BASE, write_native
+from .dtypes import DTYPES
 from .errors import CheckpointError
 from .layerwise import decoder_layers
-from .models import DTYPES
 
 def stored_name(name: str) -> str:
     """A tensor's name in a checkpoint: a ``LoRALinear``'s base is stored under the layer's name."""
@@ -82,8 +83,6 @@ class StreamedModel:
     def open(cls, directory: Path, dtype: str, verify: bool = True) -> "StreamedModel":
         """The skeleton of the checkpoint in ``directory`` (dense Hugging Face, GPTQ or native; the
         manifest's sha256 checked when there is one) with ``directory`` as its source."""
-        from .checkpoint.load import build_model, read_layout, wrap_adapters
-
         source = TensorSource(directory)
         layout = read_layout(directory, verify=verify, tensor_names=source.names())
         modules = {name: (config, shape or (source.shape(f"{name}.scales")[1], source.shape(f"{name}.g_idx")[0]))

@@ -3,6 +3,8 @@
 A selector is a class name (``Linear``), an exact module name (``lm_head``), or a regular
 expression over module names prefixed with ``re:`` (matched from the start, ``re.match``).
 ``Linear`` covers both dense ``nn.Linear`` and already-quantized ``QuantLinear`` layers.
+``set_module`` (replace a submodule by its dotted name) is the libraries' own, re-exported here for
+the stages.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Iterable
 
 from torch import nn
 
+from compress.lowrank import set_module  # noqa: F401 (re-exported: the stages swap modules through it)
 from compress.quant import QuantLinear
 
 LINEAR_CLASSES = (nn.Linear, QuantLinear)
@@ -48,12 +51,6 @@ def select_linears(model: nn.Module, targets: list[str], ignore: list[str]) -> l
     return [(name, module) for name, module in model.named_modules()
             if isinstance(module, LINEAR_CLASSES)
             and matches_any(targets, name, module) and not matches_any(ignore, name, module)]
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 # modules engines (vLLM) fuse into one, with the fused name: they must share one quant config

@@ -7,7 +7,10 @@ clipping, an optimizer step (torch AdamW, or bitsandbytes' 8-bit AdamW) and a le
 
 The batch order is a pure function of the seed and the step (a fresh permutation of the windows per
 epoch), and the schedule a pure function of the step, so a run resumed from a checkpoint (trainable
-tensors, optimizer state, RNG state, history) continues exactly as if it had not stopped.
+tensors, optimizer state, RNG state, history) continues exactly as if it had not stopped. A resumed
+run may change the rates (``lr``, weight decay, clipping): the optimizer keeps its moments, takes the
+new rates and the log says so. The checkpoint before the latest is kept beside it: when a loss turns
+nan or inf, the latest may hold the divergence itself (see ``_keep_good_checkpoint``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +27,15 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
+from compress.prune.hooks import StepHooks
+
 from .checkpoint.atomic import atomic_write_bytes
 from .errors import StageError
+from .evaluate import check_token_ids
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
+PREVIOUS_FILE = "train_state.prev.pt"
 
 
 @dataclass(frozen=True)
@@ -57,22 +65,11 @@ class TrainResult:
     model_mib: float = 0.0  # the model's tensors (parameters and buffers, shared ones once) when training began
 
 
-class TrainHooks:
-    """What a stage may add to the loop (pruning): ``after_backward(step)`` runs once the step's
-    gradients are accumulated and clipped, before the optimizer step; ``after_step(step)`` after it
-    (``step`` counts from 1). Their ``state_dict`` travels in the mid-training checkpoint."""
-
-    def after_backward(self, step: int) -> None:
-        pass
-
-    def after_step(self, step: int) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+# What a stage may add to the loop (pruning): ``after_backward(step)`` once the step's gradients are
+# accumulated and clipped, ``after_step(step)`` after the optimizer step, and a ``state_dict`` that
+# travels in the mid-training checkpoint. The interface (with no-op defaults) is the pruning
+# library's, which may not import this module; the loop takes any object with its four methods.
+TrainHooks = StepHooks
 
 
 def lr_multiplier(step: int, total: int, warmup_steps: int) -> float:
@@ -116,18 +113,35 @@ def causal_lm_loss(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
     return model(input_ids=windows, labels=windows, use_cache=False).loss
 
 
+def previous_file(path: Path) -> Path:
+    """Where the checkpoint before the latest is kept (a divergence can make the latest unusable)."""
+    return path.with_name(PREVIOUS_FILE)
+
+
 def _save_state(path: Path, step: int, params: dict[str, nn.Parameter], optimizer, result: TrainResult,
                 hooks: TrainHooks) -> None:
+    """The training state after ``step`` steps in ``path``; the one it replaces moves to the previous file."""
     state = {"step": step, "params": {n: p.detach().clone() for n, p in params.items()},
              "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "hooks": hooks.state_dict(),
-             "losses": result.losses, "evals": result.evals, "tokens": result.tokens}
+             "losses": result.losses, "evals": result.evals, "tokens": result.tokens,
+             "rates": optimizer_rates(optimizer)}
     buffer = io.BytesIO()
     torch.save(state, buffer)
+    if path.is_file():
+        os.replace(path, previous_file(path))
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def optimizer_rates(optimizer) -> list[dict]:
+    """The settings of each parameter group that a resumed run may change (and their values)."""
+    return [{"lr": group["initial_lr"], "weight_decay": group["weight_decay"]} for group in optimizer.param_groups]
 
 
 def _load_state(path: Path, params: dict[str, nn.Parameter], optimizer, result: TrainResult,
                 hooks: TrainHooks) -> int:
+    """Restore the state in ``path`` (or, when a crash came between the two writes, the previous file);
+    the optimizer keeps its moments but takes this run's rates, and a change is logged."""
+    path = path if path.is_file() else previous_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a torn or foreign file: say so rather than train from a bad state
@@ -138,7 +152,17 @@ def _load_state(path: Path, params: dict[str, nn.Parameter], optimizer, result: 
     with torch.no_grad():
         for name, parameter in params.items():
             parameter.copy_(state["params"][name])
-    optimizer.load_state_dict(state["optimizer"])
+    rates = optimizer_rates(optimizer)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:
+        raise StageError(f"{path}: its optimizer state does not fit this run's ({err}); delete it to restart") from None
+    for group, rate in zip(optimizer.param_groups, rates):
+        group.update(initial_lr=rate["lr"], weight_decay=rate["weight_decay"])
+    changes = [f"group {i} {key} {old[key]:g} -> {new[key]:g}" for i, (old, new) in
+               enumerate(zip(state.get("rates", rates), rates)) for key in new if old[key] != new[key]]
+    if changes:
+        log.info("resuming with changed optimizer settings (moments kept): %s", ", ".join(changes))
     torch.set_rng_state(state["rng"])
     hooks.load_state_dict(state["hooks"])
     result.losses, result.evals, result.tokens = state["losses"], state["evals"], state["tokens"]
@@ -146,7 +170,41 @@ def _load_state(path: Path, params: dict[str, nn.Parameter], optimizer, result: 
 
 
 class NonFiniteLoss(StageError):
-    """A training loss that is nan or inf; the message names the step."""
+    """A training loss that is nan or inf at ``step`` (counted from 1); the message names it."""
+
+    def __init__(self, message: str, step: int = 0):
+        super().__init__(message)
+        self.step = step
+
+
+def stored_step(path: Path) -> int:
+    """The step of the training checkpoint in ``path`` (0: none there, or unreadable)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+    except Exception:  # missing, torn or foreign: there is no step to go back to
+        return 0
+
+
+def _keep_good_checkpoint(path: Path | None, saved: list[int], failed: int) -> str:
+    """After a non-finite loss at step ``failed``: keep the latest checkpoint that did not lead to it
+    and say how to go on. The loss of step ``failed`` comes from the weights after step
+    ``failed - 1``, so a checkpoint of that step holds the divergence itself; the one before it
+    (kept beside) is the last good one."""
+    latest = saved[-1]
+    if path is not None and latest and latest == failed - 1:
+        good = saved[0] if len(saved) > 1 else stored_step(previous_file(path))
+        good = good if previous_file(path).is_file() else 0
+        if good:
+            os.replace(previous_file(path), path)
+        else:
+            path.unlink(missing_ok=True)
+            previous_file(path).unlink(missing_ok=True)
+        latest = good
+    if path is None or not latest:
+        return ("; no training checkpoint from before it was kept: lower lr in the recipe and run it again "
+                "(with --resume the earlier stages are reused and training starts at step 0)")
+    return (f"; the last good training checkpoint (step {latest}) is kept in {path}: lower lr in the recipe and run it "
+            f"again with --resume (training continues from step {latest} with the new rate)")
 
 
 def _step(model, windows, params, optimizer, settings: TrainSettings, step: int, hooks: TrainHooks,
@@ -156,7 +214,7 @@ def _step(model, windows, params, optimizer, settings: TrainSettings, step: int,
         batch = windows[micro_batch(step, micro, settings, windows.shape[0])]
         loss = causal_lm_loss(model, batch.to(next(iter(params.values())).device))
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"training loss is {float(loss.detach())} at step {step + 1}")
+            raise NonFiniteLoss(f"training loss is {float(loss.detach())} at step {step + 1}", step + 1)
         (loss / settings.grad_accum).backward()
         total += float(loss.detach()) / settings.grad_accum
     if settings.max_grad_norm > 0:
@@ -175,25 +233,27 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], windows: torch.Tens
           param_lr: dict[str, float] | None = None) -> TrainResult:
     """Train ``params`` (every other parameter frozen) on token ``windows`` [n, seq_len];
     ``grad_only`` parameters get gradients (for ``hooks`` to read) but are never updated."""
-    hooks, grad_only = hooks or TrainHooks(), grad_only or {}
+    hooks, grad_only = hooks or StepHooks(), grad_only or {}
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for parameter in [*params.values(), *grad_only.values()]:
         parameter.requires_grad_(True)
+    check_token_ids(model, windows)
     optimizer = build_optimizer(params, settings, param_lr)
     warmup = max(1, round(settings.warmup * settings.steps)) if settings.warmup > 0 else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, settings.steps, warmup))
     result, path = TrainResult(), state_dir / STATE_FILE if state_dir else None
-    if path is not None and resume and path.is_file():
+    if path is not None and resume and (path.is_file() or previous_file(path).is_file()):
         result.resumed_from = _load_state(path, params, optimizer, result, hooks)
         scheduler.last_epoch = result.resumed_from  # the multiplier is a function of the step alone
+        scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr_multiplier(result.resumed_from, settings.steps, warmup)
         log.info("resuming training at step %d of %d from %s", result.resumed_from, settings.steps, path)
     start = time.perf_counter()
     model.train()
     steps = range(result.resumed_from, settings.steps)
-    saved = result.resumed_from  # the step of the training checkpoint on disk (0: none)
+    saved = [result.resumed_from]  # steps of the training checkpoints on disk, latest last (0: none)
     try:
         for step in track(steps, "train") if track else steps:
             result.losses.append(_step(model, windows, params, optimizer, settings, step, hooks, grad_only))
@@ -208,11 +268,9 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], windows: torch.Tens
                 log.info("step %d: loss %.4f, eval perplexity %.3f", done, result.losses[-1], result.evals[-1]["perplexity"])
             if path is not None and settings.save_every and done % settings.save_every == 0 and done < settings.steps:
                 _save_state(path, done, params, optimizer, result, hooks)
-                saved = done
+                saved = [saved[-1], done]
     except NonFiniteLoss as err:
-        kept = (f"; the last good training checkpoint (step {saved}) is kept in {path}: lower the learning rate "
-                "and --resume" if saved else "; no training checkpoint was saved before it")
-        raise NonFiniteLoss(f"{err}{kept}") from None
+        raise NonFiniteLoss(f"{err}{_keep_good_checkpoint(path, saved, err.step)}") from None
     finally:
         model.eval()
         for parameter in [*params.values(), *grad_only.values()]:

@@ -9,7 +9,8 @@ subclassed (PEFT's ``base_layer``), and its parameters are frozen.
 
 Merging: a dense base absorbs ΔW in place (``merge`` / ``unmerge``); a packed base cannot, so
 ``merged_linear()`` returns a new dense ``nn.Linear`` holding the dequantized weight plus ΔW.
-Initializers are free functions in ``lowrank.init``.
+Initializers are free functions in ``lowrank.init``. ``set_module`` replaces a submodule by its dotted
+name (the one definition: ``compress.targets`` and the other libraries use it).
 """
 
 from __future__ import annotations
@@ -98,11 +99,16 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha:g}, base={type(self.base_layer).__name__}"
 
 
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in ``model`` in place of the submodule called ``name`` (e.g. model.layers.0.mlp.up_proj)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
 def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     """Replace every ``LoRALinear`` in ``model`` by the dense ``nn.Linear`` base + ΔW (frozen), in
     ``dtype`` or else its base weight's dtype (fp32 for packed bases); returns how many."""
-    from compress.targets import set_module
-
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
     for name, layer in layers:
         width = dtype or getattr(getattr(layer.base_layer, "weight", None), "dtype", torch.float32)

@@ -22,8 +22,7 @@ import math
 import torch
 from torch import nn
 
-from compress.training import TrainHooks
-
+from .hooks import StepHooks
 from .importance import ImportanceAverage, weight_importance
 from .masks import OutputMasks
 from .units import ATTENTION, COLUMN_LEAVES, MLP, LayerUnits, attention_unit_scores, mlp_unit_scores
@@ -47,7 +46,7 @@ def highest_kept(scores: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.T
     return kept
 
 
-class PruningHooks(TrainHooks):
+class PruningHooks(StepHooks):
     def __init__(self, model: nn.Module, units: list[LayerUnits], criterion: str, events: dict[int, float],
                  prune_heads: bool = True, prune_channels: bool = True, round_to: int = 32, seed: int = 0,
                  score_columns: bool = True):

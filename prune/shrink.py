@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.lowrank import LoRALinear
+from compress.lowrank import LoRALinear, set_module
 
-from .units import ATTENTION, MLP, LayerUnits, decoder_layers, layer_units
+from .units import ATTENTION, MLP, LayerUnits, decoder_layers, head_geometry, layer_shapes, layer_units
 
 
 def _dense(module: nn.Module) -> nn.Linear:
@@ -52,8 +52,6 @@ def sliced_linear(module: nn.Module, rows: torch.Tensor | None = None, cols: tor
 
 def shrink_layer(model: nn.Module, unit: LayerUnits, groups: torch.Tensor, channels: torch.Tensor) -> None:
     """Keep the KV groups and MLP channels marked True (boolean vectors) in one decoder layer."""
-    from compress.targets import set_module
-
     if not bool(groups.any()) or not bool(channels.any()):
         raise ValueError(f"{unit.prefix}: cannot remove every KV group or every channel")
     kept_groups = torch.nonzero(groups).flatten()
@@ -97,13 +95,11 @@ def update_config(model: nn.Module) -> bool:
 def resize_layers(model: nn.Module, widths: dict) -> None:
     """Give the dense linears of the listed layers their pruned shapes (on the meta device), so that a
     checkpoint of a non-uniformly pruned model loads into a model built from the original config."""
-    from compress.plan import Architecture
-    from compress.targets import set_module
-
-    arch = Architecture.from_config(model.config.to_dict())
+    head_dim, group_heads = head_geometry(model.config)
     prefix, _ = decoder_layers(model)
     for index, width in widths.items():
-        for leaf, (out_features, in_features) in arch.layer_shapes(width["kv_groups"], width["channels"]).items():
+        shapes = layer_shapes(model.config.hidden_size, head_dim, group_heads, width["kv_groups"], width["channels"])
+        for leaf, (out_features, in_features) in shapes.items():
             name = f"{prefix}.{index}.{'self_attn' if leaf in ATTENTION else 'mlp'}.{leaf}"
             module = model.get_submodule(name)
             if isinstance(module, nn.Linear):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.training import TrainHooks
+from .hooks import StepHooks
 
 
 def magnitude_mask(weight: torch.Tensor, method: str, ratio: float = 0.5) -> torch.Tensor:
@@ -45,7 +45,7 @@ def sparsify(modules: dict[str, nn.Linear], method: str, ratio: float) -> dict[s
     return masks
 
 
-class KeepSparse(TrainHooks):
+class KeepSparse(StepHooks):
     def __init__(self, modules: dict[str, nn.Linear], masks: dict[str, torch.Tensor]):
         self.modules, self.masks = modules, masks
 

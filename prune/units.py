@@ -7,7 +7,8 @@
 - MLP: an intermediate **channel**, one row of gate_proj and up_proj and one column of down_proj.
 
 Widths are read from the modules themselves, so a layer that is already narrower than the config
-says (after a shrink) is described correctly.
+says (after a shrink) is described correctly. ``layer_shapes`` gives the projections' shapes of a
+layer at any widths from the config's numbers alone (the memory planner's counts use it too).
 """
 
 from __future__ import annotations
@@ -59,15 +60,30 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ValueError(f"{type(model).__name__}: no decoder layer list (model.layers) to prune")
 
 
+def layer_shapes(hidden: int, head_dim: int, group_heads: int, kv_groups: int,
+                 channels: int) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of the seven projections of a layer of ``kv_groups`` KV groups of
+    ``group_heads`` query heads of ``head_dim`` each and ``channels`` MLP channels, in ATTENTION + MLP
+    order."""
+    q_width, kv_width = kv_groups * group_heads * head_dim, kv_groups * head_dim
+    return {"q_proj": (q_width, hidden), "k_proj": (kv_width, hidden), "v_proj": (kv_width, hidden),
+            "o_proj": (hidden, q_width), "gate_proj": (channels, hidden), "up_proj": (channels, hidden),
+            "down_proj": (hidden, channels)}
+
+
+def head_geometry(config) -> tuple[int, int]:
+    """(head_dim, query heads per KV head) of a transformers config."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return head_dim, config.num_attention_heads // config.num_key_value_heads
+
+
 def _out_in(module: nn.Module) -> tuple[int, int]:
     return module.out_features, module.in_features
 
 
 def layer_units(model: nn.Module) -> list[LayerUnits]:
     """The units of every decoder layer, from the modules' shapes and the config's head_dim."""
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    group_heads = config.num_attention_heads // config.num_key_value_heads
+    head_dim, group_heads = head_geometry(model.config)
     prefix, layers = decoder_layers(model)
     units = []
     for index, layer in enumerate(layers):

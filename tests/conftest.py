@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")  # as the CLI sets it: in-process CLI runs print no third-party bars
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; the switch must be set
 # before triton is first imported. With a GPU (nvidia-smi present) the same tests run compiled on CUDA.
 if __import__("shutil").which("nvidia-smi") is None:

@@ -8,6 +8,12 @@ threads, so a 2-thread process rounds differently from a 1-thread one, distribut
 (rank 0 writes each layer's shard after the ranks exchanged that layer's matrices); LQ-LoRA rank 8
 with Fisher weighting (cost table, Fisher windows and decompositions shared out; rank 0 solves the ILP),
 in memory and streamed (there with GPTQ as its quantizer and the adapter exported as PEFT).
+
+The ranks are driven apart on purpose: in every 2-process run one rank sleeps before each unit of
+work (``COMPRESS_RANK_DELAY``), so that the other has finished (and cached) its share of a unit before
+the late one starts it. Results must not depend on the ranks staying in step. And a shared-out list
+that differs between ranks fails on every rank at once with one message instead of leaving a unit
+to nobody.
 """
 
 import json
@@ -41,6 +47,9 @@ RECIPES = {
 }
 
 
+DELAY_SECONDS = 0.4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_two_processes_write_the_bytes_of_one(sharded_tiny, tmp_path, name):
@@ -54,12 +63,36 @@ def test_two_processes_write_the_bytes_of_one(sharded_tiny, tmp_path, name):
     assert single.returncode == 0, single.stderr[-3000:]
     expected = file_hashes(out / "checkpoint")
     shutil.move(out, tmp_path / "single")
+    late = sorted(RECIPES).index(name) % 2  # rank 1 lags in half of the recipes, rank 0 in the others
     launched = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "compress.entry.cli",
                                "run", str(recipe), "--quiet"], capture_output=True, text=True, timeout=900, cwd=ROOT,
-                              env=env)
+                              env=dict(env, COMPRESS_RANK_DELAY=f"{1 - late}:{DELAY_SECONDS}"))
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert file_hashes(out / "checkpoint") == expected
     if (tmp_path / "single" / "checkpoint-adapter").is_dir():
         assert file_hashes(out / "checkpoint-adapter") == file_hashes(tmp_path / "single" / "checkpoint-adapter")
     assert json.loads((out / "report.json").read_text())["header"]["ranks"] == 2
     assert json.loads((tmp_path / "single" / "report.json").read_text())["header"]["ranks"] == 1
+
+
+DISAGREE = """
+from compress.distributed import init_ranks, shutdown
+ranks = init_ranks()
+try:
+    ranks.share(["a", "b", "c"] if ranks.rank == 0 else ["b", "c"])
+except RuntimeError as err:
+    print(f"rank {ranks.rank}: {err}")
+shutdown()
+"""
+
+
+def test_ranks_that_disagree_on_a_shared_list_fail_together(tmp_path):
+    script = tmp_path / "disagree.py"
+    script.write_text(DISAGREE)
+    launched = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script)],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: ranks disagree on the units they share out (rank 0: 3 items" in launched.stdout, \
+            launched.stdout

@@ -7,17 +7,24 @@ types, keys added, removed or misspelt, and stages reordered or duplicated; chec
 ``compress validate`` (strict parsing, cross-stage rules, and each stage's checks against the model's
 structure). config.json: a tiny Llama's, with fields replaced, removed or added; checked with
 ``compress validate`` on a recipe that uses the directory and with ``compress plan --model``.
+
+Hostile inputs that must all be refused: export paths (``path``, ``adapter_path``) that leave the
+output (absolute, ``..``, through a symbolic link), land on it or on its run entries; outputs that
+cannot be a directory; recipes with bytes that are not UTF-8. ``validate``, ``run`` and ``plan`` must
+each exit 2 with one line, and a sentinel directory beside the output must be untouched.
 """
 
 import contextlib
 import copy
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
+from conftest import file_hashes
 from hypothesis import strategies as st
 
 from compress.entry import cli
@@ -141,3 +148,68 @@ def test_mutated_config_json_fails_with_one_line(model_config, tmp_path_factory,
                                       "output": str(directory / "out")}))
     assert_clean(*run("validate", str(recipe)), config)
     assert_clean(*run("plan", "--model", str(directory / "config.json")), config)
+
+
+SEGMENT = st.text(st.sampled_from("abc.-_~ /\\"), min_size=1, max_size=8)
+RESERVED = [".", "./", "a/..", ".stages", ".stages/00-quantize", "./.lock", ".cache", ".cache/lq_lora",
+            "report.json", "report.md", "x/../.stages"]
+
+
+def hostile_paths(sentinel: Path):
+    """Export paths that must all be refused: out of output, onto output or its run entries, or
+    through a symbolic link (``link``, made inside output) that leads to the sentinel."""
+    return st.one_of(
+        st.just(str(sentinel)),
+        st.builds(lambda tail: str(sentinel / tail.strip("/")), SEGMENT),
+        st.builds(lambda tail: "/" + tail, SEGMENT),
+        st.builds(lambda ups, tail: "../" * ups + tail, st.integers(1, 3), SEGMENT),
+        st.builds(lambda head, ups: f"{head.strip('/') or 'a'}/" + "../" * ups + "precious", SEGMENT, st.integers(2, 3)),
+        st.builds(lambda tail: "link/" + tail.strip("/"), SEGMENT),
+        st.just("link"),
+        st.sampled_from(RESERVED))
+
+
+def hostile_outputs(sentinel: Path):
+    """Outputs that cannot be a run's directory: an existing file, below a file, a name too long."""
+    return st.one_of(st.just(sentinel / "thesis.txt"), st.just(sentinel / "thesis.txt" / "out"),
+                     st.builds(lambda n: sentinel.parent / ("o" * n), st.integers(256, 300)))
+
+
+def non_utf8(text: str, draw) -> bytes:
+    raw = text.encode()
+    at = draw(st.integers(0, 10**6)) % (len(raw) + 1)  # drawn alike whatever the text's length
+    return raw[:at] + draw(st.sampled_from([b"\xff", b"\xc3\x28", b"\xe2\x82", b"\x80abc", b"\xfe\xfe"])) + raw[at:]
+
+
+def assert_refused_and_untouched(recipe: Path, sentinel: Path, before: dict, case) -> None:
+    for argv in (("validate", str(recipe)), ("run", str(recipe), "--quiet"), ("plan", str(recipe))):
+        code, stderr = run(*argv)
+        assert code == 2, (argv, stderr[-2000:], case)
+        assert_clean(code, stderr, case)
+        assert file_hashes(sentinel) == before, (argv, case)
+
+
+@FUZZ
+@given(data=st.data())
+def test_hostile_export_paths_outputs_and_bytes_touch_nothing(tmp_path_factory, data):
+    root = tmp_path_factory.mktemp("hostile")
+    sentinel = root / "precious"
+    sentinel.mkdir()
+    (sentinel / "thesis.txt").write_text("years of work\n")
+    output = root / "out"
+    output.mkdir()
+    os.symlink(sentinel, output / "link")
+    before = file_hashes(sentinel)
+    kind = data.draw(st.sampled_from(["path", "adapter_path", "output", "bytes"]))
+    export = {"format": "native"}
+    recipe = {"model": "tiny-llama", "stages": [{"quantize": {"config": {"bits": 4, "group_size": 64}}}],
+              "output": str(output)}
+    if kind in ("path", "adapter_path"):
+        export[kind] = data.draw(hostile_paths(sentinel))
+    elif kind == "output":
+        recipe["output"] = str(data.draw(hostile_outputs(sentinel)))
+    recipe["stages"].append({"export": export})
+    path = root / "recipe.yaml"
+    text = yaml.safe_dump(recipe, allow_unicode=True)
+    path.write_bytes(non_utf8(text, data.draw) if kind == "bytes" else text.encode())
+    assert_refused_and_untouched(path, sentinel, before, (kind, recipe))

@@ -32,15 +32,24 @@ def test_recovered_update_is_zero_on_removed_and_trained_on_kept(leaf):
     b = torch.randn(small_out, 4, generator=generator, dtype=torch.float64)
     full_a, full_b = recover_factors(leaf, a, b, kept, (out_features, in_features))
     assert full_a.shape == (4, in_features) and full_b.shape == (out_features, 4)
-    update, small = full_b @ full_a, b @ a
     removed = torch.ones(out_features if rows_pruned else in_features, dtype=torch.bool)
     removed[kept] = False
+    # exact on the factors (placement only, no arithmetic): B's kept rows are b, or A's kept columns are a
+    if rows_pruned:
+        assert torch.equal(full_b[kept], b) and torch.equal(full_b[removed], torch.zeros_like(full_b[removed]))
+        assert torch.equal(full_a, a)
+    else:
+        assert torch.equal(full_a[:, kept], a) and torch.equal(full_a[:, removed], torch.zeros_like(full_a[:, removed]))
+        assert torch.equal(full_b, b)
+    # and so on the update: zero where removed (exactly: every product has a zero factor), b @ a where kept
+    # (to float64 rounding: BLAS may sum a wider matrix's dot products in another order)
+    update, small = full_b @ full_a, b @ a
     if rows_pruned:
         assert torch.equal(update[removed], torch.zeros_like(update[removed]))
-        assert torch.equal(update[kept], small)
+        torch.testing.assert_close(update[kept], small, rtol=1e-12, atol=1e-12)
     else:
         assert torch.equal(update[:, removed], torch.zeros_like(update[:, removed]))
-        assert torch.equal(update[:, kept], small)
+        torch.testing.assert_close(update[:, kept], small, rtol=1e-12, atol=1e-12)
 
 
 def test_mismatched_factors_are_refused():

@@ -2,6 +2,7 @@
 checkpoints that reload them, a cost cache that a rerun reuses, and early errors for bad budgets."""
 
 import json
+import os
 import re
 
 import pytest
@@ -79,18 +80,23 @@ def test_rank_zero_is_mixed_precision_that_exports_as_gptq(tmp_path):
 
 @pytest.mark.slow
 def test_cost_table_in_two_processes_matches_one(tmp_path):
-    tables = []
+    """Each of the 2 worker processes gets half the cores' threads; the single process runs with as
+    many, since products split over a different number of threads round differently (by 1.7e-4
+    relative after LQ-LoRA's iterations, measured). Then the tables are equal exactly."""
+    tables, threads = [], torch.get_num_threads()
     for workers in (1, 2):
         stages = f"  - lq_lora: {{rank: 4, budget_bits: 3.0, iterations: 2, group_sizes: [64, 128], workers: {workers}}}"
         out = tmp_path / f"w{workers}"
-        compress.run_recipe(compress.load_recipe(tiny_recipe(tmp_path, stages, output=out)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # what parallel_map gives each of 2 workers
+        try:
+            compress.run_recipe(compress.load_recipe(tiny_recipe(tmp_path, stages, output=out)))
+        finally:
+            torch.set_num_threads(threads)
         tables.append({p.name: json.loads(p.read_text()) for p in (out / ".cache" / "lq_lora").glob("*.json")})
     assert tables[0].keys() == tables[1].keys() and len(tables[0]) == 28
     for key, entries in tables[0].items():
         assert entries.keys() == tables[1][key].keys() and all(re.search(r"-g(64|128)-", c) for c in entries)
-        for config, (error, bits) in entries.items():
-            assert tables[1][key][config][1] == bits
-            assert tables[1][key][config][0] == pytest.approx(error, rel=1e-4)
+        assert tables[1][key] == entries
 
 
 @pytest.mark.slow

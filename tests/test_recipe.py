@@ -74,7 +74,7 @@ BAD = {
     "not_a_mapping": ("  - quantize", "stages[0]: each stage is a one-key mapping"),
     "export_not_last": ("  - export: {}\n  - quantize: {}", "stages[1].quantize: must come before stages[0].export"),
     "duplicate_export": ("  - quantize: {}\n  - export: {}\n  - export: {format: native}",
-                         "stages[2].export.path: 'checkpoint' is already written by stages[1].export"),
+                         "stages[2].export.path: 'checkpoint' is the same directory as stages[1].export.path"),
     "group_too_big": ("  - quantize: {config: {group_size: 1024}}",
                       "stages[0].quantize: group_size 1024 is larger than in_features=256"),
     "group_not_dividing_for_gptq": ("  - quantize: {config: {group_size: 48}}\n  - export: {format: gptq}",

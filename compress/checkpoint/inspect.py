@@ -11,16 +11,18 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
-from compress.quant import QuantConfig
+from compress.quant import QuantConfig, tensor_specs
 
 from ..errors import CheckpointError, brief
-from .load import read_layout
+from .load import read_layout, refuse_adapter
 from .tensors import tensor_files
 
 COUNTED = {"uniform": ("qweight", "scales", "qzeros", "zeros"), "nf": ("codes", "scale_codes", "scale_scales", "scale_offset")}
 BYTES_PER = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8, "U8": 1, "I8": 1, "F64": 8, "BOOL": 1}
+SAFETENSORS_DTYPES = {torch.int32: "I32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 
 
 def _tensor_meta(directory: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -50,10 +52,26 @@ def _dense_linear_bits(dense: list[dict]) -> float:
     return 8 * sum(d["bytes"] for d in linears) / params if params else 0.0
 
 
+def _check_stored(name: str, config: QuantConfig, shape, tensors: dict) -> None:
+    """The stored tensors are what ``config`` says (a checkpoint without its manifest is described by
+    its config.json alone, which may be wrong): the answer comes from the tensors, or there is none."""
+    for leaf, (dtype, expected) in tensor_specs(config, shape).items():
+        got = tensors.get(leaf)
+        if got is None:
+            raise CheckpointError(f"{name}: missing tensor {leaf} for {config.name} {list(shape)}")
+        if got[0] != SAFETENSORS_DTYPES[dtype] or got[1] != expected:
+            raise CheckpointError(f"{name}.{leaf} is {got[0]} {list(got[1])}, but {config.name} {list(shape)} stores "
+                                  f"{SAFETENSORS_DTYPES[dtype]} {list(expected)}: the tensors do not hold what the "
+                                  "checkpoint's config says")
+
+
 def _module_row(name: str, config: QuantConfig, shape, meta: dict) -> dict:
     tensors = {k.removeprefix(f"{name}."): v for k, v in meta.items() if k.startswith(f"{name}.")}
     if shape is None:
+        if "scales" not in tensors or "g_idx" not in tensors:
+            raise CheckpointError(f"{name}: packed weights without scales and g_idx")
         shape = (tensors["scales"][1][1], tensors["g_idx"][1][0])
+    _check_stored(name, config, shape, tensors)
     counted = [t for t in COUNTED[config.kind] if t in tensors and not (config.kind == "uniform" and
                                                                          config.sym and t == "qzeros")]
     row = {"name": name, "format": config.kind, "config": config.name, "bits": config.bits,
@@ -68,6 +86,7 @@ def _module_row(name: str, config: QuantConfig, shape, meta: dict) -> dict:
 
 
 def inspect_checkpoint(path: Path, verify: bool = True) -> dict:
+    refuse_adapter(Path(path))
     meta = _tensor_meta(Path(path))
     layout = read_layout(path, verify=verify, tensor_names=list(meta))
     rows = [_module_row(name, config, shape, meta) for name, (config, shape) in sorted(layout.modules.items())]

@@ -15,15 +15,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compress.lowrank import LoRALinear
+from compress.prune.shrink import resize_layers
 from compress.quant import QuantConfig, QuantLinear, check_tensors
 
+from ..dtypes import DTYPES
 from ..errors import CheckpointError, brief
-from ..models import DTYPES
 from ..targets import set_module
 from .gptq import resolve_module_config
-from .manifest import MANIFEST, read_manifest
-from .tensors import load_tensors
+from .manifest import ADAPTER_FORMAT, MANIFEST, read_manifest
+from .shards import TensorSource
+from .tensors import load_tensors, tensor_files_present
 
+
+# parts of tensor names that only our checkpoints hold outside a GPTQ config (packed codes, LoRA)
+OUR_TENSOR_PARTS = (".qweight.", ".qzeros.", ".codes.", ".scale_codes.", ".scale_scales.", ".scale_offset.",
+                    ".lora_A.", ".lora_B.")
 
 
 @dataclass
@@ -64,11 +71,36 @@ def _gptq_modules(quant: dict, tensor_names: list[str], path: Path) -> dict:
     return modules
 
 
+def refuse_adapter(path: Path, manifest: dict | None = None) -> None:
+    """A PEFT adapter directory we wrote is not a model: say so instead of failing on its contents."""
+    if manifest is None and (Path(path) / MANIFEST).is_file():
+        manifest = read_manifest(Path(path), verify=False)
+    if manifest is not None and manifest.get("format") == ADAPTER_FORMAT:
+        raise CheckpointError(f"{path}: a PEFT adapter, not a model: load its base and apply it "
+                              "(compress.load_adapter, or PEFT's PeftModel.from_pretrained)")
+
+
+def refuse_lost_manifest(path: Path, tensor_names: list[str] | None = None) -> None:
+    """A directory without ``compress.json`` or a GPTQ config whose tensors are ones only compress
+    writes (packed codes, LoRA factors inside the model) is one of our checkpoints that lost its
+    manifest: nothing else says how to read those tensors, and Hugging Face would fill the layers
+    it cannot find with random values. Refused as damaged."""
+    if tensor_names is None:
+        if not tensor_files_present(path):
+            return  # no safetensors at all: not written by us
+        tensor_names = TensorSource(path).names()
+    ours = sorted(name for name in tensor_names if any(part in f"{name}." for part in OUR_TENSOR_PARTS))
+    if ours:
+        raise CheckpointError(f"{path}: damaged: it holds compress's packed tensors (e.g. {ours[0]}) but its "
+                              f"{MANIFEST} is missing, so nothing says how to read them; export it again")
+
+
 def read_layout(path: Path, verify: bool = True, tensor_names: list[str] | None = None) -> Layout:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
     manifest = read_manifest(path, verify=verify) if (path / MANIFEST).is_file() else None
+    refuse_adapter(path, manifest)
     config = _read_json(path / "config.json")
     quant = config.pop("quantization_config", None)
     if manifest is not None:
@@ -76,6 +108,7 @@ def read_layout(path: Path, verify: bool = True, tensor_names: list[str] | None 
                    for name, info in manifest["modules"].items()}
         return Layout(path, manifest["format"], config, modules, manifest)
     if quant is None:
+        refuse_lost_manifest(path, tensor_names)
         return Layout(path, "hf", config, {}, None)
     if quant.get("quant_method") != "gptq":
         raise CheckpointError(f"{path}: quant_method {quant.get('quant_method')!r} is not supported "
@@ -106,8 +139,6 @@ def build_model(config: dict, modules: dict[str, tuple[QuantConfig, tuple[int, i
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config)
     if widths:
-        from compress.prune.shrink import resize_layers
-
         resize_layers(model, widths)
     for name, (qconfig, shape) in modules.items():
         try:
@@ -146,8 +177,6 @@ def load_checkpoint(path: Path, dtype: str | None = None, verify: bool = True) -
 
 def wrap_adapters(model: nn.Module, adapters: dict[str, dict], tensors: dict, path: Path) -> dict:
     """Wrap the listed layers in LoRALinear and rename their base tensors to ``x.base_layer.*``."""
-    from compress.lowrank import LoRALinear
-
     for name, spec in adapters.items():
         try:
             base = model.get_submodule(name)
@@ -174,12 +203,25 @@ def _load_state(model: nn.Module, tensors: dict, path: Path) -> None:
         what = [f"{len(missing)} missing (e.g. {missing[:3]})"] if missing else []
         what += [f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"] if unexpected else []
         raise CheckpointError(f"{path}: tensors do not match the model: {'; '.join(what)}")
+    _refuse_misfits(model, tensors, path)
     model.load_state_dict(tensors, strict=False, assign=True)
     if tied:
         model.tie_weights()
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if tensor.is_meta:
             raise CheckpointError(f"{path}: {name} was not loaded")
+
+
+def _refuse_misfits(model: nn.Module, tensors: dict, path: Path) -> None:
+    """Every tensor has its slot's shape, and is floating point where the model's is (dense weights
+    are cast to the run's dtype later; packed codes were checked with their configs)."""
+    expected = model.state_dict()
+    for name, tensor in tensors.items():
+        slot = expected[name]
+        if tuple(tensor.shape) != tuple(slot.shape) or tensor.is_floating_point() != slot.is_floating_point():
+            raise CheckpointError(f"{path}: {name} is {str(tensor.dtype).removeprefix('torch.')} "
+                                  f"{list(tensor.shape)}, the model needs {str(slot.dtype).removeprefix('torch.')} "
+                                  f"{list(slot.shape)}")
 
 
 def cast_dense(model: nn.Module, dtype: torch.dtype | None) -> None:

@@ -16,6 +16,7 @@ from ..errors import CheckpointError, brief
 from .atomic import sha256_file
 
 MANIFEST = "compress.json"
+ADAPTER_FORMAT = "peft"  # a PEFT adapter directory we wrote (no model in it)
 FORMAT_VERSION = 1
 _PLACEHOLDER = "0" * 64
 _SELF_HASH = re.compile(rb'"manifest_sha256": "([0-9a-f]{64})"')

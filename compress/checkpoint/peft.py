@@ -9,6 +9,10 @@ between modules go to ``rank_pattern`` / ``alpha_pattern``.
 know our ``QuantLinear``, so ``QuantLoraLinear`` (a PEFT ``LoraLayer`` that computes
 ``base(x) + scaling * B(A(dropout(x)))``, as PEFT's own GPTQ layer does) is registered for it through
 PEFT's custom-module dispatch. Dense bases need nothing extra.
+
+Beside PEFT's two files we write our ``compress.json`` (format ``peft``: the sha256 of each file), which
+PEFT and engines ignore: it lets a rerun know the directory is ours to replace, and the loader catch
+a damaged file.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ from peft.tuners.lora.layer import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
-from compress.lowrank import LoRALinear
+from compress.lowrank import LoRALinear, set_module
 from compress.quant import QuantLinear
+
+from compress import __version__
 
 from ..errors import CheckpointError
 from .atomic import atomic_directory
+from .manifest import ADAPTER_FORMAT, MANIFEST, read_manifest, write_manifest
 from .write import adapter_modules
 
 WEIGHTS = "adapter_model.safetensors"
@@ -41,8 +48,6 @@ CONFIG = "adapter_config.json"
 def adapters_detached(model: nn.Module) -> Iterator[dict[str, LoRALinear]]:
     """Within the block every ``LoRALinear`` is replaced by its base layer (the model holds the base
     alone); on exit the adapters are put back. Yields the detached adapters by module name."""
-    from ..targets import set_module
-
     layers = adapter_modules(model)
     for name, layer in layers.items():
         set_module(model, name, layer.base_layer)
@@ -77,6 +82,7 @@ def write_peft_adapter(layers: dict[str, LoRALinear], directory: Path, base_mode
         lora_config(layers, base_model).save_pretrained(str(staging))
         _sort_target_modules(staging / "adapter_config.json")
         save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
+        write_manifest(staging, {"format": ADAPTER_FORMAT, "compress_version": __version__})
     return Path(directory)
 
 
@@ -123,7 +129,10 @@ def read_adapter_config(path: Path) -> LoraConfig:
 
 
 def load_peft_adapter(model: nn.Module, path: Path, trainable: bool = False) -> PeftModel:
-    """``PeftModel.from_pretrained(model, path)`` that also handles our packed ``QuantLinear`` bases."""
+    """``PeftModel.from_pretrained(model, path)`` that also handles our packed ``QuantLinear`` bases
+    (an adapter we wrote is checked against its manifest first)."""
+    if (Path(path) / MANIFEST).is_file():
+        read_manifest(Path(path), verify=True)
     config = read_adapter_config(path)
     config._register_custom_module({QuantLinear: QuantLoraLinear})
     with warnings.catch_warnings():  # PEFT warns about any layer type it does not know, ours included

@@ -60,6 +60,11 @@ def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(0, f"cannot write: {brief(err)}", str(path)) from None
 
 
+def tensor_files_present(directory: Path) -> bool:
+    directory = Path(directory)
+    return (directory / INDEX).is_file() or (directory / SINGLE).is_file()
+
+
 def tensor_files(directory: Path) -> list[Path]:
     directory = Path(directory)
     if (directory / INDEX).is_file():

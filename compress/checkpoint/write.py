@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from compress import __version__
-from compress.lowrank import LoRALinear, merge_adapters
+from compress.lowrank import LoRALinear, merge_adapters, set_module
+from compress.prune.shrink import layer_widths
 from compress.quant import QuantLinear
 
 from ..errors import CheckpointError
@@ -104,8 +105,6 @@ def _write_common(model: nn.Module, staging: Path, config: dict, tokenizer, max_
 
 def pruned_widths(model: nn.Module) -> dict:
     """Per-layer widths of a non-uniformly pruned model ({} when every layer matches the config)."""
-    from compress.prune.shrink import layer_widths
-
     try:
         return layer_widths(model)
     except (ValueError, AttributeError):  # not a Llama-family layout: nothing was pruned by us
@@ -172,8 +171,6 @@ def dense_copy(model: nn.Module) -> nn.Module:
     """A deep copy in which every LoRA adapter is merged and every QuantLinear is replaced by the
     nn.Linear it dequantizes to."""
     import copy
-
-    from ..targets import set_module
 
     clone = copy.deepcopy(model)
     dtype = dense_dtype(model)

@@ -13,12 +13,14 @@ must equal the in-memory model's, and its perplexity is measured when the recipe
 LoRA adapters (from ``lq_lora``, ``finetune``): ``adapters: peft`` (default) writes the base alone in
 ``format`` and the adapters as a standard PEFT adapter in ``adapter_path`` (default ``PATH-adapter``),
 verified by reloading the base and applying the adapter with PEFT; ``embed`` keeps them inside a
-``native`` checkpoint; ``merge`` folds them into a dense ``hf`` checkpoint. The report gives bits per
+``native`` checkpoint; ``merge`` folds them into a dense ``hf`` checkpoint. Both paths stay inside output and replace only
+what compress wrote there (``compress.output_paths``). The report gives bits per
 parameter without and with the adapters (stored in 16-bit, and in NF8 as LQ-LoRA counts them).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -27,8 +29,10 @@ from pydantic import Field, model_validator
 from compress.lowrank import NF8_BITS
 
 from ..checkpoint import WRITERS, inspect_checkpoint, load_checkpoint
+from ..checkpoint.write import adapter_modules
 from ..errors import StageError
 from ..evaluate import perplexity
+from ..output_paths import export_target, guard_before_write
 from ..report import StageReport
 from ..stage import Stage, StageConfig
 from .evaluation import eval_batch_size
@@ -73,7 +77,6 @@ def _compare_logits(ctx, reloaded, exact: bool, where: str) -> float:
 def _write(ctx, config: ExportConfig, target, report: StageReport) -> dict:
     """Write the checkpoint (and the PEFT adapter beside it); returns the adapters written."""
     from ..checkpoint.peft import adapters_detached, write_peft_adapter
-    from ..checkpoint.write import adapter_modules
 
     write = WRITERS[config.format]
     kwargs = dict(tokenizer=ctx.tokenizer, recipe=ctx.recipe.to_dict(), max_shard_bytes=config.max_shard_mib << 20)
@@ -82,7 +85,7 @@ def _write(ctx, config: ExportConfig, target, report: StageReport) -> dict:
         return {}
     with adapters_detached(ctx.model) as layers:
         write(ctx.model, target, **kwargs)
-    adapter_dir = write_peft_adapter(layers, ctx.out_dir / config.adapter_dir(), base_model=str(target))
+    adapter_dir = write_peft_adapter(layers, adapter_target(ctx, config), base_model=str(target))
     report.metrics["adapter_path"] = str(adapter_dir)
     report.notes.append(f"PEFT adapter ({len(layers)} layers) in {adapter_dir}")
     return layers
@@ -102,7 +105,6 @@ def _write_streamed(ctx, config: ExportConfig, target, report: StageReport) -> d
     """Copy the stream's source (the last stage's checkpoint) unit by unit into ``format``; LoRA
     adapters (``adapters: peft``) are set aside as their units pass and written as a PEFT adapter."""
     from ..checkpoint.peft import adapters_detached, write_peft_adapter
-    from ..checkpoint.write import adapter_modules
 
     stream, adapters, layers = ctx.stream, {}, {}
     split = config.adapters == "peft" and bool(adapter_modules(ctx.model))
@@ -126,7 +128,7 @@ def _write_streamed(ctx, config: ExportConfig, target, report: StageReport) -> d
             for leaf in ("lora_A", "lora_B"):
                 weight = adapters[f"{name}.{leaf}.weight"].to(ctx.stream.dtype)
                 getattr(layer, leaf).weight = torch.nn.Parameter(weight, requires_grad=False)
-        adapter_dir = write_peft_adapter(layers, ctx.out_dir / config.adapter_dir(), base_model=str(target))
+        adapter_dir = write_peft_adapter(layers, adapter_target(ctx, config), base_model=str(target))
         report.metrics["adapter_path"] = str(adapter_dir)
         report.notes.append(f"PEFT adapter ({len(layers)} layers) in {adapter_dir}")
     if config.verify:
@@ -143,8 +145,18 @@ def streams(config: ExportConfig) -> str | None:
     return None
 
 
+def adapter_target(ctx, config: ExportConfig) -> Path:
+    """Where the PEFT adapter goes, checked as the base's path is (inside output, free or ours)."""
+    target = export_target(ctx.out_dir, config.adapter_dir(), f"{ctx.entry.where}.adapter_path")
+    guard_before_write(target, f"{ctx.entry.where}.adapter_path")
+    return target
+
+
 def run(ctx, config: ExportConfig, report: StageReport) -> None:
-    target = ctx.out_dir / config.path
+    target = export_target(ctx.out_dir, config.path, f"{ctx.entry.where}.path")
+    guard_before_write(target, f"{ctx.entry.where}.path")
+    if config.adapters == "peft" and adapter_modules(ctx.model):
+        adapter_target(ctx, config)  # refused before the base is written, not after
     if ctx.stream is not None:
         layers = _write_streamed(ctx, config, target, report)
     else:

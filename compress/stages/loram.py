@@ -38,9 +38,9 @@ from ..checkpoint.write import write_native
 from ..errors import RecipeError
 from ..evaluate import perplexity
 from ..memory import model_tensor_bytes, release_freed_memory
-from ..recipe import TextOrigin
 from ..stage import Stage, StageConfig
 from ..targets import select_linears, set_module
+from ..text_specs import TextOrigin
 from .prune import PruneConfig, prune_structured
 from .quantize import QuantSpec
 from .training_common import (LoraSpec, TrainingConfig, attach_adapters, check_training_data, lora_parameters,

@@ -15,7 +15,7 @@ of a layer are tied to one config (engines fuse them). Cost entries are cached p
 recompute them; ``workers: N`` computes them in N processes. With ``torchrun`` the cost table, the
 Fisher windows and the decompositions are shared out over the ranks and rank 0 solves the ILP
 (``compress.distributed``). With ``streaming: true`` the stage holds one decoder layer at a time
-(``lq_lora_streamed``). ``alpha`` sets the adapter scaling
+(last paragraph). ``alpha`` sets the adapter scaling
 alpha / rank (LQ-LoRA: 16 at rank 64). ``group_sizes`` restricts the grid to those groups (NF:
 blocks). ``rank: 0`` is mixed-precision quantization by the same ILP with no low-rank part and no
 adapters (its result exports as GPTQ on the gptq grid).
@@ -25,12 +25,23 @@ configs are then applied layer by layer on ``data.calibration`` (``compress.laye
 matrix's Q = GPTQ(W - L1 L2) with its input Hessian H (``damp``), and the alternation keeps the
 iterate with the least output error sqrt(tr(R H Rᵀ) / 2). The ILP's cost table stays the RTN
 decomposition's (GPTQ for every config of every matrix would multiply its cost by the grid size).
+
+In a streaming recipe (``run_streamed``) there are three walks over the model's units
+(``compress.streaming``), each reading one unit from the stream's source: the Fisher, when asked for
+(``compress.streamed_fisher``: forward, then backward, one file per layer); the cost table, unit by
+unit (the same per-matrix entries and on-disk cache as in memory); then, after the ILP, the
+decomposition, each unit written as one shard of the stage's checkpoint (native format; LoRA
+adapters are stored in it and come back wrapped). With ``quantizer: gptq`` the calibration
+activations flow from layer to layer as in ``quantize``. The Fisher files (fp32, the size of the
+selected matrices) are removed when the stage ends. The result equals the in-memory stage's, tensor
+for tensor.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from typing import Literal
 
@@ -45,9 +56,11 @@ from compress.quant.gptq import gptq_quantize
 
 from ..checkpoint.atomic import atomic_write_text
 from ..errors import RecipeError, StageError
-from ..layerwise import calibrate_layerwise
+from ..layerwise import calibrate_layer, calibrate_layerwise, first_layer_inputs
 from ..parallel import parallel_map
 from ..stage import Stage, StageConfig
+from ..streamed_fisher import load_layer_fisher, streamed_fisher
+from ..streaming import rewrite_units
 from ..targets import check_selector, fused_members, select_linears, set_module
 
 
@@ -142,25 +155,25 @@ def _cache_key(weight: torch.Tensor, fisher: torch.Tensor | None, config: LQLoRA
 
 def cost_table(ctx, config: LQLoRAConfig, modules: dict, fisher: dict) -> dict[str, dict[str, tuple[float, int]]]:
     """{matrix: {config name: (squared error, bits)}}, cached per matrix on disk as each one is done
-    (a killed run recomputes only what is missing); ``workers`` > 1 spreads matrices over processes."""
+    (a killed run recomputes only what is missing); ``workers`` > 1 spreads matrices over processes.
+    With torchrun the matrices are shared out first and each rank reads the cache for its own share
+    only: what another rank has cached meanwhile cannot change who computes what."""
     cache = ctx.out_dir / ".cache" / "lq_lora"
     cache.mkdir(parents=True, exist_ok=True)
-    table, paths, jobs = {}, {}, {}
-    for name, module in modules.items():
+    local, paths, jobs = {}, {}, {}
+    for name in ctx.ranks.share(list(modules)):
+        module = modules[name]
         paths[name] = cache / f"{_cache_key(module.weight, fisher.get(name), config)}.json"
         if paths[name].is_file():
-            table[name] = {k: tuple(v) for k, v in json.loads(paths[name].read_text()).items()}
+            local[name] = {k: tuple(v) for k, v in json.loads(paths[name].read_text()).items()}
         else:
             weight = module.weight.detach().float()
             jobs[name] = (weight, grid_for(config, tuple(weight.shape)), config.rank, config.iterations,
                           fisher.get(name), config.seed)
-    mine = set(ctx.ranks.share(list(jobs)))  # with torchrun, each rank computes (and caches) its share
-    local = {}
-    for name, entries in ctx.track(parallel_map(matrix_costs, {n: j for n, j in jobs.items() if n in mine},
-                                                config.workers), "lq_lora costs", len(mine)):
-        local[name] = entries
+    for name, entries in ctx.track(parallel_map(matrix_costs, jobs, config.workers), "lq_lora costs", len(jobs)):
+        local[name] = {k: tuple(v) for k, v in entries.items()}
         atomic_write_text(paths[name], json.dumps(entries))
-    table.update(ctx.ranks.gather(local))
+    table = ctx.ranks.gather(local)
     return {name: table[name] for name in modules}
 
 
@@ -205,8 +218,6 @@ def report_sizes(config: LQLoRAConfig, result, shapes: dict[str, tuple[int, int]
 
 def run(ctx, config: LQLoRAConfig, report) -> None:
     if ctx.stream is not None:
-        from .lq_lora_streamed import run_streamed  # it builds on this module's parts
-
         return run_streamed(ctx, config, report)
     modules = dense_selection(ctx, config, report)
     start = time.perf_counter()
@@ -284,6 +295,53 @@ def _replace(ctx, config: LQLoRAConfig, modules: dict, fisher: dict, choice: dic
         if remaining:
             report.notes.append(f"outside the decoder layers, quantized with RTN: {', '.join(remaining)}")
     install(remaining, track=lambda names: ctx.track(names, "lq_lora decompose"))
+
+
+def run_streamed(ctx, config: LQLoRAConfig, report) -> None:
+    """The stage in a streaming recipe: the three walks of the module docstring's last paragraph."""
+    stream = ctx.stream
+    shapes = {n: (m.out_features, m.in_features) for n, m in dense_selection(ctx, config, report).items()}
+    start = time.perf_counter()
+    fisher_dir = streamed_fisher(ctx, list(shapes), ctx.out_dir / ".cache" / "lq_lora_fisher") if config.fisher else None
+    report.metrics["fisher_seconds"] = time.perf_counter() - start
+    units = [p for p in stream.units if any(stream.owns(p, n) for n in shapes)]
+    start = time.perf_counter()
+    table = {}
+    for prefix in ctx.track(units, "lq_lora costs (streaming)"):
+        with stream.unit(prefix):
+            table.update(cost_table(ctx, config, _modules(ctx, prefix, shapes), load_layer_fisher(fisher_dir, prefix)))
+    report.metrics["cost_table_seconds"] = time.perf_counter() - start
+    result = solve(ctx, config, {n: table[n] for n in shapes}, {n: o * i for n, (o, i) in shapes.items()}, report)
+    _decompose_streamed(ctx, config, shapes, fisher_dir, result.choice, report)
+    report_sizes(config, result, shapes, report)
+    ctx.ranks.barrier()
+    if fisher_dir is not None and ctx.ranks.main:  # as large as the model's linears in fp32
+        shutil.rmtree(fisher_dir)
+
+
+def _modules(ctx, prefix: str, shapes: dict) -> dict:
+    return {n: ctx.model.get_submodule(n) for n in shapes if ctx.stream.owns(prefix, n)}
+
+
+def _decompose_streamed(ctx, config: LQLoRAConfig, shapes: dict, fisher_dir, choice: dict, report) -> None:
+    """Unit by unit: decompose the unit's matrices (GPTQ's Hessians from the activations that
+    reach it) and write it as one shard of the stage's checkpoint."""
+    stream, outer = ctx.stream, []
+
+    def decompose_unit(prefix: str, unit, inputs):
+        modules = _modules(ctx, prefix, shapes)
+        install = installer(ctx, config, modules, load_layer_fisher(fisher_dir, prefix), choice, report)
+        if config.quantizer == "gptq" and prefix == stream.embeddings:
+            inputs = first_layer_inputs(ctx.model, ctx.windows("calibration"))
+        if config.quantizer == "gptq" and prefix in stream.layer_prefixes:
+            return calibrate_layer(unit, modules, lambda group, hessians: install(list(group), hessians), inputs)
+        outer.extend(modules if config.quantizer == "gptq" else [])
+        install(list(modules))
+        return inputs
+
+    rewrite_units(ctx, "lq_lora decompose (streaming)", decompose_unit)
+    if outer:
+        report.notes.append(f"outside the decoder layers, quantized with RTN: {', '.join(outer)}")
 
 
 STAGE = Stage(name="lq_lora", config=LQLoRAConfig, run=run, modifies_model=True, quantizes=True, check=check,

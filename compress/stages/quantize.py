@@ -29,7 +29,7 @@ import time
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_serializer, model_validator
 
 from compress.quant import QuantConfig, QuantLinear
 from compress.quant.gptq import gptq_quantize
@@ -38,7 +38,7 @@ from ..checkpoint.gptq import gptq_problems
 from ..config_errors import format_validation_error
 from ..errors import RecipeError, StageError
 from ..layerwise import calibrate_layer, calibrate_layerwise, first_layer_inputs
-from ..stage import Stage, StageConfig
+from ..stage import STRICT, Stage, StageConfig
 from ..streaming import release, rewrite_units
 from ..targets import check_selector, fused_members, matches, select_linears, set_module
 
@@ -49,7 +49,7 @@ UNIFORM_ONLY = ("group_size", "sym")
 class QuantSpec(BaseModel):
     """The recipe form of a ``QuantConfig``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
     type: Literal["uniform", "nf"] = "uniform"
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = 128

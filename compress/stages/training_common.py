@@ -5,25 +5,28 @@ mid-training checkpoints under ``OUTPUT/.cache/train/`` (kept until the stage en
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from compress.lowrank import LoRALinear, init_default
 
+from ..data import file_problem, token_windows
 from ..errors import RecipeError, StageError
 from ..memory import PeakMemory, model_tensor_bytes
-from ..recipe import TextOrigin
-from ..stage import StageConfig
+from ..stage import STRICT, StageConfig
 from ..targets import check_selector, select_linears, set_module
-from ..training import TrainHooks, TrainResult, TrainSettings, train
+from ..text_specs import TextOrigin
+from ..training import STATE_FILE, NonFiniteLoss, TrainHooks, TrainResult, TrainSettings, train
 
 
 class LoraSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
     rank: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -86,19 +89,39 @@ def lora_parameters(model) -> dict:
 
 def check_training_data(recipe, where: str, data: TextOrigin | None) -> None:
     """A training stage's text (``data:`` at ``where``, else ``data.calibration``) exists."""
-    if data is not None and data.path is not None and not Path(data.path).is_file():
-        raise RecipeError(f"{where}.data.path: {data.path} does not exist")
+    problem = file_problem(Path(data.path)) if data is not None and data.path is not None else None
+    if problem:
+        raise RecipeError(f"{where}.data.path: {data.path} {problem}")
     if data is None and recipe.spec.data.calibration is None:
         raise RecipeError(f"{where}: needs data: or data.calibration")
 
 
 def training_windows(ctx, config: TrainingConfig) -> torch.Tensor:
-    from ..data import token_windows
-
     origin = config.data or ctx.recipe.spec.data.calibration
     wanted = config.samples or config.steps * config.batch_size * config.grad_accum
     return token_windows(ctx.tokenizer, origin.text_source("train"), wanted, config.seq_len,
                          at_least=None if config.samples else config.batch_size)
+
+
+# settings a resumed training run may change: they steer the steps to come, not the state so far
+RESUMABLE_SETTINGS = ("lr", "quant_lr", "align_lr", "weight_decay", "max_grad_norm", "save_every", "eval_every")
+
+
+def _without(value, keys: tuple[str, ...]):
+    if isinstance(value, dict):
+        return {k: _without(v, keys) for k, v in value.items() if k not in keys}
+    if isinstance(value, list):
+        return [_without(v, keys) for v in value]
+    return value
+
+
+def training_key(ctx) -> str:
+    """The name of this stage's mid-training checkpoints: the recipe up to this stage with the
+    ``RESUMABLE_SETTINGS`` left out, so that lowering ``lr`` after a divergence and running with
+    ``--resume`` continues from the kept checkpoint instead of starting again."""
+    earlier = ctx.recipe.fingerprint(ctx.entry.index - 1)
+    stage = _without(ctx.entry.to_dict(), RESUMABLE_SETTINGS)
+    return hashlib.sha256(json.dumps([earlier, stage], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_training(ctx, config: TrainingConfig, params: dict, windows: torch.Tensor, eval_every: int = 0,
@@ -107,7 +130,7 @@ def run_training(ctx, config: TrainingConfig, params: dict, windows: torch.Tenso
     """The loop with this stage's checkpoint directory (one per ``phase`` of a stage that trains more
     than once); a failure names the stage and keeps the state."""
     settings = config.settings(ctx.recipe.spec.seed, eval_every)
-    state_dir = ctx.out_dir / ".cache" / "train" / f"{ctx.recipe.fingerprint(ctx.entry.index)[:16]}-{phase}"
+    state_dir = ctx.out_dir / ".cache" / "train" / f"{training_key(ctx)}-{phase}"
     if not ctx.resume:
         shutil.rmtree(state_dir, ignore_errors=True)
     if config.gradient_checkpointing:
@@ -119,7 +142,8 @@ def run_training(ctx, config: TrainingConfig, params: dict, windows: torch.Tenso
         result.peak_rss_mib, result.rss_growth_mib = peak.rss_mib, peak.rss_mib - peak.start_rss_mib
         result.model_mib = model_tensor_bytes(ctx.model) / 2**20
     except StageError as err:
-        kept = " (the last saved training state is kept)" if (state_dir / "train_state.pt").is_file() else ""
+        said = isinstance(err, NonFiniteLoss)  # it says itself which checkpoint is kept
+        kept = " (the last saved training state is kept)" if (state_dir / STATE_FILE).is_file() and not said else ""
         raise StageError(f"{ctx.entry.where}: {err}{kept}") from None
     finally:
         if config.gradient_checkpointing:
