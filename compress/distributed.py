@@ -70,13 +70,12 @@ class Ranks:
         return items[self.rank::self.world]
 
     def _check_agreement(self, items: list) -> None:
-        digest = hashlib.sha256(repr(items).encode()).hexdigest()
         parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, (digest, len(items), repr(items[:3])))
+        dist.all_gather_object(parts, (_digest(items), len(items), repr(items[:2])[:80]))
         if len({part[0] for part in parts}) > 1:
             seen = "; ".join(f"rank {r}: {n} items, first {head}" for r, (_, n, head) in enumerate(parts))
-            raise RuntimeError(f"ranks disagree on the units they share out ({seen}): a shared-out list was "
-                               "built from state that differs between ranks")
+            raise RankDisagreement(f"ranks disagree on the units they share out ({seen}): a shared-out list was "
+                                   "built from state that differs between ranks (a bug: please report it)")
 
     def pace(self, items: Iterable[T]) -> Iterator[T]:
         """``items``, with this rank's ``delay`` before each (no delay: unchanged)."""
@@ -134,6 +133,25 @@ def init_ranks() -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size(), _delay_for(dist.get_rank()))
 
 
+class RankDisagreement(CompressError):
+    """Ranks hold different lists to share out: a bug of ours, not bad input (exit code 1)."""
+
+    exit_code = 1
+
+
+def _digest(items: list) -> str:
+    """A digest of a list of names, numbers or tensors (tensors by their bytes: repr elides long ones)."""
+    digest = hashlib.sha256()
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            digest.update(str((item.dtype, tuple(item.shape))).encode())
+            digest.update(item.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(item).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 def _delay_for(rank: int) -> float:
     """This rank's sleep per unit from ``COMPRESS_RANK_DELAY=RANK:SECONDS`` (0 when unset or another rank)."""
     setting = os.environ.get("COMPRESS_RANK_DELAY", "")
@@ -141,9 +159,12 @@ def _delay_for(rank: int) -> float:
         return 0.0
     who, _, seconds = setting.partition(":")
     try:
-        return float(seconds) if int(who) == rank else 0.0
+        delay = float(seconds) if int(who) == rank else 0.0
     except ValueError:
-        raise CompressError(f"COMPRESS_RANK_DELAY={setting!r}: expected RANK:SECONDS, e.g. 1:0.5") from None
+        delay = -1.0
+    if not 0 <= delay < 3600:
+        raise CompressError(f"COMPRESS_RANK_DELAY={setting!r}: expected RANK:SECONDS (0 to 3600), e.g. 1:0.5")
+    return delay
 
 
 def shutdown() -> None:

@@ -22,7 +22,7 @@ def output_lock(out_dir: Path) -> Iterator[None]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:  # an existing file, no permission, a name too long, a read-only disk
         raise CompressError(f"output: {err.filename or out_dir}: cannot be used as the run's directory: "
-                        f"{err.strerror or err}") from None
+                            f"{err.strerror or err}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

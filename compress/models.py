@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .cache import cache_dir
-from .checkpoint.load import is_tied_head, load_checkpoint, refuse_lost_manifest
+from .checkpoint.load import is_tied_head, load_checkpoint, refuse_adapter, refuse_lost_manifest
 from .dtypes import DTYPES
 from .errors import ModelError, brief
 
@@ -78,6 +78,7 @@ def resolve_model(name: str) -> ModelSource:
         return ModelSource(name, "gguf", path)
     if path.is_dir():
         if (path / "compress.json").is_file():
+            refuse_adapter(path)  # our PEFT adapter directories carry a manifest too
             return ModelSource(name, "checkpoint", path)
         if (path / "config.json").is_file():
             kind = "checkpoint" if _has_gptq_config(path) else "hf"
@@ -218,6 +219,8 @@ def _from_hf_dir(path: Path, dtype: torch.dtype):
     refuse_lost_manifest(path)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    except MemoryError:
+        raise
     except Exception as err:  # transformers and safetensors raise many types for unreadable weights
         raise ModelError(f"model: cannot load {path}: {type(err).__name__}: {brief(err)}") from None
     missing = sorted(k for k in info.get("missing_keys", []) if not is_tied_head(k, model.config))

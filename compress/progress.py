@@ -13,6 +13,7 @@ With ``enabled=False`` (``--quiet``, tests) ``track`` just iterates.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -22,16 +23,25 @@ from typing import Callable, Iterable, Iterator, TypeVar
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .errors import CompressError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_INTERVAL = 30.0
 
 
 def default_interval() -> float:
-    try:
-        return max(0.0, float(os.environ.get("COMPRESS_PROGRESS_SECONDS", DEFAULT_INTERVAL)))
-    except ValueError:
+    """``COMPRESS_PROGRESS_SECONDS``, or 30."""
+    setting = os.environ.get("COMPRESS_PROGRESS_SECONDS", "")
+    if not setting:
         return DEFAULT_INTERVAL
+    try:
+        value = float(setting)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < math.inf:
+        raise CompressError(f"COMPRESS_PROGRESS_SECONDS={setting!r}: expected a number of seconds, e.g. 30")
+    return value
 
 
 def human_seconds(seconds: float) -> str:

@@ -38,3 +38,5 @@ class Stage:
     check: Callable | None = None
     leaves_adapters: Callable | None = None  # config -> whether the model carries LoRA adapters after it
     streaming: Callable | None = None  # config -> None if it runs in a streaming recipe, else why not
+    # config -> [(key of the rank in the config, rank, targets, ignore)] for each adapter it attaches
+    low_rank: Callable | None = None

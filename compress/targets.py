@@ -14,10 +14,12 @@ from typing import Iterable
 
 from torch import nn
 
-from compress.lowrank import set_module  # noqa: F401 (re-exported: the stages swap modules through it)
+from compress.lowrank import set_module
 from compress.quant import QuantLinear
 
 LINEAR_CLASSES = (nn.Linear, QuantLinear)
+__all__ = ["FUSED_GROUPS", "LINEAR_CLASSES", "check_selector", "fused_group", "fused_members", "matches", "matches_any",
+           "select_linears", "set_module"]  # set_module is the libraries' own, re-exported for the stages
 
 
 def check_selector(selector: str) -> str | None:

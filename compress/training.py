@@ -139,9 +139,11 @@ def optimizer_rates(optimizer) -> list[dict]:
 
 def _load_state(path: Path, params: dict[str, nn.Parameter], optimizer, result: TrainResult,
                 hooks: TrainHooks) -> int:
-    """Restore the state in ``path`` (or, when a crash came between the two writes, the previous file);
-    the optimizer keeps its moments but takes this run's rates, and a change is logged."""
-    path = path if path.is_file() else previous_file(path)
+    """Restore the state in ``path`` (or, when a crash came between the two writes, the previous file,
+    which then becomes the latest); the optimizer keeps its moments but takes this run's rates, and a
+    change is logged."""
+    if not path.is_file():
+        os.replace(previous_file(path), path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a torn or foreign file: say so rather than train from a bad state

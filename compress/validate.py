@@ -1,23 +1,23 @@
 """Checks that run before any weight is loaded (``compress validate``).
 
-1. Cross-stage rules, from the recipe alone: ``export`` stages come last and write distinct paths
-   inside ``output`` that are free or ours (``compress.output_paths``); pruning stages (``prune``,
-   ``loram``) and ``lq_lora`` come before any quantizing stage; stages that need calibration or
+1. The recipe's own rules (``check_order``, all that ``compress plan`` needs): ``export`` stages come
+   last; pruning stages (``prune``, ``loram``) come before any quantizing stage; stages that need
    evaluation data have it.
-2. Each stage's own checks against the model's structure: the model is built from its config on the
+2. What it reads and writes (``check_files``): the output can be made; exports write distinct paths
+   inside it that are free or ours and never the model being read (``compress.output_paths``); data
+   files exist; with ``streaming: true`` every stage streams and the model is a directory of
+   safetensors files.
+3. Each stage's own checks against the model's structure: the model is built from its config on the
    meta device (no weights), so a group size that does not fit or a selector that matches nothing is
    reported with the stage's location before minutes are spent loading; so is a LoRA rank above
-   min(in, out) of a layer it adapts.
-3. With ``streaming: true``: every stage streams, and the model is a directory of safetensors files.
+   min(in, out) of a layer it adapts, or an ``lq_lora`` whose every layer an earlier stage quantized.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel
 from torch import nn
 
 from .data import file_problem
@@ -41,6 +41,13 @@ class Skeleton:
 
 
 def check_rules(recipe: Recipe) -> None:
+    """Every check that needs no model: the recipe's own rules, then what it reads and writes."""
+    check_order(recipe)
+    check_files(recipe)
+
+
+def check_order(recipe: Recipe) -> None:
+    """Rules of the recipe alone (``compress plan`` checks only these: nothing on disk matters)."""
     stages = recipe.stages
     first_export = next((e.index for e in stages if e.name == "export"), None)
     if first_export is not None:
@@ -48,21 +55,23 @@ def check_rules(recipe: Recipe) -> None:
             if entry.name != "export":
                 raise RecipeError(f"{entry.where}: must come before stages[{first_export}].export "
                                   "(export stages are last)")
-    check_output(recipe.output)
-    check_export_paths(recipe.output, export_paths(recipe))
     first_quantizer = next((e for e in stages if e.stage.quantizes), None)
     if first_quantizer is not None:
-        for entry in stages[first_quantizer.index + 1:]:
+        for entry in stages[first_quantizer.index:]:
             if entry.name in PRUNING_STAGES:
                 raise RecipeError(f"{entry.where}: pruning must come before quantizing "
                                   f"({first_quantizer.where} quantizes)")
-            if entry.name in DENSE_ONLY_STAGES:
-                raise RecipeError(f"{entry.where}: decomposes dense weights, but {first_quantizer.where} "
-                                  "quantizes them first; put it before any quantizing stage (or drop one)")
     for entry in stages:
         for role in entry.stage.needs_data:
             if getattr(recipe.spec.data, role) is None:
                 raise RecipeError(f"{entry.where}: needs data.{role}")
+
+
+def check_files(recipe: Recipe) -> None:
+    """The output can be written, exports replace only what is ours, the data files are there."""
+    check_output(recipe.output)
+    model_dir = Path(recipe.spec.model).expanduser()
+    check_export_paths(recipe.output, export_paths(recipe), model_dir if model_dir.is_dir() else None)
     if recipe.spec.streaming:
         _check_streaming(recipe)
     for role in ("calibration", "eval"):
@@ -133,30 +142,34 @@ def build_skeleton(recipe: Recipe) -> Skeleton:
     return Skeleton(source, config, model)
 
 
-def low_rank_specs(config: BaseModel, where: str) -> Iterator[tuple[str, BaseModel]]:
-    """(place, mapping) of every mapping in a stage config that puts a rank-``rank`` adapter on the
-    layers its ``targets`` / ``ignore`` select (``lora:`` blocks, ``lq_lora`` itself), nested ones too."""
-    if all(key in type(config).model_fields for key in ("rank", "targets", "ignore")):
-        yield where, config
-    for key in type(config).model_fields:
-        value = getattr(config, key)
-        if isinstance(value, BaseModel):
-            yield from low_rank_specs(value, f"{where}.{key}")
-
-
 def check_ranks(recipe: Recipe, model: nn.Module) -> None:
-    """A LoRA rank is at most min(in, out) of every layer it adapts (a larger one only costs memory)."""
+    """A LoRA rank is at most min(in, out) of every layer it adapts (a larger one only costs memory);
+    each stage says which ranks it puts on which layers (``Stage.low_rank``)."""
     for entry in recipe.stages:
-        for where, spec in low_rank_specs(entry.config, entry.where):
-            layers = select_linears(model, spec.targets, spec.ignore)
-            if not layers or not spec.rank:
+        for key, rank, targets, ignore in entry.stage.low_rank(entry.config) if entry.stage.low_rank else []:
+            layers = select_linears(model, targets, ignore)
+            if not layers or not rank:
                 continue
             name, layer = min(layers, key=lambda item: min(item[1].in_features, item[1].out_features))
             limit = min(layer.in_features, layer.out_features)
-            if spec.rank > limit:
-                raise RecipeError(f"{where}.rank: {spec.rank} is above {limit}, the smaller side of {name} "
+            if rank > limit:
+                raise RecipeError(f"{entry.where}.{key}: {rank} is above {limit}, the smaller side of {name} "
                                   f"({layer.out_features} x {layer.in_features}); a rank is at most min(in, out) "
                                   "of every layer it adapts")
+
+
+def check_dense_left(recipe: Recipe, model: nn.Module) -> None:
+    """A stage that needs dense weights (``lq_lora``) finds some among those it selects, after the
+    layers that earlier quantizing stages select."""
+    quantized: set[str] = set()
+    for entry in recipe.stages:
+        selected = {name for name, _ in select_linears(model, entry.config.targets, entry.config.ignore)} \
+            if entry.stage.quantizes else set()
+        if entry.name in DENSE_ONLY_STAGES and selected and selected <= quantized:
+            earlier = next(e for e in recipe.stages[:entry.index] if e.stage.quantizes)
+            raise RecipeError(f"{entry.where}: decomposes dense weights, but every layer it selects is quantized "
+                              f"before it (by {earlier.where}); put it first, or select other layers")
+        quantized |= selected
 
 
 def check_recipe(recipe: Recipe, skeleton: Skeleton | None = None) -> Skeleton:
@@ -168,4 +181,5 @@ def check_recipe(recipe: Recipe, skeleton: Skeleton | None = None) -> Skeleton:
             entry.stage.check(recipe, entry, skeleton.model)
     if skeleton.model is not None:
         check_ranks(recipe, skeleton.model)
+        check_dense_left(recipe, skeleton.model)
     return skeleton

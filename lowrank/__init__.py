@@ -12,6 +12,6 @@ from .fisher import empirical_fisher
 from .init import init_default, init_from_factors
 from .lora import NF8_BITS, LoRALinear, merge_adapters, set_module
 
-__all__ = ["GRIDS", "NF8_BITS", "Allocation", "Decomposition", "InfeasibleBudget", "LoRALinear", "allocate", "budget_bits_for",
-           "empirical_fisher", "init_default", "init_from_factors", "lq_decompose", "matrix_costs", "merge_adapters", "minimum_bits",
-           "set_module"]
+__all__ = ["GRIDS", "NF8_BITS", "Allocation", "Decomposition", "InfeasibleBudget", "LoRALinear", "allocate",
+           "budget_bits_for", "empirical_fisher", "init_default", "init_from_factors", "lq_decompose", "matrix_costs",
+           "merge_adapters", "minimum_bits", "set_module"]

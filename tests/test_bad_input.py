@@ -65,7 +65,8 @@ def test_a_rank_that_fits_every_layer_passes(tmp_path):
 
 def test_lq_lora_after_quantize_is_refused(tmp_path):
     stages = [{"quantize": {}}, {"lq_lora": {"rank": 8, "budget_bits": 4}}]
-    one_line(("validate", recipe(tmp_path, stages)), "stages[1].lq_lora: decomposes dense weights, but stages[0].quantize")
+    expected = "stages[1].lq_lora: decomposes dense weights, but every layer it selects is quantized before it (by stages[0].quantize)"
+    one_line(("validate", recipe(tmp_path, stages)), expected)
 
 
 @pytest.mark.parametrize("args, pattern", [
@@ -166,3 +167,41 @@ def test_overwrite_keeps_the_earlier_stages_until_the_new_model_loads(tmp_path, 
     result = run_cli("run", path, "--overwrite", "--quiet")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert sorted(p.name for p in (out / ".stages").iterdir()) == saved
+
+
+def test_an_unhashable_key_is_one_line(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model: tiny-llama\noutput: out\nstages: [{eval: {}}]\n[1, 2]: 3\n")
+    one_line(("validate", path), "found unhashable key")
+
+
+def test_lq_lora_on_layers_left_dense_passes_and_on_none_is_refused(tmp_path):
+    stages = [{"quantize": {"targets": ["re:.*mlp.*"]}},
+              {"lq_lora": {"rank": 4, "budget_bits": 4.5, "targets": ["re:.*self_attn.*"]}}]
+    code, _, stderr = run("validate", recipe(tmp_path, stages))
+    assert code == 0, stderr
+    stages[1]["lq_lora"]["targets"] = ["re:.*mlp.*"]
+    one_line(("validate", recipe(tmp_path, stages)), "every layer it selects is quantized before it (by stages[0]")
+
+
+def test_l4q_ranks_are_checked_on_the_layers_it_trains(tmp_path):
+    stage = {"l4q": {"targets": ["re:.*mlp.*"], "lora": {"rank": 200}}}  # mlp layers are 256 wide at least
+    code, _, stderr = run("validate", recipe(tmp_path, [stage]))
+    assert code == 0, stderr
+    stage["l4q"]["lora"]["rank"] = 300
+    one_line(("validate", recipe(tmp_path, [stage])), "300 is above 256, the smaller side of model.layers.0.mlp")
+
+
+def test_a_peft_adapter_given_as_a_model_says_so(tmp_path):
+    from conftest import micro_llama
+
+    from compress.checkpoint.peft import write_peft_adapter
+    from compress.lowrank import LoRALinear
+
+    layer = LoRALinear(micro_llama().model.layers[0].self_attn.q_proj, 4, 8.0)
+    write_peft_adapter({"model.layers.0.self_attn.q_proj": layer}, tmp_path / "adapter")
+    one_line(("eval", tmp_path / "adapter"), "a PEFT adapter, not a model")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": str(tmp_path / "adapter"), "stages": [{"quantize": {}}],
+                                    "output": str(tmp_path / "out")}))
+    one_line(("validate", path), "a PEFT adapter, not a model")

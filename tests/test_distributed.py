@@ -63,10 +63,10 @@ def test_two_processes_write_the_bytes_of_one(sharded_tiny, tmp_path, name):
     assert single.returncode == 0, single.stderr[-3000:]
     expected = file_hashes(out / "checkpoint")
     shutil.move(out, tmp_path / "single")
-    late = sorted(RECIPES).index(name) % 2  # rank 1 lags in half of the recipes, rank 0 in the others
+    late = 1 - sorted(RECIPES).index(name) % 2  # rank 1 lags in half of the recipes, rank 0 in the others
     launched = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "compress.entry.cli",
                                "run", str(recipe), "--quiet"], capture_output=True, text=True, timeout=900, cwd=ROOT,
-                              env=dict(env, COMPRESS_RANK_DELAY=f"{1 - late}:{DELAY_SECONDS}"))
+                              env=dict(env, COMPRESS_RANK_DELAY=f"{late}:{DELAY_SECONDS}"))
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert file_hashes(out / "checkpoint") == expected
     if (tmp_path / "single" / "checkpoint-adapter").is_dir():
@@ -76,12 +76,19 @@ def test_two_processes_write_the_bytes_of_one(sharded_tiny, tmp_path, name):
 
 
 DISAGREE = """
-from compress.distributed import init_ranks, shutdown
+import torch
+from compress.distributed import RankDisagreement, init_ranks, shutdown
 ranks = init_ranks()
 try:
     ranks.share(["a", "b", "c"] if ranks.rank == 0 else ["b", "c"])
-except RuntimeError as err:
+except RankDisagreement as err:
     print(f"rank {ranks.rank}: {err}")
+windows = torch.zeros(2, 2048, dtype=torch.long)  # differ in one token, far past what repr shows
+windows[1, 1000] = ranks.rank
+try:
+    ranks.share(list(windows))
+except RankDisagreement as err:
+    print(f"rank {ranks.rank} windows: {err}")
 shutdown()
 """
 
@@ -96,3 +103,4 @@ def test_ranks_that_disagree_on_a_shared_list_fail_together(tmp_path):
     for rank in (0, 1):
         assert f"rank {rank}: ranks disagree on the units they share out (rank 0: 3 items" in launched.stdout, \
             launched.stdout
+        assert f"rank {rank} windows: ranks disagree" in launched.stdout, launched.stdout

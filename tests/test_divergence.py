@@ -111,3 +111,40 @@ def test_a_killed_run_resumes_with_a_changed_rate_from_its_checkpoint(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming training at step 4 of 8" in resumed.stderr, resumed.stderr[-3000:]
     assert "group 0 lr 0.001 -> 0.0005" in resumed.stderr, resumed.stderr[-3000:]
+
+
+def keys_for(train_lr: float, align_lr: float) -> dict[str, str]:
+    """training_key of LoRAM's training phase and of a finetune stage for one recipe."""
+    from types import SimpleNamespace
+
+    from compress.recipe import parse_recipe
+    from compress.stages.training_common import training_key
+
+    recipe = parse_recipe({"model": "tiny-llama", "output": "out", "stages": [
+        {"loram": {"align_steps": 2, "align_lr": align_lr, "train": {"lr": train_lr, "lora": {"rank": 4}}}},
+        {"finetune": {"lr": train_lr}}]})
+    loram, finetune = recipe.stages
+    return {"loram-train": training_key(SimpleNamespace(entry=loram, recipe=recipe), loram.config.train),
+            "finetune": training_key(SimpleNamespace(entry=finetune, recipe=recipe), finetune.config)}
+
+
+def test_a_phase_resumes_across_its_own_rate_but_not_an_earlier_phases():
+    base = keys_for(1e-4, 5e-5)
+    assert keys_for(5e-5, 5e-5)["loram-train"] == base["loram-train"]  # its own lr: resumable
+    assert keys_for(1e-4, 5e-2)["loram-train"] != base["loram-train"]  # alignment changed: the small model did
+    assert keys_for(1e-4, 5e-2)["finetune"] != base["finetune"]  # an earlier stage changed
+
+
+def test_a_crash_between_the_two_writes_resumes_from_the_previous_file(tmp_path):
+    from compress.training import previous_file
+
+    model = Climber(limit=1e9)
+    params, windows = {"weight": model.weight}, torch.zeros(4, 4, dtype=torch.long)
+    short = TrainSettings(steps=3, lr=1.0, batch_size=1, warmup=0.0, max_grad_norm=0.0, save_every=1)
+    train(model, params, windows, short, state_dir=tmp_path)  # saves steps 1 and 2 (not the last)
+    latest = tmp_path / STATE_FILE
+    assert torch.load(previous_file(latest), weights_only=True)["step"] == 1
+    latest.unlink()  # as a crash right after the latest moved aside leaves it
+    fresh = Climber(limit=1e9)
+    result = train(fresh, {"weight": fresh.weight}, windows, short, state_dir=tmp_path, resume=True)
+    assert result.resumed_from == 1 and latest.is_file() and len(result.losses) == 3

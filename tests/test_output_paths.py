@@ -168,3 +168,64 @@ def test_a_directory_we_wrote_is_replaced_and_nothing_else_is_touched(tmp_path, 
     assert (tmp_path / "out" / "checkpoint" / "compress.json").is_file()
     assert (tmp_path / "out" / "checkpoint-adapter" / "compress.json").is_file()
     assert file_hashes(sentinel) == before
+
+
+def test_a_file_of_the_users_inside_our_own_export_is_not_deleted(tmp_path, sentinel):
+    """Our manifest makes the directory ours, but not a file it does not list."""
+    code, stderr = run("run", recipe_file(tmp_path, {"format": "native", "verify": False}), "--quiet")
+    assert code == 0, stderr
+    notes = tmp_path / "out" / "checkpoint" / "notes" / "NOTES.md"
+    notes.parent.mkdir()
+    notes.write_text("mine\n")
+    code, stderr = run("run", recipe_file(tmp_path, {"format": "native", "verify": False}), "--overwrite")
+    assert code == 2 and "holds 'notes'" in stderr and "does not list" in stderr, stderr
+    assert notes.read_text() == "mine\n"
+
+
+def test_links_and_files_in_the_way_are_refused_at_validate(tmp_path, sentinel):
+    output = tmp_path / "out"
+    (output / "real").mkdir(parents=True)
+    os.symlink(output / "real", output / "ckpt")  # inside output, but a link: run would refuse it late
+    refused(tmp_path, recipe_file(tmp_path, {"format": "native", "path": "ckpt"}), sentinel,
+            "is not a directory written by compress")
+    (output / "notes").write_text("a file\n")
+    refused(tmp_path, recipe_file(tmp_path, {"format": "native", "path": "notes/x"}), sentinel, "is in the way")
+    os.symlink(output / "loop2", output / "loop1")
+    os.symlink(output / "loop1", output / "loop2")
+    refused(tmp_path, recipe_file(tmp_path, {"format": "native", "path": "loop1/x"}), sentinel, "cannot be resolved")
+
+
+def test_run_entries_in_another_letter_case_are_refused(tmp_path, sentinel):
+    refused(tmp_path, recipe_file(tmp_path, {"format": "native", "path": ".STAGES"}), sentinel, "the run's own .STAGES")
+
+
+def test_an_export_onto_the_model_being_read_is_refused(tmp_path, sentinel):
+    code, stderr = run("run", recipe_file(tmp_path, {"format": "native", "verify": False}), "--quiet")
+    assert code == 0, stderr
+    path = tmp_path / "again.yaml"
+    path.write_text(yaml.safe_dump({"model": str(tmp_path / "out" / "checkpoint"), "output": str(tmp_path / "out"),
+                                    "stages": [{"export": {"format": "native"}}]}))
+    refused(tmp_path, str(path), sentinel, "would replace the model this run reads")
+
+
+def test_a_trailing_slash_does_not_move_the_adapter_into_the_checkpoint():
+    from compress.stages.export import ExportConfig
+
+    assert ExportConfig(path="ckpt/").adapter_dir() == "ckpt-adapter"
+
+
+def test_stale_write_leftovers_are_ours_only(tmp_path):
+    from compress.checkpoint.atomic import atomic_directory
+
+    (tmp_path / ".old-photos-2020").mkdir()  # the user's, despite the name
+    (tmp_path / ".tmp-photos-abcd1234").mkdir()  # what a crashed write of ours leaves
+    with atomic_directory(tmp_path / "photos") as staging:
+        (staging / "x").write_text("x")
+    assert (tmp_path / ".old-photos-2020").is_dir() and not (tmp_path / ".tmp-photos-abcd1234").exists()
+
+
+def test_plan_reads_only_the_recipe(tmp_path):
+    output = tmp_path / "out"
+    output.write_text("a file: validate refuses it, a plan for elsewhere need not\n")
+    code, stderr = run("plan", recipe_file(tmp_path, {"format": "native"}, output=output))
+    assert code == 0, stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -42,10 +43,11 @@ def fsync_tree(root: Path) -> None:
 
 
 def _remove_stale(target: Path) -> None:
-    for stale in target.parent.glob(f".tmp-{target.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-    for stale in target.parent.glob(f".old-{target.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    """Remove what a crashed write of ``target`` left: exactly the names this module makes."""
+    ours = re.compile(rf"\.(tmp|old)-{re.escape(target.name)}-[a-z0-9_]{{8}}")
+    for stale in target.parent.iterdir() if target.parent.is_dir() else []:
+        if ours.fullmatch(stale.name):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -30,10 +30,9 @@ from peft.tuners.lora.layer import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
+from compress import __version__
 from compress.lowrank import LoRALinear, set_module
 from compress.quant import QuantLinear
-
-from compress import __version__
 
 from ..errors import CheckpointError
 from .atomic import atomic_directory

@@ -13,8 +13,8 @@ must equal the in-memory model's, and its perplexity is measured when the recipe
 LoRA adapters (from ``lq_lora``, ``finetune``): ``adapters: peft`` (default) writes the base alone in
 ``format`` and the adapters as a standard PEFT adapter in ``adapter_path`` (default ``PATH-adapter``),
 verified by reloading the base and applying the adapter with PEFT; ``embed`` keeps them inside a
-``native`` checkpoint; ``merge`` folds them into a dense ``hf`` checkpoint. Both paths stay inside output and replace only
-what compress wrote there (``compress.output_paths``). The report gives bits per
+``native`` checkpoint; ``merge`` folds them into a dense ``hf`` checkpoint. Both paths stay inside
+output and replace only what compress wrote there (``compress.output_paths``). The report gives bits per
 parameter without and with the adapters (stored in 16-bit, and in NF8 as LQ-LoRA counts them).
 """
 
@@ -58,7 +58,7 @@ class ExportConfig(StageConfig):
         return self
 
     def adapter_dir(self) -> str:
-        return self.adapter_path or f"{self.path}-adapter"
+        return self.adapter_path or f"{self.path.rstrip('/')}-adapter"
 
 
 def _compare_logits(ctx, reloaded, exact: bool, where: str) -> float:

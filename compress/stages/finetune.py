@@ -26,7 +26,7 @@ from ..evaluate import perplexity
 from ..stage import Stage
 from ..targets import select_linears
 from .training_common import (LoraSpec, TrainingConfig, attach_adapters, check_training_data, has_adapters,
-                              lora_parameters, run_training, tail_mean, training_windows)
+                              lora_parameters, lora_rank, run_training, tail_mean, training_windows)
 
 
 class FinetuneConfig(TrainingConfig):
@@ -85,4 +85,4 @@ def run(ctx, config: FinetuneConfig, report) -> None:
 
 
 STAGE = Stage(name="finetune", config=FinetuneConfig, run=run, modifies_model=True, check=check,
-              leaves_adapters=leaves_adapters)
+              leaves_adapters=leaves_adapters, low_rank=lambda config: lora_rank("lora", config.lora))

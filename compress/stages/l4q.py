@@ -182,4 +182,5 @@ def run(ctx, config: L4QConfig, report) -> None:
                           label=f"l4q int{config.bits}-g{config.group_size}")
 
 
-STAGE = Stage(name="l4q", config=L4QConfig, run=run, modifies_model=True, quantizes=True, check=check)
+STAGE = Stage(name="l4q", config=L4QConfig, run=run, modifies_model=True, quantizes=True, check=check,
+              low_rank=lambda config: [("lora.rank", config.lora.rank, config.targets, config.ignore)])

@@ -44,7 +44,7 @@ from ..text_specs import TextOrigin
 from .prune import PruneConfig, prune_structured
 from .quantize import QuantSpec
 from .training_common import (LoraSpec, TrainingConfig, attach_adapters, check_training_data, lora_parameters,
-                              run_training, tail_mean, training_windows)
+                              lora_rank, run_training, tail_mean, training_windows)
 
 STRUCTURED = ("loraprune", "gradient", "magnitude", "random")
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # bitsandbytes NF4 with double quantization (QLoRA): 4.127
@@ -169,6 +169,9 @@ def run(ctx, config: LoramConfig, report) -> None:
     cache = ctx.out_dir / ".cache" / "loram" / ctx.recipe.fingerprint(ctx.entry.index)[:16]
     if not ctx.resume:
         shutil.rmtree(cache, ignore_errors=True)
+    for stale in cache.parent.iterdir() if cache.parent.is_dir() else []:  # an earlier recipe's copies
+        if stale != cache:
+            shutil.rmtree(stale, ignore_errors=True)
     large_params, large_bytes = sum(p.numel() for p in ctx.model.parameters()), model_tensor_bytes(ctx.model)
     if not (cache / "large" / "compress.json").is_file():
         write_native(ctx.model, cache / "large")
@@ -219,4 +222,6 @@ def _report(report, config: LoramConfig, result, large_params: int, small_params
 
 
 STAGE = Stage(name="loram", config=LoramConfig, run=run, modifies_model=True, check=check,
-              leaves_adapters=lambda config: config.output == "adapter")
+              leaves_adapters=lambda config: config.output == "adapter",
+              low_rank=lambda config: [*lora_rank("prune.lora", config.prune.lora),
+                                       *lora_rank("train.lora", config.train.lora)])

@@ -186,13 +186,16 @@ def _fisher(ctx, config: LQLoRAConfig, names: list[str]) -> dict[str, torch.Tens
 
 
 def dense_selection(ctx, config: LQLoRAConfig, report) -> dict:
-    """{name: module} of the selected dense linears (others are reported as skipped)."""
+    """{name: module} of the selected dense linears (others are reported as skipped); none is an error."""
     modules = {}
     for name, module in select_linears(ctx.model, config.targets, config.ignore):
         if isinstance(module, torch.nn.Linear):
             modules[name] = module
         else:
             report.skip(name, f"not a dense linear ({type(module).__name__})")
+    if not modules:
+        raise StageError(f"{ctx.entry.where}: no dense linear layer to decompose among those selected "
+                         f"({len(report.skipped)} already quantized); lq_lora starts from dense weights")
     return modules
 
 
@@ -302,7 +305,8 @@ def run_streamed(ctx, config: LQLoRAConfig, report) -> None:
     stream = ctx.stream
     shapes = {n: (m.out_features, m.in_features) for n, m in dense_selection(ctx, config, report).items()}
     start = time.perf_counter()
-    fisher_dir = streamed_fisher(ctx, list(shapes), ctx.out_dir / ".cache" / "lq_lora_fisher") if config.fisher else None
+    fisher_cache = ctx.out_dir / ".cache" / "lq_lora_fisher"
+    fisher_dir = streamed_fisher(ctx, list(shapes), fisher_cache) if config.fisher else None
     report.metrics["fisher_seconds"] = time.perf_counter() - start
     units = [p for p in stream.units if any(stream.owns(p, n) for n in shapes)]
     start = time.perf_counter()
@@ -345,4 +349,5 @@ def _decompose_streamed(ctx, config: LQLoRAConfig, shapes: dict, fisher_dir, cho
 
 
 STAGE = Stage(name="lq_lora", config=LQLoRAConfig, run=run, modifies_model=True, quantizes=True, check=check,
-              leaves_adapters=lambda config: config.rank > 0, streaming=lambda config: None)
+              leaves_adapters=lambda config: config.rank > 0, streaming=lambda config: None,
+              low_rank=lambda config: [("rank", config.rank, config.targets, config.ignore)])

@@ -34,7 +34,7 @@ from compress.prune.units import ATTENTION, MLP
 from ..errors import RecipeError, StageError
 from ..stage import Stage
 from .training_common import (LoraSpec, TrainingConfig, attach_adapters, check_training_data, has_adapters,
-                              lora_parameters, run_training, tail_mean, training_windows)
+                              lora_parameters, lora_rank, run_training, tail_mean, training_windows)
 
 
 class PruneConfig(TrainingConfig):
@@ -154,4 +154,5 @@ def prune_structured(ctx, config: PruneConfig, report, phase: str = "prune") -> 
     return ctx.model.config.compress_pruning
 
 
-STAGE = Stage(name="prune", config=PruneConfig, run=run, modifies_model=True, check=check)
+STAGE = Stage(name="prune", config=PruneConfig, run=run, modifies_model=True, check=check,
+              low_rank=lambda config: lora_rank("lora", config.lora))

@@ -64,6 +64,11 @@ class TrainingConfig(StageConfig):
                              recipe_seed if self.seed is None else self.seed)
 
 
+def lora_rank(key: str, spec: LoraSpec | None) -> list[tuple[str, int, list[str], list[str]]]:
+    """A ``lora:`` block's entry for ``Stage.low_rank`` (none when the block is absent)."""
+    return [] if spec is None else [(f"{key}.rank", spec.rank, list(spec.targets), list(spec.ignore))]
+
+
 def has_adapters(model) -> bool:
     return any(isinstance(m, LoRALinear) for m in model.modules())
 
@@ -104,24 +109,46 @@ def training_windows(ctx, config: TrainingConfig) -> torch.Tensor:
 
 
 # settings a resumed training run may change: they steer the steps to come, not the state so far
-RESUMABLE_SETTINGS = ("lr", "quant_lr", "align_lr", "weight_decay", "max_grad_norm", "save_every", "eval_every")
+RESUMABLE_SETTINGS = ("lr", "quant_lr", "weight_decay", "max_grad_norm", "save_every", "eval_every")
 
 
-def _without(value, keys: tuple[str, ...]):
-    if isinstance(value, dict):
-        return {k: _without(v, keys) for k, v in value.items() if k not in keys}
-    if isinstance(value, list):
-        return [_without(v, keys) for v in value]
-    return value
+def _location(root, target, path: tuple = ()) -> tuple | None:
+    """The keys that lead from config ``root`` to the sub-config ``target`` (the same object), or None."""
+    if root is target:
+        return path
+    for key in type(root).model_fields:
+        value = getattr(root, key)
+        if isinstance(value, BaseModel):
+            found = _location(value, target, path + (key,))
+            if found is not None:
+                return found
+    return None
 
 
-def training_key(ctx) -> str:
-    """The name of this stage's mid-training checkpoints: the recipe up to this stage with the
-    ``RESUMABLE_SETTINGS`` left out, so that lowering ``lr`` after a divergence and running with
-    ``--resume`` continues from the kept checkpoint instead of starting again."""
+def training_key(ctx, config: TrainingConfig) -> str:
+    """The name of one training phase's mid-training checkpoints: everything that made the model
+    this phase starts from, and this phase's settings, except its own ``RESUMABLE_SETTINGS``; so
+    lowering ``lr`` after a divergence and running with ``--resume`` continues from the kept
+    checkpoint, while a change to an earlier phase of the stage (LoRAM's pruning or alignment) starts
+    this phase again. A phase whose settings are not a part of the stage's config (made from several
+    keys) keeps none of its rates out: changing them starts it again."""
+    stage = ctx.entry.to_dict()
+    location = _location(ctx.entry.config, config)
+    if location is not None:
+        holder = stage[ctx.entry.name]
+        for key in location:
+            holder = holder[key]
+        for key in RESUMABLE_SETTINGS:
+            holder.pop(key, None)
     earlier = ctx.recipe.fingerprint(ctx.entry.index - 1)
-    stage = _without(ctx.entry.to_dict(), RESUMABLE_SETTINGS)
     return hashlib.sha256(json.dumps([earlier, stage], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _remove_stale_states(root: Path, keep: Path, phase: str) -> None:
+    """Earlier recipe versions' checkpoints of this phase (their keys differ): nothing can resume them."""
+    for stale in root.glob(f"*-{phase}") if root.is_dir() else []:
+        if stale != keep and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def run_training(ctx, config: TrainingConfig, params: dict, windows: torch.Tensor, eval_every: int = 0,
@@ -130,7 +157,7 @@ def run_training(ctx, config: TrainingConfig, params: dict, windows: torch.Tenso
     """The loop with this stage's checkpoint directory (one per ``phase`` of a stage that trains more
     than once); a failure names the stage and keeps the state."""
     settings = config.settings(ctx.recipe.spec.seed, eval_every)
-    state_dir = ctx.out_dir / ".cache" / "train" / f"{training_key(ctx)}-{phase}"
+    state_dir = ctx.out_dir / ".cache" / "train" / f"{training_key(ctx, config)}-{phase}"
     if not ctx.resume:
         shutil.rmtree(state_dir, ignore_errors=True)
     if config.gradient_checkpointing:
@@ -149,6 +176,7 @@ def run_training(ctx, config: TrainingConfig, params: dict, windows: torch.Tenso
         if config.gradient_checkpointing:
             ctx.model.gradient_checkpointing_disable()
     shutil.rmtree(state_dir, ignore_errors=True)
+    _remove_stale_states(state_dir.parent, state_dir, phase)
     return result
 
 
