@@ -1,6 +1,6 @@
-"""``compress plan`` predictions vs measured training memory on SmolLM2-135M, CPU (issue 9 benchmark).
+"""``compress plan`` predictions vs measured training memory on SmolLM2-135M (issue 9; CUDA: issue 21).
 
-    .venv/bin/python benchmarks/plan_vs_measured.py [--out out/bench/plan_vs_measured] [--steps 4]
+    .venv/bin/python benchmarks/plan_vs_measured.py [--out out/bench/plan_vs_measured] [--steps 4] [--device cuda]
 
 Each run is a real recipe (fp32, stdlib text, batch 2 x 256 tokens, LoRA rank 16), in its own process
 with glibc's mmap threshold fixed at 128 KiB so that RSS follows the live tensors:
@@ -13,7 +13,9 @@ with glibc's mmap threshold fixed at 128 KiB so that RSS follows the live tensor
 
 Measured peak = the model's tensors when training began (parameters and buffers, counted from the
 tensors) + the RSS growth of the training loop (sampled every 20 ms). Predicted = the total of the
-same stage in ``compress plan RECIPE`` (for LoRAM, its "train small" row). Goal: within 15 %.
+same stage in ``compress plan RECIPE`` (for LoRAM, its "train small" row). Goal: within 15 %. With
+``--device cuda`` the recipes compute on the GPU and measured = the training stage's
+``torch.cuda.max_memory_allocated`` (the model, adapters, optimizer, activations: all on the device).
 Writes ``results.json`` and ``results.md`` under ``--out``.
 """
 
@@ -48,13 +50,13 @@ def stages_for(run: str, steps: int) -> list[dict]:
                        "quantize_small": "nf4" if run == "qloram" else None}}]
 
 
-def recipe_for(out: Path, run: str, steps: int):
+def recipe_for(out: Path, run: str, steps: int, device: str = "cpu"):
     from compress.recipe import parse_recipe
 
     data = {"calibration": {"source": "stdlib", "split": "train", "samples": 16, "seq_len": 256},
             "eval": {"source": "stdlib", "split": "eval", "samples": 2, "seq_len": 256}}
     return parse_recipe({"model": "smollm2-135m", "dtype": "float32", "data": data, "seed": 0,
-                         "stages": stages_for(run, steps), "output": str(out / run)})
+                         "stages": stages_for(run, steps), "output": str(out / run), "device": device})
 
 
 def predicted_mib(recipe) -> tuple[str, float]:
@@ -65,23 +67,27 @@ def predicted_mib(recipe) -> tuple[str, float]:
     return label, sum(stages[label].values()) / 2**20
 
 
-def measure(out: Path, run: str, steps: int) -> dict:
+def measure(out: Path, run: str, steps: int, device: str = "cpu") -> dict:
     from compress import run_recipe
 
-    recipe = recipe_for(out, run, steps)
+    recipe = recipe_for(out, run, steps, device)
     report = run_recipe(recipe, overwrite=True).reports[-1]
     metrics = report.metrics
+    if device != "cpu":
+        return {"run": run, "model_mib": metrics["train_model_mib"], "growth_mib": None,
+                "measured_mib": report.peak_cuda_mib}
     return {"run": run, "model_mib": metrics["train_model_mib"], "growth_mib": metrics["train_rss_growth_mib"],
             "measured_mib": metrics["train_model_mib"] + metrics["train_rss_growth_mib"]}
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| run | plan row | predicted MiB | measured MiB (model + training growth) | model MiB | "
+    lines = ["| run | plan row | predicted MiB | measured MiB (model + training growth, or CUDA peak) | model MiB | "
              "growth MiB | predicted / measured |", "|---|---|---:|---:|---:|---:|---:|"]
     for row in rows:
         ratio = row["predicted_mib"] / row["measured_mib"]
+        growth = "-" if row["growth_mib"] is None else f"{row['growth_mib']:.0f}"
         lines.append(f"| {row['run']} | {row['plan_row']} | {row['predicted_mib']:.0f} | {row['measured_mib']:.0f} | "
-                     f"{row['model_mib']:.0f} | {row['growth_mib']:.0f} | {ratio:.3f} |")
+                     f"{row['model_mib']:.0f} | {growth} | {ratio:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -89,20 +95,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/bench/plan_vs_measured"))
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: measure the CUDA allocator's peak")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: one run in this process
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.run:
-        print(child_result(measure(args.out, args.run, args.steps)))
+        print(child_result(measure(args.out, args.run, args.steps, args.device)))
         return
     rows = []
     for run in RUNS:
         log.info("run %s", run)
-        row = run_child(__file__, ["--out", str(args.out), "--steps", str(args.steps), "--run", run], run,
-                        fixed_mmap=True)
-        row["plan_row"], row["predicted_mib"] = predicted_mib(recipe_for(args.out, run, args.steps))
+        row = run_child(__file__, ["--out", str(args.out), "--steps", str(args.steps), "--device", args.device,
+                                   "--run", run], run, fixed_mmap=True)
+        row["plan_row"], row["predicted_mib"] = predicted_mib(recipe_for(args.out, run, args.steps, args.device))
         rows.append(row)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     (args.out / "results.md").write_text(markdown(rows))

@@ -18,6 +18,7 @@ from .models import ModelSource
 from .progress import ProgressBars
 from .recipe import Recipe
 from .report import StageReport
+from .walker import ResidentModel
 
 
 @dataclass
@@ -37,7 +38,13 @@ class Context:
     resume: bool = False  # continue interrupted work (e.g. mid-training checkpoints) rather than redo it
     stream: Any = None  # a compress.streaming.StreamedModel when the recipe streams (``model`` is its skeleton)
     ranks: Ranks = field(default_factory=Ranks)  # this process's place in a torchrun launch (0 of 1 alone)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where stages compute
     _windows: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def units(self):
+        """The model as a source of units (``compress.walker``): the stream, or the resident model."""
+        return self.stream if self.stream is not None else ResidentModel(self.model, self.device)
 
     def windows(self, role: str) -> torch.Tensor:
         """Token windows [samples, seq_len] of ``data.calibration`` or ``data.eval`` (cached)."""

@@ -1,4 +1,6 @@
-"""Perplexity of a causal LM over fixed token windows (each window scored on its own)."""
+"""Perplexity of a causal LM over fixed token windows (each window scored on its own): through the
+whole model at once, or unit by unit (``perplexity_by_units``: one decoder layer on the device at a
+time, for a model that does not fit it or a streamed one; the same operations in the same order)."""
 
 from __future__ import annotations
 
@@ -37,6 +39,41 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, tra
     return exp_or_inf(total / count)
 
 
+@torch.no_grad()
+def perplexity_by_units(units, windows: torch.Tensor, batch_size: int = 4, track=None) -> float:
+    """``perplexity`` through a source of units (``compress.walker``): the batches' hidden states go
+    through the decoder one layer at a time, then the final norm and the head score them."""
+    from contextlib import ExitStack
+
+    from .layerwise import call_layer, first_layer_inputs
+
+    model = units.model
+    check_token_ids(model, windows)
+    batches = [batch.to(units.device) for batch in torch.split(windows, batch_size)]
+    with units.walk():
+        with units.unit(units.embeddings):
+            inputs = first_layer_inputs(model, torch.cat(batches), batch_size)
+        for prefix in track(units.layer_prefixes, "perplexity layers") if track else units.layer_prefixes:
+            with units.unit(prefix) as layer:
+                inputs = [((call_layer(layer, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+        with ExitStack() as outer:
+            for prefix in units.units:
+                if prefix not in units.layer_prefixes:
+                    outer.enter_context(units.unit(prefix))
+            return exp_or_inf(_head_nll(model, [args[0] for args, _ in inputs], batches))
+
+
+def _head_nll(model: nn.Module, hidden: list[torch.Tensor], batches: list[torch.Tensor]) -> float:
+    """Mean next-token NLL of the last decoder layer's outputs through the final norm and the head."""
+    norm, head = model.get_decoder().norm, model.get_output_embeddings()
+    total, count = 0.0, 0
+    for states, batch in zip(hidden, batches):
+        logits = head(norm(states))
+        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"))
+        count += batch[:, 1:].numel()
+    return total / count
+
+
 def check_token_ids(model: nn.Module, windows: torch.Tensor) -> None:
     """Every token id has an embedding (a tokenizer from another model gives ids past the end)."""
     size = model.get_input_embeddings().num_embeddings
@@ -54,13 +91,14 @@ def exp_or_inf(mean_nll: float) -> float:
     return math.exp(mean_nll) if mean_nll < MAX_EXP_ARGUMENT else math.inf
 
 
-def kernels_used(model) -> dict:
-    """The dequant-matmul backend(s) the quantized layers ran in the last forward, and why."""
+def kernels_used(model, device: torch.device | None = None) -> dict:
+    """The dequant-matmul backend(s) the quantized layers ran in the last forward (on ``device``,
+    default: where the model is now), and why."""
     from compress.kernels import select_backend
     from compress.quant import QuantLinear
 
     ran = sorted({m.backend for m in model.modules() if isinstance(m, QuantLinear) and m.backend})
     if not ran:
         return {}
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
     return {"kernel": ", ".join(ran), "kernel_reason": select_backend(device)[1]}

@@ -8,30 +8,37 @@ and handed to a callback that replaces those linears (GPTQ's "true sequential" o
 sees the inputs the already-replaced groups produce); those passes stop at the group's last
 linear. The layer's outputs, computed with its replaced linears, are the next layer's inputs.
 Nothing is copied: the model is held once.
+
+The already-quantized linears of the layer being calibrated run as their dequantized dense weight
+(``dequantized``: one ``F.linear`` on W_q in the activations' dtype, the fake-quantized forward
+GPTQModel's calibration uses) rather than through the packed kernels: the values are those of the
+packed layer up to the matmul's rounding, and on a CPU the tiled reference kernel is 4-10x slower
+than a dense matmul. One layer's dense weights exist at a time, only while its passes run.
+``COMPRESS_GPTQ_CALIBRATION=packed`` keeps the packed kernels instead (the before of
+``benchmarks/gptq_calibration_speed.py``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from compress.lowrank import set_module
+from compress.quant import QuantLinear
 from compress.quant.gptq import HessianAccumulator
+
+from .errors import CompressError
+from .walker import ResidentModel, decoder_layers
 
 LayerInputs = list[tuple[tuple, dict]]
 
 
 class _StopForward(Exception):
     """Raised by the first decoder layer's pre-hook: the rest of the model is not needed."""
-
-
-def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, layer) of every decoder layer: the model's first ``ModuleList`` named ``layers``."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.split(".")[-1] == "layers":
-            return [(f"{name}.{i}", layer) for i, layer in enumerate(module)]
-    raise ValueError(f"{type(model).__name__}: no decoder layers (a ModuleList named 'layers') found")
 
 
 def _batches(windows: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
@@ -116,29 +123,87 @@ def group_hessians(layer: nn.Module, modules: dict[str, nn.Module], inputs: Laye
 ReplaceGroup = Callable[[dict[str, nn.Module], dict[str, HessianAccumulator]], None]
 
 
+def dense_twin(layer: QuantLinear, dtype: torch.dtype) -> nn.Linear:
+    """A frozen ``nn.Linear`` whose weight is ``layer``'s dequantized weight (and bias) in ``dtype``."""
+    weight = layer.dequantize(dtype)
+    twin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    twin.weight = nn.Parameter(weight, requires_grad=False)
+    if layer.bias is not None:
+        twin.bias = nn.Parameter(layer.bias.to(device=weight.device, dtype=dtype), requires_grad=False)
+    return twin
+
+
+def _dense_calibration() -> bool:
+    setting = os.environ.get("COMPRESS_GPTQ_CALIBRATION", "dense")
+    if setting not in ("dense", "packed"):
+        raise CompressError(f"COMPRESS_GPTQ_CALIBRATION={setting!r}: expected dense (the default) or packed")
+    return setting == "dense"
+
+
+@contextmanager
+def dequantized(layer: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Inside the block every ``QuantLinear`` of ``layer`` is replaced by its ``dense_twin``; the
+    packed layers are back in place after it."""
+    packed = [(name, module) for name, module in layer.named_modules() if isinstance(module, QuantLinear)]
+    if not _dense_calibration():
+        packed = []
+    for name, module in packed:
+        set_module(layer, name, dense_twin(module, dtype))
+    try:
+        yield
+    finally:
+        for name, module in packed:
+            set_module(layer, name, module)
+
+
+def _activation_dtype(inputs: LayerInputs) -> torch.dtype:
+    return inputs[0][0][0].dtype
+
+
 @torch.no_grad()
 def calibrate_layer(layer: nn.Module, modules: dict[str, nn.Module], replace: ReplaceGroup,
                     inputs: LayerInputs) -> LayerInputs:
     """Call ``replace(modules, hessians)`` for each input group of ``modules`` (linears inside
     ``layer``, by full name); return the layer's outputs, computed with the replaced linears, as the
     next layer's inputs."""
+    dtype = _activation_dtype(inputs)
     if modules:
-        for group in input_groups(layer, modules, inputs[0]):
+        with dequantized(layer, dtype):
+            groups = input_groups(layer, modules, inputs[0])
+        for group in groups:
             members = {name: modules[name] for name in group}
-            replace(members, group_hessians(layer, members, inputs))
-    return [((call_layer(layer, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+            with dequantized(layer, dtype):
+                hessians = group_hessians(layer, members, inputs)
+            replace(members, hessians)
+    with dequantized(layer, dtype):
+        return [((call_layer(layer, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+
+
+def calibration_step(units, prefix: str, unit: nn.Module, inputs: LayerInputs | None, modules: dict[str, nn.Module],
+                     replace: ReplaceGroup, windows: torch.Tensor, batch: int = 8) -> LayerInputs | None:
+    """One unit of a calibration walk over a source of units (``compress.walker``): at the
+    embeddings the first layer's inputs are made from ``windows``; in a decoder layer its
+    ``modules`` are replaced group by group (``calibrate_layer``) and its outputs returned; any other
+    unit passes the inputs on."""
+    if prefix == units.embeddings:
+        return first_layer_inputs(units.model, windows.to(units.device), batch)
+    if prefix in units.layer_prefixes:
+        return calibrate_layer(unit, modules, replace, inputs)
+    return inputs
 
 
 @torch.no_grad()
 def calibrate_layerwise(model: nn.Module, windows: torch.Tensor, selected: dict[str, nn.Module],
                         replace: ReplaceGroup, track=None, batch: int = 8) -> list[str]:
-    """Walk the decoder layer by layer, calling ``replace(modules, hessians)`` for each input group
-    of the ``selected`` linears (full names). Returns the selected names outside every decoder layer
-    (left untouched). ``track`` wraps the layer iterator (a progress bar)."""
-    layers = decoder_layers(model)
-    inside = {name for name in selected if any(name.startswith(f"{prefix}.") for prefix, _ in layers)}
-    inputs = first_layer_inputs(model, windows, batch)
-    for prefix, layer in (track(layers) if track else layers):
-        local = {name: module for name, module in selected.items() if name.startswith(f"{prefix}.")}
-        inputs = calibrate_layer(layer, local, replace, inputs)
-    return [name for name in selected if name not in inside]
+    """Walk a model held in memory unit by unit (``walker.ResidentModel``, on the CPU), calling
+    ``replace(modules, hessians)`` for each input group of the ``selected`` linears (full names) in
+    its decoder layers. Returns the selected names outside every decoder layer (left untouched).
+    ``track`` wraps the unit iterator (a progress bar)."""
+    units = ResidentModel(model)
+    inputs = None
+    with units.walk():
+        for prefix in track(units.units) if track else units.units:
+            with units.unit(prefix) as unit:
+                local = {name: module for name, module in selected.items() if units.owns(prefix, name)}
+                inputs = calibration_step(units, prefix, unit, inputs, local, replace, windows, batch)
+    return [name for name in selected if units.unit_of(name) not in units.layer_prefixes]

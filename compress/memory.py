@@ -13,13 +13,15 @@ MIB = 1 << 20
 
 
 class PeakMemory:
-    """``with PeakMemory() as peak: ...`` then ``peak.rss_mib`` (and ``peak.cuda_mib``)."""
+    """``with PeakMemory(device) as peak: ...`` then ``peak.rss_mib`` and, when ``device`` is a GPU,
+    ``peak.cuda_mib`` (``torch.cuda.max_memory_allocated`` over the span; None otherwise)."""
 
-    def __init__(self, interval: float = 0.02):
+    def __init__(self, device: torch.device | str | None = None, interval: float = 0.02):
         self.interval = interval
+        self.device = torch.device(device) if device is not None else None
         self.rss_mib = 0.0
         self.start_rss_mib = 0.0  # RSS when the span began: rss_mib - start_rss_mib is what it added
-        self.cuda_mib = 0.0
+        self.cuda_mib: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._process = psutil.Process()
@@ -34,8 +36,8 @@ class PeakMemory:
     def __enter__(self) -> "PeakMemory":
         self._sample()
         self.start_rss_mib = self.rss_mib
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        if self._on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
         self._thread = threading.Thread(target=self._loop, name="peak-memory", daemon=True)
         self._thread.start()
         return self
@@ -45,8 +47,12 @@ class PeakMemory:
         if self._thread is not None:
             self._thread.join()
         self._sample()
-        if torch.cuda.is_available():
-            self.cuda_mib = torch.cuda.max_memory_allocated() / MIB
+        if self._on_gpu:
+            self.cuda_mib = torch.cuda.max_memory_allocated(self.device) / MIB
+
+    @property
+    def _on_gpu(self) -> bool:
+        return self.device is not None and self.device.type == "cuda"
 
 
 def release_freed_memory() -> None:

@@ -4,9 +4,10 @@ save the state after each one, and write ``report.json`` / ``report.md``.
 State after stage N lives in ``<output>/.stages/NN-name/``: ``state.json`` (the recipe fingerprint of
 stages 0..N, the plan, metrics and reports) and, for stages that change the model, ``model/`` (a
 native checkpoint). Each is written atomically, so a run killed at any point leaves only complete
-states. ``resume`` continues after the last stage whose recipe prefix is unchanged. With
-``streaming: true`` the model is a skeleton (``compress.streaming``): a stage writes its ``model/``
-unit by unit itself, and that checkpoint is where the next stage reads its weights.
+states. ``resume`` continues after the last stage whose recipe prefix is unchanged. The model is a
+source of units (``compress.walker``): resident in host memory, saved after each stage that changes
+it; or with ``streaming: true`` a skeleton (``compress.streaming``) whose stages write their
+``model/`` unit by unit, the checkpoint the next stage reads its weights from.
 """
 
 from __future__ import annotations
@@ -19,21 +20,21 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint.atomic import atomic_directory, atomic_write_text
-from .checkpoint.load import load_checkpoint
-from .checkpoint.shards import TensorSource
-from .checkpoint.write import write_native
+import torch
+
+from .checkpoint.atomic import atomic_write_text
 from .context import Context
+from .device import describe, resolve_device
 from .distributed import Ranks, init_ranks
 from .errors import CompressError, StageError
 from .lock import output_lock
 from .memory import PeakMemory
-from .models import load_model, load_tokenizer, resolve_model
+from .models import resolve_model
 from .progress import ProgressBars
 from .recipe import Recipe, StageEntry
 from .report import StageReport, write_reports
 from .stages.evaluation import linear_bits_per_param, score, wants_baseline
-from .streaming import StreamedModel
+from .streaming import open_source
 from .validate import check_recipe
 
 log = logging.getLogger(__name__)
@@ -83,15 +84,13 @@ class StageStates:
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
 
     def save(self, entry: StageEntry, ctx: Context) -> None:
+        """The model (when the stage changed it) and then ``state.json``, each written atomically:
+        a state counts only once its ``state.json`` is there."""
         state = dict(ctx.state(), fingerprint=self.recipe.fingerprint(entry.index), stage=entry.name)
-        if ctx.stream is not None:  # a streaming stage has written its model/ here itself
-            self.path(entry).mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.path(entry) / "state.json", json.dumps(state, indent=2, sort_keys=True) + "\n")
-            return
-        with atomic_directory(self.path(entry)) as staging:
-            if entry.stage.modifies_model:
-                write_native(ctx.model, staging / "model")
-            (staging / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        self.path(entry).mkdir(parents=True, exist_ok=True)
+        if entry.stage.modifies_model:
+            ctx.units.save(self.path(entry) / "model")
+        atomic_write_text(self.path(entry) / "state.json", json.dumps(state, indent=2, sort_keys=True) + "\n")
 
     def load(self, entry: StageEntry) -> dict:
         return json.loads((self.path(entry) / "state.json").read_text())
@@ -103,62 +102,47 @@ class StageStates:
         return None
 
 
-def _streamed_context(recipe: Recipe, directory: Path, progress: ProgressBars) -> Context:
-    """The skeleton of the checkpoint in ``directory``, streamed (nothing but the config is loaded)."""
+def _open_context(recipe: Recipe, model_dir: Path | None, progress: ProgressBars, device: torch.device) -> Context:
+    """The run's context over the model of ``model_dir`` (a saved stage's) or else the recipe's."""
     source = resolve_model(recipe.spec.model)
-    stream = StreamedModel.open(directory, recipe.spec.dtype)
-    return Context(recipe, source, stream.model, load_tokenizer(source), recipe.output, progress, stream=stream)
+    model, tokenizer, stream = open_source(recipe, source, model_dir, device)
+    return Context(recipe, source, model, tokenizer, recipe.output, progress, stream=stream, device=device)
 
 
-def _fresh_context(recipe: Recipe, progress: ProgressBars) -> Context:
-    source = resolve_model(recipe.spec.model)
-    report = StageReport("load", -1)
+def _fresh_context(recipe: Recipe, progress: ProgressBars, device: torch.device) -> Context:
+    report = StageReport("load", -1, device=describe(device))
     start = time.perf_counter()
-    with PeakMemory() as peak:
-        if recipe.spec.streaming:
-            ctx = _streamed_context(recipe, source.path, progress)
-            model = ctx.model
+    with PeakMemory(device) as peak:
+        ctx = _open_context(recipe, None, progress, device)
+        if not ctx.units.holds_model:
             report.notes.append("streaming: the model's weights stay in its files, read one layer at a time")
-        else:
-            model, tokenizer = load_model(source, recipe.spec.dtype)
-            ctx = Context(recipe, source, model, tokenizer, recipe.output, progress)
-        report.metrics.update(label=recipe.spec.dtype, bits_per_param=linear_bits_per_param(model),
-                              params=sum(p.numel() for p in model.parameters()))
-        report.notes.extend(source.caveats)
+        report.metrics.update(label=recipe.spec.dtype, bits_per_param=linear_bits_per_param(ctx.model),
+                              params=sum(p.numel() for p in ctx.model.parameters()))
+        report.notes.extend(ctx.source.caveats)
         baseline = wants_baseline(recipe)
         if baseline is not None:
-            score(ctx, baseline.batch_size, report)
+            score(ctx, baseline.config.batch_size, report, baseline.index)
             ctx.metrics["baseline_perplexity"] = report.metrics["perplexity"]
-    report.seconds, report.peak_rss_mib = time.perf_counter() - start, peak.rss_mib
+    report.seconds, report.peak_rss_mib, report.peak_cuda_mib = time.perf_counter() - start, peak.rss_mib, peak.cuda_mib
     ctx.reports.append(report)
     return ctx
 
 
 def _resumed_context(recipe: Recipe, states: StageStates, done: list[StageEntry],
-                     progress: ProgressBars) -> Context:
-    source = resolve_model(recipe.spec.model)
-    model_dir = states.latest_model(done)
-    if recipe.spec.streaming:
-        ctx = _streamed_context(recipe, model_dir or source.path, progress)
-        ctx.restore(states.load(done[-1]))
-        return ctx
-    if model_dir is not None:
-        model, tokenizer = load_checkpoint(model_dir, dtype=recipe.spec.dtype), load_tokenizer(source)
-    else:
-        model, tokenizer = load_model(source, recipe.spec.dtype)
-    ctx = Context(recipe, source, model, tokenizer, recipe.output, progress)
+                     progress: ProgressBars, device: torch.device) -> Context:
+    ctx = _open_context(recipe, states.latest_model(done), progress, device)
     ctx.restore(states.load(done[-1]))
     return ctx
 
 
 def _run_stage(ctx: Context, entry: StageEntry) -> StageReport:
-    report = StageReport(entry.name, entry.index)
-    log.info("stage %d/%d: %s", entry.index + 1, len(ctx.recipe.stages), entry.name)
+    report = StageReport(entry.name, entry.index, device=describe(ctx.device))
+    log.info("stage %d/%d: %s on %s", entry.index + 1, len(ctx.recipe.stages), entry.name, report.device)
     ctx.entry = entry
     start = time.perf_counter()
-    with PeakMemory() as peak, _os_errors_say_where(entry.where):
+    with PeakMemory(ctx.device) as peak, _os_errors_say_where(entry.where):
         entry.stage.run(ctx, entry.config, report)
-    report.seconds, report.peak_rss_mib = time.perf_counter() - start, peak.rss_mib
+    report.seconds, report.peak_rss_mib, report.peak_cuda_mib = time.perf_counter() - start, peak.rss_mib, peak.cuda_mib
     report.metrics["rss_growth_mib"] = peak.rss_mib - peak.start_rss_mib
     return report
 
@@ -180,7 +164,8 @@ def report_header(ctx: Context) -> dict:
     from .kernels import select_backend
 
     return {"output": str(ctx.out_dir), "model": ctx.recipe.spec.model, "dtype": ctx.recipe.spec.dtype,
-            "kernel": select_backend()[0], "compress": __version__, "seed": ctx.recipe.spec.seed,
+            "device": describe(ctx.device), "kernel": select_backend(ctx.device)[0], "compress": __version__,
+            "seed": ctx.recipe.spec.seed,
             "ranks": ctx.ranks.world}
 
 
@@ -209,16 +194,15 @@ def _run_stages(ctx: Context, states: StageStates, pending: tuple[StageEntry, ..
     for entry in ctx.track(pending, "stages"):
         if not ctx.ranks.main and not entry.stage.modifies_model:
             continue  # eval and export only report and write: rank 0's work
-        if ctx.stream is not None and entry.stage.modifies_model:
-            ctx.stream.target = states.path(entry) / "model"
+        if entry.stage.modifies_model:
+            ctx.units.begin_stage(states.path(entry) / "model")
         ctx.reports.append(_run_stage(ctx, entry))
         if ctx.ranks.main:
             with _os_errors_say_where(f"{entry.where} (saving its state)"):
                 states.save(entry, ctx)
         if entry.stage.modifies_model:
             ctx.ranks.barrier()  # a streaming stage's output is complete before any rank reads it
-        if ctx.stream is not None and entry.stage.modifies_model:
-            ctx.stream.source = TensorSource(ctx.stream.target)
+            ctx.units.end_stage()
 
 
 def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False,
@@ -234,11 +218,12 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False,
         kept = _agreed_start(states, resume, overwrite, ranks)
         done = list(recipe.stages[:kept])
         with progress.session():
+            device = resolve_device(recipe.spec.device)
             if done:
                 log.info("resuming after stage %d (%s)", done[-1].index, done[-1].name)
-                ctx = _resumed_context(recipe, states, done, progress)
+                ctx = _resumed_context(recipe, states, done, progress, device)
             else:
-                ctx = _fresh_context(recipe, progress)
+                ctx = _fresh_context(recipe, progress, device)
             if ranks.main:
                 states.discard_after(kept)  # the inputs are read: the earlier run's later stages can go
             ctx.resume, ctx.ranks = resume, ranks

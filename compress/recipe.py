@@ -14,6 +14,7 @@ stages:                    # ordered list; each item is a one-key mapping
 output: out/quickstart
 seed: 0
 streaming: false           # true: hold one decoder layer at a time (compress.streaming)
+device: auto               # auto | cpu | cuda | cuda:N: where stages compute (compress.device)
 ```
 """
 
@@ -51,6 +52,7 @@ class RecipeSpec(BaseModel):
     output: str
     seed: int = 0
     streaming: bool = False
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class Recipe:
         resolved = self.to_dict()
         resolved["stages"] = resolved["stages"][: upto + 1]
         resolved.pop("output")
+        resolved.pop("device")  # where it computes, not what: a run may resume on another device
         resolved["compress_version"] = __version__
         return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
 

@@ -10,17 +10,21 @@ from rich.table import Table
 
 from .checkpoint.atomic import atomic_write_text
 
-SUMMARY_COLUMNS = ("#", "stage", "seconds", "peak RSS MiB", "bits/param", "size on disk", "perplexity")
+SUMMARY_COLUMNS = ("#", "stage", "device", "seconds", "peak RSS MiB", "peak CUDA MiB", "bits/param", "size on disk",
+                   "perplexity")
 
 
 @dataclass
 class StageReport:
-    """What one stage did: timings, peak memory, headline metrics, per-module rows, skips."""
+    """What one stage did: where it computed, timings, peak memory (host RSS; the CUDA allocator's
+    peak when it computed on a GPU), headline metrics, per-module rows, skips."""
 
     name: str
     index: int
+    device: str = "cpu"
     seconds: float = 0.0
     peak_rss_mib: float = 0.0
+    peak_cuda_mib: float | None = None
     metrics: dict = field(default_factory=dict)
     modules: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
@@ -56,8 +60,10 @@ def summary_rows(reports: list[StageReport]) -> list[tuple[str, ...]]:
         rows.append((
             "-" if report.index < 0 else str(report.index),
             report.name + (f" ({m['label']})" if m.get("label") else ""),
+            report.device,
             f"{report.seconds:.1f}",
             f"{report.peak_rss_mib:.0f}",
+            "-" if report.peak_cuda_mib is None else f"{report.peak_cuda_mib:.0f}",
             f"{bits:.3f}" if bits is not None else "-",
             human_bytes(m.get("size_bytes")),
             f"{ppl:.3f}" if ppl is not None else "-",

@@ -1,11 +1,9 @@
-"""Streaming: stages that hold one decoder layer at a time (``streaming: true`` in the recipe).
+"""Streaming: a source of units (``compress.walker``) whose weights stay in safetensors files.
 
 The model is a skeleton on the meta device, built from ``config.json`` (or from the layout of the
-previous stage's checkpoint); its weights stay in safetensors files. A streaming stage visits the
-model unit by unit: first each module outside the decoder layers that holds tensors (embeddings,
-final norm, head: one unit each, as a large vocabulary's matrix can outweigh a layer), then each
-decoder layer in order. A unit's tensors are read from the current ``TensorSource`` (each
-file opened only while they are read), the stage works on the unit, the unit is written as one
+previous stage's checkpoint); its weights stay in safetensors files (``streaming: true`` in the
+recipe). A unit's tensors are read from the current ``TensorSource`` (each file opened only while
+they are read) onto the compute device, the stage works on the unit, the unit is written as one
 shard of the stage's output checkpoint and goes back to the meta device. That checkpoint (native
 format, with its manifest) is the next stage's source.
 
@@ -18,11 +16,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -34,8 +30,9 @@ from .checkpoint.load import build_model, read_layout, wrap_adapters
 from .checkpoint.shards import TensorSource
 from .checkpoint.write import BASE, write_native
 from .dtypes import DTYPES
-from .errors import CheckpointError
-from .layerwise import decoder_layers
+from .errors import CheckpointError, StageError
+from .walker import HOST, UnitMap, decoder_layers, drop_kernel_caches, placed
+
 
 def stored_name(name: str) -> str:
     """A tensor's name in a checkpoint: a ``LoRALinear``'s base is stored under the layer's name."""
@@ -44,9 +41,7 @@ def stored_name(name: str) -> str:
 
 def release(module: nn.Module) -> None:
     """Send a module's parameters and buffers back to the meta device (and drop kernel caches)."""
-    for sub in module.modules():
-        if isinstance(sub, QuantLinear):
-            sub._layout = None
+    drop_kernel_caches(module)
     module.to("meta")
 
 
@@ -55,16 +50,18 @@ def meta_like(tensor: torch.Tensor) -> torch.Tensor:
     return nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
 
 
-class StreamedModel:
+class StreamedModel(UnitMap):
     """A meta skeleton plus the checkpoint its weights are read from, one unit at a time.
 
     ``model`` is the skeleton: stages replace its modules (a dense linear by a ``QuantLinear``) as
-    they would in a loaded model; ``unit(prefix)`` fills one unit with real tensors for the duration
-    of a ``with`` block. ``source`` is the checkpoint the tensors come from; the pipeline moves it to
-    each streaming stage's output (``target``) once that stage is saved."""
+    they would in a loaded model; ``unit(prefix)`` fills one unit with real tensors on ``device``
+    for the duration of a ``with`` block. ``source`` is the checkpoint the tensors come from; it
+    moves to each stage's output (``target``) once that stage is done (``end_stage``)."""
 
-    def __init__(self, model: nn.Module, source: TensorSource, dtype: str):
-        self.model, self.source, self.dtype = model, source, DTYPES[dtype]
+    holds_model = False  # only one unit is ever real
+
+    def __init__(self, model: nn.Module, source: TensorSource, dtype: str, device: torch.device = HOST):
+        self.model, self.source, self.dtype, self.device = model, source, DTYPES[dtype], torch.device(device)
         self.target: Path | None = None
         self.layers = decoder_layers(model)
         self.layer_prefixes = [prefix for prefix, _ in self.layers]
@@ -76,11 +73,10 @@ class StreamedModel:
                     cast.setdefault(id(param), nn.Parameter(torch.empty_like(param, device="meta", dtype=self.dtype),
                                                             requires_grad=param.requires_grad))
                     setattr(module, name, cast[id(param)])
-        self.embeddings = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
         self.units = self._outer_units() + self.layer_prefixes
 
     @classmethod
-    def open(cls, directory: Path, dtype: str, verify: bool = True) -> "StreamedModel":
+    def open(cls, directory: Path, dtype: str, verify: bool = True, device: torch.device = HOST) -> "StreamedModel":
         """The skeleton of the checkpoint in ``directory`` (dense Hugging Face, GPTQ or native; the
         manifest's sha256 checked when there is one) with ``directory`` as its source."""
         source = TensorSource(directory)
@@ -92,16 +88,7 @@ class StreamedModel:
         if adapters:
             with torch.device("meta"):
                 wrap_adapters(model, adapters, {}, directory)
-        return cls(model.eval(), source, dtype)
-
-    def unit_of(self, name: str) -> str:
-        """The unit a tensor (or module) belongs to: its decoder layer, or the module that owns it."""
-        layer = next((p for p in self.layer_prefixes if name.startswith(f"{p}.")), None)
-        return layer if layer is not None else name.rpartition(".")[0]
-
-    def owns(self, prefix: str, module_name: str) -> bool:
-        """Whether a module (by full name) lies in unit ``prefix``."""
-        return module_name == prefix or module_name.startswith(f"{prefix}.")
+        return cls(model.eval(), source, dtype, device)
 
     def _state(self) -> dict[str, torch.Tensor]:
         """The skeleton's state, a tensor shared by two names (a tied head) under its first name."""
@@ -147,7 +134,7 @@ class StreamedModel:
         if missing or unexpected:
             raise CheckpointError(f"{self.source.directory}: {prefix}: {len(missing)} tensors missing (e.g. "
                                   f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
-        tensors = self.source.read(present, self._dtype_for)
+        tensors = {n: t.to(self.device) for n, t in self.source.read(present, self._dtype_for).items()}
         skeleton_names = {stored_name(n): n for n in self._state()}
         self.model.load_state_dict({skeleton_names[n]: t for n, t in tensors.items()}, strict=False, assign=True)
         self._retie()
@@ -170,8 +157,7 @@ class StreamedModel:
             return
         for name, tensor in self._expected(prefix).items():
             module, leaf = self._owner(name)
-            if isinstance(module, QuantLinear):
-                module._layout = None
+            drop_kernel_caches(module)
             if tensor is not None and not tensor.is_meta:
                 if isinstance(tensor, nn.Parameter):
                     setattr(module, leaf, meta_like(tensor))
@@ -189,25 +175,75 @@ class StreamedModel:
             self._release(prefix)
             return_freed_memory()
 
+    @contextmanager
+    def walk(self) -> Iterator[None]:
+        """The skeleton's real tensors outside every unit (rotary tables) on the device for the walk."""
+        extras = [m for m in self.outer_modules()
+                  if not any(t.is_meta for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])]
+        with placed(extras, self.device):
+            yield
 
-def rewrite_units(ctx, description: str, work: Callable[[str, nn.Module, Any], Any]) -> None:
-    """Walk the stream's units in order, each filled in memory: ``work(prefix, unit, carried)``
-    changes the unit and returns what the next unit receives (GPTQ's activations; None at the
-    start), then the unit is written as one shard of the stage's checkpoint (``stream.target``).
-    Rank 0 writes; the other ranks make the same walk (they exchange results at every unit)."""
-    stream = ctx.stream
+    def drop(self, module: nn.Module) -> None:
+        """A module just replaced in the skeleton: its tensors go now, not with its unit."""
+        release(module)
 
-    def shards():
-        carried = None
-        for prefix in ctx.track(stream.units, description):
-            with stream.unit(prefix) as unit:
-                carried = work(prefix, unit, carried)
-                yield stream.state_of(prefix)
+    def kept(self, prefix: str) -> dict[str, torch.Tensor]:
+        """What leaves with a unit: its tensors, one shard of the stage's checkpoint."""
+        return self.state_of(prefix)
 
-    if ctx.ranks.main:
-        write_native(ctx.model, stream.target, shards=(len(stream.units), shards()))
-    else:
-        deque(shards(), maxlen=0)
+    def keep(self, ctx, kept: Iterable[dict], count: int) -> None:
+        """Write each unit's tensors as they come as one shard of ``target`` (rank 0; the other
+        ranks make the same walk)."""
+        if ctx.ranks.main:
+            write_native(ctx.model, self.target, shards=(count, kept))
+        else:
+            for _ in kept:
+                pass
+
+    def begin_stage(self, target: Path) -> None:
+        """A stage that changes the model writes it to ``target`` unit by unit."""
+        self.target = target
+
+    def save(self, path: Path) -> None:
+        """The stage has written its checkpoint at ``path`` as it walked."""
+        if self.target != path or not path.is_dir():
+            raise StageError(f"{path}: a streaming stage that changes the model writes it unit by unit; nothing "
+                             "was written here (a stage that does not walk the units cannot stream)")
+
+    def end_stage(self) -> None:
+        """The next stage reads what this one wrote."""
+        self.source = TensorSource(self.target)
+
+    def export_shards(self, ctx, description: str, split_adapters: bool):
+        """((count, iterator of each unit's tensors read from the source), adapter tensors): the
+        adapters (``.lora_`` tensors) are set aside as their units pass when ``split_adapters``."""
+        adapters: dict[str, torch.Tensor] = {}
+
+        def shards():
+            for prefix in ctx.track(self.units, description):
+                tensors = self.source.read(self.unit_names(prefix))
+                if split_adapters:
+                    adapters.update({n: t for n, t in tensors.items() if ".lora_" in n})
+                    tensors = {n: t for n, t in tensors.items() if ".lora_" not in n}
+                yield tensors
+
+        return (len(self.units), shards()), adapters
+
+
+def open_source(recipe, source, model_dir: Path | None, device: torch.device):
+    """(model, tokenizer, stream) of the model in ``model_dir`` (a saved stage's checkpoint) or
+    else the recipe's model ``source``: with ``streaming: true`` a skeleton and its ``StreamedModel``
+    (nothing but the config is loaded), otherwise the loaded model and no stream."""
+    from .checkpoint.load import load_checkpoint
+    from .models import load_model, load_tokenizer
+
+    if recipe.spec.streaming:
+        stream = StreamedModel.open(model_dir or source.path, recipe.spec.dtype, device=device)
+        return stream.model, load_tokenizer(source), stream
+    if model_dir is not None:
+        return load_checkpoint(model_dir, dtype=recipe.spec.dtype), load_tokenizer(source), None
+    model, tokenizer = load_model(source, recipe.spec.dtype)
+    return model, tokenizer, None
 
 
 def return_freed_memory() -> None:

@@ -61,6 +61,7 @@ class TrainResult:
     seconds: float = 0.0
     tokens: int = 0
     peak_rss_mib: float = 0.0  # filled by callers that measure the loop (process RSS)
+    peak_cuda_mib: float | None = None  # and the CUDA allocator's peak when it ran on a GPU
     rss_growth_mib: float = 0.0
     model_mib: float = 0.0  # the model's tensors (parameters and buffers, shared ones once) when training began
 
@@ -125,6 +126,9 @@ def _save_state(path: Path, step: int, params: dict[str, nn.Parameter], optimize
              "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "hooks": hooks.state_dict(),
              "losses": result.losses, "evals": result.evals, "tokens": result.tokens,
              "rates": optimizer_rates(optimizer)}
+    device = next(iter(params.values())).device
+    if device.type == "cuda":  # dropout draws from the GPU's generator
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     if path.is_file():
@@ -166,6 +170,9 @@ def _load_state(path: Path, params: dict[str, nn.Parameter], optimizer, result: 
     if changes:
         log.info("resuming with changed optimizer settings (moments kept): %s", ", ".join(changes))
     torch.set_rng_state(state["rng"])
+    device = next(iter(params.values())).device
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
     hooks.load_state_dict(state["hooks"])
     result.losses, result.evals, result.tokens = state["losses"], state["evals"], state["tokens"]
     return state["step"]

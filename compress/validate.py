@@ -2,7 +2,7 @@
 
 1. The recipe's own rules (``check_order``, all that ``compress plan`` needs): ``export`` stages come
    last; pruning stages (``prune``, ``loram``) come before any quantizing stage; stages that need
-   evaluation data have it.
+   evaluation data have it. Then the ``device`` asked for exists on this machine.
 2. What it reads and writes (``check_files``): the output can be made; exports write distinct paths
    inside it that are free or ours and never the model being read (``compress.output_paths``); data
    files exist; with ``streaming: true`` every stage streams and the model is a directory of
@@ -21,6 +21,7 @@ from pathlib import Path
 from torch import nn
 
 from .data import file_problem
+from .device import resolve_device
 from .errors import ModelError, RecipeError, brief
 from .models import ModelSource, load_config, resolve_model
 from .output_paths import check_export_paths, check_output
@@ -43,6 +44,7 @@ class Skeleton:
 def check_rules(recipe: Recipe) -> None:
     """Every check that needs no model: the recipe's own rules, then what it reads and writes."""
     check_order(recipe)
+    resolve_device(recipe.spec.device)  # a GPU asked for is here
     check_files(recipe)
 
 

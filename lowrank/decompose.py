@@ -11,9 +11,11 @@ Alternating minimization (LQ-LoRA, Guo et al. 2024, Alg. 1):
 
 and return the *best* iterate seen (the reference code returns the one after the rise).
 
-The SVD is randomized (``torch.svd_lowrank`` with ``oversampling`` extra columns) under a local,
-seeded generator state, so results are reproducible without touching the caller's RNG. Singular
-values are split evenly: L1 = U sqrt(S), L2 = sqrt(S) V^T.
+The SVD is randomized (``torch.svd_lowrank``'s algorithm, Halko et al. 2009, with ``oversampling``
+extra columns; ``randomized_svd``). Its Gaussian test matrix is drawn from a CPU generator seeded
+with ``seed`` and then moved to the matrix's device, so the draw is the same on every device and
+the caller's RNG (CPU or CUDA) is never touched. Singular values are split evenly:
+L1 = U sqrt(S), L2 = sqrt(S) V^T.
 
 Fisher mode (two-sided weighting): with row weights r_i = sqrt(mean_j F_ij) and column weights
 c_j = sqrt(mean_i F_ij) (floored at ``eps`` times their mean, so dead rows or columns cannot divide
@@ -59,6 +61,30 @@ def fisher_weights(fisher: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tenso
             cols.clamp(min=eps * float(cols.mean()) + 1e-30))
 
 
+def gaussian(rows: int, cols: int, seed: int, like: torch.Tensor) -> torch.Tensor:
+    """A [rows, cols] standard normal matrix in ``like``'s dtype and on its device, drawn on the CPU
+    from a generator seeded with ``seed`` (the numbers ``torch.manual_seed(seed); torch.randn`` give)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    draw = torch.randn(rows, cols, dtype=like.dtype, generator=generator, device="cpu")
+    return draw.to(like.device)
+
+
+def randomized_svd(matrix: torch.Tensor, q: int, seed: int, niter: int = 2
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U [m, q], S [q], V [n, q]) of a real matrix [m, n]: ``torch.svd_lowrank(matrix, q, niter)``
+    step for step (so identical on the CPU after ``torch.manual_seed(seed)``), with the random test
+    matrix from ``gaussian`` instead of the global RNG of the matrix's device."""
+    tall = matrix.shape[0] >= matrix.shape[1]
+    a = matrix if tall else matrix.mT  # the range finder works on the tall orientation
+    basis = torch.linalg.qr(a @ gaussian(a.shape[1], q, seed, a)).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(a.mT @ basis).Q
+        basis = torch.linalg.qr(a @ basis).Q
+    u, s, vh = torch.linalg.svd(basis.mT @ a, full_matrices=False)
+    u, v = basis @ u, vh.mT
+    return (u, s, v) if tall else (v, s, u)
+
+
 def low_rank_factors(matrix: torch.Tensor, rank: int, oversampling: int = 10, seed: int = 0,
                      rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,9 +92,7 @@ def low_rank_factors(matrix: torch.Tensor, rank: int, oversampling: int = 10, se
     target = matrix.float()
     if rows is not None:
         target = rows.view(-1, 1) * target * cols.view(1, -1)
-    with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
-        torch.manual_seed(seed)
-        u, s, v = torch.svd_lowrank(target, q=min(rank + oversampling, *target.shape))
+    u, s, v = randomized_svd(target, min(rank + oversampling, *target.shape), seed)
     root = s[:rank].sqrt()
     left, right = u[:, :rank] * root, root.view(-1, 1) * v[:, :rank].t()
     if rows is not None:

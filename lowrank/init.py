@@ -17,10 +17,17 @@ from .lora import LoRALinear
 
 
 def kaiming_uniform_(weight: torch.Tensor, generator: torch.Generator | None = None) -> None:
-    """PEFT's lora_A init: kaiming_uniform_(a=sqrt(5)) on a [rank, in] weight = U(-1/sqrt(in), 1/sqrt(in))."""
+    """PEFT's lora_A init: kaiming_uniform_(a=sqrt(5)) on a [rank, in] weight = U(-1/sqrt(in), 1/sqrt(in)).
+
+    A ``generator`` on another device than the weight (a CPU generator for a CUDA adapter) draws
+    on its own device and the values are copied over: the same numbers wherever the weight lives."""
     with torch.no_grad():
         bound = 1 / math.sqrt(weight.shape[1])
-        weight.uniform_(-bound, bound, generator=generator)
+        if generator is None or generator.device == weight.device:
+            weight.uniform_(-bound, bound, generator=generator)
+            return
+        draw = torch.empty(weight.shape, dtype=weight.dtype, device=generator.device)
+        weight.copy_(draw.uniform_(-bound, bound, generator=generator))
 
 
 def init_default(layer: LoRALinear, generator: torch.Generator | None = None) -> None:

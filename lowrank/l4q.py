@@ -7,7 +7,11 @@
 
 ``L4QMatmul`` is a custom autograd Function that saves only x and the parameters (W0, A, B, step,
 offset) and recomputes W' and Wq in backward, so no W-sized tensor lives between forward and
-backward. Its gradients are those of a straight-through estimator on round():
+backward. x and W0 are saved as they come, in their own dtype (bf16 / fp16 for a half-precision
+model: the input itself and the frozen base weight itself, no copies); forward and backward upcast
+them to the trainable parameters' dtype (fp32 in ``L4QLinear``) as temporaries and do all the
+arithmetic there. The output is in that dtype, grad x in x's. Its gradients are those of a
+straight-through estimator on round():
 
     G_Wq = G_y^T X (all tokens, not the first sample: a bug of the public reimplementation)
     M    = 1[0 <= v <= Qp]
@@ -47,24 +51,40 @@ def fake_quantize(weight: torch.Tensor, step: torch.Tensor, offset: torch.Tensor
     return step_full * torch.clamp(torch.round(v), 0, levels - 1) + offset_full, v
 
 
+def compute_dtype(*params: torch.Tensor) -> torch.dtype:
+    """The dtype L4Q's arithmetic runs in: that of the trainable parameters (A, B, step, offset),
+    promoted together (fp32 in ``L4QLinear``, fp64 in the exactness tests)."""
+    dtype = params[0].dtype
+    for param in params[1:]:
+        dtype = torch.promote_types(dtype, param.dtype)
+    return dtype
+
+
 class L4QMatmul(torch.autograd.Function):
+    """y = x Wq^T with Wq the fake-quantized W0 + scaling B A; saves x and W0 in their own dtype
+    and recomputes Wq in backward (see the module docstring)."""
+
     @staticmethod
     def forward(ctx, x, w0, lora_a, lora_b, step, offset, scaling: float, group_size: int, levels: int,
                 grad_scale: float):
-        merged = w0 + scaling * (lora_b @ lora_a)
+        dtype = compute_dtype(lora_a, lora_b, step, offset)
+        merged = w0.to(dtype) + scaling * (lora_b @ lora_a)
         quantized, _ = fake_quantize(merged, step, offset, group_size, levels)
         ctx.save_for_backward(x, w0, lora_a, lora_b, step, offset)
         ctx.settings = (scaling, group_size, levels, grad_scale)
-        return x @ quantized.t()
+        return x.to(dtype) @ quantized.t()
 
     @staticmethod
     def backward(ctx, grad_y):
         x, w0, lora_a, lora_b, step, offset = ctx.saved_tensors
         scaling, group_size, levels, grad_scale = ctx.settings
-        merged = w0 + scaling * (lora_b @ lora_a)
+        dtype = compute_dtype(lora_a, lora_b, step, offset)
+        grad_y = grad_y.to(dtype)
+        merged = w0.to(dtype) + scaling * (lora_b @ lora_a)
         quantized, v = fake_quantize(merged, step, offset, group_size, levels)
-        grad_x = grad_y @ quantized if ctx.needs_input_grad[0] else None
-        grad_wq = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # every token
+        grad_x = (grad_y @ quantized).to(x.dtype) if ctx.needs_input_grad[0] else None
+        tokens = x.reshape(-1, x.shape[-1]).to(dtype)
+        grad_wq = grad_y.reshape(-1, grad_y.shape[-1]).t() @ tokens  # every token
         inside = (v >= 0) & (v <= levels - 1)
         grad_merged = grad_wq * inside
         grad_a = scaling * (lora_b.t() @ grad_merged)
@@ -146,8 +166,9 @@ class L4QLinear(torch.nn.Module):
         return self.base_layer.weight.float() + self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w0 = self.base_layer.weight.to(torch.float32)
-        y = L4QMatmul.apply(x.to(torch.float32), w0, self.lora_A.weight, self.lora_B.weight, self.step,
+        """The fake-quantized product in fp32 (x and W0 go in as they are, see ``L4QMatmul``), plus
+        the bias in fp32, returned in x's dtype."""
+        y = L4QMatmul.apply(x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.step,
                             self.offset, self.scaling, self.group_size, 2**self.bits, self.grad_scale)
         if self.base_layer.bias is not None:
             y = y + self.base_layer.bias.float()

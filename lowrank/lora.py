@@ -30,7 +30,15 @@ def base_weight(base: nn.Module) -> torch.Tensor:
     return base.weight.detach().float()
 
 
+def module_device(module: nn.Module) -> torch.device | None:
+    """The device of a module's first parameter or buffer (None for a module with neither)."""
+    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
+    return None if tensor is None else tensor.device
+
+
 class LoRALinear(nn.Module):
+    """The adapter of ``base`` (created on the base's device, fp32)."""
+
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         if rank < 1:
@@ -38,8 +46,9 @@ class LoRALinear(nn.Module):
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha = rank, float(alpha)
-        self.lora_A = nn.Linear(self.in_features, rank, bias=False)
-        self.lora_B = nn.Linear(rank, self.out_features, bias=False)
+        device = module_device(base)
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         for parameter in base.parameters():

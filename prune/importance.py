@@ -5,7 +5,8 @@
   merged weight: |Ĝ ⊙ (W0 + s B A)|. No W-sized gradient is ever kept by autograd.
 - ``gradient``: the true ∂L/∂W0 (W0 must then require grad: the memory-hungry baseline), |G ⊙ W0|.
 - ``magnitude``: |W0 + s B A| (Ĝ ≡ 1).
-- ``random``: uniform noise from a seeded generator (the floor any criterion must beat).
+- ``random``: uniform noise from a seeded generator (the floor any criterion must beat), drawn on the
+  generator's device (the CPU) and then moved to the layer's, so a seed gives the same draws anywhere.
 
 ``ImportanceAverage`` keeps the per-unit exponential moving average across steps (0.9), skipping an
 update in which any value is not finite.
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from compress.lowrank import LoRALinear
-from compress.lowrank.lora import base_weight
+from compress.lowrank.lora import base_weight, module_device
 
 CRITERIA = ("loraprune", "gradient", "magnitude", "random")
 
@@ -35,10 +36,18 @@ def merged_weight(layer: nn.Module) -> torch.Tensor:
     return base_weight(layer)
 
 
+def random_importance(layer: nn.Module, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform noise [out, in] drawn on the generator's device (CPU without one), on the layer's device."""
+    source = generator.device if generator is not None else torch.device("cpu")
+    noise = torch.rand((layer.out_features, layer.in_features), generator=generator, device=source)
+    device = module_device(layer)
+    return noise if device is None else noise.to(device)
+
+
 def weight_importance(layer: nn.Module, criterion: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """Element importance [out, in] of one layer after a backward pass."""
     if criterion == "random":
-        return torch.rand((layer.out_features, layer.in_features), generator=generator)
+        return random_importance(layer, generator)
     weight = merged_weight(layer)
     if criterion == "magnitude":
         return weight.abs()
@@ -68,6 +77,8 @@ class ImportanceAverage:
         if not bool(torch.isfinite(value).all()):
             return False
         previous = self.values.get(key)
+        if previous is not None:  # loaded on the host (a resumed checkpoint) while scores are on the device
+            previous = previous.to(value.device)
         self.values[key] = value.clone() if previous is None else self.decay * previous + (1 - self.decay) * value
         return True
 

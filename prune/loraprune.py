@@ -38,7 +38,9 @@ def kept_count(total: int, ratio: float, width: int = 1, round_to: int = 1) -> i
 
 
 def highest_kept(scores: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
-    """A boolean mask keeping the ``keep`` highest-scoring units; masked units score zero first."""
+    """A boolean mask, on the scores' device, keeping the ``keep`` highest-scoring units; masked units
+    score zero first."""
+    mask = mask.to(scores.device)
     masked_scores = torch.where(mask, scores, torch.full_like(scores, -math.inf))
     order = torch.argsort(masked_scores, descending=True, stable=True)
     kept = torch.zeros_like(mask)

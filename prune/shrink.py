@@ -32,9 +32,12 @@ def _dense(module: nn.Module) -> nn.Linear:
 
 
 def sliced_linear(module: nn.Module, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
-    """A new ``nn.Linear`` holding the selected rows (outputs) and columns (inputs) of ``module``."""
+    """A new ``nn.Linear`` holding the selected rows (outputs) and columns (inputs) of ``module``, on
+    its device (the indices go there, wherever they were computed)."""
     dense = _dense(module)
     weight = dense.weight.detach()
+    rows = rows.to(weight.device) if rows is not None else None
+    cols = cols.to(weight.device) if cols is not None else None
     if rows is not None:
         weight = weight[rows]
     if cols is not None:

@@ -17,7 +17,7 @@ from .hooks import StepHooks
 
 
 def magnitude_mask(weight: torch.Tensor, method: str, ratio: float = 0.5) -> torch.Tensor:
-    """Boolean keep-mask [out, in] of one weight."""
+    """Boolean keep-mask [out, in] of one weight, on its device."""
     magnitude = weight.detach().float().abs()
     if method == "semi":
         if weight.shape[1] % 4:
@@ -29,7 +29,7 @@ def magnitude_mask(weight: torch.Tensor, method: str, ratio: float = 0.5) -> tor
     if method != "unstructured":
         raise ValueError(f"sparsity method {method!r}: not semi or unstructured")
     removed = int(ratio * weight.numel())
-    keep = torch.ones(weight.numel(), dtype=torch.bool)
+    keep = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
     if removed:
         keep[torch.topk(magnitude.flatten(), removed, largest=False).indices] = False
     return keep.view_as(weight)
@@ -52,4 +52,5 @@ class KeepSparse(StepHooks):
     def after_step(self, step: int) -> None:
         with torch.no_grad():
             for name, module in self.modules.items():
-                module.weight.mul_(self.masks[name])
+                mask = self.masks[name] = self.masks[name].to(module.weight.device)  # moved once, if ever
+                module.weight.mul_(mask)

@@ -39,13 +39,13 @@ class LayerUnits:
         return f"{self.prefix}.{'self_attn' if leaf in ATTENTION else 'mlp'}.{leaf}"
 
     def q_rows(self, groups: torch.Tensor) -> torch.Tensor:
-        """Rows of q_proj (and columns of o_proj) that belong to ``groups``."""
+        """Rows of q_proj (and columns of o_proj) that belong to ``groups``, on their device."""
         width = self.group_heads * self.head_dim
-        return (groups.view(-1, 1) * width + torch.arange(width)).flatten()
+        return (groups.view(-1, 1) * width + torch.arange(width, device=groups.device)).flatten()
 
     def kv_rows(self, groups: torch.Tensor) -> torch.Tensor:
-        """Rows of k_proj and v_proj that belong to ``groups``."""
-        return (groups.view(-1, 1) * self.head_dim + torch.arange(self.head_dim)).flatten()
+        """Rows of k_proj and v_proj that belong to ``groups``, on their device."""
+        return (groups.view(-1, 1) * self.head_dim + torch.arange(self.head_dim, device=groups.device)).flatten()
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -125,7 +125,9 @@ def mlp_unit_scores(units: LayerUnits, scores: dict[str, torch.Tensor]) -> torch
 
 
 def _normalized_sum(parts: list[torch.Tensor], size: int) -> torch.Tensor:
-    total = torch.zeros(size, dtype=torch.float64)
+    """Sum of the L2-normalized ``parts`` in float64, on their device (the CPU when there are none)."""
+    device = parts[0].device if parts else torch.device("cpu")
+    total = torch.zeros(size, dtype=torch.float64, device=device)
     for part in parts:
         part = part.double()
         total += part / (torch.linalg.norm(part) + 1e-8)

@@ -32,14 +32,21 @@ log = logging.getLogger(__name__)
 
 
 class HessianAccumulator:
-    """Running H = 2/n · Σ x xᵀ (float32 [in, in]) over every token row seen by ``add``."""
+    """Running H = 2/n · Σ x xᵀ (float32 [in, in]) over every token row seen by ``add``.
 
-    def __init__(self, in_features: int):
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32)
+    H lives on ``device`` when given; otherwise it follows the first inputs (nothing is summed
+    before them) and later inputs are brought to it."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None):
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.rows = 0
+        self._follow = device is None
 
     def add(self, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        if self._follow and self.rows == 0 and self.hessian.device != x.device:
+            self.hessian = torch.zeros_like(self.hessian, device=x.device)
+        x = x.to(self.hessian.device)
         total = self.rows + x.shape[0]
         self.hessian.mul_(self.rows / total).addmm_(x.t(), x, alpha=2.0 / total)
         self.rows = total
@@ -96,35 +103,41 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
     out_features, in_features = weight.shape
     if tuple(hessian.shape) != (in_features, in_features):
         raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match in_features {in_features}")
+    device = weight.device
     w = weight.detach().to(dtype).clone()
-    h = hessian.detach().to(dtype).clone()
+    h = hessian.detach().to(device=device, dtype=dtype).clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     group = effective_group(config, in_features)
     static = act_order or group >= in_features  # parameters fixed before the loop
     scale, zero = _group_params(w, config, group) if static else (None, None)
-    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(in_features)
+    if act_order:
+        order = torch.argsort(h.diagonal(), descending=True, stable=True)
+    else:
+        order = torch.arange(in_features, device=device)
     w, h = w[:, order], h[order][:, order]
     upper = _inverse_cholesky(h, damp)
     if not static:
-        scale = torch.zeros(out_features, -(-in_features // group), dtype=dtype)
+        scale = torch.zeros(out_features, -(-in_features // group), dtype=dtype, device=device)
         zero = torch.zeros_like(scale)
-    codes = torch.zeros(out_features, in_features, dtype=dtype)
-    loss = 0.0
+    codes = torch.zeros(out_features, in_features, dtype=dtype, device=device)
+    column_groups = (order // group).tolist()  # one host copy, not a device sync per column
+    loss = torch.zeros((), dtype=torch.float64, device=device)  # float64: the sum of the python floats
     for start in range(0, in_features, block):
         end = min(start + block, in_features)
-        chunk, errors = w[:, start:end].clone(), torch.zeros(out_features, end - start, dtype=dtype)
+        chunk = w[:, start:end].clone()
+        errors = torch.zeros(out_features, end - start, dtype=dtype, device=device)
         inverse = upper[start:end, start:end]
         for i in range(end - start):
             column = start + i
-            g = int(order[column]) // group
+            g = column_groups[column]
             if not static and column % group == 0:  # w: updated by the blocks before this one only
                 s, z = choose_qparams(w[:, column:column + group], config)
                 scale[:, g], zero[:, g] = s.to(dtype)[:, 0], z.to(dtype)[:, 0]
             codes[:, column], quantized = _column_codes(chunk[:, i], scale[:, g], zero[:, g], config)
             error = (chunk[:, i] - quantized) / inverse[i, i]
-            loss += float((error**2).sum()) / 2
+            loss += (error**2).sum().double() / 2
             chunk[:, i:] -= error.unsqueeze(1) * inverse[i, i:].unsqueeze(0)
             errors[:, i] = error
         w[:, end:] -= errors @ upper[start:end, end:]
@@ -132,4 +145,4 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
     pack = to_float_zero_tensors if config.float_zero else to_gptq_tensors
     zero_out = zero.to(torch.float16) if config.float_zero else zero.round().to(torch.int32)
     tensors = pack(codes, scale.to(torch.float16), zero_out, config)
-    return GPTQResult(QuantizedWeight(config, (out_features, in_features), tensors), loss)
+    return GPTQResult(QuantizedWeight(config, (out_features, in_features), tensors), float(loss))

@@ -33,16 +33,19 @@ NF_OFFSET = 0.9677083
 SCALE_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def nf_codebook(bits: int) -> torch.Tensor:
-    """The 2^bits NormalFloat values in [-1, 1], ascending (float32)."""
+def nf_codebook(bits: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The 2^bits NormalFloat values in [-1, 1], ascending (float32), on ``device`` (default CPU).
+
+    Always computed on the CPU and then moved, so every device holds the same values."""
     half = 2 ** (bits - 1)
     # linspace in float32 and quantiles in float64, as bitsandbytes builds its NF4 table
-    positive = torch.linspace(NF_OFFSET, 0.5, half + 1)[:-1].double()
-    negative = torch.linspace(NF_OFFSET, 0.5, half)[:-1].double()
-    values = torch.cat([torch.special.ndtri(positive), torch.zeros(1, dtype=torch.float64),
+    positive = torch.linspace(NF_OFFSET, 0.5, half + 1, device="cpu")[:-1].double()
+    negative = torch.linspace(NF_OFFSET, 0.5, half, device="cpu")[:-1].double()
+    values = torch.cat([torch.special.ndtri(positive), torch.zeros(1, dtype=torch.float64, device="cpu"),
                         -torch.special.ndtri(negative)]).float()
     values = values.sort().values
-    return values / values.max()
+    values = values / values.max()
+    return values if device is None else values.to(device)
 
 
 def _blocks(flat: torch.Tensor, size: int) -> torch.Tensor:
@@ -76,13 +79,16 @@ CHUNK_BLOCKS = 1 << 14  # blocks per chunk in quantize_nf: keeps temporaries cac
 
 
 @functools.lru_cache(maxsize=None)
-def _lookup_tables(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes below each bin, the one midpoint inside each bin or +inf) for ``nearest_codes``.
+def _lookup_tables(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes below each bin, the one midpoint inside each bin or +inf) for ``nearest_codes``, on
+    ``device`` (built on the CPU, then moved: the same tables everywhere).
 
     A value in bin k gets ``below[k] + (value > inside[k])``: exactly the number of midpoints
     below it, i.e. the index ``bucketize`` returns, without a binary search per element."""
+    if device.type != "cpu":
+        return tuple(table.to(device) for table in _lookup_tables(bits, torch.device("cpu")))
     midpoints = _midpoints(nf_codebook(bits)).double()
-    edges = torch.linspace(-1, 1, LOOKUP_BINS + 1, dtype=torch.float64)
+    edges = torch.linspace(-1, 1, LOOKUP_BINS + 1, dtype=torch.float64, device="cpu")
     slack = 1e-4 * (2 / LOOKUP_BINS)  # covers rounding of the bin index near an edge
     low, high = edges[:-1] - slack, edges[1:] + slack
     below = (midpoints.view(1, -1) < low.view(-1, 1)).sum(dim=1)
@@ -90,7 +96,7 @@ def _lookup_tables(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     if int(inside.sum(dim=1).max()) > 1:
         raise AssertionError("lookup bins too coarse for this codebook")
     first = inside.float().argmax(dim=1)
-    mids = torch.where(inside.any(dim=1), midpoints.float()[first], torch.tensor(float("inf")))
+    mids = torch.where(inside.any(dim=1), midpoints.float()[first], torch.tensor(float("inf"), device="cpu"))
     return below.to(torch.uint8), mids
 
 
@@ -100,7 +106,7 @@ def _midpoints(codebook: torch.Tensor) -> torch.Tensor:
 
 def nearest_codes(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Index of the nearest NF-``bits`` codebook entry for every value (ties go down), uint8."""
-    below, inside = _lookup_tables(bits)
+    below, inside = _lookup_tables(bits, values.device)
     flat = values.reshape(-1)
     half = LOOKUP_BINS / 2
     index = (flat * half).add_(half).clamp_(0, LOOKUP_BINS - 1).to(torch.int32)
@@ -117,7 +123,7 @@ def quantize_nf(weight: torch.Tensor, config: QuantConfig) -> dict[str, torch.Te
     scales = quantize_scales(torch.maximum(-low, high), config)
     scale = dequantize_scales(scales["scale_codes"], scales["scale_scales"], scales["scale_offset"], config)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1)
-    codes = torch.empty(blocks.shape, dtype=torch.uint8)
+    codes = torch.empty(blocks.shape, dtype=torch.uint8, device=blocks.device)
     for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
         rows = slice(start, start + CHUNK_BLOCKS)
         codes[rows] = nearest_codes(blocks[rows] / safe[rows], config.bits)
@@ -138,6 +144,6 @@ def dequantize_nf(tensors: dict[str, torch.Tensor], config: QuantConfig,
     scale_codes = unpack_codes(tensors["scale_codes"], config.scale_bits, n_blocks)
     scale = dequantize_scales(scale_codes, tensors["scale_scales"], tensors["scale_offset"], config)
     codes = unpack_codes(tensors["codes"], config.bits, numel)
-    values = nf_codebook(config.bits)[codes.long()]
+    values = nf_codebook(config.bits, codes.device)[codes.long()]
     values = F.pad(values, (0, n_blocks * config.block - numel)).view(n_blocks, config.block)
     return (values * scale.unsqueeze(1)).reshape(-1)[:numel].view(shape)

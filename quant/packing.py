@@ -49,7 +49,7 @@ def _pack_aligned(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def _unpack_aligned(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per_word = RUN // bits
     words = packed.reshape(-1, bits, 1, packed.shape[-1])
-    shifts = (torch.arange(per_word, dtype=torch.int32) * bits).view(1, 1, per_word, 1)
+    shifts = (torch.arange(per_word, dtype=torch.int32, device=packed.device) * bits).view(1, 1, per_word, 1)
     codes = (words >> shifts) & ((1 << bits) - 1)  # arithmetic shift; the mask drops sign bits
     return codes.reshape(-1, packed.shape[-1])
 

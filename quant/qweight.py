@@ -102,10 +102,16 @@ class QuantizedWeight:
                    for name, t in self.tensors.items()}
         return QuantizedWeight(self.config, (end - start, self.shape[1]), tensors)
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the packed tensors (all on one)."""
+        return next(iter(self.tensors.values())).device
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [N, K] in ``dtype``, on the packed tensors' device."""
         if self.config.kind != "uniform":
             return dequantize_nf(self.tensors, self.config, self.shape).to(dtype)
-        out = torch.empty(self.shape, dtype=dtype)
+        out = torch.empty(self.shape, dtype=dtype, device=self.device)
         for start, block in self._row_blocks():
             out[start:start + block.shape[0]] = dequantize_gptq(block.tensors, self.config.bits, block.shape)
         return out

@@ -81,9 +81,10 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return (codes.to(torch.int32) - zero[:, index]).float() * scale.float()[:, index]
 
 
-def default_g_idx(in_features: int, config: QuantConfig) -> torch.Tensor:
+def default_g_idx(in_features: int, config: QuantConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """The group of each input column, ``arange(K) // group`` (int32 [K], on ``device``)."""
     group = effective_group(config, in_features)
-    return torch.arange(in_features, dtype=torch.int32) // group
+    return torch.arange(in_features, dtype=torch.int32, device=device) // group
 
 
 def quantize_rtn(weight: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tensor]:
@@ -102,7 +103,7 @@ def to_float_zero_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.
         "qweight": pack_codes(codes.t(), config.bits, dim=0),
         "zeros": zero.to(torch.float16).t().contiguous(),
         "scales": scale.t().contiguous(),
-        "g_idx": default_g_idx(codes.shape[1], config),
+        "g_idx": default_g_idx(codes.shape[1], config, codes.device),
     }
 
 
@@ -115,7 +116,7 @@ def to_gptq_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
         "qweight": pack_codes(codes.t(), config.bits, dim=0),
         "qzeros": pack_codes((zero - 1).t(), config.bits, dim=1),
         "scales": scale.t().contiguous(),
-        "g_idx": default_g_idx(codes.shape[1], config),
+        "g_idx": default_g_idx(codes.shape[1], config, codes.device),
     }
 
 

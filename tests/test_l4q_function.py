@@ -57,9 +57,12 @@ def test_custom_backward_equals_straight_through_autograd(grad_scale, in_feature
         torch.testing.assert_close(mine, reference, rtol=1e-10, atol=1e-10, msg=f"gradient of {name}")
 
 
-def test_backward_keeps_no_weight_sized_tensor():
-    x = torch.randn(2, 16, dtype=torch.float64, requires_grad=True)
-    w0 = torch.randn(8, 16, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16-input-and-w0"])
+def test_backward_keeps_no_weight_sized_tensor(dtype):
+    """Saved: the inputs themselves, x and W0 in their own dtype (no upcast copy); the gradient of x
+    comes back in x's dtype, the trainable ones in theirs."""
+    x = torch.randn(2, 16, dtype=torch.float64).to(dtype).requires_grad_()
+    w0 = torch.randn(8, 16, dtype=torch.float64).to(dtype)
     a = torch.randn(2, 16, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(8, 2, dtype=torch.float64, requires_grad=True)
     step = torch.full((8, 2), 0.1, dtype=torch.float64, requires_grad=True)
@@ -67,6 +70,9 @@ def test_backward_keeps_no_weight_sized_tensor():
     y = L4QMatmul.apply(x, w0, a, b, step, offset, 1.0, 8, 16, 1.0)
     saved = y.grad_fn.saved_tensors
     assert [t.data_ptr() for t in saved] == [t.data_ptr() for t in (x, w0, a, b, step, offset)]  # inputs only
+    assert [t.dtype for t in saved[:2]] == [dtype, dtype]
+    grads = torch.autograd.grad(y.sum(), (x, a, step))
+    assert [g.dtype for g in grads] == [dtype, torch.float64, torch.float64]
 
 
 def test_first_forward_equals_the_initial_quantized_model():

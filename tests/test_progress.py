@@ -58,5 +58,5 @@ def test_a_run_with_stderr_to_a_file_logs_progress(tmp_path):
                               stderr=stderr, env={**os.environ, "COMPRESS_PROGRESS_SECONDS": "0"}, timeout=600)
     text = log_file.read_text()
     assert done.returncode == 0, text[-2000:]
-    assert "progress: stages 1/2 > gptq layers 1/4" in text, text[-3000:]
+    assert "progress: stages 1/2 > gptq units 1/7" in text, text[-3000:]
     assert "progress: stages 2/2 > perplexity" in text, text[-3000:]

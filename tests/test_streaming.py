@@ -8,6 +8,7 @@
 - The Fisher computed layer by layer (forward with saved activations, then backward one layer at a
   time) equals ``empirical_fisher``'s backward through the whole model, bit for bit.
 - A streamed run resumes from its saved stage: the export reads the quantize stage's shards.
+- A streamed eval (and its baseline) scores one decoder layer at a time, to the in-memory perplexity.
 - Recipes that cannot stream exit 2 with one line naming the stage.
 - At scale (slow): a synthetic Llama of 1.54 B parameters (22 layers of 60.8 M, random bf16 weights in
   one shard per layer) is quantized (RTN int4 g128) and exported as GPTQ in fp32 with the process's
@@ -78,28 +79,41 @@ def test_streamed_lq_lora_writes_the_in_memory_tensors(sharded_tiny, tmp_path, l
     assert [m["config"] for m in streamed.reports[1].modules] == [m["config"] for m in in_memory.reports[1].modules]
 
 
-def test_streamed_fisher_equals_the_whole_model_backward(sharded_tiny, tmp_path):
-    """Forward and backward one layer at a time give the Fisher of one backward through the model."""
+def test_streamed_eval_scores_one_layer_at_a_time_as_in_memory(sharded_tiny, tmp_path):
+    stages = [{"quantize": {"config": {"bits": 4, "group_size": 64}}}, {"eval": {}}]
+    in_memory = compress.run_recipe(recipe(sharded_tiny, tmp_path / "memory", stages, streaming=False))
+    streamed = compress.run_recipe(recipe(sharded_tiny, tmp_path / "streamed", stages))
+    for index in (0, 2):  # the baseline, then the quantized model
+        assert streamed.reports[index].metrics["perplexity"] == in_memory.reports[index].metrics["perplexity"]
+    assert any("one decoder layer at a time" in note for note in streamed.reports[2].notes)
+
+
+@pytest.mark.parametrize("source", ["streamed", "resident"])
+def test_fisher_by_layer_equals_the_whole_model_backward(sharded_tiny, tmp_path, source):
+    """Forward and backward one layer at a time give the Fisher of one backward through the model,
+    from either source of units."""
     from types import SimpleNamespace
 
     from compress.data import token_windows
     from compress.distributed import Ranks
     from compress.lowrank.fisher import empirical_fisher
     from compress.models import load_model, resolve_model
-    from compress.streamed_fisher import load_layer_fisher, streamed_fisher
+    from compress.fisher_by_layer import fisher_by_layer, load_layer_fisher
     from compress.streaming import StreamedModel
+    from compress.walker import ResidentModel
 
     model, tokenizer = load_model(resolve_model(str(sharded_tiny)), "float32")
     spec = recipe(sharded_tiny, tmp_path, [{"eval": {}}]).spec.data.calibration
     windows = token_windows(tokenizer, spec.text_source("calibration"), spec.samples, spec.seq_len)
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
     expected = empirical_fisher(model, windows, [f"{n}.weight" for n in names])
-    stream = StreamedModel.open(sharded_tiny, "float32")
-    ctx = SimpleNamespace(stream=stream, model=stream.model, ranks=Ranks(), windows=lambda role: windows,
-                          track=lambda items, *_: items, entry=SimpleNamespace(where="stages[0].lq_lora"))
-    directory = streamed_fisher(ctx, names, tmp_path / "fisher")
+    units = StreamedModel.open(sharded_tiny, "float32") if source == "streamed" else ResidentModel(model)
+    ctx = SimpleNamespace(units=units, model=units.model, ranks=Ranks(), windows=lambda role: windows,
+                          track=lambda items, *_: items, entry=SimpleNamespace(where="stages[0].lq_lora"),
+                          device=torch.device("cpu"))
+    directory = fisher_by_layer(ctx, names, tmp_path / "fisher")
     got = {}
-    for prefix in stream.layer_prefixes:
+    for prefix in units.layer_prefixes:
         got.update(load_layer_fisher(directory, prefix))
     assert sorted(got) == sorted(names)
     assert not (directory / "activations-rank0").exists()
@@ -120,7 +134,8 @@ def test_streamed_run_resumes_from_its_saved_stage(sharded_tiny, tmp_path):
 
 
 @pytest.mark.parametrize("stages, model, message", [
-    ("  - quantize: {}\n  - eval: {}", None, r"stages\[1\]\.eval: does not run with streaming: true \(stages that stream: export, lq_lora, quantize\)"),
+    ("  - quantize: {}\n  - finetune: {steps: 1}", None,
+     r"stages\[1\]\.finetune: does not run with streaming: true \(stages that stream: eval, export, lq_lora, quantize\)"),
     ("  - quantize: {}\n  - export: {format: hf}", None, r"stages\[1\]\.export: does not run with streaming: true: format hf"),
     ("  - quantize: {}", "tiny-llama", r"streaming: true reads a model's safetensors files .*'tiny-llama' is a builtin model"),
 ])

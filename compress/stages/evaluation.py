@@ -5,14 +5,17 @@
 ```
 
 With ``baseline: true`` (the default) the run also scores the model as loaded, before any stage, so
-the summary shows the two side by side.
+the summary shows the two side by side. The whole model runs on the recipe's device when ``compress
+plan`` says it fits there; otherwise (and in a streaming recipe) the windows go through the model one
+decoder layer at a time on the device: the same operations, so the same perplexity.
 """
 
 from __future__ import annotations
 
 from pydantic import Field
 
-from ..evaluate import kernels_used, perplexity
+from ..evaluate import kernels_used, perplexity, perplexity_by_units
+from ..placement import whole_model_on_device
 from ..report import StageReport
 from ..stage import Stage, StageConfig
 
@@ -41,18 +44,25 @@ def linear_bits_per_param(model) -> float | None:
     return bits / params if params else None
 
 
-def score(ctx, batch_size: int, report: StageReport) -> None:
+def score(ctx, batch_size: int, report: StageReport, index: int) -> None:
+    """Perplexity on ``data.eval``: the whole model on the run's device when the plan says eval stage
+    ``index`` fits it, else one layer at a time (``compress.placement``)."""
     windows = ctx.windows("eval")
     spec = ctx.recipe.spec.data.eval
-    ppl = perplexity(ctx.model, windows, batch_size, ctx.track)
+    with whole_model_on_device(ctx, f"stages[{index}].eval", index, walk_instead=True) as whole:
+        if whole:
+            ppl = perplexity(ctx.model, windows, batch_size, ctx.track)
+        else:
+            ppl = perplexity_by_units(ctx.units, windows, batch_size, ctx.track)
+            report.notes.append(f"scored one decoder layer at a time on {ctx.device}")
     report.metrics.update(perplexity=ppl, eval_windows=int(windows.shape[0]), eval_seq_len=int(windows.shape[1]),
                           eval_data=spec.text_source("eval").describe(),
-                          bits_per_param=linear_bits_per_param(ctx.model), **kernels_used(ctx.model))
+                          bits_per_param=linear_bits_per_param(ctx.model), **kernels_used(ctx.model, ctx.device))
 
 
 
 def run(ctx, config: EvalConfig, report: StageReport) -> None:
-    score(ctx, config.batch_size, report)
+    score(ctx, config.batch_size, report, ctx.entry.index)
     baseline = ctx.metrics.get("baseline_perplexity")
     if baseline:
         change = report.metrics["perplexity"] / baseline - 1
@@ -67,10 +77,11 @@ def eval_batch_size(recipe) -> int:
     return stages[-1].config.batch_size if stages else EvalConfig().batch_size
 
 
-def wants_baseline(recipe) -> EvalConfig | None:
-    """The first eval stage's config when it asks for a baseline."""
+def wants_baseline(recipe):
+    """The first eval stage (a ``StageEntry``) when it asks for a baseline."""
     first = next((e for e in recipe.stages if e.name == "eval"), None)
-    return first.config if first is not None and first.config.baseline else None
+    return first if first is not None and first.config.baseline else None
 
 
-STAGE = Stage(name="eval", config=EvalConfig, run=run, modifies_model=False, needs_data=("eval",))
+STAGE = Stage(name="eval", config=EvalConfig, run=run, modifies_model=False, needs_data=("eval",),
+              streaming=lambda config: None)

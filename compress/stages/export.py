@@ -75,16 +75,25 @@ def _compare_logits(ctx, reloaded, exact: bool, where: str) -> float:
 
 
 def _write(ctx, config: ExportConfig, target, report: StageReport) -> dict:
-    """Write the checkpoint (and the PEFT adapter beside it); returns the adapters written."""
+    """Write the checkpoint (and the PEFT adapter beside it) from the model's source of units: a
+    resident model's state as a whole, a streamed one's units as they are read (adapter tensors set
+    aside as they pass). Returns the adapter layers written."""
     from ..checkpoint.peft import adapters_detached, write_peft_adapter
 
-    write = WRITERS[config.format]
+    split = config.adapters == "peft" and bool(adapter_modules(ctx.model))
+    shards, adapter_tensors = ctx.units.export_shards(ctx, f"export {config.format}", split)
     kwargs = dict(tokenizer=ctx.tokenizer, recipe=ctx.recipe.to_dict(), max_shard_bytes=config.max_shard_mib << 20)
-    if config.adapters != "peft" or not adapter_modules(ctx.model):
+    kwargs.update({"shards": shards} if shards is not None else {})
+    write = WRITERS[config.format]
+    if not split:
         write(ctx.model, target, **kwargs)
         return {}
     with adapters_detached(ctx.model) as layers:
         write(ctx.model, target, **kwargs)
+    for name, layer in layers.items() if adapter_tensors else ():  # a skeleton's adapters, now read
+        for leaf in ("lora_A", "lora_B"):
+            weight = adapter_tensors[f"{name}.{leaf}.weight"].to(ctx.units.dtype)
+            getattr(layer, leaf).weight = torch.nn.Parameter(weight, requires_grad=False)
     adapter_dir = write_peft_adapter(layers, adapter_target(ctx, config), base_model=str(target))
     report.metrics["adapter_path"] = str(adapter_dir)
     report.notes.append(f"PEFT adapter ({len(layers)} layers) in {adapter_dir}")
@@ -99,43 +108,6 @@ def _adapter_bits(report: StageReport, layers: dict, quantized_params: int) -> N
     report.metrics.update(adapter_params=params,
                           bits_per_param_with_adapters_16bit=base + 16 * params / quantized_params,
                           bits_per_param_with_adapters_nf8=base + NF8_BITS * params / quantized_params)
-
-
-def _write_streamed(ctx, config: ExportConfig, target, report: StageReport) -> dict:
-    """Copy the stream's source (the last stage's checkpoint) unit by unit into ``format``; LoRA
-    adapters (``adapters: peft``) are set aside as their units pass and written as a PEFT adapter."""
-    from ..checkpoint.peft import adapters_detached, write_peft_adapter
-
-    stream, adapters, layers = ctx.stream, {}, {}
-    split = config.adapters == "peft" and bool(adapter_modules(ctx.model))
-
-    def shards():
-        for prefix in ctx.track(stream.units, f"export {config.format} (streaming)"):
-            tensors = stream.source.read(stream.unit_names(prefix))
-            if split:
-                adapters.update({n: t for n, t in tensors.items() if ".lora_" in n})
-                tensors = {n: t for n, t in tensors.items() if ".lora_" not in n}
-            yield tensors
-
-    write = WRITERS[config.format]
-    kwargs = dict(tokenizer=ctx.tokenizer, recipe=ctx.recipe.to_dict(), shards=(len(stream.units), shards()))
-    if not split:
-        write(ctx.model, target, **kwargs)
-    else:
-        with adapters_detached(ctx.model) as layers:
-            write(ctx.model, target, **kwargs)
-        for name, layer in layers.items():  # small: the adapters are held in memory
-            for leaf in ("lora_A", "lora_B"):
-                weight = adapters[f"{name}.{leaf}.weight"].to(ctx.stream.dtype)
-                getattr(layer, leaf).weight = torch.nn.Parameter(weight, requires_grad=False)
-        adapter_dir = write_peft_adapter(layers, adapter_target(ctx, config), base_model=str(target))
-        report.metrics["adapter_path"] = str(adapter_dir)
-        report.notes.append(f"PEFT adapter ({len(layers)} layers) in {adapter_dir}")
-    if config.verify:
-        inspect_checkpoint(target, verify=True)
-        report.notes.append(f"streaming: every file of {target} checked against its manifest sha256; the reload "
-                            "and logits check needs the whole model in memory and was not run")
-    return layers
 
 
 def streams(config: ExportConfig) -> str | None:
@@ -157,17 +129,18 @@ def run(ctx, config: ExportConfig, report: StageReport) -> None:
     guard_before_write(target, f"{ctx.entry.where}.path")
     if config.adapters == "peft" and adapter_modules(ctx.model):
         adapter_target(ctx, config)  # refused before the base is written, not after
-    if ctx.stream is not None:
-        layers = _write_streamed(ctx, config, target, report)
-    else:
-        layers = _write(ctx, config, target, report)
+    layers = _write(ctx, config, target, report)
     info = inspect_checkpoint(target, verify=False)
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
     report.metrics.update(path=str(target), format=config.format, size_bytes=size, label=config.format,
                           bits_per_param=info["bits_per_param"], bits_per_param_total=info["bits_per_param_total"],
                           kernel=info["kernel"])
     _adapter_bits(report, layers, info.get("quantized_params") or 0)
-    if not config.verify or ctx.stream is not None:
+    if config.verify and not ctx.units.holds_model:
+        inspect_checkpoint(target, verify=True)
+        report.notes.append(f"streaming: every file of {target} checked against its manifest sha256; the reload "
+                            "and logits check needs the whole model in memory and was not run")
+    if not config.verify or not ctx.units.holds_model:
         return
     reloaded = load_checkpoint(target, dtype=ctx.recipe.spec.dtype)
     if layers:

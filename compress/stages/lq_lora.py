@@ -26,15 +26,15 @@ matrix's Q = GPTQ(W - L1 L2) with its input Hessian H (``damp``), and the altern
 iterate with the least output error sqrt(tr(R H Rᵀ) / 2). The ILP's cost table stays the RTN
 decomposition's (GPTQ for every config of every matrix would multiply its cost by the grid size).
 
-In a streaming recipe (``run_streamed``) there are three walks over the model's units
-(``compress.streaming``), each reading one unit from the stream's source: the Fisher, when asked for
-(``compress.streamed_fisher``: forward, then backward, one file per layer); the cost table, unit by
-unit (the same per-matrix entries and on-disk cache as in memory); then, after the ILP, the
-decomposition, each unit written as one shard of the stage's checkpoint (native format; LoRA
-adapters are stored in it and come back wrapped). With ``quantizer: gptq`` the calibration
-activations flow from layer to layer as in ``quantize``. The Fisher files (fp32, the size of the
-selected matrices) are removed when the stage ends. The result equals the in-memory stage's, tensor
-for tensor.
+The stage makes three walks over the model's units on the run's device (``compress.walker``):
+the Fisher, when asked for (``compress.fisher_by_layer``: forward, then backward, one file per
+layer, for linears inside the decoder layers); the cost table, unit by unit (per-matrix entries and
+the on-disk cache); then, after the ILP, the decomposition. With ``quantizer: gptq`` the
+calibration activations flow from layer to layer as in ``quantize``. The Fisher files (fp32, the
+size of the selected matrices) are removed when the stage ends. In a streaming recipe each unit is
+read from the stream's source and written as one shard of the stage's checkpoint (native format;
+LoRA adapters are stored in it and come back wrapped): the result equals the resident model's,
+tensor for tensor.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_serializer, model_validator
 
-from compress.lowrank import (GRIDS, NF8_BITS, InfeasibleBudget, LoRALinear, allocate, budget_bits_for, empirical_fisher,
+from compress.lowrank import (GRIDS, NF8_BITS, InfeasibleBudget, LoRALinear, allocate, budget_bits_for,
                               init_from_factors, lq_decompose, matrix_costs, minimum_bits)
 from compress.lowrank.decompose import hessian_error, weighted_error
 from compress.quant import QuantizedWeight, QuantLinear
@@ -56,11 +56,11 @@ from compress.quant.gptq import gptq_quantize
 
 from ..checkpoint.atomic import atomic_write_text
 from ..errors import RecipeError, StageError
-from ..layerwise import calibrate_layer, calibrate_layerwise, first_layer_inputs
+from ..fisher_by_layer import fisher_by_layer, load_layer_fisher
+from ..layerwise import calibration_step
 from ..parallel import parallel_map
 from ..stage import Stage, StageConfig
-from ..streamed_fisher import load_layer_fisher, streamed_fisher
-from ..streaming import rewrite_units
+from ..walker import HOST, decoder_layers, rewrite_units, visit_units
 from ..targets import check_selector, fused_members, select_linears, set_module
 
 
@@ -125,6 +125,11 @@ def check(recipe, entry, model) -> None:
     _check_budget(entry, config, {name: (m.out_features, m.in_features) for name, m in selected})
     if config.fisher and recipe.spec.data.calibration is None:
         raise RecipeError(f"{entry.where}.fisher: needs data.calibration")
+    layers = [prefix for prefix, _ in decoder_layers(model)]
+    outside = [name for name, _ in selected if not any(name.startswith(f"{p}.") for p in layers)]
+    if config.fisher and outside:
+        raise RecipeError(f"{entry.where}.fisher: the Fisher is computed one decoder layer at a time and covers "
+                          f"linears inside them; {outside[0]} is not (add it to ignore)")
     if config.grid == "nf" and any(e.config.format == "gptq" for e in recipe.later(entry.index, "export")):
         raise RecipeError(f"{entry.where}.grid: nf configs cannot be written as GPTQ; use grid: gptq or "
                           "export native")
@@ -170,19 +175,11 @@ def cost_table(ctx, config: LQLoRAConfig, modules: dict, fisher: dict) -> dict[s
             weight = module.weight.detach().float()
             jobs[name] = (weight, grid_for(config, tuple(weight.shape)), config.rank, config.iterations,
                           fisher.get(name), config.seed)
-    for name, entries in ctx.track(parallel_map(matrix_costs, jobs, config.workers), "lq_lora costs", len(jobs)):
+    for name, entries in ctx.track(parallel_map(matrix_costs, jobs, config.workers), "lq_lora cost entries", len(jobs)):
         local[name] = {k: tuple(v) for k, v in entries.items()}
         atomic_write_text(paths[name], json.dumps(entries))
     table = ctx.ranks.gather(local)
     return {name: table[name] for name in modules}
-
-
-def _fisher(ctx, config: LQLoRAConfig, names: list[str]) -> dict[str, torch.Tensor]:
-    if not config.fisher:
-        return {}
-    windows = ctx.ranks.share(list(ctx.windows("calibration")))  # float64 partial sums, added in rank order
-    fisher = empirical_fisher(ctx.model, windows, [f"{n}.weight" for n in names])
-    return {name: ctx.ranks.sum_in_rank_order(fisher[f"{name}.weight"]).float() for name in names}
 
 
 def dense_selection(ctx, config: LQLoRAConfig, report) -> dict:
@@ -220,18 +217,26 @@ def report_sizes(config: LQLoRAConfig, result, shapes: dict[str, tuple[int, int]
 
 
 def run(ctx, config: LQLoRAConfig, report) -> None:
-    if ctx.stream is not None:
-        return run_streamed(ctx, config, report)
-    modules = dense_selection(ctx, config, report)
+    """Three walks over the model's units on the run's device (``compress.walker``): the Fisher when
+    asked for, the cost table, then after the ILP the decomposition."""
+    units = ctx.units
+    shapes = {n: (m.out_features, m.in_features) for n, m in dense_selection(ctx, config, report).items()}
     start = time.perf_counter()
-    fisher = _fisher(ctx, config, list(modules))
+    fisher_cache = ctx.out_dir / ".cache" / "lq_lora_fisher"
+    fisher_dir = fisher_by_layer(ctx, list(shapes), fisher_cache) if config.fisher else None
     report.metrics["fisher_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
-    table = cost_table(ctx, config, modules, fisher)
+    table = {}
+    visit_units(ctx, "lq_lora cost units", lambda prefix, unit: table.update(
+        cost_table(ctx, config, _modules(ctx, prefix, shapes), load_layer_fisher(fisher_dir, prefix))),
+        [p for p in units.units if any(units.owns(p, n) for n in shapes)])
     report.metrics["cost_table_seconds"] = time.perf_counter() - start  # near 0 when every entry was cached
-    result = solve(ctx, config, table, {name: m.weight.numel() for name, m in modules.items()}, report)
-    _replace(ctx, config, modules, fisher, result.choice, report)
-    report_sizes(config, result, {n: tuple(m.weight.shape) for n, m in modules.items()}, report)
+    result = solve(ctx, config, {n: table[n] for n in shapes}, {n: o * i for n, (o, i) in shapes.items()}, report)
+    _decompose_units(ctx, config, shapes, fisher_dir, result.choice, report)
+    report_sizes(config, result, shapes, report)
+    ctx.ranks.barrier()
+    if fisher_dir is not None and ctx.ranks.main:  # as large as the model's linears in fp32
+        shutil.rmtree(fisher_dir)
 
 
 def _allocate(config: LQLoRAConfig, table: dict, numel: dict, budget: float, names: list[str]):
@@ -266,20 +271,23 @@ def _decompose(module, qconfig, config: LQLoRAConfig, fisher, hessian=None) -> t
 
 
 def installer(ctx, config: LQLoRAConfig, modules: dict, fisher: dict, choice: dict, report):
-    """``install(names, hessians=None, track=None)``: decompose those of ``modules`` with their chosen
+    """``install(names, hessians=None)``: decompose those of ``modules`` with their chosen
     configs (shared out over the ranks) and put the results into the model (rank 0: just quantize,
     no adapter); ``rel_error`` is the residual's (Fisher-weighted) Frobenius norm over ||W||, or with
     GPTQ its output error over W's."""
     by_name = {c.name: c for c in GRIDS[config.grid]()}
 
-    def install(names: list[str], hessians: dict | None = None, track=None) -> None:
+    def install(names: list[str], hessians: dict | None = None) -> None:
         mine = ctx.ranks.share(names)  # with torchrun, each rank decomposes its share
         local = {name: _decompose(modules[name], by_name[choice[name]], config, fisher.get(name),
-                                  hessians[name].hessian if hessians else None) for name in (track or list)(mine)}
+                                  hessians[name].hessian if hessians else None) for name in mine}
+        if ctx.ranks.distributed:  # results travel through the host
+            local = {name: (layer.to(HOST), entry) for name, (layer, entry) in local.items()}
         done = ctx.ranks.gather(local)
         for name in names:
             layer, entry = done[name]
-            set_module(ctx.model, name, layer)
+            set_module(ctx.model, name, layer.to(ctx.device))
+            ctx.units.drop(modules[name])
             ctx.plan[name] = by_name[choice[name]]
             report.modules.append({"module": name, "config": choice[name], "quantizer": "gptq" if hessians
                                    else "rtn", **entry})
@@ -287,63 +295,29 @@ def installer(ctx, config: LQLoRAConfig, modules: dict, fisher: dict, choice: di
     return install
 
 
-def _replace(ctx, config: LQLoRAConfig, modules: dict, fisher: dict, choice: dict, report) -> None:
-    """Decompose every matrix with its chosen config (GPTQ's layer by layer, see ``installer``)."""
-    install = installer(ctx, config, modules, fisher, choice, report)
-    remaining = list(modules)
-    if config.quantizer == "gptq":
-        remaining = calibrate_layerwise(ctx.model, ctx.windows("calibration"), modules,
-                                        lambda group, hessians: install(list(group), hessians),
-                                        lambda layers: ctx.track(layers, "lq_lora gptq layers"))
-        if remaining:
-            report.notes.append(f"outside the decoder layers, quantized with RTN: {', '.join(remaining)}")
-    install(remaining, track=lambda names: ctx.track(names, "lq_lora decompose"))
-
-
-def run_streamed(ctx, config: LQLoRAConfig, report) -> None:
-    """The stage in a streaming recipe: the three walks of the module docstring's last paragraph."""
-    stream = ctx.stream
-    shapes = {n: (m.out_features, m.in_features) for n, m in dense_selection(ctx, config, report).items()}
-    start = time.perf_counter()
-    fisher_cache = ctx.out_dir / ".cache" / "lq_lora_fisher"
-    fisher_dir = streamed_fisher(ctx, list(shapes), fisher_cache) if config.fisher else None
-    report.metrics["fisher_seconds"] = time.perf_counter() - start
-    units = [p for p in stream.units if any(stream.owns(p, n) for n in shapes)]
-    start = time.perf_counter()
-    table = {}
-    for prefix in ctx.track(units, "lq_lora costs (streaming)"):
-        with stream.unit(prefix):
-            table.update(cost_table(ctx, config, _modules(ctx, prefix, shapes), load_layer_fisher(fisher_dir, prefix)))
-    report.metrics["cost_table_seconds"] = time.perf_counter() - start
-    result = solve(ctx, config, {n: table[n] for n in shapes}, {n: o * i for n, (o, i) in shapes.items()}, report)
-    _decompose_streamed(ctx, config, shapes, fisher_dir, result.choice, report)
-    report_sizes(config, result, shapes, report)
-    ctx.ranks.barrier()
-    if fisher_dir is not None and ctx.ranks.main:  # as large as the model's linears in fp32
-        shutil.rmtree(fisher_dir)
-
-
 def _modules(ctx, prefix: str, shapes: dict) -> dict:
-    return {n: ctx.model.get_submodule(n) for n in shapes if ctx.stream.owns(prefix, n)}
+    return {n: ctx.model.get_submodule(n) for n in shapes if ctx.units.owns(prefix, n)}
 
 
-def _decompose_streamed(ctx, config: LQLoRAConfig, shapes: dict, fisher_dir, choice: dict, report) -> None:
+def _decompose_units(ctx, config: LQLoRAConfig, shapes: dict, fisher_dir, choice: dict, report) -> None:
     """Unit by unit: decompose the unit's matrices (GPTQ's Hessians from the activations that
-    reach it) and write it as one shard of the stage's checkpoint."""
-    stream, outer = ctx.stream, []
+    reach it, ``compress.layerwise``) in place; a streamed unit is written as it leaves."""
+    units, outer = ctx.units, []
 
     def decompose_unit(prefix: str, unit, inputs):
         modules = _modules(ctx, prefix, shapes)
         install = installer(ctx, config, modules, load_layer_fisher(fisher_dir, prefix), choice, report)
-        if config.quantizer == "gptq" and prefix == stream.embeddings:
-            inputs = first_layer_inputs(ctx.model, ctx.windows("calibration"))
-        if config.quantizer == "gptq" and prefix in stream.layer_prefixes:
-            return calibrate_layer(unit, modules, lambda group, hessians: install(list(group), hessians), inputs)
-        outer.extend(modules if config.quantizer == "gptq" else [])
+        gptq = config.quantizer == "gptq"
+        if gptq and prefix in units.layer_prefixes:
+            return calibration_step(units, prefix, unit, inputs, modules,
+                                    lambda group, hessians: install(list(group), hessians), ctx.windows("calibration"))
+        if gptq:
+            inputs = calibration_step(units, prefix, unit, inputs, {}, None, ctx.windows("calibration"))
+        outer.extend(modules if gptq else [])
         install(list(modules))
         return inputs
 
-    rewrite_units(ctx, "lq_lora decompose (streaming)", decompose_unit)
+    rewrite_units(ctx, "lq_lora gptq units" if config.quantizer == "gptq" else "lq_lora decompose units", decompose_unit)
     if outer:
         report.notes.append(f"outside the decoder layers, quantized with RTN: {', '.join(outer)}")
 

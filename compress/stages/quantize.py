@@ -6,8 +6,9 @@
 - quantize: {method: gptq, config: {bits: 3, group_size: 128}, damp: 0.01, block: 128, act_order: false}
 ```
 
-``method: rtn`` rounds each weight to its group's grid. ``method: gptq`` (uniform configs only)
-walks the decoder layer by layer on ``data.calibration`` (``compress.layerwise``): each group of
+Both walk the model unit by unit on the run's device (``compress.walker``). ``method: rtn`` rounds
+each weight to its group's grid. ``method: gptq`` (uniform configs only) carries
+``data.calibration``'s activations through the decoder layer by layer (``compress.layerwise``): each group of
 linears reading one input gets its input Hessian and is quantized by GPTQ (``quant.gptq``: ``damp``
 fraction of mean diag(H), lazy ``block`` columns, ``act_order`` with static groups); the layer's
 outputs with its quantized linears feed the next layer. Selected linears outside the decoder layers
@@ -37,9 +38,9 @@ from compress.quant.gptq import gptq_quantize
 from ..checkpoint.gptq import gptq_problems
 from ..config_errors import format_validation_error
 from ..errors import RecipeError, StageError
-from ..layerwise import calibrate_layer, calibrate_layerwise, first_layer_inputs
+from ..layerwise import calibration_step
 from ..stage import STRICT, Stage, StageConfig
-from ..streaming import release, rewrite_units
+from ..walker import HOST, rewrite_units
 from ..targets import check_selector, fused_members, matches, select_linears, set_module
 
 NF_ONLY = ("block", "scale_bits", "scale_block", "scale_dtype")
@@ -199,47 +200,34 @@ def _install(ctx, report, name: str, module, layer: QuantLinear, seconds: float,
     weight = module.weight.detach()
     error = layer.quantized_weight().squared_error(weight) ** 0.5 / max(float(weight.float().norm()), 1e-30)
     set_module(ctx.model, name, layer)
-    if ctx.stream is not None:
-        release(module)  # streaming: the replaced dense weight goes now, not with its unit
+    ctx.units.drop(module)  # streaming: the replaced dense weight goes now, not with its unit
     ctx.plan[name] = layer.config
     report.modules.append({"module": name, "config": layer.config.name, "rel_error": float(error),
                            "seconds": seconds, **extra})
 
 
-def _install_shared(ctx, report, modules: dict, work, track: bool) -> None:
+def _install_shared(ctx, report, modules: dict, work) -> None:
     """Run ``work(name, module) -> (layer, report extras)`` on this rank's share of ``modules``,
-    gather every rank's layers and install them all, in ``modules`` order."""
+    gather every rank's layers (through the host) and install them all, in ``modules`` order."""
     if not ctx.ranks.distributed:  # install each layer as it is made: its dense weight goes at once
-        for name in ctx.track(list(modules), "quantize") if track else modules:
+        for name, module in modules.items():
             start = time.perf_counter()
-            layer, extra = work(name, modules[name])
-            _install(ctx, report, name, modules[name], layer, time.perf_counter() - start, **extra)
+            layer, extra = work(name, module)
+            _install(ctx, report, name, module, layer, time.perf_counter() - start, **extra)
         return
-    mine = ctx.ranks.share(list(modules))
     local = {}
-    for name in ctx.track(mine, "quantize") if track else mine:
+    for name in ctx.ranks.share(list(modules)):
         start = time.perf_counter()
         layer, extra = work(name, modules[name])
-        local[name] = (layer, time.perf_counter() - start, extra)
+        local[name] = (layer.to(HOST), time.perf_counter() - start, extra)
     done = ctx.ranks.gather(local)
     for name, module in modules.items():
         layer, seconds, extra = done[name]
-        _install(ctx, report, name, module, layer, seconds, **extra)
+        _install(ctx, report, name, module, layer.to(ctx.device), seconds, **extra)
 
 
-def _quantize_rtn(ctx, modules: dict, plan: dict, report, track: bool = True) -> None:
-    _install_shared(ctx, report, modules, lambda name, module: (QuantLinear.quantize(module, plan[name]), {}), track)
-
-
-def _quantize_gptq(ctx, config: QuantizeConfig, modules: dict, plan: dict, report) -> None:
-    replace = _gptq_replace(ctx, config, plan, report)
-    start = time.perf_counter()
-    outside = calibrate_layerwise(ctx.model, ctx.windows("calibration"), modules, replace,
-                                  lambda layers: ctx.track(layers, "gptq layers"))
-    report.metrics["gptq_seconds"] = time.perf_counter() - start
-    if outside:
-        report.notes.append(f"outside the decoder layers, rounded with RTN: {', '.join(outside)}")
-        _quantize_rtn(ctx, {name: modules[name] for name in outside}, plan, report)
+def _quantize_rtn(ctx, modules: dict, plan: dict, report) -> None:
+    _install_shared(ctx, report, modules, lambda name, module: (QuantLinear.quantize(module, plan[name]), {}))
 
 
 def _gptq_replace(ctx, config: QuantizeConfig, plan: dict, report):
@@ -249,30 +237,35 @@ def _gptq_replace(ctx, config: QuantizeConfig, plan: dict, report):
         return QuantLinear.from_weight(result.quantized, module.bias), {"gptq_loss": result.loss}
 
     def replace(group: dict, hessians: dict) -> None:
-        _install_shared(ctx, report, group, lambda name, module: work(name, module, hessians), track=False)
+        _install_shared(ctx, report, group, lambda name, module: work(name, module, hessians))
     return replace
 
 
-def _quantize_streamed(ctx, config: QuantizeConfig, plan: dict, report) -> dict[str, tuple[int, int]]:
-    """Unit by unit from the stream's source into its target (``compress.streaming``): the modules
-    outside the layers first (selected linears there by RTN; GPTQ's first-layer inputs computed
-    while the embeddings are in memory), then each decoder layer. Returns the quantized shapes."""
-    stream, shapes, outer = ctx.stream, {}, []
+def _quantize_units(ctx, config: QuantizeConfig, plan: dict, report) -> dict[str, tuple[int, int]]:
+    """Unit by unit on the compute device (``compress.walker``): the modules outside the layers
+    first (selected linears there by RTN; GPTQ's first-layer inputs computed while the embeddings
+    are placed), then each decoder layer (GPTQ: ``layerwise.calibrate_layer``, its outputs the next
+    layer's inputs). Returns the quantized shapes."""
+    units, shapes, outer, gptq = ctx.units, {}, [], config.method == "gptq"
+    replace = _gptq_replace(ctx, config, plan, report)
 
     def quantize_unit(prefix: str, unit, inputs):
         """One unit's selected linears; returns the next layer's inputs (GPTQ). Its locals (the
         replaced dense linears) are gone when it returns."""
-        modules = _dense_modules(ctx, {n: c for n, c in plan.items() if stream.owns(prefix, n)}, report)
+        modules = _dense_modules(ctx, {n: c for n, c in plan.items() if units.owns(prefix, n)}, report)
         shapes.update({n: (m.out_features, m.in_features) for n, m in modules.items()})
-        if config.method == "gptq" and prefix == stream.embeddings:
-            inputs = first_layer_inputs(ctx.model, ctx.windows("calibration"))
-        if config.method == "gptq" and prefix in stream.layer_prefixes:
-            return calibrate_layer(unit, modules, _gptq_replace(ctx, config, plan, report), inputs)
-        outer.extend(modules if config.method == "gptq" else [])
-        _quantize_rtn(ctx, modules, plan, report, track=False)
+        if gptq and prefix in units.layer_prefixes:
+            return calibration_step(units, prefix, unit, inputs, modules, replace, ctx.windows("calibration"))
+        if gptq:
+            inputs = calibration_step(units, prefix, unit, inputs, {}, replace, ctx.windows("calibration"))
+        outer.extend(modules if gptq else [])
+        _quantize_rtn(ctx, modules, plan, report)
         return inputs
 
-    rewrite_units(ctx, "quantize (streaming)", quantize_unit)
+    start = time.perf_counter()
+    rewrite_units(ctx, "gptq units" if gptq else "quantize units", quantize_unit)
+    if gptq:
+        report.metrics["gptq_seconds"] = time.perf_counter() - start
     if outer:
         report.notes.append(f"outside the decoder layers, rounded with RTN: {', '.join(outer)}")
     return shapes
@@ -282,15 +275,7 @@ def run(ctx, config: QuantizeConfig, report) -> None:
     plan, changes, _ = plan_modules(ctx.model, config, _exports_gptq(ctx.recipe, ctx.entry))
     for name, reason in changes:
         report.notes.append(f"{name}: {reason}")
-    if ctx.stream is not None:
-        shapes = _quantize_streamed(ctx, config, plan, report)
-    else:
-        modules = _dense_modules(ctx, plan, report)
-        if config.method == "gptq":
-            _quantize_gptq(ctx, config, modules, plan, report)
-        else:
-            _quantize_rtn(ctx, modules, plan, report)
-        shapes = {name: (m.out_features, m.in_features) for name, m in modules.items()}
+    shapes = _quantize_units(ctx, config, plan, report)
     params = sum(o * i for o, i in shapes.values())
     bits = sum(plan[name].storage_bits(shape) for name, shape in shapes.items())
     label = config.config.to_config().name

@@ -19,6 +19,7 @@ from compress.lowrank import LoRALinear, init_default
 from ..data import file_problem, token_windows
 from ..errors import RecipeError, StageError
 from ..memory import PeakMemory, model_tensor_bytes
+from ..placement import whole_model_on_device
 from ..stage import STRICT, StageConfig
 from ..targets import check_selector, select_linears, set_module
 from ..text_specs import TextOrigin
@@ -155,7 +156,8 @@ def run_training(ctx, config: TrainingConfig, params: dict, windows: torch.Tenso
                  evaluate=None, hooks: TrainHooks | None = None, grad_only: dict | None = None,
                  phase: str = "train", param_lr: dict | None = None) -> TrainResult:
     """The loop with this stage's checkpoint directory (one per ``phase`` of a stage that trains more
-    than once); a failure names the stage and keeps the state."""
+    than once), the model on the run's device when the plan says it fits (``compress.placement``);
+    a failure names the stage and keeps the state."""
     settings = config.settings(ctx.recipe.spec.seed, eval_every)
     state_dir = ctx.out_dir / ".cache" / "train" / f"{training_key(ctx, config)}-{phase}"
     if not ctx.resume:
@@ -163,10 +165,11 @@ def run_training(ctx, config: TrainingConfig, params: dict, windows: torch.Tenso
     if config.gradient_checkpointing:
         ctx.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
-        with PeakMemory() as peak:
+        with PeakMemory(ctx.device) as peak, whole_model_on_device(ctx, ctx.entry.where, ctx.entry.index):
             result = train(ctx.model, params, windows, settings, state_dir, ctx.resume, evaluate, ctx.track,
                            hooks, grad_only, param_lr)
         result.peak_rss_mib, result.rss_growth_mib = peak.rss_mib, peak.rss_mib - peak.start_rss_mib
+        result.peak_cuda_mib = peak.cuda_mib
         result.model_mib = model_tensor_bytes(ctx.model) / 2**20
     except StageError as err:
         said = isinstance(err, NonFiniteLoss)  # it says itself which checkpoint is kept

@@ -1,7 +1,8 @@
-"""The diagonal empirical Fisher of a streamed model (``compress.streaming``), one layer in memory.
+"""The diagonal empirical Fisher, one decoder layer at a time on the compute device (``compress.walker``).
 
 ``lowrank.fisher.empirical_fisher`` needs the whole model for each sample's backward pass. Here the
-same per-sample gradients are computed in two walks over the decoder layers:
+same per-sample gradients (the same operations in the same order: the same bits) are computed in
+two walks over the decoder layers of either source, resident or streamed:
 
 1. forward, layer by layer: each layer's input hidden states (every sample) are saved to disk
    under ``directory/activations-rank<r>`` and the layer's outputs become the next layer's inputs;
@@ -12,7 +13,7 @@ same per-sample gradients are computed in two walks over the decoder layers:
    layer, ``directory/<layer>.safetensors`` (float32), and dL_n/d(inputs) go one layer down.
 
 Disk holds one boundary's activations per layer (samples x seq_len x hidden in the run's dtype);
-memory holds one layer, one boundary's activations and one boundary's gradients. With ``torchrun``
+the device holds one layer, one boundary's activations and one boundary's gradients. With ``torchrun``
 each rank takes its share of the samples and the float64 sums are added in rank order, as in the
 in-memory path, so the files are the same bytes on every rank and for any number of ranks.
 """
@@ -45,37 +46,47 @@ def load_layer_fisher(directory: Path | None, layer: str) -> dict[str, torch.Ten
     return load_file(str(fisher_file(directory, layer)))
 
 
-def streamed_fisher(ctx, names: list[str], directory: Path) -> Path:
+def fisher_by_layer(ctx, names: list[str], directory: Path) -> Path:
     """Write the Fisher of every module in ``names`` (linears inside the decoder layers, by full
     name) to ``directory``, one file per layer; returns ``directory``."""
-    stream = ctx.stream
-    outside = [n for n in names if not any(stream.owns(p, n) for p in stream.layer_prefixes)]
+    units = ctx.units
+    outside = [n for n in names if not any(units.owns(p, n) for p in units.layer_prefixes)]
     if outside:
-        raise StageError(f"{ctx.entry.where}: fisher: true with streaming covers linears inside the decoder "
-                         f"layers only; add {outside[0]!r} to ignore")
+        raise StageError(f"{ctx.entry.where}: fisher: true covers linears inside the decoder layers only; add "
+                         f"{outside[0]!r} to ignore")
     if ctx.ranks.main:
         shutil.rmtree(directory, ignore_errors=True)
     ctx.ranks.barrier()
     activations = directory / f"{ACTIVATIONS}-rank{ctx.ranks.rank}"  # each rank's own samples
     activations.mkdir(parents=True)
-    windows = ctx.windows("calibration")
+    windows = ctx.windows("calibration").to(ctx.device)
     samples = [windows[i] for i in ctx.ranks.share(range(windows.shape[0]))]
     norm = getattr(ctx.model.get_decoder(), "norm", None)
     if norm is None or windows.shape[0] < ctx.ranks.world:  # the same answer on every rank
-        raise StageError(f"{ctx.entry.where}: fisher: true with streaming needs a decoder whose final norm is "
-                         f"its `norm` (Llama family) and at least one calibration sample per rank "
-                         f"({windows.shape[0]} samples, {ctx.ranks.world} ranks)")
+        raise StageError(f"{ctx.entry.where}: fisher: true needs a decoder whose final norm is its `norm` (Llama "
+                         f"family) and at least one calibration sample per rank ({windows.shape[0]} samples, "
+                         f"{ctx.ranks.world} ranks)")
+    with units.walk():
+        _backward(ctx, names, directory, activations, samples, norm)
+    activations.rmdir()
+    ctx.ranks.barrier()
+    return directory
+
+
+def _backward(ctx, names: list[str], directory: Path, activations: Path, samples: list, norm) -> None:
+    """The forward walk, the head's gradients, then the backward walk writing one file per layer."""
+    units = ctx.units
     kwargs, hidden = _forward(ctx, samples, activations)
-    with ExitStack() as units:
-        for prefix in stream.units:
-            if prefix not in stream.layer_prefixes:
-                units.enter_context(stream.unit(prefix))
+    with ExitStack() as outer:
+        for prefix in units.units:
+            if prefix not in units.layer_prefixes:
+                outer.enter_context(units.unit(prefix))
         upstream = head_gradients(norm, ctx.model.get_output_embeddings(), hidden, [s.view(1, -1) for s in samples])
     del hidden
-    for index, prefix in ctx.track(list(enumerate(stream.layer_prefixes))[::-1], "fisher backward (streaming)"):
+    for index, prefix in ctx.track(list(enumerate(units.layer_prefixes))[::-1], "fisher backward"):
         saved = torch.load(activations / f"{index}.pt")
-        with stream.unit(prefix) as layer:
-            targets = {n: ctx.model.get_submodule(n).weight for n in names if stream.owns(prefix, n)}
+        with units.unit(prefix) as layer:
+            targets = {n: ctx.model.get_submodule(n).weight for n in names if units.owns(prefix, n)}
             inputs = [((states,) + args, kw) for states, (args, kw) in zip(saved, kwargs)]
             fisher, upstream = layer_fisher(layer, inputs, upstream, targets)
         total = {n: ctx.ranks.sum_in_rank_order(f).float().contiguous() for n, f in fisher.items()}
@@ -84,22 +95,19 @@ def streamed_fisher(ctx, names: list[str], directory: Path) -> Path:
             save_file(total, str(partial))
             partial.replace(fisher_file(directory, prefix))
         (activations / f"{index}.pt").unlink()
-    activations.rmdir()
-    ctx.ranks.barrier()
-    return directory
 
 
 def _forward(ctx, samples: list[torch.Tensor], activations: Path):
     """Walk the layers forward, saving each layer's input hidden states (one tensor per sample) as
     ``activations/<index>.pt``. Returns (each sample's other layer arguments, the last layer's
     outputs)."""
-    stream = ctx.stream
-    with stream.unit(stream.embeddings):
+    units = ctx.units
+    with units.unit(units.embeddings):
         captured = first_layer_inputs(ctx.model, torch.stack(samples), batch=1)
     rest = [(tuple(args[1:]), kwargs) for args, kwargs in captured]
     hidden = [args[0] for args, _ in captured]
-    for index, prefix in ctx.track(list(enumerate(stream.layer_prefixes)), "fisher forward (streaming)"):
+    for index, prefix in ctx.track(list(enumerate(units.layer_prefixes)), "fisher forward"):
         torch.save(hidden, activations / f"{index}.pt")
-        with stream.unit(prefix) as layer, torch.no_grad():
+        with units.unit(prefix) as layer, torch.no_grad():
             hidden = [call_layer(layer, (states,) + args, kwargs) for states, (args, kwargs) in zip(hidden, rest)]
     return rest, hidden

@@ -1,0 +1,137 @@
+"""The compute device (issue 21): choosing it, walking units on it, whole-model placement, reports.
+
+- ``resolve_device`` for every setting, with and without GPUs, alone and as torchrun ranks
+  (LOCAL_RANK), checked against what each setting promises; ``device: cuda`` on a machine without
+  CUDA fails ``compress validate`` with one line, exit 2 (runs only where CUDA is absent).
+- The recipe parses ``device`` strictly and leaves it out of the resume fingerprint.
+- Eval one decoder layer at a time (resident and streamed) gives the whole model's perplexity,
+  bit for bit on the CPU (the same operations in the same order).
+- GPTQ's calibration fast path: a packed layer's dense twin gives the packed forward's outputs (fp32,
+  to 1e-5 relative) and the packed layers are back in place after the block.
+- ``compress plan``'s numbers for a stage on the device and the one-line message when it does not fit.
+- A run's report names the device of every stage (and the CUDA peak only on a GPU).
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_RECIPE, run_cli, write_recipe
+
+import compress
+from compress.device import resolve_device
+from compress.errors import RecipeError
+from compress.recipe import parse_recipe
+
+CPU, GPU0, GPU1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("setting, env, count, expected", [
+    ("auto", {}, 0, CPU),
+    ("auto", {"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, 0, CPU),
+    ("auto", {}, 2, GPU0),
+    ("auto", {"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, 2, GPU1),  # each torchrun rank its own GPU
+    ("cpu", {"LOCAL_RANK": "1"}, 2, CPU),
+    ("cuda", {}, 1, GPU0),
+    ("cuda", {"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, 2, GPU1),
+    ("cuda:1", {}, 2, GPU1),
+    ("cuda:0", {"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, 2, GPU0),  # named: every rank on it
+])
+def test_device_settings_resolve_per_machine_and_rank(setting, env, count, expected):
+    assert resolve_device(setting, env, count) == expected
+
+
+@pytest.mark.parametrize("setting, env, count, message", [
+    ("cuda", {}, 0, "this machine has no CUDA device"),
+    ("cuda:0", {}, 0, "this machine has no CUDA device"),
+    ("cuda:2", {}, 2, "this machine has 2 CUDA devices (cuda:0 to cuda:1)"),
+    ("cuda", {"LOCAL_RANK": "3", "WORLD_SIZE": "4"}, 2, "(LOCAL_RANK=3): this machine has 2 CUDA devices"),
+    ("auto", {"LOCAL_RANK": "x"}, 1, "LOCAL_RANK='x'"),
+    ("gpu", {}, 1, "not one of auto, cpu, cuda, cuda:N"),
+])
+def test_impossible_devices_are_refused_with_one_line(setting, env, count, message):
+    with pytest.raises(RecipeError, match=None) as caught:
+        resolve_device(setting, env, count)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_recipe_parses_device_strictly_and_resume_ignores_it(tmp_path):
+    base = {"model": "tiny-llama", "stages": [{"eval": {}}], "output": str(tmp_path)}
+    auto, cpu = parse_recipe(base), parse_recipe(dict(base, device="cpu"))
+    assert auto.spec.device == "auto" and cpu.to_dict()["device"] == "cpu"
+    assert auto.fingerprint(0) == cpu.fingerprint(0)  # a run may resume on another device
+    with pytest.raises(RecipeError, match="device"):
+        parse_recipe(dict(base, device="tpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs where CUDA is absent: there device: cuda must be refused")
+def test_device_cuda_without_cuda_fails_validate_with_one_line(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", TINY_RECIPE.format(stages="  - eval: {}", output=tmp_path / "out")
+                          + "device: cuda\n")
+    result = run_cli("validate", recipe)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "device: cuda: this machine has no CUDA device" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_one_layer_at_a_time_equals_the_whole_model(tiny_pair, sharded_tiny):
+    from compress.data import token_windows
+    from compress.evaluate import perplexity, perplexity_by_units
+    from compress.streaming import StreamedModel
+    from compress.text_specs import SourceSpec
+    from compress.walker import ResidentModel
+
+    model, tokenizer = tiny_pair
+    spec = SourceSpec(source="stdlib", split="eval", samples=5, seq_len=48)
+    windows = token_windows(tokenizer, spec.text_source("eval"), spec.samples, spec.seq_len)
+    whole = perplexity(model, windows, batch_size=2)
+    assert perplexity_by_units(ResidentModel(model), windows, batch_size=2) == whole
+    assert perplexity_by_units(StreamedModel.open(sharded_tiny, "float32"), windows, batch_size=2) == whole
+
+
+def test_a_packed_layers_dense_twin_computes_its_forward(tiny_model):
+    from compress.layerwise import dequantized
+    from compress.quant import QuantConfig, QuantLinear
+
+    layer = tiny_model.model.layers[0]
+    packed = QuantLinear.quantize(layer.mlp.down_proj, QuantConfig.uniform(3, 32))
+    layer.mlp.down_proj = packed
+    x = torch.randn(3, 7, packed.in_features, generator=torch.Generator().manual_seed(0))
+    expected = packed(x)
+    with dequantized(layer, torch.float32):
+        twin = layer.mlp.down_proj
+        assert type(twin) is torch.nn.Linear and not twin.weight.requires_grad
+        got = twin(x)
+    assert layer.mlp.down_proj is packed
+    reference = x.double() @ packed.dequantize(torch.float64).t()  # independent: float64
+    assert float((got.double() - reference).norm() / reference.norm()) < 1e-6
+    assert float((expected.double() - reference).norm() / reference.norm()) < 1e-6
+
+
+def test_plan_numbers_for_a_stage_and_the_message_when_it_does_not_fit(tmp_path):
+    from compress.placement import stage_need, unfit_message
+
+    recipe = parse_recipe({"model": "tiny-llama", "stages": [{"finetune": {"steps": 2, "batch_size": 4}}, {"eval": {}}],
+                           "output": str(tmp_path)})
+    need, detail = stage_need(recipe, 0, model_bytes=1 << 20)
+    small, _ = stage_need(parse_recipe(dict(recipe.to_dict(), stages=[{"finetune": {"steps": 2, "batch_size": 1}}])),
+                          0, model_bytes=1 << 20)
+    assert need > small > 1 << 20  # activations grow with the batch, above the model's own bytes
+    assert detail.startswith("finetune") and "activations" in detail
+    message = unfit_message("stages[0].finetune", torch.device("cuda", 0), 3 * 2**30, 2**30, detail)
+    assert message.startswith("stages[0].finetune: needs about 3.00 GiB on cuda:0 by compress plan (")
+    assert "1.00 GiB free: lower batch_size, set gradient_checkpointing: true, or run with device: cpu" in message
+
+
+def test_the_report_names_each_stages_device(tmp_path):
+    stages = [{"quantize": {"config": {"bits": 4, "group_size": 32}}}, {"eval": {}}]
+    data = {"calibration": {"source": "stdlib", "split": "train", "samples": 2, "seq_len": 32},
+            "eval": {"source": "stdlib", "split": "eval", "samples": 2, "seq_len": 32}}
+    result = compress.run_recipe(parse_recipe({"model": "tiny-llama", "data": data, "stages": stages,
+                                               "output": str(tmp_path / "out"), "device": "cpu"}))
+    report = json.loads(result.report_json.read_text())
+    assert report["header"]["device"] == "cpu"
+    assert [s["device"] for s in report["stages"]] == ["cpu"] * 3
+    assert all(s["peak_cuda_mib"] is None for s in report["stages"])
+    assert "| cpu |" in result.report_md.read_text()
