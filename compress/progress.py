@@ -6,7 +6,7 @@ steps). When stderr is not a terminal (nohup, CI, a scheduler's log file) bars w
 ``track`` logs one line instead, at most every ``interval`` seconds (30 by default,
 ``COMPRESS_PROGRESS_SECONDS`` to change it): every loop in progress from the outermost in (the item
 it is on), the innermost with the items it has finished, then that loop's elapsed time and ETA, e.g.
-``progress: stages 2/3 > gptq layers 5/30 (2m10s elapsed, ETA 10m50s)``.
+``progress: stages 2/3 > gptq units 5/33 (2m10s elapsed, ETA 10m50s)``.
 With ``enabled=False`` (``--quiet``, tests) ``track`` just iterates.
 """
 
