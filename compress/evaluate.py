@@ -43,9 +43,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, tra
 def perplexity_by_units(units, windows: torch.Tensor, batch_size: int = 4, track=None) -> float:
     """``perplexity`` through a source of units (``compress.walker``): the batches' hidden states go
     through the decoder one layer at a time, then the final norm and the head score them."""
-    from contextlib import ExitStack
-
     from .layerwise import call_layer, first_layer_inputs
+    from .walker import outer_units
 
     model = units.model
     check_token_ids(model, windows)
@@ -56,10 +55,7 @@ def perplexity_by_units(units, windows: torch.Tensor, batch_size: int = 4, track
         for prefix in track(units.layer_prefixes, "perplexity layers") if track else units.layer_prefixes:
             with units.unit(prefix) as layer:
                 inputs = [((call_layer(layer, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
-        with ExitStack() as outer:
-            for prefix in units.units:
-                if prefix not in units.layer_prefixes:
-                    outer.enter_context(units.unit(prefix))
+        with outer_units(units):
             return exp_or_inf(_head_nll(model, [args[0] for args, _ in inputs], batches))
 
 

@@ -21,7 +21,6 @@ in-memory path, so the files are the same bytes on every rank and for any number
 from __future__ import annotations
 
 import shutil
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from compress.lowrank.fisher import head_gradients, layer_fisher
 
 from .errors import StageError
 from .layerwise import call_layer, first_layer_inputs
+from .walker import outer_units
 
 ACTIVATIONS = "activations"
 
@@ -77,10 +77,7 @@ def _backward(ctx, names: list[str], directory: Path, activations: Path, samples
     """The forward walk, the head's gradients, then the backward walk writing one file per layer."""
     units = ctx.units
     kwargs, hidden = _forward(ctx, samples, activations)
-    with ExitStack() as outer:
-        for prefix in units.units:
-            if prefix not in units.layer_prefixes:
-                outer.enter_context(units.unit(prefix))
+    with outer_units(units):
         upstream = head_gradients(norm, ctx.model.get_output_embeddings(), hidden, [s.view(1, -1) for s in samples])
     del hidden
     for index, prefix in ctx.track(list(enumerate(units.layer_prefixes))[::-1], "fisher backward"):

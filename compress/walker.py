@@ -18,7 +18,7 @@ unit is a no-op: the walk is the same operations in the same order as without a 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +164,17 @@ class ResidentModel(UnitMap):
     def export_shards(self, ctx, description: str, split_adapters: bool):
         """(None, {}): the writers take the resident model's state as a whole."""
         return None, {}
+
+
+@contextmanager
+def outer_units(source) -> Iterator[None]:
+    """Every unit outside the decoder layers placed at once (the final norm and the head, to score
+    the last layer's outputs)."""
+    with ExitStack() as placed_units:
+        for prefix in source.units:
+            if prefix not in source.layer_prefixes:
+                placed_units.enter_context(source.unit(prefix))
+        yield
 
 
 def rewrite_units(ctx, description: str, work: Callable[[str, nn.Module, Any], Any],

@@ -308,11 +308,11 @@ def _decompose_units(ctx, config: LQLoRAConfig, shapes: dict, fisher_dir, choice
         modules = _modules(ctx, prefix, shapes)
         install = installer(ctx, config, modules, load_layer_fisher(fisher_dir, prefix), choice, report)
         gptq = config.quantizer == "gptq"
-        if gptq and prefix in units.layer_prefixes:
-            return calibration_step(units, prefix, unit, inputs, modules,
-                                    lambda group, hessians: install(list(group), hessians), ctx.windows("calibration"))
-        if gptq:
-            inputs = calibration_step(units, prefix, unit, inputs, {}, None, ctx.windows("calibration"))
+        if gptq:  # as in quantize: a layer is calibrated, the embeddings start the activations
+            inputs = calibration_step(units, prefix, unit, inputs, modules,
+                                      lambda group, hessians: install(list(group), hessians), ctx.windows("calibration"))
+            if prefix in units.layer_prefixes:
+                return inputs
         outer.extend(modules if gptq else [])
         install(list(modules))
         return inputs

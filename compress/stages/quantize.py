@@ -254,10 +254,10 @@ def _quantize_units(ctx, config: QuantizeConfig, plan: dict, report) -> dict[str
         replaced dense linears) are gone when it returns."""
         modules = _dense_modules(ctx, {n: c for n, c in plan.items() if units.owns(prefix, n)}, report)
         shapes.update({n: (m.out_features, m.in_features) for n, m in modules.items()})
-        if gptq and prefix in units.layer_prefixes:
-            return calibration_step(units, prefix, unit, inputs, modules, replace, ctx.windows("calibration"))
-        if gptq:
-            inputs = calibration_step(units, prefix, unit, inputs, {}, replace, ctx.windows("calibration"))
+        if gptq:  # a layer is calibrated; the embeddings start the activations; others pass them on
+            inputs = calibration_step(units, prefix, unit, inputs, modules, replace, ctx.windows("calibration"))
+            if prefix in units.layer_prefixes:
+                return inputs
         outer.extend(modules if gptq else [])
         _quantize_rtn(ctx, modules, plan, report)
         return inputs
