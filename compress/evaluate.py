@@ -43,20 +43,33 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, tra
 def perplexity_by_units(units, windows: torch.Tensor, batch_size: int = 4, track=None) -> float:
     """``perplexity`` through a source of units (``compress.walker``): the batches' hidden states go
     through the decoder one layer at a time, then the final norm and the head score them."""
+    check_token_ids(units.model, windows)
+    batches = [batch.to(units.device) for batch in torch.split(windows, batch_size)]
+    return exp_or_inf(_by_units(units, batches, track, lambda hidden: _head_nll(units.model, hidden, batches)))
+
+
+@torch.no_grad()
+def logits_by_units(units, tokens: torch.Tensor) -> torch.Tensor:
+    """The model's logits for ``tokens`` (one batch) through a source of units, on the host."""
+    batch = [tokens.to(units.device)]
+    head = units.model.get_output_embeddings()
+    return _by_units(units, batch, None, lambda hidden: head(units.model.get_decoder().norm(hidden[0])).cpu())
+
+
+def _by_units(units, batches: list[torch.Tensor], track, finish):
+    """``finish(last hidden states of each batch)``, the hidden states made one decoder layer at a
+    time, the final norm and head placed for ``finish``."""
     from .layerwise import call_layer, first_layer_inputs
     from .walker import outer_units
 
-    model = units.model
-    check_token_ids(model, windows)
-    batches = [batch.to(units.device) for batch in torch.split(windows, batch_size)]
     with units.walk():
         with units.unit(units.embeddings):
-            inputs = first_layer_inputs(model, torch.cat(batches), batch_size)
+            inputs = first_layer_inputs(units.model, torch.cat(batches), batches[0].shape[0])
         for prefix in track(units.layer_prefixes, "perplexity layers") if track else units.layer_prefixes:
             with units.unit(prefix) as layer:
                 inputs = [((call_layer(layer, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
         with outer_units(units):
-            return exp_or_inf(_head_nll(model, [args[0] for args, _ in inputs], batches))
+            return finish([args[0] for args, _ in inputs])
 
 
 def _head_nll(model: nn.Module, hidden: list[torch.Tensor], batches: list[torch.Tensor]) -> float:

@@ -24,10 +24,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from compress.lowrank.fisher import head_gradients, layer_fisher
 
+from .checkpoint.tensors import read_safetensors, write_safetensors
 from .errors import StageError
 from .layerwise import call_layer, first_layer_inputs
 from .walker import outer_units
@@ -43,7 +43,7 @@ def load_layer_fisher(directory: Path | None, layer: str) -> dict[str, torch.Ten
     """{module name: Fisher of its weight} for one layer ({} without a Fisher or targets there)."""
     if directory is None or not fisher_file(directory, layer).is_file():
         return {}
-    return load_file(str(fisher_file(directory, layer)))
+    return read_safetensors(fisher_file(directory, layer))
 
 
 def fisher_by_layer(ctx, names: list[str], directory: Path) -> Path:
@@ -89,7 +89,7 @@ def _backward(ctx, names: list[str], directory: Path, activations: Path, samples
         total = {n: ctx.ranks.sum_in_rank_order(f).float().contiguous() for n, f in fisher.items()}
         if total and ctx.ranks.main:
             partial = fisher_file(directory, prefix).with_suffix(".part")
-            save_file(total, str(partial))
+            write_safetensors(partial, total)
             partial.replace(fisher_file(directory, prefix))
         (activations / f"{index}.pt").unlink()
 

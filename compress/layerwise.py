@@ -16,10 +16,16 @@ packed layer up to the matmul's rounding, and on a CPU the tiled reference kerne
 than a dense matmul. One layer's dense weights exist at a time, only while its passes run.
 ``COMPRESS_GPTQ_CALIBRATION=packed`` keeps the packed kernels instead (the before of
 ``benchmarks/gptq_calibration_speed.py``).
+
+The activations carried from layer to layer (the calibration windows' hidden states, in and out of
+one layer: twice ``windows x seq_len x hidden`` values) stay on the compute device when they fit in
+``ACTIVATION_SHARE`` of its free memory; otherwise they live in pinned host memory and each batch
+goes to the device only for its call (``ActivationHome``). On the CPU both are the same place.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,9 +38,11 @@ from compress.quant import QuantLinear
 from compress.quant.gptq import HessianAccumulator
 
 from .errors import CompressError
-from .walker import ResidentModel, decoder_layers
+from .walker import HOST, ResidentModel, decoder_layers
 
 LayerInputs = list[tuple[tuple, dict]]
+ACTIVATION_SHARE = 0.5  # of the device's free memory, leaving the rest to the layer's own work
+log = logging.getLogger(__name__)
 
 
 class _StopForward(Exception):
@@ -46,13 +54,66 @@ def _batches(windows: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
         yield windows[start:start + batch]
 
 
+class ActivationHome:
+    """Where calibration activations live between calls: ``device`` itself, or pinned host memory
+    (``pinned``) from which each batch is copied to ``device`` for its call."""
+
+    def __init__(self, device: torch.device, pinned: bool = False):
+        self.device, self.pinned = torch.device(device), pinned
+
+    @classmethod
+    def for_windows(cls, model: nn.Module, windows: torch.Tensor, device: torch.device) -> ActivationHome:
+        """On the device when twice the hidden states of ``windows`` fit ``ACTIVATION_SHARE`` of its
+        free memory (always, on the CPU); else pinned host memory, said once in the log."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return cls(device)
+        from .placement import free_bytes
+
+        dtype = model.get_input_embeddings().weight.dtype
+        need = 2 * windows.numel() * model.config.hidden_size * dtype.itemsize
+        free = free_bytes(device)
+        if need <= ACTIVATION_SHARE * free:
+            return cls(device)
+        log.info("calibration activations (%.2f GiB) kept in pinned host memory: %.2f GiB free on %s",
+                 need / 2**30, free / 2**30, device)
+        return cls(device, pinned=True)
+
+    def store(self, value):
+        """``value`` (tensors inside tuples, lists, dicts) where activations live."""
+        return _map_tensors(value, self._pin) if self.pinned else value
+
+    def load(self, value):
+        """``value`` on the compute device, for one call."""
+        return _map_tensors(value, lambda t: t.to(self.device, non_blocking=True)) if self.pinned else value
+
+    @staticmethod
+    def _pin(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device == HOST:
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return host.copy_(tensor)
+
+
+def _map_tensors(value, change):
+    if isinstance(value, torch.Tensor):
+        return change(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(v, change) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, change) for k, v in value.items()}
+    return value
+
+
 @torch.no_grad()
-def first_layer_inputs(model: nn.Module, windows: torch.Tensor, batch: int = 8) -> LayerInputs:
-    """(args, kwargs) the first decoder layer receives, one entry per batch of windows."""
+def first_layer_inputs(model: nn.Module, windows: torch.Tensor, batch: int = 8,
+                       home: ActivationHome | None = None) -> LayerInputs:
+    """(args, kwargs) the first decoder layer receives, one entry per batch of windows (kept in
+    ``home`` when given)."""
     captured: LayerInputs = []
 
     def grab(module, args, kwargs):
-        captured.append((args, kwargs))
+        captured.append(home.store((args, kwargs)) if home else (args, kwargs))
         raise _StopForward
 
     handle = decoder_layers(model)[0][1].register_forward_pre_hook(grab, with_kwargs=True)
@@ -93,9 +154,11 @@ def input_groups(layer: nn.Module, modules: dict[str, nn.Module], sample: tuple[
 
 
 @torch.no_grad()
-def group_hessians(layer: nn.Module, modules: dict[str, nn.Module], inputs: LayerInputs) -> dict[str, HessianAccumulator]:
-    """Input Hessians of ``modules`` over every batch of ``inputs``. Each forward through ``layer``
-    stops as soon as the last of them has read its input (the rest of the layer is not needed)."""
+def group_hessians(layer: nn.Module, modules: dict[str, nn.Module], inputs: LayerInputs,
+                   home: ActivationHome | None = None) -> dict[str, HessianAccumulator]:
+    """Input Hessians of ``modules`` over every batch of ``inputs`` (kept in ``home``). Each forward
+    through ``layer`` stops as soon as the last of them has read its input (the rest of the layer is
+    not needed)."""
     hessians = {name: HessianAccumulator(module.in_features) for name, module in modules.items()}
     seen: set[str] = set()
 
@@ -108,10 +171,10 @@ def group_hessians(layer: nn.Module, modules: dict[str, nn.Module], inputs: Laye
     handles = [module.register_forward_pre_hook(lambda m, a, name=name: accumulate(name, a[0]))
                for name, module in modules.items()]
     try:
-        for args, kwargs in inputs:
+        for entry in inputs:
             seen.clear()
             try:
-                call_layer(layer, args, kwargs)
+                call_layer(layer, *(home.load(entry) if home else entry))
             except _StopForward:
                 pass
     finally:
@@ -156,50 +219,59 @@ def dequantized(layer: nn.Module, dtype: torch.dtype) -> Iterator[None]:
             set_module(layer, name, module)
 
 
-def _activation_dtype(inputs: LayerInputs) -> torch.dtype:
-    return inputs[0][0][0].dtype
-
-
 @torch.no_grad()
 def calibrate_layer(layer: nn.Module, modules: dict[str, nn.Module], replace: ReplaceGroup,
-                    inputs: LayerInputs) -> LayerInputs:
+                    inputs: LayerInputs, home: ActivationHome | None = None) -> LayerInputs:
     """Call ``replace(modules, hessians)`` for each input group of ``modules`` (linears inside
     ``layer``, by full name); return the layer's outputs, computed with the replaced linears, as the
-    next layer's inputs."""
-    dtype = _activation_dtype(inputs)
+    next layer's inputs (inputs and outputs kept in ``home`` when given)."""
+    home = home or ActivationHome(HOST)
+    dtype = inputs[0][0][0].dtype
     if modules:
         with dequantized(layer, dtype):
-            groups = input_groups(layer, modules, inputs[0])
+            groups = input_groups(layer, modules, home.load(inputs[0]))
         for group in groups:
             members = {name: modules[name] for name in group}
             with dequantized(layer, dtype):
-                hessians = group_hessians(layer, members, inputs)
+                hessians = group_hessians(layer, members, inputs, home)
             replace(members, hessians)
+    outputs = []
     with dequantized(layer, dtype):
-        return [((call_layer(layer, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+        for entry in inputs:
+            args, kwargs = home.load(entry)
+            outputs.append(home.store(((call_layer(layer, args, kwargs),) + tuple(args[1:]), kwargs)))
+    return outputs
 
 
-def calibration_step(units, prefix: str, unit: nn.Module, inputs: LayerInputs | None, modules: dict[str, nn.Module],
-                     replace: ReplaceGroup, windows: torch.Tensor, batch: int = 8) -> LayerInputs | None:
+class Activations:
+    """What a calibration walk carries from unit to unit: the next layer's inputs and their home."""
+
+    def __init__(self, inputs: LayerInputs, home: ActivationHome):
+        self.inputs, self.home = inputs, home
+
+
+def calibration_step(units, prefix: str, unit: nn.Module, carried: Activations | None, modules: dict[str, nn.Module],
+                     replace: ReplaceGroup, windows: torch.Tensor, batch: int = 8) -> Activations | None:
     """One unit of a calibration walk over a source of units (``compress.walker``): at the
-    embeddings the first layer's inputs are made from ``windows``; in a decoder layer its
-    ``modules`` are replaced group by group (``calibrate_layer``) and its outputs returned; any other
-    unit passes the inputs on."""
+    embeddings the first layer's inputs are made from ``windows`` (on the device, or in pinned host
+    memory when they do not fit: ``ActivationHome``); in a decoder layer its ``modules`` are replaced
+    group by group (``calibrate_layer``) and its outputs carried on; any other unit passes them on."""
     if prefix == units.embeddings:
-        return first_layer_inputs(units.model, windows.to(units.device), batch)
+        home = ActivationHome.for_windows(units.model, windows, units.device)
+        return Activations(first_layer_inputs(units.model, windows.to(units.device), batch, home), home)
     if prefix in units.layer_prefixes:
-        return calibrate_layer(unit, modules, replace, inputs)
-    return inputs
+        return Activations(calibrate_layer(unit, modules, replace, carried.inputs, carried.home), carried.home)
+    return carried
 
 
 @torch.no_grad()
 def calibrate_layerwise(model: nn.Module, windows: torch.Tensor, selected: dict[str, nn.Module],
-                        replace: ReplaceGroup, track=None, batch: int = 8) -> list[str]:
-    """Walk a model held in memory unit by unit (``walker.ResidentModel``, on the CPU), calling
+                        replace: ReplaceGroup, track=None, batch: int = 8, device: torch.device = HOST) -> list[str]:
+    """Walk a model held in memory unit by unit (``walker.ResidentModel``, on ``device``), calling
     ``replace(modules, hessians)`` for each input group of the ``selected`` linears (full names) in
     its decoder layers. Returns the selected names outside every decoder layer (left untouched).
     ``track`` wraps the unit iterator (a progress bar)."""
-    units = ResidentModel(model)
+    units = ResidentModel(model, device)
     inputs = None
     with units.walk():
         for prefix in track(units.units) if track else units.units:

@@ -55,11 +55,12 @@ def unfit_message(where: str, device: torch.device, need: float, free: float, de
 
 
 @contextmanager
-def whole_model_on_device(ctx, where: str, index: int, walk_instead: bool = False) -> Iterator[bool]:
-    """The model on ``ctx.device`` inside the block when it fits (yields True), back on the host
-    after. On the CPU nothing moves. When it does not fit: ``walk_instead`` yields False (the
-    caller walks the units), otherwise one line (``StageError``)."""
-    if not ctx.units.holds_model:  # streaming: one unit at a time, never the whole model
+def whole_model_on_device(ctx, where: str, index: int, walk_instead: bool = False, model=None) -> Iterator[bool]:
+    """The model (``ctx.model``, or another resident ``model``) on ``ctx.device`` inside the block
+    when stage ``index``'s plan fits (yields True), back on the host after. On the CPU nothing moves.
+    When it does not fit: ``walk_instead`` yields False (the caller walks the units), otherwise one
+    line (``StageError``)."""
+    if model is None and not ctx.units.holds_model:  # streaming: one unit at a time, never the whole model
         if not walk_instead:
             raise StageError(f"{where}: needs the whole model at once, and a streaming recipe holds one unit")
         yield False
@@ -67,7 +68,8 @@ def whole_model_on_device(ctx, where: str, index: int, walk_instead: bool = Fals
     if ctx.device.type == "cpu":
         yield True
         return
-    need, detail = stage_need(ctx.recipe, index, model_tensor_bytes(ctx.model))
+    model = ctx.model if model is None else model
+    need, detail = stage_need(ctx.recipe, index, model_tensor_bytes(model))
     free = free_bytes(ctx.device)
     if need > free:
         if not walk_instead:
@@ -77,8 +79,8 @@ def whole_model_on_device(ctx, where: str, index: int, walk_instead: bool = Fals
         yield False
         return
     try:
-        move(ctx.model, ctx.device)
+        move(model, ctx.device)
         yield True
     finally:
-        move(ctx.model, HOST)
+        move(model, HOST)
         torch.cuda.empty_cache()

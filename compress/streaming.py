@@ -13,9 +13,6 @@ Peak memory is the largest unit in the run's dtype plus what the stage carries f
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import gc
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,10 +24,11 @@ from compress.lowrank import LoRALinear
 from compress.quant import QuantLinear
 
 from .checkpoint.load import build_model, read_layout, wrap_adapters
-from .checkpoint.shards import TensorSource
+from .checkpoint.tensors import TensorSource
 from .checkpoint.write import BASE, write_native
 from .dtypes import DTYPES
 from .errors import CheckpointError, StageError
+from .memory import release_freed_memory
 from .walker import HOST, UnitMap, decoder_layers, drop_kernel_caches, placed
 
 
@@ -138,7 +136,7 @@ class StreamedModel(UnitMap):
         skeleton_names = {stored_name(n): n for n in self._state()}
         self.model.load_state_dict({skeleton_names[n]: t for n, t in tensors.items()}, strict=False, assign=True)
         self._retie()
-        return_freed_memory()  # the read's buffers
+        release_freed_memory()  # the read's buffers
         return self.model.get_submodule(prefix)
 
     def _retie(self) -> None:
@@ -168,12 +166,12 @@ class StreamedModel(UnitMap):
     @contextmanager
     def unit(self, prefix: str) -> Iterator[nn.Module]:
         """The unit filled with its tensors inside the block; back on the meta device after it, and
-        its memory given back to the system (see ``return_freed_memory``)."""
+        its memory given back to the system (see ``release_freed_memory``)."""
         try:
             yield self._fill(prefix)
         finally:
             self._release(prefix)
-            return_freed_memory()
+            release_freed_memory()
 
     @contextmanager
     def walk(self) -> Iterator[None]:
@@ -244,25 +242,3 @@ def open_source(recipe, source, model_dir: Path | None, device: torch.device):
         return load_checkpoint(model_dir, dtype=recipe.spec.dtype), load_tokenizer(source), None
     model, tokenizer = load_model(source, recipe.spec.dtype)
     return model, tokenizer, None
-
-
-def return_freed_memory() -> None:
-    """Free what reference cycles still hold, then ask glibc to hand its free heap pages back.
-
-    Without this the process's memory creeps up by most of a unit per unit: cycles (modules that
-    refer to each other) wait for the garbage collector, and glibc keeps freed blocks below its
-    adaptive mmap threshold (up to 32 MiB, the size of a layer's matrices) in the heap."""
-    gc.collect()
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _glibc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # noqa: B018  (glibc only)
-        return libc
-    except (OSError, AttributeError):
-        return None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint.shards import ShardWriter
+from .checkpoint.tensors import ShardWriter
 
 log = logging.getLogger(__name__)
 

@@ -4,10 +4,14 @@
   (LOCAL_RANK), checked against what each setting promises; ``device: cuda`` on a machine without
   CUDA fails ``compress validate`` with one line, exit 2 (runs only where CUDA is absent).
 - The recipe parses ``device`` strictly and leaves it out of the resume fingerprint.
-- Eval one decoder layer at a time (resident and streamed) gives the whole model's perplexity,
-  bit for bit on the CPU (the same operations in the same order).
+- Eval one decoder layer at a time (resident and streamed) gives the whole model's perplexity, and
+  the logits export's reload check compares, bit for bit on the CPU (the same operations in the same
+  order).
 - GPTQ's calibration fast path: a packed layer's dense twin gives the packed forward's outputs (fp32,
   to 1e-5 relative) and the packed layers are back in place after the block.
+- GPTQ's calibration activations: on the device when they fit half its free memory, else in pinned
+  host memory (the rule checked on the CPU with the free bytes given; on a GPU, a GPTQ run with them
+  in pinned memory writes the same tensors as one with them on the device).
 - ``compress plan``'s numbers for a stage on the device and the one-line message when it does not fit.
 - A run's report names the device of every stage (and the CUDA peak only on a GPU).
 """
@@ -90,6 +94,17 @@ def test_eval_one_layer_at_a_time_equals_the_whole_model(tiny_pair, sharded_tiny
     assert perplexity_by_units(StreamedModel.open(sharded_tiny, "float32"), windows, batch_size=2) == whole
 
 
+def test_logits_one_layer_at_a_time_equal_the_whole_models(tiny_model):
+    """What export's reload check uses when a model does not fit the device."""
+    from compress.evaluate import logits_by_units
+    from compress.walker import ResidentModel
+
+    tokens = torch.randint(0, tiny_model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = tiny_model(input_ids=tokens, use_cache=False).logits
+    assert torch.equal(logits_by_units(ResidentModel(tiny_model), tokens), whole)
+
+
 def test_a_packed_layers_dense_twin_computes_its_forward(tiny_model):
     from compress.layerwise import dequantized
     from compress.quant import QuantConfig, QuantLinear
@@ -135,3 +150,38 @@ def test_the_report_names_each_stages_device(tmp_path):
     assert [s["device"] for s in report["stages"]] == ["cpu"] * 3
     assert all(s["peak_cuda_mib"] is None for s in report["stages"])
     assert "| cpu |" in result.report_md.read_text()
+
+
+def test_calibration_activations_leave_the_device_only_when_they_do_not_fit(tiny_model, monkeypatch):
+    from compress import placement
+    from compress.layerwise import ACTIVATION_SHARE, ActivationHome
+
+    windows = torch.zeros(8, 64, dtype=torch.long)
+    need = 2 * windows.numel() * tiny_model.config.hidden_size * 4  # in and out of a layer, fp32
+    monkeypatch.setattr(placement, "free_bytes", lambda device: int(need / ACTIVATION_SHARE))
+    assert not ActivationHome.for_windows(tiny_model, windows, GPU0).pinned
+    monkeypatch.setattr(placement, "free_bytes", lambda device: int(need / ACTIVATION_SHARE) - 1)
+    assert ActivationHome.for_windows(tiny_model, windows, GPU0).pinned
+    assert not ActivationHome.for_windows(tiny_model, windows, CPU).pinned  # the host is the device
+    home = ActivationHome(CPU)
+    entry = ((torch.ones(2),), {"position_embeddings": (torch.ones(1), torch.zeros(1)), "use_cache": False})
+    assert home.store(entry) is entry and home.load(entry) is entry
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: pinned host memory")
+def test_gptq_with_activations_in_pinned_host_memory_writes_the_same_tensors(tmp_path, monkeypatch):
+    from compress import layerwise
+    from compress.checkpoint.tensors import load_tensors
+
+    stages = [{"quantize": {"method": "gptq", "config": {"bits": 4, "group_size": 32}}}, {"export": {"format": "native"}}]
+    data = {"calibration": {"source": "stdlib", "split": "train", "samples": 4, "seq_len": 32}}
+    tensors = {}
+    for share in (layerwise.ACTIVATION_SHARE, 0.0):  # 0: nothing fits, every batch is copied in and out
+        monkeypatch.setattr(layerwise, "ACTIVATION_SHARE", share)
+        out = tmp_path / f"share-{share}"
+        compress.run_recipe(parse_recipe({"model": "tiny-llama", "data": data, "stages": stages, "output": str(out),
+                                          "device": "cuda"}))
+        tensors[share] = load_tensors(out / "checkpoint")
+    on_device, pinned = tensors.values()
+    assert sorted(on_device) == sorted(pinned)
+    assert all(torch.equal(on_device[name], pinned[name]) for name in on_device)

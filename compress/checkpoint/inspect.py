@@ -12,13 +12,12 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from compress.quant import QuantConfig, tensor_specs
 
-from ..errors import CheckpointError, brief
+from ..errors import CheckpointError
 from .load import read_layout, refuse_adapter
-from .tensors import tensor_files
+from .tensors import TensorSource
 
 COUNTED = {"uniform": ("qweight", "scales", "qzeros", "zeros"), "nf": ("codes", "scale_codes", "scale_scales", "scale_offset")}
 BYTES_PER = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8, "U8": 1, "I8": 1, "F64": 8, "BOOL": 1}
@@ -27,16 +26,8 @@ SAFETENSORS_DTYPES = {torch.int32: "I32", torch.float16: "F16", torch.bfloat16: 
 
 def _tensor_meta(directory: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (safetensors dtype, shape), read from the headers only."""
-    meta = {}
-    for path in tensor_files(directory):
-        try:
-            with safe_open(str(path), "pt") as handle:
-                for name in handle.keys():
-                    sliced = handle.get_slice(name)
-                    meta[name] = (sliced.get_dtype(), tuple(sliced.get_shape()))
-        except Exception as err:  # safetensors raises several types on a damaged header
-            raise CheckpointError(f"{path}: cannot read safetensors header: {brief(err)}") from None
-    return meta
+    source = TensorSource(directory)
+    return {name: (source.dtype_code(name), source.shape(name)) for name in source.names()}
 
 
 

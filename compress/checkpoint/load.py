@@ -24,8 +24,7 @@ from ..errors import CheckpointError, brief
 from ..targets import set_module
 from .gptq import resolve_module_config
 from .manifest import ADAPTER_FORMAT, MANIFEST, read_manifest
-from .shards import TensorSource
-from .tensors import load_tensors, tensor_files_present
+from .tensors import TensorSource, load_tensors, tensor_files_present
 
 
 # parts of tensor names that only our checkpoints hold outside a GPTQ config (packed codes, LoRA)

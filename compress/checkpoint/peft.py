@@ -27,7 +27,6 @@ from typing import Iterator
 import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora.layer import LoraLayer
-from safetensors.torch import save_file
 from torch import nn
 
 from compress import __version__
@@ -37,6 +36,7 @@ from compress.quant import QuantLinear
 from ..errors import CheckpointError
 from .atomic import atomic_directory
 from .manifest import ADAPTER_FORMAT, MANIFEST, read_manifest, write_manifest
+from .tensors import write_safetensors
 from .write import adapter_modules
 
 WEIGHTS = "adapter_model.safetensors"
@@ -80,7 +80,7 @@ def write_peft_adapter(layers: dict[str, LoRALinear], directory: Path, base_mode
     with atomic_directory(Path(directory)) as staging:
         lora_config(layers, base_model).save_pretrained(str(staging))
         _sort_target_modules(staging / "adapter_config.json")
-        save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
+        write_safetensors(staging / WEIGHTS, tensors)
         write_manifest(staging, {"format": ADAPTER_FORMAT, "compress_version": __version__})
     return Path(directory)
 

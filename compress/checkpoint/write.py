@@ -19,8 +19,7 @@ from ..errors import CheckpointError
 from .atomic import atomic_directory
 from .gptq import gptq_problems, quantization_config
 from .manifest import write_manifest
-from .shards import ShardWriter
-from .tensors import DEFAULT_SHARD_BYTES, save_tensors
+from .tensors import DEFAULT_SHARD_BYTES, ShardWriter, save_tensors
 
 FORMATS = ("gptq", "native", "hf")
 Shards = tuple[int, Iterator[dict[str, torch.Tensor]]]

@@ -31,10 +31,12 @@ from compress.lowrank import NF8_BITS
 from ..checkpoint import WRITERS, inspect_checkpoint, load_checkpoint
 from ..checkpoint.write import adapter_modules
 from ..errors import StageError
-from ..evaluate import perplexity
+from ..evaluate import logits_by_units, perplexity, perplexity_by_units
 from ..output_paths import export_target, guard_before_write
+from ..placement import whole_model_on_device
 from ..report import StageReport
 from ..stage import Stage, StageConfig
+from ..walker import ResidentModel
 from .evaluation import eval_batch_size
 
 PROBE_TOKENS = 64
@@ -61,17 +63,68 @@ class ExportConfig(StageConfig):
         return self.adapter_path or f"{self.path.rstrip('/')}-adapter"
 
 
-def _compare_logits(ctx, reloaded, exact: bool, where: str) -> float:
+def _probe(ctx) -> torch.Tensor:
     vocab = ctx.model.get_input_embeddings().num_embeddings
-    probe = torch.randint(0, vocab, (2, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
+    return torch.randint(0, vocab, (2, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
+
+
+def _verify_index(ctx) -> int:
+    """The stage whose plan sizes the reload check on the device: the recipe's last eval (the check
+    scores the same windows), else the export itself."""
+    return next((e.index for e in reversed(ctx.recipe.stages) if e.name == "eval"), ctx.entry.index)
+
+
+def _on_device(ctx, model, work):
+    """``work(model on the device)`` when the plan says it fits there, else ``work(its units)``
+    walked one layer at a time on the device (``compress.placement``); the model is on the host
+    after."""
+    where = f"{ctx.entry.where}.verify"
+    with whole_model_on_device(ctx, where, _verify_index(ctx), walk_instead=True, model=model) as whole:
+        return work(model if whole else ResidentModel(model, ctx.device))
+
+
+def _logits(target, probe: torch.Tensor) -> torch.Tensor:
+    """Logits of one probe batch from a model on the device, or from a source of units."""
+    if isinstance(target, ResidentModel):
+        return logits_by_units(target, probe)
     with torch.no_grad():
-        expected = ctx.model(input_ids=probe, use_cache=False).logits
-        got = reloaded(input_ids=probe, use_cache=False).logits
+        return target(input_ids=probe.to(next(target.parameters()).device), use_cache=False).logits.cpu()
+
+
+def _compare_logits(expected: torch.Tensor, got: torch.Tensor, exact: bool, where: str) -> float:
     diff = float((expected - got).abs().max())
     if exact and not torch.equal(expected, got):
         raise StageError(f"{where}: the reloaded checkpoint's logits differ from the in-memory model "
                          f"(max |diff| {diff:.3g}); the checkpoint does not hold the model")
     return diff
+
+
+def _verify(ctx, config: ExportConfig, target: Path, layers: dict, report: StageReport) -> None:
+    """Reload the checkpoint (and its PEFT adapter) from disk; its logits against the in-memory
+    model's, both computed on the run's device the same way; its perplexity when there is eval data."""
+    probe = _probe(ctx)
+    expected = _on_device(ctx, ctx.model, lambda model: _logits(model, probe))
+    reloaded = load_checkpoint(target, dtype=ctx.recipe.spec.dtype)
+    if layers:
+        from ..checkpoint.peft import load_peft_adapter
+
+        reloaded = load_peft_adapter(reloaded, ctx.out_dir / config.adapter_dir())
+
+    def check(model) -> float | None:
+        got = _logits(model, probe)
+        report.metrics["reload_max_abs_logit_diff"] = _compare_logits(expected, got, config.format != "hf",
+                                                                      ctx.entry.where)
+        if ctx.recipe.spec.data.eval is None:
+            return None
+        windows, batch = ctx.windows("eval"), eval_batch_size(ctx.recipe)
+        if isinstance(model, ResidentModel):
+            return perplexity_by_units(model, windows, batch, ctx.track)
+        return perplexity(model, windows, batch, ctx.track)
+
+    ppl = _on_device(ctx, reloaded, check)
+    if ppl is not None:
+        report.metrics["perplexity"] = ppl
+        report.notes.append(f"reloaded from {target}: perplexity {ppl:.3f}")
 
 
 def _write(ctx, config: ExportConfig, target, report: StageReport) -> dict:
@@ -140,19 +193,8 @@ def run(ctx, config: ExportConfig, report: StageReport) -> None:
         inspect_checkpoint(target, verify=True)
         report.notes.append(f"streaming: every file of {target} checked against its manifest sha256; the reload "
                             "and logits check needs the whole model in memory and was not run")
-    if not config.verify or not ctx.units.holds_model:
-        return
-    reloaded = load_checkpoint(target, dtype=ctx.recipe.spec.dtype)
-    if layers:
-        from ..checkpoint.peft import load_peft_adapter
-
-        reloaded = load_peft_adapter(reloaded, ctx.out_dir / config.adapter_dir())
-    report.metrics["reload_max_abs_logit_diff"] = _compare_logits(
-        ctx, reloaded, exact=config.format != "hf", where=ctx.entry.where)
-    if ctx.recipe.spec.data.eval is not None:
-        batch_size = eval_batch_size(ctx.recipe)
-        report.metrics["perplexity"] = perplexity(reloaded, ctx.windows("eval"), batch_size, ctx.track)
-        report.notes.append(f"reloaded from {target}: perplexity {report.metrics['perplexity']:.3f}")
+    if config.verify and ctx.units.holds_model:
+        _verify(ctx, config, target, layers, report)
 
 
 STAGE = Stage(name="export", config=ExportConfig, run=run, modifies_model=False, streaming=streams)
