@@ -23,14 +23,15 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/compress run recipes/quickstart.yaml --overwrite
 
-# GPTQModel 7.6.0 (+ PEFT, for adapters over its layers) in its own venv (it pins an older numpy); torch held at the CPU build through
+# GPTQModel 7.6.0 (+ PEFT, for adapters over its layers) and the compressed-tensors library (the
+# third-party reader of our compressed-tensors export) in their own venv (it pins an older numpy); torch held at the CPU build through
 # PIP_CONSTRAINT so that its isolated build environment cannot pull a CUDA torch either.
 $(INTEROP_VENV)/.installed: Makefile
 	test -x $(INTEROP_VENV)/bin/python || $(PYTHON) -m venv $(INTEROP_VENV)
 	printf 'torch==2.13.0+cpu\n' > $(INTEROP_VENV)/constraints.txt
 	PIP_CONSTRAINT=$(abspath $(INTEROP_VENV))/constraints.txt BUILD_CUDA_EXT=0 \
 	  $(INTEROP_VENV)/bin/pip install --quiet --disable-pip-version-check \
-	  torch==2.13.0 transformers==5.24.0 gptqmodel==7.6.0 optimum==2.3.0 peft==0.21.2
+	  torch==2.13.0 transformers==5.24.0 gptqmodel==7.6.0 optimum==2.3.0 peft==0.21.2 compressed-tensors==0.20.1
 	touch $@
 
 interop-venv: $(INTEROP_VENV)/.installed

@@ -6,10 +6,12 @@
 Every point is its own process, one after another (their wall times do not overlap), on the same
 calibration windows (stdlib train text, 128 x 512 tokens, written once) and the same fp32 model;
 GPTQ int4 g64 asymmetric, damp 0.01, no act order on both sides (what the comparison fixes; GPTQModel
-otherwise at its defaults). ``COMPRESS_GPTQ_CALIBRATION=packed`` runs the already-quantized linears of
+otherwise at its defaults). Seconds are the quantization alone: our quantize stage, GPTQModel's ``quantize()`` call (loading,
+export and evaluation excluded on both sides). ``COMPRESS_GPTQ_CALIBRATION=packed`` runs the already-quantized linears of
 the layer being calibrated through the packed kernels, as before the fast path. Perplexity on 32
 held-out windows (stdlib eval, 512 tokens) scores each checkpoint with the same loader. Needs
-``make interop-venv``. Writes ``results.json`` and ``results.md`` under ``--out``.
+``make interop-venv`` (or ``COMPRESS_INTEROP_PYTHON``). Resumable: a finished point keeps its
+``points/NAME/row.json``. Writes ``results.json`` and ``results.md`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,11 +57,9 @@ def run_ours(out: Path, point: str, bits: int) -> dict:
               {"export": {"format": "gptq", "verify": False}}]
     recipe = parse_recipe({"model": str(dense_model_dir(out)), "data": DATA, "stages": stages, "device": "cpu",
                            "output": str(out / "points" / point)})
-    start = time.perf_counter()
     report = run_recipe(recipe, overwrite=True).reports[1]
-    seconds = time.perf_counter() - start
     model = load(out / "points" / point / "checkpoint", dtype="float32")
-    return {"point": point, "seconds": seconds, "gptq_seconds": report.metrics["gptq_seconds"],
+    return {"point": point, "seconds": report.seconds, "gptq_seconds": report.metrics["gptq_seconds"],
             "ppl": evaluate_on(model, out)}
 
 
@@ -83,13 +82,23 @@ def run_gptqmodel(out: Path, bits: int) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     base = next(r for r in rows if r["point"] == "gptqmodel")
-    lines = ["| point | wall s | GPTQ s (ours: the layer walk) | wall / GPTQModel | perplexity |",
+    lines = ["| point | quantize s | GPTQ s (ours: the layer walk) | quantize s / GPTQModel's | perplexity |",
              "|---|---:|---:|---:|---:|"]
     for r in rows:
         gptq = "-" if r["gptq_seconds"] is None else f"{r['gptq_seconds']:.0f}"
         lines.append(f"| {r['point']} | {r['seconds']:.0f} | {gptq} | {r['seconds'] / base['seconds']:.2f}x | "
                      f"{r['ppl']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def point_row(args, point: str) -> dict:
+    """A point's row, measured in its own process once (``points/NAME/row.json``: a rerun resumes)."""
+    saved = args.out / "points" / point / "row.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    row = run_child(__file__, ["--out", str(args.out), "--bits", str(args.bits), "--point", point], point)
+    saved.write_text(json.dumps(row))
+    return row
 
 
 def main() -> None:
@@ -102,8 +111,7 @@ def main() -> None:
         return
     windows_file(args.out)
     dense_model_dir(args.out)
-    rows = [run_child(__file__, ["--out", str(args.out), "--bits", str(args.bits), "--point", point], point)
-            for point in POINTS]
+    rows = [point_row(args, point) for point in POINTS]
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     (args.out / "results.md").write_text(markdown(rows))
     print(markdown(rows))  # noqa: T201 - the table is the script's output

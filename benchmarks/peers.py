@@ -38,7 +38,7 @@ from pathlib import Path
 from child import bench_args, child_result, run_child
 
 ROOT = Path(__file__).resolve().parent.parent
-SIDE_PYTHON = ROOT / ".venv-gptqmodel" / "bin" / "python"
+SIDE_PYTHON = Path(os.environ.get("COMPRESS_INTEROP_PYTHON", ROOT / ".venv-gptqmodel" / "bin" / "python"))
 DATA = {"calibration": {"source": "stdlib", "split": "train", "samples": 32, "seq_len": 512},
         "eval": {"source": "stdlib", "split": "eval", "samples": 32, "seq_len": 512}}
 GROUP = 64  # SmolLM2's 576 input features hold whole groups of 64, not of 128

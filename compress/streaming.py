@@ -79,6 +79,9 @@ class StreamedModel(UnitMap):
         manifest's sha256 checked when there is one) with ``directory`` as its source."""
         source = TensorSource(directory)
         layout = read_layout(directory, verify=verify, tensor_names=source.names())
+        if layout.format == "compressed-tensors":
+            raise CheckpointError(f"{directory}: streaming reads dense, GPTQ and native checkpoints; this one is "
+                                  "compressed-tensors (run without streaming: true, or export it native first)")
         modules = {name: (config, shape or (source.shape(f"{name}.scales")[1], source.shape(f"{name}.g_idx")[0]))
                    for name, (config, shape) in layout.modules.items()}
         model = build_model(layout.config, modules, (layout.manifest or {}).get("layer_widths"))

@@ -20,7 +20,20 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-GPTQMODEL_CKPT = ROOT / "tests" / "data" / "gptqmodel-mixed-tiny"  # written by GPTQModel 7.6.0 itself
+GPTQMODEL_CKPT = ROOT / "tests" / "data" / "gptqmodel-mixed-tiny"
+# the interop side venv (`make interop-venv`: GPTQModel, compressed-tensors); `make test` sets
+# COMPRESS_REQUIRE_INTEROP=1 so that a missing venv fails the interop tests instead of skipping them
+INTEROP_PYTHON = Path(os.environ.get("COMPRESS_INTEROP_PYTHON", ROOT / ".venv-gptqmodel" / "bin" / "python"))
+INTEROP_REQUIRED = os.environ.get("COMPRESS_REQUIRE_INTEROP") == "1"
+INTEROP_MARKS = [pytest.mark.interop,
+                 pytest.mark.skipif(not INTEROP_PYTHON.exists() and not INTEROP_REQUIRED,
+                                    reason=f"interop side venv missing at {INTEROP_PYTHON} (run `make interop-venv`)")]
+
+
+def require_interop() -> None:
+    """Fail (not skip) when the interop venv is missing where it is required."""
+    if not INTEROP_PYTHON.exists():
+        pytest.fail(f"COMPRESS_REQUIRE_INTEROP=1 but the interop side venv is missing at {INTEROP_PYTHON}")  # written by GPTQModel 7.6.0 itself
 
 
 @pytest.fixture(scope="session")

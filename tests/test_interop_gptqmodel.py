@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GPTQMODEL_CKPT, ROOT, logits, quantize_model
+from conftest import GPTQMODEL_CKPT, INTEROP_MARKS, INTEROP_PYTHON, ROOT, logits, quantize_model, require_interop
 from safetensors.torch import load_file, save_file
 
 import compress
@@ -35,13 +35,7 @@ from compress.lowrank import LoRALinear
 from compress.targets import select_linears, set_module
 from compress.quant import QuantConfig, QuantLinear
 
-SIDE_PYTHON = Path(os.environ.get("COMPRESS_INTEROP_PYTHON", ROOT / ".venv-gptqmodel" / "bin" / "python"))
-REQUIRED = os.environ.get("COMPRESS_REQUIRE_INTEROP") == "1"
-pytestmark = [
-    pytest.mark.interop,
-    pytest.mark.skipif(not SIDE_PYTHON.exists() and not REQUIRED,
-                       reason=f"GPTQModel side venv missing at {SIDE_PYTHON} (run `make interop-venv`)"),
-]
+pytestmark = INTEROP_MARKS
 
 
 def mixed(name):
@@ -57,8 +51,7 @@ def mixed(name):
 @pytest.fixture(scope="module")
 def interop(tiny_pair, tmp_path_factory):
     """Build the checkpoints, run the side venv once over all of them, return paths and results."""
-    if not SIDE_PYTHON.exists():
-        pytest.fail(f"COMPRESS_REQUIRE_INTEROP=1 but the GPTQModel venv is missing at {SIDE_PYTHON}")
+    require_interop()
     import copy
 
     base, tokenizer = tiny_pair
@@ -95,7 +88,7 @@ def interop(tiny_pair, tmp_path_factory):
     (work / "jobs.json").write_text(json.dumps(spec))
     env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.pop("PYTHONPATH", None)
-    result = subprocess.run([str(SIDE_PYTHON), str(ROOT / "tests" / "interop" / "gptqmodel_logits.py"),
+    result = subprocess.run([str(INTEROP_PYTHON), str(ROOT / "tests" / "interop" / "gptqmodel_logits.py"),
                              str(work / "jobs.json")], cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     outputs = {(ckpt, loader): (load_file(job["output"])["logits"], json.loads(Path(job["output"] + ".json").read_text()))

@@ -31,24 +31,20 @@ def _key(config: QuantConfig) -> tuple[int, int, bool]:
     return (config.bits, config.group_size, config.sym)
 
 
-def gptq_problems(configs: dict[str, QuantConfig], shapes: dict[str, tuple[int, int]]) -> list[str]:
-    """Every reason the GPTQ layout cannot hold these modules (empty if it can)."""
+def integer_problems(configs: dict[str, QuantConfig], shapes: dict[str, tuple[int, int]], fmt: str) -> list[str]:
+    """Why a format of packed uniform integers (GPTQ, compressed-tensors) cannot hold these modules:
+    NF or float-zero configs, partial groups, fused q/k/v or gate/up that differ."""
     problems = []
     for name, config in configs.items():
         if config.kind != "uniform":
-            problems.append(f"{name}: {config.name} is a NormalFloat config; GPTQ holds uniform integers "
-                            "only (export format native keeps it)")
+            problems.append(f"{name}: {config.name} is a NormalFloat config; {fmt} holds uniform integers "
+                            "only (quantize it with a uniform config, or export native, which keeps it)")
         elif config.float_zero:
-            problems.append(f"{name}: {config.name} has float zero points; GPTQ stores integer zeros only "
+            problems.append(f"{name}: {config.name} has float zero points; {fmt} stores integer zeros only "
                             "(export format native keeps them)")
-        if (config.kind == "uniform" and config.group_size != -1
-                and shapes[name][1] % config.group_size):
+        elif config.group_size != -1 and shapes[name][1] % config.group_size:
             problems.append(f"{name}: group_size {config.group_size} does not divide in_features="
-                            f"{shapes[name][1]} (GPTQ engines need whole groups)")
-        reason = fits_gptq(shapes[name])
-        if reason:
-            problems.append(f"{name}: shape (out={shapes[name][0]}, in={shapes[name][1]}) does not fit the "
-                            f"GPTQ layout: {reason}")
+                            f"{shapes[name][1]} ({fmt} engines need whole groups; export native keeps a partial one)")
     for name in configs:
         prefix, _, leaf = name.rpartition(".")
         for group in FUSED_GROUPS:
@@ -59,6 +55,17 @@ def gptq_problems(configs: dict[str, QuantConfig], shapes: dict[str, tuple[int, 
             if len(set(names.values())) > 1:
                 problems.append(f"{prefix}.{{{','.join(group)}}}: engines fuse these and need one config, "
                                 f"got {', '.join(f'{m.rpartition(chr(46))[2]}={v}' for m, v in names.items())}")
+    return problems
+
+
+def gptq_problems(configs: dict[str, QuantConfig], shapes: dict[str, tuple[int, int]]) -> list[str]:
+    """Every reason the GPTQ layout cannot hold these modules (empty if it can)."""
+    problems = integer_problems(configs, shapes, "GPTQ")
+    for name in configs:
+        reason = fits_gptq(shapes[name])
+        if reason:
+            problems.append(f"{name}: shape (out={shapes[name][0]}, in={shapes[name][1]}) does not fit the "
+                            f"GPTQ layout: {reason}")
     return problems
 
 
@@ -78,7 +85,7 @@ def _role(name: str) -> tuple[str, str, str] | None:
     return found["prefix"], found["index"], re.escape(suffix)
 
 
-def _patterns(names: list[str], num_layers: int) -> list[str]:
+def layer_patterns(names: list[str], num_layers: int) -> list[str]:
     """Regular expressions covering exactly the given layer modules (grouped by role)."""
     by_role: dict[tuple[str, str], set[int]] = defaultdict(set)
     for name in names:
@@ -109,7 +116,7 @@ def quantization_config(configs: dict[str, QuantConfig], dense_layer_linears: li
     counts = Counter(_key(c) for c in configs.values())
     base = min(counts, key=lambda k: (-counts[k], k))
     dynamic: dict[str, dict] = {}
-    for pattern in _patterns(dense_layer_linears, num_layers):
+    for pattern in layer_patterns(dense_layer_linears, num_layers):
         dynamic[f"-:{pattern}"] = {}
     by_config: dict[tuple, list[str]] = defaultdict(list)
     for name, config in configs.items():
@@ -117,7 +124,7 @@ def quantization_config(configs: dict[str, QuantConfig], dense_layer_linears: li
             by_config[_key(config)].append(name)
     for key in sorted(by_config):
         bits, group_size, sym = key
-        for pattern in _patterns(by_config[key], num_layers):
+        for pattern in layer_patterns(by_config[key], num_layers):
             dynamic[f"+:{pattern}"] = {"bits": bits, "group_size": group_size, "sym": sym}
     bits, group_size, sym = base
     result = {

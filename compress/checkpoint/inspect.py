@@ -3,7 +3,8 @@
 ``bits_per_param`` counts what the papers count over the quantized linear layers: codes, scales
 and zero points (asymmetric only: a symmetric zero is a constant the format merely repeats),
 and for NF the scale codes, second-level scales and offset. ``bits_per_param_total`` divides every
-stored byte (embeddings, norms, g_idx, ...) by every parameter of the model.
+stored byte (embeddings, norms, g_idx, ...) by every parameter of the model. ``engines`` says which
+inference engines load the checkpoint, with which kernel, and what stops the others (``engines.py``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import torch
 from compress.quant import QuantConfig, tensor_specs
 
 from ..errors import CheckpointError
+from . import compressed_tensors as ct
+from .engines import engine_verdicts
 from .load import read_layout, refuse_adapter
 from .tensors import TensorSource
 
 COUNTED = {"uniform": ("qweight", "scales", "qzeros", "zeros"), "nf": ("codes", "scale_codes", "scale_scales", "scale_offset")}
 BYTES_PER = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8, "U8": 1, "I8": 1, "F64": 8, "BOOL": 1}
+FLOATS = ("F16", "BF16", "F32", "F64")
 SAFETENSORS_DTYPES = {torch.int32: "I32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 
 
@@ -56,15 +60,40 @@ def _check_stored(name: str, config: QuantConfig, shape, tensors: dict) -> None:
                                   "checkpoint's config says")
 
 
-def _module_row(name: str, config: QuantConfig, shape, meta: dict) -> dict:
+def _check_stored_ct(name: str, config: QuantConfig, shape, tensors: dict) -> None:
+    """As ``_check_stored``, for a compressed-tensors module (its scales may be any float dtype)."""
+    for leaf, (dtype, expected) in ct.stored_specs(config, shape).items():
+        got = tensors.get(leaf)
+        if got is None:
+            raise CheckpointError(f"{name}: missing tensor {leaf} for {config.name} {list(shape)}")
+        if (dtype or got[0]) != got[0] or got[1] != expected or (dtype is None and got[0] not in FLOATS):
+            raise CheckpointError(f"{name}.{leaf} is {got[0]} {list(got[1])}, but {config.name} {list(shape)} stores "
+                                  f"{dtype or 'a float'} {list(expected)}: the tensors do not hold what the "
+                                  "checkpoint's config says")
+
+
+def _stored_shape(name: str, tensors: dict, path: Path, ct_format: bool) -> tuple[int, int]:
+    """A module's (out, in) from its tensors, when the manifest does not give it."""
+    if ct_format:
+        if "weight_shape" not in tensors:
+            raise CheckpointError(f"{name}: packed weights without weight_shape")
+        values = TensorSource(path).read([f"{name}.weight_shape"])[f"{name}.weight_shape"]
+        return tuple(int(v) for v in values.tolist())
+    if "scales" not in tensors or "g_idx" not in tensors:
+        raise CheckpointError(f"{name}: packed weights without scales and g_idx")
+    return (tensors["scales"][1][1], tensors["g_idx"][1][0])
+
+
+def _module_row(name: str, config: QuantConfig, shape, meta: dict, path: Path, fmt: str) -> dict:
     tensors = {k.removeprefix(f"{name}."): v for k, v in meta.items() if k.startswith(f"{name}.")}
-    if shape is None:
-        if "scales" not in tensors or "g_idx" not in tensors:
-            raise CheckpointError(f"{name}: packed weights without scales and g_idx")
-        shape = (tensors["scales"][1][1], tensors["g_idx"][1][0])
-    _check_stored(name, config, shape, tensors)
-    counted = [t for t in COUNTED[config.kind] if t in tensors and not (config.kind == "uniform" and
-                                                                         config.sym and t == "qzeros")]
+    shape = shape or _stored_shape(name, tensors, path, fmt == ct.FORMAT)
+    if fmt == ct.FORMAT:
+        _check_stored_ct(name, config, shape, tensors)
+        counted = [t for t in ct.COUNTED if t in tensors]
+    else:
+        _check_stored(name, config, shape, tensors)
+        counted = [t for t in COUNTED[config.kind] if t in tensors and not (config.kind == "uniform" and
+                                                                             config.sym and t == "qzeros")]
     row = {"name": name, "format": config.kind, "config": config.name, "bits": config.bits,
            "shape": list(shape), "params": shape[0] * shape[1],
            "bytes": sum(_nbytes(*v) for v in tensors.values()),
@@ -80,7 +109,8 @@ def inspect_checkpoint(path: Path, verify: bool = True) -> dict:
     refuse_adapter(Path(path))
     meta = _tensor_meta(Path(path))
     layout = read_layout(path, verify=verify, tensor_names=list(meta))
-    rows = [_module_row(name, config, shape, meta) for name, (config, shape) in sorted(layout.modules.items())]
+    rows = [_module_row(name, config, shape, meta, Path(path), layout.format)
+            for name, (config, shape) in sorted(layout.modules.items())]
     owned = {k for r in rows for k in meta if k.startswith(r["name"] + ".")}
     dense = [{"name": k, "format": "dense", "dtype": v[0], "shape": list(v[1]), "params": math.prod(v[1]),
               "bytes": _nbytes(*v)} for k, v in sorted(meta.items()) if k not in owned]
@@ -97,5 +127,6 @@ def inspect_checkpoint(path: Path, verify: bool = True) -> dict:
         else _dense_linear_bits(dense),
         "bits_per_param_total": 8 * total_bytes / params if params else 0.0,
         "kernel": backend, "kernel_reason": reason, "modules": rows + dense,
+        "engines": engine_verdicts(layout.format, rows),
     }
 

@@ -1,5 +1,6 @@
 """``compress.load(path)``: rebuild a model from any checkpoint we write, or from a GPTQ v1
-checkpoint written by another tool (GPTQModel, AutoGPTQ), or from a dense Hugging Face directory.
+checkpoint written by another tool (GPTQModel, AutoGPTQ), a compressed-tensors ``pack-quantized`` one
+(llm-compressor, the ``compressed-tensors`` library), or a dense Hugging Face directory.
 
 The model is built from ``config.json`` with parameters on the meta device, quantized layers become
 ``QuantLinear`` modules of the right config and shape, and the tensors are loaded with
@@ -22,6 +23,7 @@ from compress.quant import QuantConfig, QuantLinear, check_tensors
 from ..dtypes import DTYPES
 from ..errors import CheckpointError, brief
 from ..targets import set_module
+from . import compressed_tensors as ct
 from .gptq import resolve_module_config
 from .manifest import ADAPTER_FORMAT, MANIFEST, read_manifest
 from .tensors import TensorSource, load_tensors, tensor_files_present
@@ -37,7 +39,7 @@ class Layout:
     """What a checkpoint directory holds: its format, config, and each quantized module's config."""
 
     path: Path
-    format: str  # native | gptq | hf
+    format: str  # native | gptq | hf | compressed-tensors
     config: dict
     modules: dict[str, tuple[QuantConfig, tuple[int, int] | None]]
     manifest: dict | None
@@ -109,11 +111,16 @@ def read_layout(path: Path, verify: bool = True, tensor_names: list[str] | None 
     if quant is None:
         refuse_lost_manifest(path, tensor_names)
         return Layout(path, "hf", config, {}, None)
+    if quant.get("quant_method") == ct.FORMAT:
+        names = tensor_names if tensor_names is not None else TensorSource(path).names()
+        packed = [n.removesuffix(".weight_packed") for n in names if n.endswith(".weight_packed")]
+        schemes = ct.module_schemes(quant, packed, str(path))
+        return Layout(path, ct.FORMAT, config, {name: (c, None) for name, c in schemes.items()}, None)
     if quant.get("quant_method") != "gptq":
         raise CheckpointError(f"{path}: quant_method {quant.get('quant_method')!r} is not supported "
-                              "(compress reads gptq and its own checkpoints)")
+                              "(compress reads gptq, compressed-tensors and its own checkpoints)")
     if tensor_names is None:
-        tensor_names = list(load_tensors(path))
+        tensor_names = TensorSource(path).names()
     return Layout(path, "gptq", config, _gptq_modules(quant, tensor_names, path), None)
 
 
@@ -156,6 +163,8 @@ def load_checkpoint(path: Path, dtype: str | None = None, verify: bool = True) -
     tensors = load_tensors(layout.path)
     if layout.format == "gptq":
         layout = read_layout(path, verify=False, tensor_names=list(tensors))
+    if layout.format == ct.FORMAT:
+        tensors = ct.state_from_ct(tensors, {name: c for name, (c, _) in layout.modules.items()}, str(layout.path))
     modules = {}
     for name, (config, shape) in layout.modules.items():
         shape = shape or _shape_from_tensors(name, config, tensors)

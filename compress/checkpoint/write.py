@@ -1,5 +1,6 @@
-"""Writing checkpoints: ``native`` (anything we can hold), ``gptq`` (engine-loadable GPTQ v1) and
-``hf`` (dense, every quantized layer dequantized). All writes are atomic and carry a manifest."""
+"""Writing checkpoints: ``native`` (anything we can hold), ``gptq`` (GPTQ v1), ``compressed-tensors``
+(pack-quantized: what vLLM serves at 2-8 bits) and ``hf`` (dense, every quantized layer dequantized).
+All writes are atomic and carry a manifest."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ from compress.quant import QuantLinear
 
 from ..errors import CheckpointError
 from .atomic import atomic_directory
+from . import compressed_tensors as ct
 from .gptq import gptq_problems, quantization_config
 from .manifest import write_manifest
 from .tensors import DEFAULT_SHARD_BYTES, ShardWriter, save_tensors
 
-FORMATS = ("gptq", "native", "hf")
+FORMATS = ("gptq", "native", "hf", ct.FORMAT)
+INTEGER_FORMATS = ("gptq", ct.FORMAT)  # packed uniform integers only, fused q/k/v and gate/up alike
 Shards = tuple[int, Iterator[dict[str, torch.Tensor]]]
 
 
@@ -83,15 +86,17 @@ def describe_modules(model: nn.Module) -> dict[str, dict]:
 
 
 def _write_common(model: nn.Module, staging: Path, config: dict, tokenizer, max_shard_bytes: int,
-                  shards: Shards | None = None) -> None:
+                  shards: Shards | None = None, convert=None) -> None:
     """Tensors (the model's state, or ``shards`` of a streamed model: (count, iterator of tensor
-    dicts), one file each), config.json, generation config, tokenizer."""
+    dicts), one file each; each passed through ``convert`` when given), config.json, generation
+    config, tokenizer."""
+    convert = convert or (lambda tensors: tensors)
     if shards is None:
-        save_tensors(model_state(model), staging, max_shard_bytes)
+        save_tensors(convert(model_state(model)), staging, max_shard_bytes)
     else:
         writer = ShardWriter(staging, shards[0])
         for tensors in shards[1]:
-            writer.write(tensors)
+            writer.write(convert(tensors))
             del tensors  # before the producer moves on: a unit's tensors must not outlive it
         writer.finish()
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -136,25 +141,32 @@ def _layer_linears(model: nn.Module) -> list[str]:
             if isinstance(m, nn.Linear) and ".layers." in f".{name}"]
 
 
+def _integer_modules(model: nn.Module, fmt: str, problems_of) -> dict[str, QuantLinear]:
+    """The quantized layers of a model that format ``fmt`` (GPTQ, compressed-tensors: packed
+    integers, the base alone) must hold; CheckpointError naming the first that it cannot."""
+    modules = quantized_modules(model)
+    if not modules:
+        raise CheckpointError(f"export format {fmt}: the model has no quantized layers "
+                              "(add a quantize stage before export)")
+    adapters = adapter_modules(model)
+    if adapters:
+        raise CheckpointError(f"export format {fmt}: {len(adapters)} layers carry LoRA adapters "
+                              f"(e.g. {next(iter(adapters))}); {fmt} holds the quantized base only: export "
+                              "native, or hf to merge them")
+    _refuse_pruned_widths(model, fmt)
+    problems = problems_of({name: m.config for name, m in modules.items()}, {name: m.shape for name, m in modules.items()})
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"export format {fmt}: {problems[0]}{more}")
+    return modules
+
+
 def write_gptq(model: nn.Module, directory: Path, tokenizer=None, recipe: dict | None = None,
                max_shard_bytes: int = DEFAULT_SHARD_BYTES, shards: Shards | None = None) -> dict:
     """GPTQ v1 with per-module ``dynamic`` bits; fails before writing if a module does not fit.
     ``shards`` as for ``write_native``."""
-    modules = quantized_modules(model)
-    if not modules:
-        raise CheckpointError("export format gptq: the model has no quantized layers "
-                              "(add a quantize stage before export)")
-    adapters = adapter_modules(model)
-    if adapters:
-        raise CheckpointError(f"export format gptq: {len(adapters)} layers carry LoRA adapters "
-                              f"(e.g. {next(iter(adapters))}); GPTQ holds the quantized base only: export "
-                              "native, or hf to merge them")
-    _refuse_pruned_widths(model, "gptq")
+    modules = _integer_modules(model, "gptq", gptq_problems)
     configs = {name: m.config for name, m in modules.items()}
-    problems = gptq_problems(configs, {name: m.shape for name, m in modules.items()})
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise CheckpointError(f"export format gptq: {problems[0]}{more}")
     num_layers = getattr(model.config, "num_hidden_layers", 0)
     lm_head = any(name.endswith("lm_head") for name in modules)
     quant = quantization_config(configs, _layer_linears(model), num_layers, lm_head)
@@ -164,6 +176,28 @@ def write_gptq(model: nn.Module, directory: Path, tokenizer=None, recipe: dict |
         (staging / "quantize_config.json").write_text(json.dumps(quant, indent=2, sort_keys=True) + "\n")
         return write_manifest(staging, {"format": "gptq", "compress_version": __version__,
                                         "modules": describe_modules(model), "recipe": recipe})
+
+
+def write_compressed_tensors(model: nn.Module, directory: Path, tokenizer=None, recipe: dict | None = None,
+                            max_shard_bytes: int = DEFAULT_SHARD_BYTES, shards: Shards | None = None) -> dict:
+    """compressed-tensors ``pack-quantized`` (``checkpoint/compressed_tensors.py``): the packed
+    tensors converted module by module as they are written; fails before writing if a module does
+    not fit. ``shards`` as for ``write_native``."""
+    modules = _integer_modules(model, ct.FORMAT, ct.ct_problems)
+    layout = {name: (m.config, m.shape) for name, m in modules.items()}
+    quant = ct.quantization_config({name: m.config for name, m in modules.items()}, _dense_linears(model),
+                                   getattr(model.config, "num_hidden_layers", 0))
+    config = dict(config_dict(model), quantization_config=quant)
+    with atomic_directory(directory) as staging:
+        _write_common(model, staging, config, tokenizer, max_shard_bytes, shards,
+                      convert=lambda tensors: ct.convert_state(tensors, layout))
+        return write_manifest(staging, {"format": ct.FORMAT, "compress_version": __version__,
+                                        "modules": describe_modules(model), "recipe": recipe})
+
+
+def _dense_linears(model: nn.Module) -> list[str]:
+    """Every dense Linear, the head included (compressed-tensors lists what it does not quantize)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
 def dense_copy(model: nn.Module) -> nn.Module:
@@ -195,4 +229,4 @@ def write_hf(model: nn.Module, directory: Path, tokenizer=None, recipe: dict | N
                                         "modules": {}, "recipe": recipe})
 
 
-WRITERS = {"gptq": write_gptq, "native": write_native, "hf": write_hf}
+WRITERS = {"gptq": write_gptq, "native": write_native, "hf": write_hf, ct.FORMAT: write_compressed_tensors}

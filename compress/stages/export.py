@@ -4,9 +4,12 @@
 - export: {format: gptq, path: checkpoint, verify: true, adapters: peft, adapter_path: checkpoint-adapter}
 ```
 
-Formats: ``gptq`` (GPTQ v1 with per-module ``dynamic`` bits: GPTQModel, vLLM, and transformers
-when every module has the same bits), ``native`` (anything, NF codebooks included; read with
-``compress.load``), ``hf`` (dense: every quantized layer dequantized). ``path`` is relative to
+Formats: ``gptq`` (GPTQ v1 with per-module ``dynamic`` bits: GPTQModel; current vLLM only at 4/8-bit
+symmetric; transformers when every module has the same bits), ``compressed-tensors`` (pack-quantized:
+vLLM at 2-8 bits, transformers for symmetric schemes; ``checkpoint/compressed_tensors.py``),
+``native`` (anything, NF codebooks included; read with ``compress.load``), ``hf`` (dense: every
+quantized layer dequantized). The report says which engines load the result (``compress inspect``'s
+verdict, ``checkpoint/engines.py``), and a checkpoint current vLLM refuses is said in one line. ``path`` is relative to
 the recipe's output directory. With ``verify`` the checkpoint is loaded back from disk: its logits
 must equal the in-memory model's, and its perplexity is measured when the recipe has eval data.
 
@@ -20,6 +23,7 @@ parameter without and with the adapters (stored in 16-bit, and in NF8 as LQ-LoRA
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -40,10 +44,11 @@ from ..walker import ResidentModel
 from .evaluation import eval_batch_size
 
 PROBE_TOKENS = 64
+log = logging.getLogger(__name__)
 
 
 class ExportConfig(StageConfig):
-    format: Literal["gptq", "native", "hf"] = "gptq"
+    format: Literal["gptq", "native", "hf", "compressed-tensors"] = "gptq"
     path: str = Field("checkpoint", min_length=1)
     verify: bool = True
     max_shard_mib: int = Field(2048, ge=1)
@@ -177,6 +182,20 @@ def adapter_target(ctx, config: ExportConfig) -> Path:
     return target
 
 
+def _engine_notes(report: StageReport, engines: dict, target: Path) -> None:
+    """The engine verdict in the report; a checkpoint vLLM would refuse is said in one line."""
+    report.metrics["engines"] = {name: v["loads"] for name, v in engines.items()}
+    vllm = engines["vllm"]
+    if vllm["loads"]:
+        report.notes.append(f"vLLM loads {target.name} (kernels: {vllm['kernel']})")
+        return
+    readers = ", ".join(name for name, v in engines.items() if v["loads"] and name != "vllm")
+    where = f"{vllm['stops_at']}: " if vllm["stops_at"] else ""
+    message = f"current vLLM does not load {target} ({where}{vllm['reason']}); written anyway: {readers} read it"
+    log.warning(message)
+    report.notes.append(message)
+
+
 def run(ctx, config: ExportConfig, report: StageReport) -> None:
     target = export_target(ctx.out_dir, config.path, f"{ctx.entry.where}.path")
     guard_before_write(target, f"{ctx.entry.where}.path")
@@ -189,6 +208,7 @@ def run(ctx, config: ExportConfig, report: StageReport) -> None:
                           bits_per_param=info["bits_per_param"], bits_per_param_total=info["bits_per_param_total"],
                           kernel=info["kernel"])
     _adapter_bits(report, layers, info.get("quantized_params") or 0)
+    _engine_notes(report, info["engines"], target)
     if config.verify and not ctx.units.holds_model:
         inspect_checkpoint(target, verify=True)
         report.notes.append(f"streaming: every file of {target} checked against its manifest sha256; the reload "

@@ -35,6 +35,7 @@ from compress.lowrank.l4q import L4QLinear
 from compress.quant import QuantConfig, QuantizedWeight, QuantLinear
 from compress.quant.uniform import quantize_codes, to_float_zero_tensors, to_gptq_tensors
 
+from ..checkpoint.write import INTEGER_FORMATS
 from ..errors import RecipeError, StageError
 from ..evaluate import perplexity
 from ..stage import Stage
@@ -74,11 +75,11 @@ def check(recipe, entry, model) -> None:
     selected = select_linears(model, config.targets, config.ignore)
     if not selected:
         raise RecipeError(f"{entry.where}.targets: selects no linear layer")
-    gptq = any(e.config.format == "gptq" for e in recipe.later(entry.index, "export"))
+    whole = [e.config.format for e in recipe.later(entry.index, "export") if e.config.format in INTEGER_FORMATS]
     for name, module in selected:
-        if gptq and module.in_features % config.group_size:  # native holds a partial last group
+        if whole and module.in_features % config.group_size:  # native holds a partial last group
             raise RecipeError(f"{entry.where}.group_size: {config.group_size} does not divide in_features "
-                              f"{module.in_features} of {name} (GPTQ engines need whole groups; export native)")
+                              f"{module.in_features} of {name} ({whole[0]} engines need whole groups; export native)")
     if config.zero_point == "float":
         for export in recipe.later(entry.index, "export"):
             if export.config.format != "native":

@@ -34,7 +34,7 @@ from compress.prune.recover import kept_positions, recover_factors
 from compress.prune.sparsity import KeepSparse, sparsify
 
 from ..checkpoint.load import load_checkpoint
-from ..checkpoint.write import write_native
+from ..checkpoint.write import INTEGER_FORMATS, write_native
 from ..errors import RecipeError
 from ..evaluate import perplexity
 from ..memory import model_tensor_bytes, release_freed_memory
@@ -80,8 +80,10 @@ def check(recipe, entry, model) -> None:
         raise RecipeError(f"{entry.where}: {err}") from None
     for part in ("prune", "train"):
         check_training_data(recipe, f"{entry.where}.{part}", getattr(config, part).data)
-    if config.output == "merged" and any(e.config.format == "gptq" for e in recipe.later(entry.index, "export")):
-        raise RecipeError(f"{entry.where}.output: merged leaves a dense model; add a quantize stage before a gptq export")
+    integer = [e for e in recipe.later(entry.index, "export") if e.config.format in INTEGER_FORMATS]
+    if config.output == "merged" and integer:
+        raise RecipeError(f"{entry.where}.output: merged leaves a dense model; add a quantize stage before a "
+                          f"{integer[0].config.format} export")
 
 
 def _linears(model) -> dict:

@@ -55,6 +55,7 @@ from compress.quant import QuantizedWeight, QuantLinear
 from compress.quant.gptq import gptq_quantize
 
 from ..checkpoint.atomic import atomic_write_text
+from ..checkpoint.write import INTEGER_FORMATS
 from ..errors import RecipeError, StageError
 from ..fisher_by_layer import fisher_by_layer, load_layer_fisher
 from ..layerwise import calibration_step
@@ -130,9 +131,10 @@ def check(recipe, entry, model) -> None:
     if config.fisher and outside:
         raise RecipeError(f"{entry.where}.fisher: the Fisher is computed one decoder layer at a time and covers "
                           f"linears inside them; {outside[0]} is not (add it to ignore)")
-    if config.grid == "nf" and any(e.config.format == "gptq" for e in recipe.later(entry.index, "export")):
-        raise RecipeError(f"{entry.where}.grid: nf configs cannot be written as GPTQ; use grid: gptq or "
-                          "export native")
+    integer = [e for e in recipe.later(entry.index, "export") if e.config.format in INTEGER_FORMATS]
+    if config.grid == "nf" and integer:
+        raise RecipeError(f"{entry.where}.grid: nf configs cannot be written as {integer[0].config.format} "
+                          f"({integer[0].where}); use grid: gptq or export native")
 
 
 def _check_budget(entry, config: LQLoRAConfig, shapes: dict[str, tuple[int, int]]) -> None:

@@ -35,7 +35,9 @@ from pydantic import BaseModel, Field, ValidationError, model_serializer, model_
 from compress.quant import QuantConfig, QuantLinear
 from compress.quant.gptq import gptq_quantize
 
+from ..checkpoint.compressed_tensors import ct_problems
 from ..checkpoint.gptq import gptq_problems
+from ..checkpoint.write import INTEGER_FORMATS
 from ..config_errors import format_validation_error
 from ..errors import RecipeError, StageError
 from ..layerwise import calibration_step
@@ -156,7 +158,13 @@ def plan_modules(model, config: QuantizeConfig, tie_fused: bool) -> tuple[dict, 
 
 
 def _exports_gptq(recipe, entry) -> bool:
-    return any(e.config.format == "gptq" for e in recipe.later(entry.index, "export"))
+    """Whether a later export writes packed integers for engines (gptq, compressed-tensors): they
+    fuse q/k/v and gate/up, so those share one config."""
+    return any(e.config.format in INTEGER_FORMATS for e in recipe.later(entry.index, "export"))
+
+
+def _integer_exports(recipe, entry) -> list:
+    return [e for e in recipe.later(entry.index, "export") if e.config.format in INTEGER_FORMATS]
 
 
 def check(recipe, entry, model) -> None:
@@ -171,10 +179,11 @@ def check(recipe, entry, model) -> None:
                               f"{shapes[name][1]} of {name} (use -1 for one group per output channel)")
     if config.method == "gptq":
         _check_gptq(recipe, entry, plan)
-    if _exports_gptq(recipe, entry):
-        problems = gptq_problems(plan, shapes)
+    for export in _integer_exports(recipe, entry):
+        fmt = export.config.format
+        problems = (gptq_problems if fmt == "gptq" else ct_problems)(plan, shapes)
         if problems:
-            raise RecipeError(f"{entry.where}: cannot be exported as gptq: {problems[0]}")
+            raise RecipeError(f"{entry.where}: cannot be exported as {fmt} ({export.where}): {problems[0]}")
 
 
 def _check_gptq(recipe, entry, plan: dict[str, QuantConfig]) -> None:

@@ -1,0 +1,217 @@
+"""Which engines load a checkpoint, with which kernel, and the first module that stops them.
+
+The verdict comes from rules read in each engine's source (cited beside each rule; vLLM as of its
+main branch in late 2026, GPTQModel 7.6.0, transformers 5.24 with compressed-tensors 0.20.1), applied
+to what ``compress inspect`` reads from the files: the format and each quantized module's bits,
+group size, symmetry and shape. vLLM's kernel choice assumes one Hopper GPU (H100/H200, SM90),
+tensor parallel 1 and 16-bit activations, the machines this project targets. A verdict is a
+prediction from those rules, not a load: the interop tests load in the engines that run on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..targets import FUSED_GROUPS
+
+ENGINES = ("vllm", "gptqmodel", "transformers", "compress")
+# gptqmodel/utils/importer.py: kernels by SUPPORTS_FORMATS priority on CUDA, each with its SUPPORTS_*
+# (bits, groups, sym only, in/out divisibility; nn_modules/qlinear/*.py). Machete (SM90) is left out:
+# it rejects sharded checkpoints, which ours are above 2 GiB.
+GPTQMODEL_CUDA = (("Marlin", (4, 8), (-1, 32, 64, 128), True, None),
+                  ("ExllamaV2", (4,), (-1, 32, 64, 128), False, 32),
+                  ("TritonV2", (2, 4, 8), None, False, 32),
+                  ("TorchLinear", (2, 3, 4, 5, 6, 7, 8), None, False, 1))
+# vllm/model_executor/layers/quantization/utils/marlin_utils.py: MARLIN_SUPPORTED_GROUP_SIZES
+MARLIN_GROUPS = (-1, 32, 64, 128)
+# vllm/model_executor/kernels/linear/mixed_precision/machete.py + machete_utils.py
+# (query_machete_supported_group_sizes for 16-bit activations; check_machete_supports_shape)
+MACHETE_GROUPS = (-1, 64, 128)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    engine: str
+    loads: bool
+    kernel: str | None = None
+    stops_at: str | None = None  # the first module that stops the engine
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A linear as an engine builds it: q/k/v and gate/up fused into one (vLLM's qkv_proj,
+    gate_up_proj) when all their members are quantized alike."""
+
+    name: str
+    bits: int
+    group_size: int
+    sym: bool
+    out_features: int
+    in_features: int
+
+
+LEAF_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _build_order(row: dict) -> tuple:
+    """Modules in the order an engine builds them: layer by layer (numerically), q/k/v/o, then the MLP."""
+    parts = row["name"].split(".")
+    numbers = tuple(int(p) for p in parts if p.isdigit())
+    leaf = parts[-1]
+    return numbers, LEAF_ORDER.index(leaf) if leaf in LEAF_ORDER else len(LEAF_ORDER), row["name"]
+
+
+def engine_layers(rows: list[dict]) -> tuple[list[Layer], str | None]:
+    """The uniform modules of ``inspect`` rows as engine layers, and the first fused group whose
+    members differ (vLLM applies one scheme to a fused layer), or None."""
+    uniform = {r["name"]: r for r in sorted((r for r in rows if r.get("format") == "uniform"), key=_build_order)}
+    layers, done = [], set()
+    for name, row in uniform.items():
+        prefix, _, leaf = name.rpartition(".")
+        group = next((g for g in FUSED_GROUPS if leaf in g), None)
+        members = [f"{prefix}.{m}" for m in group] if group else [name]
+        if name in done or not all(m in uniform for m in members):
+            if group and not all(m in uniform for m in members):
+                return layers, f"{prefix}.{FUSED_GROUPS[group]}: {', '.join(members)} are not all quantized"
+            continue
+        schemes = {(uniform[m]["bits"], uniform[m]["group_size"], uniform[m]["sym"]) for m in members}
+        if len(schemes) > 1:
+            return layers, f"{prefix}.{FUSED_GROUPS[group]}: its shards {', '.join(members)} differ in scheme"
+        done.update(members)
+        bits, group_size, sym = schemes.pop()
+        layers.append(Layer(f"{prefix}.{FUSED_GROUPS[group]}" if group else name, bits, group_size, sym,
+                            sum(uniform[m]["shape"][0] for m in members), row["shape"][1]))
+    return layers, None
+
+
+def _vllm_kernel(layer: Layer, zero_points: bool) -> tuple[str | None, str]:
+    """The mixed-precision kernel vLLM's ``choose_mp_linear_kernel`` picks on SM90 for 4/8 bits
+    (vllm/model_executor/kernels/linear/__init__.py: Machete before Marlin), or why none can."""
+    group = layer.group_size
+    machete = (group in MACHETE_GROUPS and layer.in_features % 64 == 0 and layer.out_features % 128 == 0)
+    if machete:  # machete.py: uint4b8/uint8b128, and uint4/uint8 with zero points
+        return "Machete", ""
+    # marlin.py + marlin_utils.query_marlin_supported_quant_types: zero points at 4 bits only
+    if zero_points and layer.bits != 4:
+        return None, (f"{layer.bits}-bit with zero points: Marlin takes zero points at 4 bits only "
+                      "(marlin_utils.py) and Machete needs in % 64, out % 128 and a group of -1/64/128 (machete.py)")
+    if group not in MARLIN_GROUPS:
+        return None, f"group_size {group} is not one Marlin takes {list(MARLIN_GROUPS)} (marlin_utils.py)"
+    return "Marlin", ""
+
+
+def _vllm_gptq(layers: list[Layer]) -> Verdict:
+    for layer in layers:
+        # vllm/model_executor/layers/quantization/auto_gptq.py: TYPE_MAP {(4, True), (8, True)}
+        if (layer.bits, layer.sym) not in ((4, True), (8, True)):
+            return Verdict("vllm", False, stops_at=layer.name,
+                           reason=f"bits={layer.bits}, sym={layer.sym}: vLLM's GPTQ loader (auto_gptq.py) takes "
+                                  "4- or 8-bit symmetric only; export compressed-tensors")
+        # auto_gptq.py: verify_marlin_supported -> marlin_utils.MARLIN_SUPPORTED_GROUP_SIZES
+        if layer.group_size not in MARLIN_GROUPS:
+            return Verdict("vllm", False, stops_at=layer.name,
+                           reason=f"group_size {layer.group_size} is not one of {list(MARLIN_GROUPS)} (auto_gptq.py)")
+    return _with_kernels("vllm", [(layer, _vllm_kernel(layer, zero_points=False)) for layer in layers])
+
+
+def _vllm_ct(layers: list[Layer]) -> Verdict:
+    picked = []
+    for layer in layers:
+        # compressed_tensors/schemes/compressed_tensors_wNa16.py: WNA16_ZP_SUPPORTED_TYPES_MAP {4, 8}
+        if not layer.sym and layer.bits not in (4, 8):
+            return Verdict("vllm", False, stops_at=layer.name,
+                           reason=f"{layer.bits}-bit asymmetric: vLLM's WNA16 scheme takes zero points at 4 and 8 "
+                                  "bits only (compressed_tensors_wNa16.py); quantize it symmetric")
+        if layer.bits in (4, 8):
+            picked.append((layer, _vllm_kernel(layer, zero_points=not layer.sym)))
+        else:  # WNA16_SUPPORTED_TYPES_MAP uint2b2/uint3b4: only kernels/linear/mixed_precision/humming.py takes them
+            picked.append((layer, ("Humming", "")))
+    return _with_kernels("vllm", picked)
+
+
+def _with_kernels(engine: str, picked: list[tuple[Layer, tuple[str | None, str]]]) -> Verdict:
+    for layer, (kernel, why) in picked:
+        if kernel is None:
+            return Verdict(engine, False, stops_at=layer.name, reason=why)
+    kernels = sorted({kernel for _, (kernel, _) in picked})
+    return Verdict(engine, True, kernel=", ".join(kernels) or "dense")
+
+
+def vllm_verdict(fmt: str, rows: list[dict]) -> Verdict:
+    if fmt == "native":
+        return Verdict("vllm", False, reason="native is compress's own format (export gptq or compressed-tensors)")
+    if fmt == "hf":
+        return Verdict("vllm", True, kernel="dense")
+    nf = next((r for r in rows if r.get("format") == "nf"), None)
+    if nf is not None:
+        return Verdict("vllm", False, stops_at=nf["name"], reason="NormalFloat layers have no vLLM format")
+    layers, fused = engine_layers(rows)
+    if fused:  # compressed_tensors/utils.py should_ignore_layer; gptq_utils.get_dynamic_override on the fused prefix
+        return Verdict("vllm", False, stops_at=fused.split(":")[0], reason=f"{fused.split(': ', 1)[1]}: vLLM fuses "
+                       "them into one layer with one scheme")
+    return _vllm_gptq(layers) if fmt == "gptq" else _vllm_ct(layers)
+
+
+def _gptqmodel_kernel(layer: Layer) -> str:
+    for kernel, bits, groups, sym_only, divisor in GPTQMODEL_CUDA:
+        fits_shape = divisor is None or (layer.in_features % divisor == 0 and layer.out_features % divisor == 0)
+        if (layer.bits in bits and (groups is None or layer.group_size in groups) and (layer.sym or not sym_only)
+                and fits_shape):
+            return kernel
+    return "TorchLinear"
+
+
+def gptqmodel_verdict(fmt: str, rows: list[dict]) -> Verdict:
+    # gptqmodel/models/auto.py _is_supported_quantization_config: gptq, gguf, fp8, bitsandbytes, awq, ...
+    if fmt in ("native", "compressed-tensors"):
+        return Verdict("gptqmodel", False, reason=f"GPTQModel 7.6.0 has no {fmt} loader (models/auto.py)")
+    if fmt == "hf":
+        return Verdict("gptqmodel", True, kernel="dense")
+    nf = next((r for r in rows if r.get("format") == "nf"), None)
+    if nf is not None:
+        return Verdict("gptqmodel", False, stops_at=nf["name"], reason="NormalFloat layers have no GPTQ form")
+    layers = [Layer(r["name"], r["bits"], r["group_size"], r["sym"], *r["shape"]) for r in rows
+              if r.get("format") == "uniform"]  # per module (dynamic: make_quant picks a kernel for each)
+    return Verdict("gptqmodel", True, kernel=", ".join(sorted({_gptqmodel_kernel(layer) for layer in layers})))
+
+
+def transformers_verdict(fmt: str, rows: list[dict]) -> Verdict:
+    if fmt == "native":
+        return Verdict("transformers", False, reason="native is compress's own format (export hf, gptq or "
+                                                     "compressed-tensors)")
+    if fmt == "hf":
+        return Verdict("transformers", True, kernel="dense")
+    uniform = [r for r in rows if r.get("format") == "uniform"]
+    if fmt == "gptq":
+        # utils/quantization_config.py GPTQConfig drops `dynamic`; optimum builds every layer with one config
+        base = (uniform[0]["bits"], uniform[0]["group_size"], uniform[0]["sym"]) if uniform else None
+        odd = next((r for r in uniform if (r["bits"], r["group_size"], r["sym"]) != base), None)
+        if odd is not None:
+            return Verdict("transformers", False, stops_at=odd["name"],
+                           reason="transformers' GPTQ path (quantizer_gptq.py via optimum) builds every layer with "
+                                  "the base config and ignores dynamic overrides: load it with GPTQModel")
+        return Verdict("transformers", True, kernel="GPTQModel kernels through optimum (gptqmodel installed)")
+    # compressed-tensors 0.20.1 compressors/pack_quantized/base.py compress(): on meta weights (transformers'
+    # loading) it packs no zero point, so the slot stays [out, groups] int8 and the load report refuses ours
+    asym = next((r for r in uniform if not r["sym"]), None)
+    if asym is not None:
+        return Verdict("transformers", False, stops_at=asym["name"],
+                       reason="asymmetric: compressed-tensors builds the weight_zero_point slot unpacked when "
+                              "transformers loads (pack_quantized/base.py), so the packed zero points mismatch")
+    return Verdict("transformers", True, kernel="compressed-tensors decompression (dense on first forward)")
+
+
+def compress_verdict(fmt: str, rows: list[dict]) -> Verdict:
+    return Verdict("compress", True, kernel="QuantLinear (Triton on CUDA, reference kernel on CPU)"
+                   if any(r.get("format") in ("uniform", "nf") for r in rows) else "dense")
+
+
+def engine_verdicts(fmt: str, rows: list[dict]) -> dict[str, dict]:
+    """{engine: verdict} for a checkpoint of format ``fmt`` whose modules ``inspect`` described."""
+    verdicts = [vllm_verdict(fmt, rows), gptqmodel_verdict(fmt, rows), transformers_verdict(fmt, rows),
+                compress_verdict(fmt, rows)]
+    return {v.engine: v.to_dict() for v in verdicts}
