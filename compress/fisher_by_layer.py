@@ -89,7 +89,7 @@ def _backward(ctx, names: list[str], directory: Path, activations: Path, samples
         total = {n: ctx.ranks.sum_in_rank_order(f).float().contiguous() for n, f in fisher.items()}
         if total and ctx.ranks.main:
             partial = fisher_file(directory, prefix).with_suffix(".part")
-            write_safetensors(partial, total)
+            write_safetensors(partial, total, metadata={})  # no metadata: the bytes save_file wrote before
             partial.replace(fisher_file(directory, prefix))
         (activations / f"{index}.pt").unlink()
 

@@ -48,7 +48,10 @@ def test_integer_zeros_from_the_first_step_make_packing_lossless(tmp_path):
     stages = L4Q.format(steps=3, lr="1.0e-2").replace("alpha: 8}", "alpha: 8}, integer_zero_from: 0.0") + \
         "\n  - eval: {}"
     metrics = compress.run_recipe(compress.load_recipe(tiny_recipe(tmp_path, stages))).reports[1].metrics
-    assert metrics["perplexity_integer_zero"] == pytest.approx(metrics["perplexity_float_offset"], rel=1e-5)
+    # the same weights through two paths (fake-quantized dense vs packed kernel): fp32 rounding only.
+    # 1.07e-5 apart on this machine's CPU on 2026-12-02 (also with the code of fa62596), 0 on others:
+    # 1e-4 is the float bound; a lossy packing moves the perplexity by percent
+    assert metrics["perplexity_integer_zero"] == pytest.approx(metrics["perplexity_float_offset"], rel=1e-4)
 
 
 def test_finalize_with_float_zero_keeps_the_learned_offset():

@@ -78,8 +78,8 @@ BAD = {
     "group_too_big": ("  - quantize: {config: {group_size: 1024}}",
                       "stages[0].quantize: group_size 1024 is larger than in_features=256"),
     "group_not_dividing_for_gptq": ("  - quantize: {config: {group_size: 48}}\n  - export: {format: gptq}",
-                                    "stages[0].quantize: cannot be exported as gptq: model.layers.0.self_attn.q_proj: "
-                                    "group_size 48 does not divide in_features=256"),
+                                    "stages[0].quantize: cannot be exported as gptq (stages[1].export): "
+                                    "model.layers.0.self_attn.q_proj: group_size 48 does not divide in_features=256"),
     "nf_to_gptq": ("  - quantize: {config: {type: nf, bits: 4}}\n  - export: {format: gptq}", "NormalFloat config"),
     "nf_field_on_uniform": ("  - quantize: {config: {bits: 4, block: 32}}", "block: only for type nf"),
     "bad_regex": ("  - quantize: {overrides: {'re:(': {bits: 8}}}", "selector 're:(': invalid regular expression"),

@@ -114,9 +114,12 @@ def _read_exact(handle, target: torch.Tensor, path: Path) -> None:
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> int:
     """Write ``tensors`` as one safetensors file, laid out as the library lays it out; returns the
-    data bytes. An I/O failure (a full disk) is an OSError naming the file."""
+    data bytes. ``metadata``: the header's ``__metadata__`` (default ``{"format": "pt"}``, as
+    transformers and PEFT write it; ``{}``: none, as the library's ``save_file`` without metadata).
+    An I/O failure (a full disk) is an OSError naming the file."""
     names = sorted(tensors, key=lambda name: (WRITE_ORDER[CODES[tensors[name].dtype]], name))
-    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    metadata = {"format": "pt"} if metadata is None else metadata
+    header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name in names:
         size = _nbytes(tensors[name])
