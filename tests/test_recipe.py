@@ -22,7 +22,7 @@ def test_quickstart_parses_and_validates():
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml")
     assert [e.name for e in recipe.stages] == ["quantize", "eval", "export"]
     quantize = recipe.stages[0].config
-    assert quantize.config.to_config().name == "int4-g64-asym"
+    assert quantize.config.to_config().name == "int4-g64-sym"
     assert quantize.config_for("model.layers.3.mlp.down_proj", None).bits == 8
     check_recipe(recipe)
 
