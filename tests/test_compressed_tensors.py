@@ -8,7 +8,7 @@
 - ``quantization_config``: one group per scheme, q/k/v and gate/up in one group, targets that match
   exactly their modules, dense linears in ``ignore``.
 - Refusals: NF and float-zero layers and partial groups at validate, one line naming the module.
-- The streamed export writes the resident export's tensors.
+- The streamed export writes the resident export's tensors; LoRA adapters go beside the base as PEFT.
 """
 
 import json
@@ -153,3 +153,18 @@ def test_streamed_export_writes_the_resident_tensors(tmp_path, sharded_tiny):
         tensors[streaming] = load_tensors(out / "checkpoint")
     assert sorted(tensors[False]) == sorted(tensors[True])
     assert all(torch.equal(tensors[False][k], tensors[True][k]) for k in tensors[False])
+
+
+def test_adapters_go_beside_a_compressed_tensors_base_as_peft(tmp_path):
+    """LoRA adapters from fine-tuning: the base as compressed-tensors, the adapters as a PEFT adapter
+    beside it; the export's own check reloads both from disk and needs the in-memory logits exactly."""
+    stages = ("  - quantize: {config: {bits: 4, group_size: 32, sym: true}}\n"
+              "  - finetune: {steps: 2, batch_size: 2, seq_len: 32, lora: {rank: 4}}\n"
+              "  - export: {format: compressed-tensors}")
+    result = run_cli("run", tiny_recipe(tmp_path, stages), "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = tmp_path / "out"
+    assert (out / "checkpoint-adapter" / "adapter_model.safetensors").is_file()
+    assert not any(k.endswith(("lora_A.weight", "lora_B.weight")) for k in load_tensors(out / "checkpoint"))
+    export = json.loads((out / "report.json").read_text())["stages"][-1]
+    assert export["metrics"]["reload_max_abs_logit_diff"] == 0.0
