@@ -32,7 +32,6 @@ anything is written.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 
 import torch
@@ -40,6 +39,7 @@ import torch
 from compress.quant import QuantConfig
 from compress.quant.packing import packed_length, pack_codes, unpack_codes
 from compress.quant.uniform import default_g_idx, from_gptq_tensors, to_gptq_tensors
+from compress.targets import matches
 
 from ..errors import CheckpointError
 from .gptq import integer_problems, layer_patterns
@@ -144,19 +144,24 @@ def from_ct_tensors(tensors: dict[str, torch.Tensor], config: QuantConfig, where
     return result
 
 
-def convert_state(state: dict[str, torch.Tensor], modules: dict[str, tuple[QuantConfig, tuple[int, int]]]) -> dict:
-    """A state dict (or one unit's part of it) with every module's v1 tensors as pack-quantized ones."""
+def _convert_modules(state: dict[str, torch.Tensor], modules, leaves: tuple[str, ...], head: str, convert) -> dict:
+    """``state`` with each module's ``leaves`` replaced by ``convert(module, {leaf: tensor})``, called
+    once per module (at its ``head`` leaf); every other tensor kept as it is."""
     converted = {}
     for name, tensor in state.items():
         module, _, leaf = name.rpartition(".")
-        if module in modules and leaf in OURS:
-            if leaf == "qweight":
-                config, shape = modules[module]
-                parts = {k: state[f"{module}.{k}"] for k in OURS}
-                converted.update({f"{module}.{k}": v for k, v in to_ct_tensors(parts, config, shape).items()})
-        else:
+        if module not in modules or leaf not in leaves:
             converted[name] = tensor
+        elif leaf == head:
+            parts = {k: state[f"{module}.{k}"] for k in leaves if f"{module}.{k}" in state}
+            converted.update({f"{module}.{k}": v for k, v in convert(module, parts).items()})
     return converted
+
+
+def convert_state(state: dict[str, torch.Tensor], modules: dict[str, tuple[QuantConfig, tuple[int, int]]]) -> dict:
+    """A state dict (or one unit's part of it) with every module's v1 tensors as pack-quantized ones."""
+    return _convert_modules(state, modules, OURS, "qweight",
+                            lambda module, parts: to_ct_tensors(parts, *modules[module]))
 
 
 def module_schemes(quant: dict, names: list[str], where: str) -> dict[str, QuantConfig]:
@@ -168,7 +173,7 @@ def module_schemes(quant: dict, names: list[str], where: str) -> dict[str, Quant
     groups = quant.get("config_groups") or {}
     schemes = {}
     for name in names:
-        found = [key for key, group in groups.items() if any(_matches(name, t) for t in group.get("targets", []))]
+        found = [key for key, group in groups.items() if _targeted(name, group.get("targets", []))]
         if len(found) != 1:
             raise CheckpointError(f"{where}: {name}: matched by {len(found)} config groups ({', '.join(found) or 'none'})")
         group = groups[found[0]]
@@ -178,10 +183,10 @@ def module_schemes(quant: dict, names: list[str], where: str) -> dict[str, Quant
     return schemes
 
 
-def _matches(name: str, target: str) -> bool:
-    if target.startswith("re:"):
-        return re.match(target[3:], name) is not None
-    return target in (name, "Linear")
+def _targeted(name: str, targets: list[str]) -> bool:
+    """Whether a group's targets name this packed module; every packed module is a linear, so the
+    class target ``Linear`` takes it without the module at hand."""
+    return any(target == "Linear" or matches(target, name) for target in targets)
 
 
 CT_LEAVES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
@@ -189,17 +194,8 @@ CT_LEAVES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape
 
 def state_from_ct(state: dict[str, torch.Tensor], configs: dict[str, QuantConfig], where: str) -> dict:
     """A pack-quantized state dict with every module in ``configs`` as our GPTQ v1 tensors."""
-    converted = {}
-    for name, tensor in state.items():
-        module, _, leaf = name.rpartition(".")
-        if module in configs and leaf in CT_LEAVES:
-            if leaf == "weight_packed":
-                parts = {k: state[f"{module}.{k}"] for k in CT_LEAVES if f"{module}.{k}" in state}
-                ours = from_ct_tensors(parts, configs[module], f"{where}: {module}")
-                converted.update({f"{module}.{k}": v for k, v in ours.items()})
-        else:
-            converted[name] = tensor
-    return converted
+    return _convert_modules(state, configs, CT_LEAVES, "weight_packed",
+                            lambda module, parts: from_ct_tensors(parts, configs[module], f"{where}: {module}"))
 
 
 def stored_specs(config: QuantConfig, shape: tuple[int, int]) -> dict[str, tuple[str | None, tuple[int, ...]]]:

@@ -28,11 +28,9 @@ FLOATS = ("F16", "BF16", "F32", "F64")
 SAFETENSORS_DTYPES = {torch.int32: "I32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 
 
-def _tensor_meta(directory: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _tensor_meta(source: TensorSource) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (safetensors dtype, shape), read from the headers only."""
-    source = TensorSource(directory)
     return {name: (source.dtype_code(name), source.shape(name)) for name in source.names()}
-
 
 
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
@@ -72,21 +70,21 @@ def _check_stored_ct(name: str, config: QuantConfig, shape, tensors: dict) -> No
                                   "checkpoint's config says")
 
 
-def _stored_shape(name: str, tensors: dict, path: Path, ct_format: bool) -> tuple[int, int]:
+def _stored_shape(name: str, tensors: dict, source: TensorSource, ct_format: bool) -> tuple[int, int]:
     """A module's (out, in) from its tensors, when the manifest does not give it."""
     if ct_format:
         if "weight_shape" not in tensors:
             raise CheckpointError(f"{name}: packed weights without weight_shape")
-        values = TensorSource(path).read([f"{name}.weight_shape"])[f"{name}.weight_shape"]
+        values = source.read([f"{name}.weight_shape"])[f"{name}.weight_shape"]
         return tuple(int(v) for v in values.tolist())
     if "scales" not in tensors or "g_idx" not in tensors:
         raise CheckpointError(f"{name}: packed weights without scales and g_idx")
     return (tensors["scales"][1][1], tensors["g_idx"][1][0])
 
 
-def _module_row(name: str, config: QuantConfig, shape, meta: dict, path: Path, fmt: str) -> dict:
+def _module_row(name: str, config: QuantConfig, shape, meta: dict, source: TensorSource, fmt: str) -> dict:
     tensors = {k.removeprefix(f"{name}."): v for k, v in meta.items() if k.startswith(f"{name}.")}
-    shape = shape or _stored_shape(name, tensors, path, fmt == ct.FORMAT)
+    shape = shape or _stored_shape(name, tensors, source, fmt == ct.FORMAT)
     if fmt == ct.FORMAT:
         _check_stored_ct(name, config, shape, tensors)
         counted = [t for t in ct.COUNTED if t in tensors]
@@ -107,9 +105,10 @@ def _module_row(name: str, config: QuantConfig, shape, meta: dict, path: Path, f
 
 def inspect_checkpoint(path: Path, verify: bool = True) -> dict:
     refuse_adapter(Path(path))
-    meta = _tensor_meta(Path(path))
+    source = TensorSource(Path(path))
+    meta = _tensor_meta(source)
     layout = read_layout(path, verify=verify, tensor_names=list(meta))
-    rows = [_module_row(name, config, shape, meta, Path(path), layout.format)
+    rows = [_module_row(name, config, shape, meta, source, layout.format)
             for name, (config, shape) in sorted(layout.modules.items())]
     owned = {k for r in rows for k in meta if k.startswith(r["name"] + ".")}
     dense = [{"name": k, "format": "dense", "dtype": v[0], "shape": list(v[1]), "params": math.prod(v[1]),
