@@ -5,8 +5,8 @@ the calibration windows ``peers.py`` also gives our GPTQ, and GPTQModel loading 
 
 JOB.json: {"action": "quantize" | "load", ...}
 - quantize: {"model_dir", "windows" (safetensors with ``calibration`` and ``eval`` int64 [n, seq]),
-  "out", "bits", "group_size", "sym", "damp", "desc_act", "act_group_aware", optional
-  "offload_to_disk" (GPTQModel's default, True, when absent)}: quantizes (fp32 on CPU), saves to
+  "out", "bits", "group_size", "sym", and optional "damp", "desc_act", "act_group_aware", "mse",
+  "offload_to_disk" (each absent one at GPTQModel's own default)}: quantizes (fp32 on CPU), saves to
   ``out``; prints RESULT {"seconds" of ``quantize()`` alone, "peak_rss_mib" of the process after it}.
 - load: {"path", "windows"}: loads a GPTQ checkpoint with GPTQModel (CPU torch kernel, fp16) and
   prints RESULT {"perplexity"} on the eval windows, computed as ``compress.evaluate`` does
@@ -22,14 +22,16 @@ import time
 import torch
 from safetensors.torch import load_file
 
+SETTINGS = {"damp": "damp_percent", "desc_act": "desc_act", "act_group_aware": "act_group_aware", "mse": "mse",
+            "offload_to_disk": "offload_to_disk"}
+
 
 def quantize(job: dict) -> dict:
     from gptqmodel import GPTQModel, QuantizeConfig
 
     windows = load_file(job["windows"])["calibration"]
-    config = QuantizeConfig(bits=job["bits"], group_size=job["group_size"], sym=job["sym"], desc_act=job["desc_act"],
-                            damp_percent=job["damp"], act_group_aware=job["act_group_aware"],
-                            offload_to_disk=job.get("offload_to_disk", True))
+    settings = {key: job[ours] for ours, key in SETTINGS.items() if ours in job}  # absent: GPTQModel's default
+    config = QuantizeConfig(bits=job["bits"], group_size=job["group_size"], sym=job["sym"], **settings)
     model = GPTQModel.load(job["model_dir"], config, device="cpu", dtype=torch.float32)
     samples = [{"input_ids": row.view(1, -1), "attention_mask": torch.ones(1, row.numel(), dtype=torch.int64)}
                for row in windows]

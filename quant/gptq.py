@@ -9,9 +9,21 @@ its first column, as in the reference implementation and GPTQModel: from W as th
 the blocks before have left it, without the updates made so far inside the current block. (Taking
 them from the fully updated columns is as valid; on SmolLM2-135M g64 it gave int3 13.12 vs 12.70
 and int4 7.48 vs 7.52, differences of the size GPTQ shows under any small change of its input, see
-BENCHMARKS.md.) With ``act_order`` the columns run by decreasing diag(H) and
-the groups' parameters come from the original W before the loop ("static groups"), so every group
-stays a contiguous run of input columns and the checkpoint needs no act-order ``g_idx``.
+BENCHMARKS.md.) The columns run in one of three orders (``order``):
+
+- ``natural``: input order;
+- ``activation`` (GPTQ's act order): by decreasing diag(H), the groups' parameters taken from the
+  original W before the loop ("static groups"), so every group stays a contiguous run of input
+  columns and the checkpoint needs no act-order ``g_idx``;
+- ``group_aware``: group-aware reordering (Gafni et al., "Dual Precision Quantization", CVPRW 2025;
+  GPTQModel's ``act_group_aware``, on by default there): the groups run by decreasing largest
+  diag(H) of their columns, and inside a group its columns by decreasing diag(H). Each group is
+  still one contiguous run of input columns, quantized in one go, its parameters chosen when the
+  loop reaches it; a partial last group keeps its place at the end.
+
+With ``mse_norm`` > 0 a group's scale and zero come from the shrink search of ``scale_search``
+(GPTQModel's ``mse``) instead of its min/max. A Hessian that is not positive definite at ``damp`` is
+retried with ``damp_increment`` more at a time (GPTQModel's ``damp_auto_increment``) below 1.
 
 The grid is the RTN grid of ``uniform.choose_qparams`` (asymmetric integer zero >= 1, symmetric, or
 fp16 float zero), so with H = I GPTQ returns exactly RTN's codes, scales and zeros.
@@ -26,9 +38,11 @@ import torch
 
 from .config import QuantConfig, effective_group
 from .qweight import QuantizedWeight
+from .scale_search import search_qparams
 from .uniform import choose_qparams, to_float_zero_tensors, to_gptq_tensors
 
 log = logging.getLogger(__name__)
+ORDERS = ("natural", "activation", "group_aware")
 
 
 class HessianAccumulator:
@@ -69,71 +83,124 @@ def _column_codes(column: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     return codes, (codes - zero) * scale
 
 
-def _inverse_cholesky(hessian: torch.Tensor, damp: float, retries: int = 4) -> torch.Tensor:
+def _inverse_cholesky(hessian: torch.Tensor, damp: float, increment: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp · mean(diag H) · I)⁻¹; a Hessian that is not positive
-    definite at ``damp`` (too few calibration tokens for its width) is retried with 10x the damping."""
-    for attempt in range(retries + 1):
+    definite at ``damp`` (too few calibration tokens for its width) is retried at damp + increment,
+    damp + 2 · increment, ... while below 1."""
+    mean = float(hessian.diagonal().mean())
+    tried = damp
+    while True:
         damped = hessian.clone()
-        damped.diagonal().add_(damp * 10**attempt * float(damped.diagonal().mean()))
+        damped.diagonal().add_(tried * mean)
         lower, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
             if int(info) == 0:
-                if attempt:
-                    log.warning("GPTQ: Hessian not positive definite at damp %g; used %g", damp, damp * 10**attempt)
+                if tried != damp:
+                    log.warning("GPTQ: Hessian not positive definite at damp %g; used %g", damp, tried)
                 return upper
-    raise ValueError(f"GPTQ: the Hessian is not positive definite even at damp {damp * 10**retries:g}")
+        following = tried + increment
+        if increment <= 0 or following >= 1:
+            raise ValueError(f"GPTQ: the Hessian is not positive definite even at damp {tried:g}")
+        tried = following
 
 
-def _group_params(weight: torch.Tensor, config: QuantConfig, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group scale and zero [N, G] (fp32) of a weight chosen by the RTN rule."""
+def column_order(diagonal: torch.Tensor, group: int, order: str) -> torch.Tensor:
+    """The order in which GPTQ visits the input columns, from diag(H) (see the module docstring)."""
+    width = diagonal.numel()
+    if order == "natural":
+        return torch.arange(width, device=diagonal.device)
+    if order == "activation":
+        return torch.argsort(diagonal, descending=True, stable=True)
+    if order != "group_aware":
+        raise ValueError(f"GPTQ order {order!r}: one of {', '.join(ORDERS)}")
+    whole = width // group * group
+    grouped = diagonal[:whole].view(-1, group)
+    inside = torch.argsort(grouped, dim=1, descending=True, stable=True)
+    by_group = torch.argsort(grouped.amax(dim=1), descending=True, stable=True)
+    starts = torch.arange(0, whole, group, device=diagonal.device).unsqueeze(1)
+    visited = (inside + starts)[by_group].reshape(-1)
+    return torch.cat([visited, torch.arange(whole, width, device=diagonal.device)])
+
+
+def _qparams(weight: torch.Tensor, config: QuantConfig, mse_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return search_qparams(weight, config, mse_norm) if mse_norm > 0 else choose_qparams(weight, config)
+
+
+def _group_params(weight: torch.Tensor, config: QuantConfig, group: int,
+                  mse_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scale and zero [N, G] (fp32) of a weight."""
     scales, zeros = [], []
     for start in range(0, weight.shape[1], group):
-        scale, zero = choose_qparams(weight[:, start:start + group], config)
+        scale, zero = _qparams(weight[:, start:start + group], config, mse_norm)
         scales.append(scale.float())
         zeros.append(zero.float())
     return torch.cat(scales, dim=1), torch.cat(zeros, dim=1)
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, damp: float = 0.01,
-                  block: int = 128, act_order: bool = False, dtype: torch.dtype = torch.float32) -> GPTQResult:
+@dataclass(frozen=True)
+class GPTQSettings:
+    """How GPTQ runs (the module docstring); the defaults are the quantize stage's."""
+
+    damp: float = 0.01
+    damp_increment: float = 0.01
+    block: int = 128
+    order: str = "natural"
+    mse_norm: float = 0.0  # 0: min/max group parameters; > 0: the shrink search under this norm
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig,
+                  settings: GPTQSettings = GPTQSettings(), dtype: torch.dtype = torch.float32) -> GPTQResult:
     """GPTQ of ``weight`` [N, K] given its inputs' Hessian [K, K] into a uniform ``config``."""
     if config.kind != "uniform":
         raise ValueError(f"GPTQ quantizes to uniform configs, not {config.name}")
     out_features, in_features = weight.shape
     if tuple(hessian.shape) != (in_features, in_features):
         raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match in_features {in_features}")
-    device = weight.device
     w = weight.detach().to(dtype).clone()
-    h = hessian.detach().to(device=device, dtype=dtype).clone()
+    h = hessian.detach().to(device=weight.device, dtype=dtype).clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     group = effective_group(config, in_features)
-    static = act_order or group >= in_features  # parameters fixed before the loop
-    scale, zero = _group_params(w, config, group) if static else (None, None)
-    if act_order:
-        order = torch.argsort(h.diagonal(), descending=True, stable=True)
-    else:
-        order = torch.arange(in_features, device=device)
+    static = settings.order == "activation" or group >= in_features  # parameters fixed before the loop
+    params = _group_params(w, config, group, settings.mse_norm) if static else None
+    order = column_order(h.diagonal(), group, settings.order)
     w, h = w[:, order], h[order][:, order]
-    upper = _inverse_cholesky(h, damp)
-    if not static:
+    upper = _inverse_cholesky(h, settings.damp, settings.damp_increment)
+    codes, scale, zero, loss = _quantize_columns(w, upper, order, config, group, params, settings)
+    codes = codes[:, torch.argsort(order)].to(torch.uint8)
+    pack = to_float_zero_tensors if config.float_zero else to_gptq_tensors
+    zero_out = zero.to(torch.float16) if config.float_zero else zero.round().to(torch.int32)
+    tensors = pack(codes, scale.to(torch.float16), zero_out, config)
+    return GPTQResult(QuantizedWeight(config, (out_features, in_features), tensors), float(loss))
+
+
+def _quantize_columns(w: torch.Tensor, upper: torch.Tensor, order: torch.Tensor, config: QuantConfig, group: int,
+                      params, settings: GPTQSettings):
+    """GPTQ's blocked column loop over the reordered weight ``w`` (updated in place): (codes in
+    the visiting order, scale [N, G], zero [N, G], loss). ``params``: the static groups' (scale,
+    zero), or None to choose each group's when the loop reaches its first column."""
+    out_features, in_features = w.shape
+    dtype, device = w.dtype, w.device
+    if params is None:
         scale = torch.zeros(out_features, -(-in_features // group), dtype=dtype, device=device)
         zero = torch.zeros_like(scale)
+    else:
+        scale, zero = (t.to(dtype) for t in params)
     codes = torch.zeros(out_features, in_features, dtype=dtype, device=device)
     column_groups = (order // group).tolist()  # one host copy, not a device sync per column
     loss = torch.zeros((), dtype=torch.float64, device=device)  # float64: the sum of the python floats
-    for start in range(0, in_features, block):
-        end = min(start + block, in_features)
+    for start in range(0, in_features, settings.block):
+        end = min(start + settings.block, in_features)
         chunk = w[:, start:end].clone()
         errors = torch.zeros(out_features, end - start, dtype=dtype, device=device)
         inverse = upper[start:end, start:end]
         for i in range(end - start):
             column = start + i
             g = column_groups[column]
-            if not static and column % group == 0:  # w: updated by the blocks before this one only
-                s, z = choose_qparams(w[:, column:column + group], config)
+            if params is None and column % group == 0:  # w: updated by the blocks before this one only
+                s, z = _qparams(w[:, column:column + group], config, settings.mse_norm)
                 scale[:, g], zero[:, g] = s.to(dtype)[:, 0], z.to(dtype)[:, 0]
             codes[:, column], quantized = _column_codes(chunk[:, i], scale[:, g], zero[:, g], config)
             error = (chunk[:, i] - quantized) / inverse[i, i]
@@ -141,8 +208,4 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
             chunk[:, i:] -= error.unsqueeze(1) * inverse[i, i:].unsqueeze(0)
             errors[:, i] = error
         w[:, end:] -= errors @ upper[start:end, end:]
-    codes = codes[:, torch.argsort(order)].to(torch.uint8)
-    pack = to_float_zero_tensors if config.float_zero else to_gptq_tensors
-    zero_out = zero.to(torch.float16) if config.float_zero else zero.round().to(torch.int32)
-    tensors = pack(codes, scale.to(torch.float16), zero_out, config)
-    return GPTQResult(QuantizedWeight(config, (out_features, in_features), tensors), float(loss))
+    return codes, scale, zero, loss

@@ -30,7 +30,7 @@ from .packing import pack_codes, unpack_codes
 FP16_SMALLEST = 2.0**-24  # smallest fp16 subnormal: a nonzero scale never rounds to 0
 
 
-def _group_view(weight: torch.Tensor, group: int) -> torch.Tensor:
+def group_view(weight: torch.Tensor, group: int) -> torch.Tensor:
     """[N, K] -> [N, G, group], zero-padded (zeros never change the ranges below)."""
     out_features, in_features = weight.shape
     pad = (-in_features) % group
@@ -41,9 +41,15 @@ def _group_view(weight: torch.Tensor, group: int) -> torch.Tensor:
 
 def choose_qparams(weight: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (scale fp16 [N, G], zero int32 [N, G], or fp16 with ``float_zero``) for a float weight [N, K]."""
-    maxq = 2**config.bits - 1
-    groups = _group_view(weight.float(), effective_group(config, weight.shape[1]))
+    groups = group_view(weight.float(), effective_group(config, weight.shape[1]))
     low, high = torch.aminmax(groups, dim=2)
+    return qparams_from_range(low, high, config)
+
+
+def qparams_from_range(low: torch.Tensor, high: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale fp16, zero) of groups whose values span [low, high] (any matching shapes), by the
+    rules in the module docstring."""
+    maxq = 2**config.bits - 1
     if config.float_zero:
         scale = ((high - low) / maxq).clamp(min=FP16_SMALLEST).to(torch.float16)
         return scale, (-low / scale.float()).to(torch.float16)
@@ -65,13 +71,17 @@ def quantize_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
                    config: QuantConfig) -> torch.Tensor:
     """Integer codes [N, K] (uint8) for a weight given its per-group scale and zero."""
     group = effective_group(config, weight.shape[1])
-    groups = _group_view(weight.float(), group)
-    if config.float_zero:
-        codes = (groups / scale.float().unsqueeze(2)).add_(zero.float().unsqueeze(2)).round_()
-    else:
-        codes = (groups / scale.float().unsqueeze(2)).round_().add_(zero.float().unsqueeze(2))
-    codes = codes.clamp_(0, 2**config.bits - 1).to(torch.uint8)
+    codes = group_codes(group_view(weight.float(), group), scale, zero, config).to(torch.uint8)
     return codes.view(weight.shape[0], -1)[:, : weight.shape[1]]
+
+
+def group_codes(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """Float codes [..., G, group] of grouped values given each group's scale and zero [..., G]."""
+    if config.float_zero:
+        codes = (groups / scale.float().unsqueeze(-1)).add_(zero.float().unsqueeze(-1)).round_()
+    else:
+        codes = (groups / scale.float().unsqueeze(-1)).round_().add_(zero.float().unsqueeze(-1))
+    return codes.clamp_(0, 2**config.bits - 1)
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,

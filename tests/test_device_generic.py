@@ -26,7 +26,7 @@ from compress.lowrank.init import init_default, init_from_factors
 from compress.lowrank.lora import LoRALinear
 from compress.quant import QuantConfig, QuantizedWeight, QuantLinear, nf_codebook, pack_codes, unpack_codes
 from compress.quant import normalfloat, uniform
-from compress.quant.gptq import HessianAccumulator, gptq_quantize
+from compress.quant.gptq import GPTQSettings, HessianAccumulator, gptq_quantize
 
 UNIFORM = [QuantConfig.uniform(bits, group, sym=sym) for bits in (2, 3, 4, 8) for group in (-1, 64)
            for sym in (False, True)] + [QuantConfig.uniform(4, 32, float_zero=True)]
@@ -232,19 +232,22 @@ def test_hessian_accumulator_keeps_an_explicit_device():
     assert accumulator.hessian.is_meta and accumulator.rows == 16
 
 
-GPTQ_CASES = [(QuantConfig.uniform(4, 32), False, 128), (QuantConfig.uniform(4, 32), False, 40),
-              (QuantConfig.uniform(3, 32), True, 48), (QuantConfig.uniform(2, -1, sym=True), False, 128),
-              (QuantConfig.uniform(8, 32, float_zero=True), True, 64), (QuantConfig.uniform(4, 64, sym=True), True, 32)]
+GPTQ_CASES = [(QuantConfig.uniform(4, 32), GPTQSettings(block=128)), (QuantConfig.uniform(4, 32), GPTQSettings(block=40)),
+              (QuantConfig.uniform(3, 32), GPTQSettings(block=48, order="activation")),
+              (QuantConfig.uniform(2, -1, sym=True), GPTQSettings(block=128)),
+              (QuantConfig.uniform(8, 32, float_zero=True), GPTQSettings(block=64, order="activation")),
+              (QuantConfig.uniform(4, 64, sym=True), GPTQSettings(block=32, order="activation")),
+              (QuantConfig.uniform(3, 32, sym=True), GPTQSettings(block=48, order="group_aware", mse_norm=2.4))]
 
 
-@pytest.mark.parametrize("config,act_order,block", GPTQ_CASES, ids=lambda v: getattr(v, "name", str(v)))
-def test_gptq_quantize(config, act_order, block):
+@pytest.mark.parametrize("config,settings", GPTQ_CASES, ids=lambda v: getattr(v, "name", str(v)))
+def test_gptq_quantize(config, settings):
     weight = randn(48, 96, seed=8, scale=0.05)
     accumulator = HessianAccumulator(96)
     accumulator.add(hessian_inputs())
 
     def run():
-        result = gptq_quantize(weight, accumulator.hessian, config, act_order=act_order, block=block)
+        result = gptq_quantize(weight, accumulator.hessian, config, settings)
         return result, result.quantized.dequantize()
 
     result, _ = assert_device_generic(run)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from compress.quant import QuantConfig, QuantizedWeight
-from compress.quant.gptq import HessianAccumulator, gptq_quantize
+from compress.quant.gptq import GPTQSettings, HessianAccumulator, column_order, gptq_quantize
+from compress.quant.scale_search import search_qparams
 from compress.quant.uniform import choose_qparams, from_gptq_tensors
 
 
@@ -30,28 +31,44 @@ def hessian_of(x: torch.Tensor) -> torch.Tensor:
     return 2.0 * x.t() @ x / x.shape[0]
 
 
-def obq_reference(weight, hessian, config: QuantConfig, damp: float, act_order: bool, block: int):
+def reference_order(diagonal: torch.Tensor, group: int, order: str) -> list[int]:
+    """The visiting order written out with Python's sort (stable): input order, decreasing diag(H),
+    or group-aware (groups by decreasing largest diag, columns inside by decreasing diag, a partial
+    last group left at the end)."""
+    values, width = diagonal.tolist(), diagonal.numel()
+    if order == "natural":
+        return list(range(width))
+    if order == "activation":
+        return sorted(range(width), key=lambda c: -values[c])
+    whole = [list(range(start, start + group)) for start in range(0, width - group + 1, group)]
+    tail = list(range(len(whole) * group, width))
+    whole.sort(key=lambda columns: -max(values[c] for c in columns))
+    return [c for columns in whole for c in sorted(columns, key=lambda c: -values[c])] + tail
+
+
+def obq_reference(weight, hessian, config: QuantConfig, damp: float, order: str, block: int, qparams=choose_qparams):
     """GPTQ written as OBQ's explicit inverse update, column by column in float64 (no Cholesky, no
     lazy updates): returns the dequantized weight. As in GPTQ's reference code, a group's parameters
-    come from the weights as they stood when the ``block`` of columns holding its first column began."""
+    come from the weights as they stood when the ``block`` of columns holding its first visited
+    column began (with act order: from the original weights, before the loop)."""
     w, h = weight.clone().double(), hessian.clone().double()
     width, maxq = w.shape[1], 2**config.bits - 1
     group = width if config.group_size == -1 else config.group_size
     h = h + damp * h.diagonal().mean() * torch.eye(width, dtype=torch.float64)
     inverse = torch.linalg.inv(h)
-    order = torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order else torch.arange(width)
-    static = act_order or group >= width
+    visits = reference_order(hessian.diagonal(), group, order)
+    static = order == "activation" or group >= width
     params = {}
     if static:
         for start in range(0, width, group):
-            params[start // group] = choose_qparams(w[:, start:start + group], config)
-    remaining = list(order.tolist())
-    for position, column in enumerate(order.tolist()):
+            params[start // group] = qparams(w[:, start:start + group], config)
+    remaining = list(visits)
+    for position, column in enumerate(visits):
         g = column // group
         if position % block == 0:
             at_block_start = w.clone()
-        if not static and column % group == 0:
-            params[g] = choose_qparams(at_block_start[:, column:column + group], config)
+        if g not in params:
+            params[g] = qparams(at_block_start[:, g * group:(g + 1) * group], config)
         scale, zero = params[g][0].double()[:, 0], params[g][1].double()[:, 0]
         if config.float_zero:
             code = torch.clamp(torch.round(w[:, column] / scale + zero), 0, maxq)
@@ -66,38 +83,52 @@ def obq_reference(weight, hessian, config: QuantConfig, damp: float, act_order: 
     return w
 
 
-@pytest.mark.parametrize("bits,group,act_order,sym", [(4, 16, False, False), (3, 16, False, False),
-                                                      (2, 32, False, False), (4, -1, False, False),
-                                                      (3, 16, True, False), (4, 16, False, True)])
-def test_gptq_matches_the_float64_obq_reference(bits, group, act_order, sym):
+@pytest.mark.parametrize("bits,group,order,sym,mse_norm", [
+    (4, 16, "natural", False, 0.0), (3, 16, "natural", False, 0.0), (2, 32, "natural", False, 0.0),
+    (4, -1, "natural", False, 0.0), (3, 16, "activation", False, 0.0), (4, 16, "natural", True, 0.0),
+    (4, 16, "group_aware", False, 0.0), (3, 16, "group_aware", True, 0.0), (3, 24, "group_aware", False, 0.0),
+    (4, 16, "natural", False, 2.4), (3, 16, "group_aware", True, 2.0)])
+def test_gptq_matches_the_float64_obq_reference(bits, group, order, sym, mse_norm):
     x, w = correlated_inputs(512, 64, 0), weight_of(24, 64, 1)
     config = QuantConfig.uniform(bits, group, sym=sym)
-    ours = gptq_quantize(w, hessian_of(x), config, damp=0.01, block=24, act_order=act_order, dtype=torch.float64)
-    reference = obq_reference(w, hessian_of(x), config, 0.01, act_order, block=24)
+    settings = GPTQSettings(damp=0.01, block=24, order=order, mse_norm=mse_norm)
+    ours = gptq_quantize(w, hessian_of(x), config, settings, dtype=torch.float64)
+    qparams = (lambda m, c: search_qparams(m, c, mse_norm)) if mse_norm else choose_qparams
+    reference = obq_reference(w, hessian_of(x), config, 0.01, order, block=24, qparams=qparams)
     dequantized = ours.quantized.dequantize().double()
     # the same codes up to rare rounding ties; every dequantized weight then agrees to fp32 precision
     mismatch = (dequantized - reference).abs() > 1e-5
     assert mismatch.float().mean() < 0.002, f"{int(mismatch.sum())} of {mismatch.numel()} weights differ"
 
 
+@pytest.mark.parametrize("group", [16, 24, 64])
+def test_group_aware_order_keeps_every_group_one_contiguous_run(group):
+    diagonal = correlated_inputs(256, 64, 13).pow(2).mean(0).float()
+    order = column_order(diagonal, group, "group_aware").tolist()
+    assert order == reference_order(diagonal, group, "group_aware")
+    runs = [order[start:start + group] for start in range(0, 64, group)]
+    assert all(len({c // group for c in run}) == 1 for run in runs)
+    assert sorted(order) == list(range(64))
+
+
 def test_gptq_with_identity_hessian_is_rtn_exactly():
     w = weight_of(32, 128, 2).float()
     for config in (QuantConfig.uniform(4, 32), QuantConfig.uniform(3, -1), QuantConfig.uniform(2, 64, sym=True),
                    QuantConfig.uniform(3, 32, float_zero=True)):
-        ours = gptq_quantize(w, torch.eye(128), config, block=48)
+        ours = gptq_quantize(w, torch.eye(128), config, GPTQSettings(block=48))
         rtn = QuantizedWeight.quantize(w, config)
         for key, tensor in rtn.tensors.items():
             assert torch.equal(ours.quantized.tensors[key], tensor), (config.name, key)
 
 
 @pytest.mark.parametrize("bits", [4, 3, 2])
-@pytest.mark.parametrize("group,act_order", [(32, False), (32, True), (-1, False)])
-def test_gptq_layer_output_error_is_below_rtn(bits, group, act_order):
+@pytest.mark.parametrize("group,order", [(32, "natural"), (32, "activation"), (32, "group_aware"), (-1, "natural")])
+def test_gptq_layer_output_error_is_below_rtn(bits, group, order):
     x = correlated_inputs(1024, 128, 3)
     w = weight_of(64, 128, 4)
     config = QuantConfig.uniform(bits, group)
     held_out = correlated_inputs(256, 128, 5)  # same distribution, different tokens
-    gptq = gptq_quantize(w.float(), hessian_of(x).float(), config, act_order=act_order).quantized.dequantize()
+    gptq = gptq_quantize(w.float(), hessian_of(x).float(), config, GPTQSettings(order=order)).quantized.dequantize()
     rtn = QuantizedWeight.quantize(w.float(), config).dequantize()
     exact = held_out @ w.t()
     gptq_error = torch.linalg.norm(held_out @ gptq.double().t() - exact)
@@ -141,12 +172,15 @@ def test_bad_inputs_are_refused():
 
 def test_a_singular_hessian_is_retried_with_more_damping(caplog):
     """Fewer tokens than input features and a negative-definite direction added: Cholesky fails at
-    damp 0.01 and GPTQ retries with 10x the damping instead of crashing."""
+    damp 0.01 and GPTQ retries with damp_increment more at a time (up to 0.05 here) instead of crashing; with no
+    increment it stops with the damp it tried."""
     x, w = correlated_inputs(8, 64, 11).float(), weight_of(16, 64, 12).float()
     hessian = hessian_of(x.double()).float()
     direction = torch.randn(64, generator=torch.Generator().manual_seed(0))
     hessian -= 0.05 * float(hessian.diagonal().mean()) * torch.outer(direction, direction) / direction.norm() ** 2
     with caplog.at_level("WARNING"):
         result = gptq_quantize(w, hessian, QuantConfig.uniform(4, 16))
-    assert "not positive definite at damp 0.01" in caplog.text
+    assert "not positive definite at damp 0.01; used 0.05" in caplog.text
     assert torch.isfinite(result.quantized.dequantize()).all()
+    with pytest.raises(ValueError, match="not positive definite even at damp 0.01"):
+        gptq_quantize(w, hessian, QuantConfig.uniform(4, 16), GPTQSettings(damp_increment=0.0))

@@ -52,7 +52,7 @@ from compress.lowrank import (GRIDS, NF8_BITS, InfeasibleBudget, LoRALinear, all
                               init_from_factors, lq_decompose, matrix_costs, minimum_bits)
 from compress.lowrank.decompose import hessian_error, weighted_error
 from compress.quant import QuantizedWeight, QuantLinear
-from compress.quant.gptq import gptq_quantize
+from compress.quant.gptq import GPTQSettings, gptq_quantize
 
 from ..checkpoint.atomic import atomic_write_text
 from ..checkpoint.write import INTEGER_FORMATS
@@ -258,7 +258,7 @@ def _decompose(module, qconfig, config: LQLoRAConfig, fisher, hessian=None) -> t
     quantize, error = QuantizedWeight.quantize, (lambda residual: weighted_error(residual, fisher))
     scale = max(float(torch.linalg.norm(weight)), 1e-30)
     if hessian is not None:
-        quantize = lambda matrix, c: gptq_quantize(matrix, hessian, c, config.damp).quantized  # noqa: E731
+        quantize = lambda matrix, c: gptq_quantize(matrix, hessian, c, GPTQSettings(damp=config.damp)).quantized  # noqa: E731
         error = hessian_error(hessian)
         scale = max(error(weight), 1e-30)
     if config.rank == 0:

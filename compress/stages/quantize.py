@@ -3,14 +3,17 @@
 ```yaml
 - quantize: {method: rtn, config: {type: uniform, bits: 4, group_size: 64, sym: false},
              overrides: {"re:.*down_proj$": {bits: 8}}, ignore: [lm_head]}
-- quantize: {method: gptq, config: {bits: 3, group_size: 128}, damp: 0.01, block: 128, act_order: false}
+- quantize: {method: gptq, config: {bits: 3, group_size: 128}, damp: 0.01, damp_increment: 0.01, block: 128,
+             order: natural, mse_norm: 0.0}
 ```
 
 Both walk the model unit by unit on the run's device (``compress.walker``). ``method: rtn`` rounds
 each weight to its group's grid. ``method: gptq`` (uniform configs only) carries
 ``data.calibration``'s activations through the decoder layer by layer (``compress.layerwise``): each group of
 linears reading one input gets its input Hessian and is quantized by GPTQ (``quant.gptq``: ``damp``
-fraction of mean diag(H), lazy ``block`` columns, ``act_order`` with static groups); the layer's
+fraction of mean diag(H), raised by ``damp_increment`` while H is not positive definite, lazy
+``block`` columns, ``order`` natural / activation (act order, static groups) / group_aware
+(GPTQModel's group-aware reordering), ``mse_norm`` > 0 for the per-group scale search); the layer's
 outputs with its quantized linears feed the next layer. Selected linears outside the decoder layers
 (an lm_head that is not ignored) are rounded with RTN, and the report says so.
 
@@ -33,7 +36,7 @@ import torch
 from pydantic import BaseModel, Field, ValidationError, model_serializer, model_validator
 
 from compress.quant import QuantConfig, QuantLinear
-from compress.quant.gptq import gptq_quantize
+from compress.quant.gptq import ORDERS, GPTQSettings, gptq_quantize
 
 from ..checkpoint.compressed_tensors import ct_problems
 from ..checkpoint.gptq import gptq_problems
@@ -86,15 +89,17 @@ class QuantSpec(BaseModel):
         return QuantConfig.nf(self.bits, self.block, self.scale_bits, self.scale_block, self.scale_dtype)
 
 
-GPTQ_ONLY = ("damp", "block", "act_order")
+GPTQ_ONLY = ("damp", "damp_increment", "block", "order", "mse_norm")
 
 
 class QuantizeConfig(StageConfig):
     method: Literal["rtn", "gptq"] = "rtn"
     config: QuantSpec = QuantSpec()
-    damp: float = Field(0.01, gt=0)
+    damp: float = Field(0.01, gt=0, lt=1)
+    damp_increment: float = Field(0.01, ge=0, lt=1)
     block: int = Field(128, ge=1)
-    act_order: bool = False
+    order: Literal[ORDERS] = "natural"
+    mse_norm: float = Field(0.0, ge=0)
     overrides: dict[str, dict[str, Any]] = {}
     targets: list[str] = ["Linear"]
     ignore: list[str] = ["lm_head"]
@@ -119,6 +124,9 @@ class QuantizeConfig(StageConfig):
             for key in GPTQ_ONLY:
                 data.pop(key, None)
         return data
+
+    def gptq_settings(self) -> GPTQSettings:
+        return GPTQSettings(self.damp, self.damp_increment, self.block, self.order, self.mse_norm)
 
     def override_spec(self, key: str) -> QuantSpec:
         merged = dict(self.config.model_dump(exclude_unset=True), **self.overrides[key])
@@ -241,8 +249,7 @@ def _quantize_rtn(ctx, modules: dict, plan: dict, report) -> None:
 
 def _gptq_replace(ctx, config: QuantizeConfig, plan: dict, report):
     def work(name: str, module, hessians: dict):
-        result = gptq_quantize(module.weight, hessians[name].hessian, plan[name], config.damp, config.block,
-                               config.act_order)
+        result = gptq_quantize(module.weight, hessians[name].hessian, plan[name], config.gptq_settings())
         return QuantLinear.from_weight(result.quantized, module.bias), {"gptq_loss": result.loss}
 
     def replace(group: dict, hessians: dict) -> None:
