@@ -7,7 +7,8 @@ JOB.json: {"action": "quantize" | "load", ...}
 - quantize: {"model_dir", "windows" (safetensors with ``calibration`` and ``eval`` int64 [n, seq]),
   "out", "bits", "group_size", "sym", and optional "damp", "desc_act", "act_group_aware", "mse",
   "offload_to_disk" (each absent one at GPTQModel's own default)}: quantizes (fp32 on CPU), saves to
-  ``out``; prints RESULT {"seconds" of ``quantize()`` alone, "peak_rss_mib" of the process after it}.
+  ``out``; prints RESULT {"seconds" of ``quantize()`` alone, its "cpu_seconds" (all threads), "peak_rss_mib"
+  of the process after it}.
 - load: {"path", "windows"}: loads a GPTQ checkpoint with GPTQModel (CPU torch kernel, fp16) and
   prints RESULT {"perplexity"} on the eval windows, computed as ``compress.evaluate`` does
   (exp of the mean next-token NLL over every window).
@@ -35,12 +36,13 @@ def quantize(job: dict) -> dict:
     model = GPTQModel.load(job["model_dir"], config, device="cpu", dtype=torch.float32)
     samples = [{"input_ids": row.view(1, -1), "attention_mask": torch.ones(1, row.numel(), dtype=torch.int64)}
                for row in windows]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     model.quantize(samples, batch_size=1)
     seconds = time.perf_counter() - start  # quantization only, as our stage's seconds (loading excluded)
+    cpu = time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model.save(job["out"])
-    return {"seconds": seconds, "peak_rss_mib": peak}
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mib": peak}
 
 
 @torch.no_grad()

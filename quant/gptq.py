@@ -142,10 +142,10 @@ def _group_params(weight: torch.Tensor, config: QuantConfig, group: int,
 class GPTQSettings:
     """How GPTQ runs (the module docstring); the defaults are the quantize stage's."""
 
-    damp: float = 0.01
+    damp: float = 0.05
     damp_increment: float = 0.01
     block: int = 128
-    order: str = "natural"
+    order: str = "group_aware"
     mse_norm: float = 0.0  # 0: min/max group parameters; > 0: the shrink search under this norm
 
 

@@ -179,8 +179,8 @@ def test_a_singular_hessian_is_retried_with_more_damping(caplog):
     direction = torch.randn(64, generator=torch.Generator().manual_seed(0))
     hessian -= 0.05 * float(hessian.diagonal().mean()) * torch.outer(direction, direction) / direction.norm() ** 2
     with caplog.at_level("WARNING"):
-        result = gptq_quantize(w, hessian, QuantConfig.uniform(4, 16))
+        result = gptq_quantize(w, hessian, QuantConfig.uniform(4, 16), GPTQSettings(damp=0.01))
     assert "not positive definite at damp 0.01; used 0.05" in caplog.text
     assert torch.isfinite(result.quantized.dequantize()).all()
     with pytest.raises(ValueError, match="not positive definite even at damp 0.01"):
-        gptq_quantize(w, hessian, QuantConfig.uniform(4, 16), GPTQSettings(damp_increment=0.0))
+        gptq_quantize(w, hessian, QuantConfig.uniform(4, 16), GPTQSettings(damp=0.01, damp_increment=0.0))

@@ -74,10 +74,10 @@ def held_out_text(tokenizer):
     return token_windows(tokenizer, spec.text_source("eval"), 8, 64)
 
 
-@pytest.mark.parametrize("options", ["", ", order: activation", ", order: group_aware, mse_norm: 2.4, damp: 0.05"])
+@pytest.mark.parametrize("options", ["", ", order: natural, damp: 0.01", ", order: activation", ", mse_norm: 2.4"])
 def test_gptq_stage_is_closer_to_the_float_model_than_rtn(tmp_path, tiny_pair, options):
     """On held-out text (calibration is the train split), GPTQ's logits are nearer the float model's
-    (measured: 0.63x RTN's error in natural order)."""
+    (measured: 0.63x RTN's error in natural order, damp 0.01)."""
     (tmp_path / "rtn").mkdir()
     (tmp_path / "gptq").mkdir()
     text = held_out_text(tiny_pair[1])

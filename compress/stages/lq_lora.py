@@ -81,7 +81,7 @@ class LQLoRAConfig(StageConfig):
     seed: int = 0
     workers: int = Field(1, ge=1)
     quantizer: Literal["rtn", "gptq"] = "rtn"
-    damp: float = Field(0.01, gt=0)
+    damp: float = Field(0.05, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _one_budget_and_valid_selectors(self) -> "LQLoRAConfig":

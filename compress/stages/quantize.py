@@ -3,8 +3,8 @@
 ```yaml
 - quantize: {method: rtn, config: {type: uniform, bits: 4, group_size: 64, sym: false},
              overrides: {"re:.*down_proj$": {bits: 8}}, ignore: [lm_head]}
-- quantize: {method: gptq, config: {bits: 3, group_size: 128}, damp: 0.01, damp_increment: 0.01, block: 128,
-             order: natural, mse_norm: 0.0}
+- quantize: {method: gptq, config: {bits: 3, group_size: 128}, damp: 0.05, damp_increment: 0.01, block: 128,
+             order: group_aware, mse_norm: 0.0}
 ```
 
 Both walk the model unit by unit on the run's device (``compress.walker``). ``method: rtn`` rounds
@@ -95,10 +95,10 @@ GPTQ_ONLY = ("damp", "damp_increment", "block", "order", "mse_norm")
 class QuantizeConfig(StageConfig):
     method: Literal["rtn", "gptq"] = "rtn"
     config: QuantSpec = QuantSpec()
-    damp: float = Field(0.01, gt=0, lt=1)
+    damp: float = Field(0.05, gt=0, lt=1)
     damp_increment: float = Field(0.01, ge=0, lt=1)
     block: int = Field(128, ge=1)
-    order: Literal[ORDERS] = "natural"
+    order: Literal[ORDERS] = "group_aware"
     mse_norm: float = Field(0.0, ge=0)
     overrides: dict[str, dict[str, Any]] = {}
     targets: list[str] = ["Linear"]

@@ -1,0 +1,243 @@
+"""Quality at 2-4 bits against the peers at their defaults, on text no method saw (issue 23).
+
+    .venv/bin/python benchmarks/heldout.py [--out out/bench/heldout] [--results FILE] [--only NAME ...]
+
+Needs the GPTQModel side venv (``make interop-venv``) and, once, ``apt-get download`` of Debian's
+python3.11-doc (``heldout_corpus.py``, run by this script). SmolLM2-135M. Every point runs in its own
+process, one after another; finished points are kept in ``--results`` (one JSON row each, default
+``OUT/results.jsonl``) and skipped by a rerun, so the command resumes where it stopped.
+
+Text: calibration and training windows from the corpus's train documents (128 x 512 tokens for
+every calibrated method); perplexity on 64 x 512 tokens of its eval documents (``in-domain``: same
+domain, disjoint documents) and on 32 x 512 tokens of the stdlib eval split (``stdlib``: out of
+domain, Python source). No method sees either eval set.
+
+Points, for int{4,3,2}, group 64 and 128, symmetric and asymmetric:
+
+- ``gptq``: our quantize stage at its defaults (only bits, group and sym set);
+- ``gptqmodel``: GPTQModel 7.6.0 at its defaults (only bits, group and sym set). Our GPTQ's
+  defaults are GPTQModel's (damp 0.05 raised by 0.01 on failure, group-aware order, no scale
+  search), so this row is also GPTQModel "with our settings";
+- ``rtn``: our round-to-nearest; plus ``fp32`` and bitsandbytes ``bnb-nf4`` (double quant);
+- ``lqlora-r0`` / ``lqlora-r16``: our LQ-LoRA with ``quantizer: gptq`` at budgets 2.5 / 3.0 / 3.5
+  bits (rank 16: 16-bit adapters, counted in the bits);
+- ``l4q``: our GPTQ at int3 g64 asym, then L4Q (``L4Q_TUNE`` steps on the train documents).
+
+Group 128 does not divide SmolLM2's 576 input features: those points keep a partial last group and
+export ``native`` (GPTQ engines need whole groups); GPTQModel's group-128 checkpoints are read by
+our loader as it reads its others. Bits per parameter are counted from the checkpoint files (every
+tensor of the linear layers: codes, scales, zeros, g_idx, adapters). Seconds: the quantization alone
+(our stages' seconds; GPTQModel's ``quantize()`` call), with the process's CPU seconds beside them
+and the load average at the start, because a shared machine moves wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from child import bench_args, child_result, run_child
+from peers import dense_model_dir, directory_bytes, linear_names, linear_tensor_bits, peak_rss_mib, side
+
+HERE = Path(__file__).resolve().parent
+WINDOWS = {"calibration": ("train", 128), "in-domain": ("eval", 64)}
+STDLIB_EVAL = 32
+SEQ_LEN = 512
+GRID = [(bits, group, sym) for bits in (4, 3, 2) for group in (64, 128) for sym in (True, False)]
+L4Q_TUNE = {"steps": 64, "lr": 2.0e-4, "batch_size": 4, "grad_accum": 1, "seq_len": 512, "save_every": 0}
+log = logging.getLogger("heldout")
+
+
+@dataclass(frozen=True)
+class Point:
+    method: str
+    bits: float | None = None  # a budget for lqlora
+    group: int = 64
+    sym: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.method in ("fp32", "bnb-nf4"):
+            return self.method
+        if self.method.startswith("lqlora"):
+            return f"{self.method}-{self.bits:g}"
+        return f"{self.method}-int{self.bits:g}-g{self.group}-{'sym' if self.sym else 'asym'}"
+
+
+def points() -> list[Point]:
+    """Every point, the acceptance pairs first (so a stopped run has the verdict's rows first)."""
+    pairs = [Point(m, b, g, s) for b, g, s in GRID if b != 2 for m in ("gptq", "gptqmodel")]
+    rest = [Point("fp32")] + [Point("rtn", b, g, s) for b, g, s in GRID]
+    rest += [Point(m, b, g, s) for b, g, s in GRID if b == 2 for m in ("gptq", "gptqmodel")]
+    rest += [Point("bnb-nf4", 4)] + [Point(f"lqlora-r{r}", budget) for r in (0, 16) for budget in (3.0, 2.5, 3.5)]
+    return pairs + rest + [Point("l4q", 3, 64, False)]
+
+
+def corpus(out: Path) -> dict[str, Path]:
+    paths = {split: out / "corpus" / f"{split}.jsonl" for split in ("train", "eval")}
+    if not all(p.is_file() for p in paths.values()):
+        subprocess.run([sys.executable, str(HERE / "heldout_corpus.py"), "--out", str(out / "corpus")], check=True)
+    return paths
+
+
+def data_spec(out: Path) -> dict:
+    """The recipe ``data:`` of every calibrated point: the corpus's train documents."""
+    split, samples = WINDOWS["calibration"]
+    return {"calibration": {"path": str(corpus(out)[split]), "field": "text", "samples": samples, "seq_len": SEQ_LEN}}
+
+
+def windows_file(out: Path) -> Path:
+    """Calibration, in-domain and stdlib eval windows as token ids (written once)."""
+    path = out / "windows.safetensors"
+    if not path.is_file():
+        from safetensors.torch import save_file
+
+        from compress.data import TextSource, token_windows
+        from compress.models import load_model, resolve_model
+
+        _, tokenizer = load_model(resolve_model("smollm2-135m"), "float32")
+        files = corpus(out)
+        windows = {role: token_windows(tokenizer, TextSource("file", split, str(files[split])), samples, SEQ_LEN)
+                   for role, (split, samples) in WINDOWS.items()}
+        windows["stdlib"] = token_windows(tokenizer, TextSource("stdlib", "eval"), STDLIB_EVAL, SEQ_LEN)
+        save_file({k: v.contiguous() for k, v in windows.items()}, str(path))
+    return path
+
+
+def perplexities(model, out: Path) -> dict[str, float]:
+    from safetensors.torch import load_file
+
+    from compress.evaluate import perplexity
+
+    windows = load_file(str(windows_file(out)))
+    return {"ppl": perplexity(model, windows["in-domain"]), "ppl_stdlib": perplexity(model, windows["stdlib"])}
+
+
+def our_stages(point: Point) -> list[dict]:
+    quant = {"type": "uniform", "bits": int(point.bits), "group_size": point.group, "sym": point.sym}
+    if point.method in ("rtn", "gptq"):
+        return [{"quantize": {"method": point.method, "config": quant}}]
+    if point.method.startswith("lqlora"):
+        rank = int(point.method.removeprefix("lqlora-r"))
+        return [{"lq_lora": {"rank": rank, "alpha": 2 * rank if rank else 16, "budget_bits": point.bits,
+                             "grid": "gptq", "quantizer": "gptq"}}]
+    return [{"quantize": {"method": "gptq", "config": quant}},
+            {"l4q": dict(L4Q_TUNE, bits=int(point.bits), group_size=point.group, lora={"rank": 16, "alpha": 32})}]
+
+
+def checkpoint_row(model, directories: list[Path], out: Path) -> dict:
+    names = linear_names(model)
+    return {**perplexities(model, out), "bits_per_param": linear_tensor_bits(directories, names),
+            "disk_mib": sum(directory_bytes(d) for d in directories) / 2**20}
+
+
+def run_ours(out: Path, point: Point, where: Path) -> dict:
+    """Our recipe for the point, exported (native where a group is partial), reloaded from the files."""
+    from compress import load, load_adapter, run_recipe
+    from compress.recipe import parse_recipe
+
+    whole = all(f % point.group == 0 for f in (576, 1536))
+    stages = our_stages(point) + [{"export": {"format": "gptq" if whole else "native"}}]
+    recipe = parse_recipe({"model": "smollm2-135m", "dtype": "float32", "data": data_spec(out), "seed": 0,
+                           "stages": stages, "output": str(where)})
+    load_avg = os.getloadavg()[0]
+    cpu = time.process_time()
+    reports = run_recipe(recipe, overwrite=True).reports
+    cpu = time.process_time() - cpu
+    work = [r for r in reports[1:] if r.name != "export"]  # reports[0]: loading
+    model = load(where / "checkpoint", dtype="float32")
+    directories = [where / "checkpoint"]
+    if (where / "checkpoint-adapter").is_dir():
+        directories.append(where / "checkpoint-adapter")
+        model = load_adapter(model, where / "checkpoint-adapter")
+    return {**checkpoint_row(model, directories, out), "seconds": sum(r.seconds for r in work), "cpu_seconds": cpu,
+            "load_avg": load_avg, "peak_rss_mib": max(r.peak_rss_mib for r in work)}
+
+
+def run_gptqmodel(out: Path, point: Point, where: Path) -> dict:
+    from compress import load
+
+    where.mkdir(parents=True, exist_ok=True)
+    job = {"action": "quantize", "model_dir": str(dense_model_dir(out)), "windows": str(windows_file(out)),
+           "out": str(where / "checkpoint"), "bits": int(point.bits), "group_size": point.group, "sym": point.sym,
+           "job_file": str(where / "job.json")}
+    load_avg = os.getloadavg()[0]
+    result = side(job, f"GPTQModel {point.name}")
+    model = load(where / "checkpoint", dtype="float32")
+    return {**checkpoint_row(model, [where / "checkpoint"], out), "seconds": result["seconds"],
+            "cpu_seconds": result.get("cpu_seconds"), "load_avg": load_avg, "peak_rss_mib": result["peak_rss_mib"]}
+
+
+def run_fp32(out: Path, where: Path) -> dict:
+    from compress.models import load_model, resolve_model
+
+    model, _ = load_model(resolve_model(str(dense_model_dir(out))), "float32")
+    return {**checkpoint_row(model, [dense_model_dir(out)], out), "seconds": 0.0}
+
+
+def run_bnb(out: Path, where: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(dense_model_dir(out), quantization_config=config, device_map="cpu",
+                                                 dtype=torch.float32)
+    seconds, peak = time.perf_counter() - start, peak_rss_mib()
+    model.save_pretrained(where)
+    names = {n: m.in_features * m.out_features for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
+    return {**perplexities(model, out), "bits_per_param": linear_tensor_bits([where], names),
+            "disk_mib": directory_bytes(where) / 2**20, "seconds": seconds, "peak_rss_mib": peak}
+
+
+def run_point(out: Path, point: Point) -> dict:
+    where = out / "points" / point.name
+    where.mkdir(parents=True, exist_ok=True)
+    runners = {"fp32": lambda: run_fp32(out, where), "bnb-nf4": lambda: run_bnb(out, where),
+               "gptqmodel": lambda: run_gptqmodel(out, point, where)}
+    row = runners.get(point.method, lambda: run_ours(out, point, where))()
+    return {"name": point.name, **asdict(point), **row}
+
+
+def commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
+def main() -> None:
+    def options(parser):
+        parser.add_argument("--only", nargs="*", help="point names to run (default: every point)")
+        parser.add_argument("--results", type=Path, help="the rows file (default: OUT/results.jsonl)")
+
+    args = bench_args(__doc__.splitlines()[0], "out/bench/heldout", options)
+    if args.point:
+        point = Point(**json.loads(args.point))
+        print(child_result(run_point(args.out, point)))
+        return
+    windows_file(args.out)
+    dense_model_dir(args.out)
+    results = args.results or args.out / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
+    for point in points():
+        if any(r["name"] == point.name for r in rows) or (args.only and point.name not in args.only):
+            continue
+        log.info("point %s", point.name)
+        try:
+            row = run_child(__file__, ["--out", str(args.out), "--point", json.dumps(asdict(point))], point.name)
+        except SystemExit as failure:  # one failed point is reported and left for a rerun; the rest go on
+            log.error("%s", failure)
+            continue
+        rows.append({**row, "commit": commit(), "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+        results.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    log.info("%d rows in %s; tables: benchmarks/heldout_tables.py %s", len(rows), results, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The tables and plot of ``heldout.py``'s rows (issue 23), and its acceptance checks.
+
+    .venv/bin/python benchmarks/heldout_tables.py RESULTS.jsonl [--plot FILE.png]
+
+Prints markdown: our GPTQ against GPTQModel at 4/3/2 bits (g64/g128, sym/asym) with the geometric
+mean of the in-domain perplexity ratios at 4 and 3 bits, the worst ratio and the time ratios; LQ-LoRA
+against the uniform GPTQ curve; L4Q against our GPTQ; every row. A point not run yet is shown as ``-``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from heldout import GRID, Point
+
+
+def _by_name(rows: list[dict]) -> dict[str, dict]:
+    return {row["name"]: row for row in rows}
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.3g}"
+
+
+def gptq_table(rows: dict[str, dict]) -> list[str]:
+    lines = ["| bits | group | grid | RTN | ours | GPTQModel | ours / GPTQModel | stdlib: ours / GPTQModel | "
+             "ours s | GPTQModel s | time ratio | CPU-time ratio | bits/param |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for bits, group, sym in GRID:
+        names = {m: Point(m, bits, group, sym).name for m in ("rtn", "gptq", "gptqmodel")}
+        rtn, ours, peer = (rows.get(names[m], {}) for m in ("rtn", "gptq", "gptqmodel"))
+        ratio = lambda key, a=ours, b=peer: a[key] / b[key] if a.get(key) and b.get(key) else None  # noqa: E731
+        lines.append(f"| {bits} | {group} | {'sym' if sym else 'asym'} | {_fmt(rtn.get('ppl'))} | {_fmt(ours.get('ppl'))} | "
+                     f"{_fmt(peer.get('ppl'))} | {_fmt(ratio('ppl'))} | {_fmt(ratio('ppl_stdlib'))} | "
+                     f"{_fmt(ours.get('seconds'), 0)} | {_fmt(peer.get('seconds'), 0)} | {_fmt(ratio('seconds'), 2)} | "
+                     f"{_fmt(ratio('cpu_seconds'), 2)} | {_fmt(ours.get('bits_per_param'))} |")
+    return lines
+
+
+def gptq_verdict(rows: dict[str, dict]) -> list[str]:
+    """The acceptance's GPTQ numbers: over the 8 points at 4 and 3 bits."""
+    ratios, times = [], []
+    for bits, group, sym in GRID:
+        ours, peer = (rows.get(Point(m, bits, group, sym).name) for m in ("gptq", "gptqmodel"))
+        if bits != 2 and ours and peer:
+            ratios.append(ours["ppl"] / peer["ppl"])
+            times.append(ours["seconds"] / peer["seconds"])
+    if not ratios:
+        return ["No 4/3-bit pair has run yet."]
+    geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    return [f"- {len(ratios)} of 8 pairs at 4/3 bits: geometric mean of ours / GPTQModel (in-domain perplexity) "
+            f"**{geomean:.3f}** (goal <= 0.98), worst {max(ratios):.3f} (goal <= 1.02), time ratios "
+            f"{min(times):.2f}-{max(times):.2f} (goal <= 1)."]
+
+
+def lqlora_table(rows: dict[str, dict]) -> list[str]:
+    lines = ["| method | budget or bits | bits/param (files) | in-domain ppl | stdlib ppl |", "|---|---:|---:|---:|---:|"]
+    for name, row in sorted(rows.items(), key=lambda item: (item[1]["method"], item[1].get("bits") or 0)):
+        uniform = row["method"] == "gptq" and row["group"] == 64 and not row["sym"]
+        if row["method"].startswith("lqlora") or uniform:
+            label = "uniform GPTQ g64 asym" if uniform else row["method"]
+            lines.append(f"| {label} | {row['bits']:g} | {row['bits_per_param']:.3f} | {_fmt(row['ppl'])} | "
+                         f"{_fmt(row['ppl_stdlib'])} |")
+    return lines
+
+
+def all_rows(rows: list[dict]) -> list[str]:
+    lines = ["| point | in-domain ppl | stdlib ppl | bits/param | disk MiB | s | CPU s | load avg | peak RSS MiB | commit |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        lines.append(f"| {row['name']} | {_fmt(row['ppl'])} | {_fmt(row['ppl_stdlib'])} | {row['bits_per_param']:.3f} | "
+                     f"{row['disk_mib']:.1f} | {_fmt(row.get('seconds'), 0)} | {_fmt(row.get('cpu_seconds'), 0)} | "
+                     f"{_fmt(row.get('load_avg'), 1)} | {_fmt(row.get('peak_rss_mib'), 0)} | {row.get('commit', '-')} |")
+    return lines
+
+
+def plot(rows: dict[str, dict], path: Path) -> None:
+    """In-domain perplexity against bits per parameter: the uniform GPTQ curve and LQ-LoRA's points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    series = {"uniform GPTQ g64 asym": [r for r in rows.values() if r["method"] == "gptq" and r["group"] == 64
+                                        and not r["sym"]],
+              "LQ-LoRA rank 0": [r for r in rows.values() if r["method"] == "lqlora-r0"],
+              "LQ-LoRA rank 16": [r for r in rows.values() if r["method"] == "lqlora-r16"]}
+    for label, points in series.items():
+        points = sorted(points, key=lambda r: r["bits_per_param"])
+        if points:
+            axes.plot([r["bits_per_param"] for r in points], [r["ppl"] for r in points], marker="o", label=label)
+    axes.set_yscale("log")
+    axes.set_xlabel("bits per parameter (linear layers, from the files)")
+    axes.set_ylabel("perplexity, python-doc eval (log)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    rows = [json.loads(line) for line in args.results.read_text().splitlines()]
+    named = _by_name(rows)
+    sections = [gptq_table(named), gptq_verdict(named), lqlora_table(named), all_rows(rows)]
+    print("\n\n".join("\n".join(section) for section in sections))
+    if args.plot:
+        plot(named, args.plot)
+
+
+if __name__ == "__main__":
+    main()
