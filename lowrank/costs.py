@@ -8,7 +8,10 @@ Grids (``GRIDS``):
 
 ``matrix_costs`` gives, for one weight and every config of a grid, the squared (Fisher-weighted)
 Frobenius error of its LQ-LoRA decomposition at the given rank (rank 0: plain quantization, the
-"ILP without low-rank" baseline) and its exact storage in bits.
+"ILP without low-rank" baseline) and its exact storage in bits. Given the layer's input Hessian the
+error is the output error of the decomposition instead (``decompose``'s output-aware mode: H-whitened
+low-rank step, sqrt(tr(R H Rᵀ) / 2), rows weighted by the Fisher when given), with Q from RTN or,
+given ``gptq`` settings, from GPTQ on that Hessian.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import torch
 from compress.quant.config import QuantConfig
 from compress.quant.qweight import QuantizedWeight
 
-from .decompose import lq_decompose, weighted_error
+from compress.quant.gptq import GPTQSettings, gptq_quantize
+
+from .decompose import lq_decompose, output_error, output_row_weights, weighted_error
 
 
 def gptq_grid() -> list[QuantConfig]:
@@ -35,15 +40,25 @@ GRIDS = {"gptq": gptq_grid, "nf": nf_grid}
 
 
 def matrix_costs(weight: torch.Tensor, configs: list[QuantConfig], rank: int, iterations: int = 20,
-                 fisher: torch.Tensor | None = None, seed: int = 0) -> dict[str, tuple[float, int]]:
+                 fisher: torch.Tensor | None = None, seed: int = 0, hessian: torch.Tensor | None = None,
+                 gptq: GPTQSettings | None = None) -> dict[str, tuple[float, int]]:
     """{config name: (squared error, storage bits)} for one weight [out, in] over ``configs``."""
     shape = tuple(weight.shape)
+    quantize = QuantizedWeight.quantize
+    if gptq is not None:
+        if hessian is None:
+            raise ValueError("GPTQ costs need the layer's input Hessian")
+        quantize = lambda matrix, c: gptq_quantize(matrix, hessian, c, gptq).quantized  # noqa: E731
+    if hessian is not None:
+        error = output_error(hessian, output_row_weights(hessian, fisher))
+    else:
+        error = lambda residual: weighted_error(residual, fisher)  # noqa: E731
     entries = {}
     for config in configs:
         if rank > 0:
-            error = lq_decompose(weight, rank, config, iterations, fisher=fisher, seed=seed).error
+            value = lq_decompose(weight, rank, config, iterations, fisher=fisher, seed=seed, quantize=quantize,
+                                 error=error, hessian=hessian).error
         else:
-            residual = weight.detach().float() - QuantizedWeight.quantize(weight, config).dequantize()
-            error = weighted_error(residual, fisher)
-        entries[config.name] = (error**2, config.storage_bits(shape))
+            value = error(weight.detach().float() - quantize(weight, config).dequantize())
+        entries[config.name] = (value**2, config.storage_bits(shape))
     return entries

@@ -27,6 +27,15 @@ quantization step stays plain round-to-nearest.
 input Hessian H), and ``error`` the Frobenius error by another measure of the residual R (for
 GPTQ: the output error sqrt(tr(R H Rᵀ)) / sqrt(2), ``hessian_error``), used to pick the best
 iterate and to stop.
+
+Output-aware mode (``hessian`` given, H = 2/n Σ x xᵀ of the layer's inputs): everything is judged by
+the layer's output error ||X Rᵀ||_F = sqrt(tr(R H Rᵀ) / 2). The low-rank step is H-whitened: with
+S the lower Cholesky factor of H + damp · mean(diag H) · I (``whitening``), the rank-r minimizer of
+||(A - L1 L2) S||_F is the SVD of A S, mapped back: L2 = L̃2 S⁻¹. With a Fisher as well, its row
+weights ρ_i = mean_j F_ij / mean_j (H_jj / 2) (the output side of the Kronecker-factored Fisher
+F_ij ≈ E[δ_i²] E[x_j²]) weight the output rows: error sqrt(Σ_i ρ_i (R H Rᵀ)_ii / 2), about the
+loss increase to second order, so that costs compare across layers; the SVD is then of
+diag(sqrt ρ) A S.
 """
 
 from __future__ import annotations
@@ -86,18 +95,67 @@ def randomized_svd(matrix: torch.Tensor, q: int, seed: int, niter: int = 2
 
 
 def low_rank_factors(matrix: torch.Tensor, rank: int, oversampling: int = 10, seed: int = 0,
-                     rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L1 [out, rank], L2 [rank, in]) of the best rank-``rank`` fit, weighted by rows/cols if given."""
+                     rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+                     whiten: "Whitening | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L1 [out, rank], L2 [rank, in]) of the best rank-``rank`` fit, weighted by rows (and cols, or
+    the ``whiten`` factor S on the input side) if given."""
     target = matrix.float()
     if rows is not None:
-        target = rows.view(-1, 1) * target * cols.view(1, -1)
+        target = rows.view(-1, 1) * target
+    if whiten is not None:
+        target = target @ whiten.factor
+    elif cols is not None:
+        target = target * cols.view(1, -1)
     u, s, v = randomized_svd(target, min(rank + oversampling, *target.shape), seed)
     root = s[:rank].sqrt()
     left, right = u[:, :rank] * root, root.view(-1, 1) * v[:, :rank].t()
     if rows is not None:
-        left, right = left / rows.view(-1, 1), right / cols.view(1, -1)
+        left = left / rows.view(-1, 1)
+    if whiten is not None:
+        right = right @ whiten.inverse
+    elif cols is not None:
+        right = right / cols.view(1, -1)
     return left, right
+
+
+@dataclass
+class Whitening:
+    factor: torch.Tensor  # S [in, in], lower triangular, S Sᵀ = H + damp · mean(diag H) · I
+    inverse: torch.Tensor  # S⁻¹
+
+
+def whitening(hessian: torch.Tensor, damp: float = 0.01) -> Whitening:
+    """S and S⁻¹ of the dampened H (float32, on H's device); damp is doubled until H is positive
+    definite."""
+    h = hessian.double()
+    mean = max(float(h.diagonal().mean()), 1e-12)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    while True:
+        factor, info = torch.linalg.cholesky_ex(h + damp * mean * eye)
+        if int(info) == 0:
+            break
+        damp *= 2
+    inverse = torch.linalg.solve_triangular(factor, eye, upper=False)
+    return Whitening(factor.float(), inverse.float())
+
+
+def output_row_weights(hessian: torch.Tensor, fisher: torch.Tensor | None) -> torch.Tensor | None:
+    """sqrt ρ [out] (module docstring) of a Fisher [out, in], or None without one."""
+    if fisher is None:
+        return None
+    rho = fisher.float().clamp(min=0).mean(dim=1) / max(float(hessian.diagonal().mean()) / 2, 1e-30)
+    root = rho.sqrt()
+    return root.clamp(min=1e-6 * float(root.mean()) + 1e-30)
+
+
+def output_error(hessian: torch.Tensor, rows: torch.Tensor | None = None) -> Callable[[torch.Tensor], float]:
+    """Residual R [out, in] -> sqrt(Σ_i ρ_i (R H Rᵀ)_ii / 2), ρ = rows² (1 without rows)."""
+    def error(residual: torch.Tensor) -> float:
+        per_row = ((residual @ hessian) * residual).sum(dim=1)
+        if rows is not None:
+            per_row = per_row * rows.square()
+        return float(per_row.sum().clamp(min=0).div(2).sqrt())
+    return error
 
 
 def weighted_error(residual: torch.Tensor, fisher: torch.Tensor | None) -> float:
@@ -108,26 +166,31 @@ def weighted_error(residual: torch.Tensor, fisher: torch.Tensor | None) -> float
 
 def hessian_error(hessian: torch.Tensor) -> Callable[[torch.Tensor], float]:
     """Residual R [out, in] -> sqrt(tr(R H Rᵀ) / 2): the layer-output error ||X Rᵀ|| for H = 2 XᵀX."""
-    def error(residual: torch.Tensor) -> float:
-        return float(((residual @ hessian) * residual).sum().clamp(min=0).div(2).sqrt())
-    return error
+    return output_error(hessian)
 
 
 def lq_decompose(weight: torch.Tensor, rank: int, config: QuantConfig, iterations: int = 20,
                  fisher: torch.Tensor | None = None, oversampling: int = 10, seed: int = 0,
                  quantize: Callable[[torch.Tensor, QuantConfig], QuantizedWeight] | None = None,
-                 error: Callable[[torch.Tensor], float] | None = None) -> Decomposition:
-    """Decompose ``weight`` [out, in] into a ``config``-quantized Q plus a rank-``rank`` L1 @ L2."""
+                 error: Callable[[torch.Tensor], float] | None = None,
+                 hessian: torch.Tensor | None = None) -> Decomposition:
+    """Decompose ``weight`` [out, in] into a ``config``-quantized Q plus a rank-``rank`` L1 @ L2;
+    output-aware when ``hessian`` is given (module docstring)."""
     if iterations < 1:
         raise ValueError(f"iterations: {iterations} must be at least 1")
     quantize = quantize or QuantizedWeight.quantize
-    error = error or (lambda residual: weighted_error(residual, fisher))
     target = weight.detach().float()
-    rows, cols = fisher_weights(fisher) if fisher is not None else (None, None)
+    whiten = None
+    if hessian is not None:
+        rows, cols, whiten = output_row_weights(hessian, fisher), None, whitening(hessian)
+        error = error or output_error(hessian, rows)
+    else:
+        rows, cols = fisher_weights(fisher) if fisher is not None else (None, None)
+        error = error or (lambda residual: weighted_error(residual, fisher))
     residual_q = torch.zeros_like(target)
     best, errors = None, []
     for step in range(iterations):
-        left, right = low_rank_factors(target - residual_q, rank, oversampling, seed + step, rows, cols)
+        left, right = low_rank_factors(target - residual_q, rank, oversampling, seed + step, rows, cols, whiten)
         quantized = quantize(target - left @ right, config)
         residual_q = quantized.dequantize()
         errors.append(error(target - residual_q - left @ right))

@@ -101,8 +101,9 @@ def test_cost_table_in_two_processes_matches_one(tmp_path):
 
 @pytest.mark.slow
 def test_gptq_quantizer_lowers_the_output_error_of_the_same_allocation(tmp_path, tiny_pair):
-    """quantizer: gptq keeps the ILP's choice (same RTN cost table) and gives logits nearer the
-    float model's on held-out text than round-to-nearest; rank 0 + gptq exports as GPTQ."""
+    """Under objective: weight, quantizer: gptq keeps the ILP's choice (same RTN cost table) and
+    gives logits nearer the float model's on held-out text than round-to-nearest; rank 0 + gptq
+    exports as GPTQ."""
     from test_gptq_stage import held_out_text
     from conftest import logits
 
@@ -110,7 +111,8 @@ def test_gptq_quantizer_lowers_the_output_error_of_the_same_allocation(tmp_path,
     reference = logits(tiny_pair[0], text)
     errors, plans = {}, {}
     for quantizer in ("rtn", "gptq"):
-        stages = (f"  - lq_lora: {{rank: 0, budget_bits: 3.5, grid: gptq, group_sizes: [64], quantizer: {quantizer}}}\n"
+        stages = (f"  - lq_lora: {{rank: 0, budget_bits: 3.5, grid: gptq, group_sizes: [64], quantizer: {quantizer}, "
+                  "objective: weight}\n"
                   "  - export: {format: gptq}")
         (tmp_path / quantizer).mkdir()
         path = tiny_recipe(tmp_path / quantizer, stages)

@@ -24,6 +24,7 @@ from ..dtypes import DTYPES
 from ..errors import CheckpointError, brief
 from ..targets import set_module
 from . import compressed_tensors as ct
+from .adapter_storage import restore
 from .gptq import resolve_module_config
 from .manifest import ADAPTER_FORMAT, MANIFEST, read_manifest
 from .tensors import TensorSource, load_tensors, tensor_files_present
@@ -177,7 +178,7 @@ def load_checkpoint(path: Path, dtype: str | None = None, verify: bool = True) -
     model = build_model(layout.config, modules, (layout.manifest or {}).get("layer_widths"))
     adapters = (layout.manifest or {}).get("adapters") or {}
     if adapters:
-        tensors = wrap_adapters(model, adapters, tensors, layout.path)
+        tensors = restore(wrap_adapters(model, adapters, tensors, layout.path), adapters, layout.path)
     _load_state(model, tensors, layout.path)
     cast_dense(model, DTYPES[dtype] if dtype else None)
     return model.eval()

@@ -34,6 +34,7 @@ from compress.lowrank import LoRALinear, set_module
 from compress.quant import QuantLinear
 
 from ..errors import CheckpointError
+from .adapter_storage import stored_tensors
 from .atomic import atomic_directory
 from .manifest import ADAPTER_FORMAT, MANIFEST, read_manifest, write_manifest
 from .tensors import write_safetensors
@@ -67,8 +68,10 @@ def lora_config(layers: dict[str, LoRALinear], base_model: str | None) -> LoraCo
                       alpha_pattern={n: m.alpha for n, m in layers.items() if m.alpha != alpha})
 
 
-def write_peft_adapter(layers: dict[str, LoRALinear], directory: Path, base_model: str | None = None) -> Path:
-    """Write ``layers``' adapters (module name -> LoRALinear) as a PEFT adapter directory, atomically."""
+def write_peft_adapter(layers: dict[str, LoRALinear], directory: Path, base_model: str | None = None,
+                       adapter_dtype: str | None = None) -> Path:
+    """Write ``layers``' adapters (module name -> LoRALinear) as a PEFT adapter directory, atomically,
+    stored as ``adapter_dtype`` says (``adapter_storage``: NF8 as its values in fp32)."""
     if not layers:
         raise CheckpointError(f"{directory}: the model carries no LoRA adapters to write")
     tensors = {}
@@ -80,8 +83,9 @@ def write_peft_adapter(layers: dict[str, LoRALinear], directory: Path, base_mode
     with atomic_directory(Path(directory)) as staging:
         lora_config(layers, base_model).save_pretrained(str(staging))
         _sort_target_modules(staging / "adapter_config.json")
-        write_safetensors(staging / WEIGHTS, tensors)
-        write_manifest(staging, {"format": ADAPTER_FORMAT, "compress_version": __version__})
+        write_safetensors(staging / WEIGHTS, stored_tensors(tensors, adapter_dtype, peft=True))
+        write_manifest(staging, {"format": ADAPTER_FORMAT, "compress_version": __version__,
+                                 **({"adapter_dtype": adapter_dtype} if adapter_dtype else {})})
     return Path(directory)
 
 

@@ -17,6 +17,7 @@ from compress.prune.shrink import layer_widths
 from compress.quant import QuantLinear
 
 from ..errors import CheckpointError
+from .adapter_storage import stored_tensors
 from .atomic import atomic_directory
 from . import compressed_tensors as ct
 from .gptq import gptq_problems, quantization_config
@@ -40,8 +41,11 @@ def adapter_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def describe_adapters(model: nn.Module) -> dict[str, dict]:
-    return {name: {"rank": m.rank, "alpha": m.alpha} for name, m in adapter_modules(model).items()}
+def describe_adapters(model: nn.Module, dtype: str | None = None) -> dict[str, dict]:
+    """Manifest entries of the adapters: rank, alpha, shape and (``adapter_storage``) stored dtype."""
+    extra = {"dtype": dtype} if dtype else {}
+    return {name: {"rank": m.rank, "alpha": m.alpha, "in_features": m.in_features, "out_features": m.out_features,
+                   **extra} for name, m in adapter_modules(model).items()}
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -124,14 +128,17 @@ def _refuse_pruned_widths(model: nn.Module, fmt: str) -> None:
 
 
 def write_native(model: nn.Module, directory: Path, tokenizer=None, recipe: dict | None = None,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, shards: Shards | None = None) -> dict:
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, shards: Shards | None = None,
+                 adapter_dtype: str | None = None) -> dict:
     """Any mix of dense, uniform and NF layers, with their configs in ``compress.json`` (and the
     per-layer widths of a non-uniformly pruned model). ``shards``: the tensors of a streamed model
-    (whose ``model`` is a skeleton), written as they come."""
+    (whose ``model`` is a skeleton), written as they come. Embedded LoRA adapters are stored as
+    ``adapter_dtype`` says (``adapter_storage``)."""
+    convert = (lambda tensors: stored_tensors(tensors, adapter_dtype)) if adapter_dtype else None
     with atomic_directory(directory) as staging:
-        _write_common(model, staging, config_dict(model), tokenizer, max_shard_bytes, shards)
-        return write_manifest(staging, {"format": "native", "compress_version": __version__,
-                                        "modules": describe_modules(model), "adapters": describe_adapters(model),
+        _write_common(model, staging, config_dict(model), tokenizer, max_shard_bytes, shards, convert)
+        return write_manifest(staging, {"format": "native", "compress_version": __version__, "modules":
+                                        describe_modules(model), "adapters": describe_adapters(model, adapter_dtype),
                                         "layer_widths": pruned_widths(model), "recipe": recipe})
 
 

@@ -17,8 +17,15 @@ LoRA adapters (from ``lq_lora``, ``finetune``): ``adapters: peft`` (default) wri
 ``format`` and the adapters as a standard PEFT adapter in ``adapter_path`` (default ``PATH-adapter``),
 verified by reloading the base and applying the adapter with PEFT; ``embed`` keeps them inside a
 ``native`` checkpoint; ``merge`` folds them into a dense ``hf`` checkpoint. Both paths stay inside
-output and replace only what compress wrote there (``compress.output_paths``). The report gives bits per
-parameter without and with the adapters (stored in 16-bit, and in NF8 as LQ-LoRA counts them).
+output and replace only what compress wrote there (``compress.output_paths``). ``adapter_dtype``
+(``nf8`` | ``bf16`` | ``fp16``; default: as held, fp32) rounds the adapters to that storage and writes
+them so (``checkpoint/adapter_storage.py``: packed NF8 in a native checkpoint; a PEFT adapter holds
+NF8's values dequantized, and the report says so). The report gives bits per parameter without and
+with the adapters as stored (and, for comparison, in 16-bit and in NF8 as LQ-LoRA counts them).
+
+```yaml
+- export: {format: native, adapters: embed, adapter_dtype: nf8}
+```
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from pydantic import Field, model_validator
 from compress.lowrank import NF8_BITS
 
 from ..checkpoint import WRITERS, inspect_checkpoint, load_checkpoint
+from ..checkpoint.adapter_storage import ADAPTER_DTYPES, round_adapters
 from ..checkpoint.write import adapter_modules
 from ..errors import StageError
 from ..evaluate import logits_by_units, perplexity, perplexity_by_units
@@ -54,9 +62,12 @@ class ExportConfig(StageConfig):
     max_shard_mib: int = Field(2048, ge=1)
     adapters: Literal["peft", "embed", "merge"] = "peft"
     adapter_path: str | None = Field(None, min_length=1)
+    adapter_dtype: Literal[ADAPTER_DTYPES] | None = None
 
     @model_validator(mode="after")
     def _adapter_mode_fits_format(self) -> "ExportConfig":
+        if self.adapter_dtype and self.adapters == "merge":
+            raise ValueError("adapter_dtype: only for adapters peft or embed (merge folds them into the base)")
         if self.adapters == "embed" and self.format != "native":
             raise ValueError(f"adapters: embed needs format native (got {self.format})")
         if self.adapters == "merge" and self.format != "hf":
@@ -143,8 +154,10 @@ def _write(ctx, config: ExportConfig, target, report: StageReport) -> dict:
     kwargs = dict(tokenizer=ctx.tokenizer, recipe=ctx.recipe.to_dict(), max_shard_bytes=config.max_shard_mib << 20)
     kwargs.update({"shards": shards} if shards is not None else {})
     write = WRITERS[config.format]
+    if ctx.units.holds_model:  # a streamed model's adapters are rounded as they are written
+        round_adapters(adapter_modules(ctx.model), config.adapter_dtype)
     if not split:
-        write(ctx.model, target, **kwargs)
+        write(ctx.model, target, **kwargs, **({"adapter_dtype": config.adapter_dtype} if config.adapter_dtype else {}))
         return {}
     with adapters_detached(ctx.model) as layers:
         write(ctx.model, target, **kwargs)
@@ -152,18 +165,43 @@ def _write(ctx, config: ExportConfig, target, report: StageReport) -> dict:
         for leaf in ("lora_A", "lora_B"):
             weight = adapter_tensors[f"{name}.{leaf}.weight"].to(ctx.units.dtype)
             getattr(layer, leaf).weight = torch.nn.Parameter(weight, requires_grad=False)
-    adapter_dir = write_peft_adapter(layers, adapter_target(ctx, config), base_model=str(target))
+    adapter_dir = write_peft_adapter(layers, adapter_target(ctx, config), base_model=str(target),
+                                     adapter_dtype=config.adapter_dtype)
     report.metrics["adapter_path"] = str(adapter_dir)
     report.notes.append(f"PEFT adapter ({len(layers)} layers) in {adapter_dir}")
+    if config.adapter_dtype == "nf8":
+        report.notes.append("PEFT has no packed NF8 tensors: the adapter holds the NF8-rounded values in fp32 "
+                            "(export native with adapters: embed to store them packed)")
     return layers
 
 
-def _adapter_bits(report: StageReport, layers: dict, quantized_params: int) -> None:
+def _stored_adapter_bytes(directories: list[Path]) -> int:
+    """Bytes of every LoRA tensor (``.lora_A.`` / ``.lora_B.``) in the directories' safetensors files."""
+    from safetensors import safe_open
+
+    total = 0
+    for directory in directories:
+        for file in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as handle:
+                for key in handle.keys():
+                    if ".lora_A." in key or ".lora_B." in key:
+                        piece = handle.get_slice(key)
+                        total += torch.Size(piece.get_shape()).numel() * _DTYPE_BYTES[piece.get_dtype()]
+    return total
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "U8": 1, "I8": 1, "I64": 8, "F64": 8, "I16": 2}
+
+
+def _adapter_bits(ctx, report: StageReport, directories: list[Path], quantized_params: int) -> None:
+    layers = adapter_modules(ctx.model)
     if not layers or not quantized_params:
         return
-    params = sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in layers.values())
+    params = sum(m.rank * (m.in_features + m.out_features) for m in layers.values())
     base = report.metrics["bits_per_param"]
-    report.metrics.update(adapter_params=params,
+    stored = 8 * _stored_adapter_bytes(directories)
+    report.metrics.update(adapter_params=params, adapter_bits_stored=stored,
+                          bits_per_param_with_adapters=base + stored / quantized_params,
                           bits_per_param_with_adapters_16bit=base + 16 * params / quantized_params,
                           bits_per_param_with_adapters_nf8=base + NF8_BITS * params / quantized_params)
 
@@ -207,7 +245,8 @@ def run(ctx, config: ExportConfig, report: StageReport) -> None:
     report.metrics.update(path=str(target), format=config.format, size_bytes=size, label=config.format,
                           bits_per_param=info["bits_per_param"], bits_per_param_total=info["bits_per_param_total"],
                           kernel=info["kernel"])
-    _adapter_bits(report, layers, info.get("quantized_params") or 0)
+    written = [target] + ([Path(report.metrics["adapter_path"])] if "adapter_path" in report.metrics else [])
+    _adapter_bits(ctx, report, written, info.get("quantized_params") or 0)
     _engine_notes(report, info["engines"], target)
     if config.verify and not ctx.units.holds_model:
         inspect_checkpoint(target, verify=True)

@@ -2,35 +2,48 @@
 
 ```yaml
 - lq_lora: {rank: 64, budget_bits: 3.0, grid: gptq, fisher: true, iterations: 20, ignore: [lm_head]}
+- lq_lora: {rank: 0, budget_bits: 3.0, quantizer: gptq, damp: 0.05, objective: output}
 ```
 
 LQ-LoRA (Guo et al. 2024): for each matrix and each config of the grid (``gptq``: 12 uniform configs;
 ``nf``: the paper's 432 NF configs) the alternating decomposition W = Q + L1 L2 gives an error; an ILP
 picks one config per matrix minimizing the total error within the budget (``budget_bits`` per
 parameter over the selected matrices, or ``budget_gib`` in total); each matrix is then decomposed
-with its config. With ``fisher: true`` the diagonal empirical Fisher from ``data.calibration``
-weights the low-rank step, the error and so the ILP costs. For the ``gptq`` grid, q/k/v and gate/up
-of a layer are tied to one config (engines fuse them). Cost entries are cached per matrix under
-``OUTPUT/.cache/lq_lora/`` (keyed by the weight's hash and the settings), so a resumed run does not
-recompute them; ``workers: N`` computes them in N processes. With ``torchrun`` the cost table, the
-Fisher windows and the decompositions are shared out over the ranks and rank 0 solves the ILP
-(``compress.distributed``). With ``streaming: true`` the stage holds one decoder layer at a time
-(last paragraph). ``alpha`` sets the adapter scaling
-alpha / rank (LQ-LoRA: 16 at rank 64). ``group_sizes`` restricts the grid to those groups (NF:
-blocks). ``rank: 0`` is mixed-precision quantization by the same ILP with no low-rank part and no
-adapters (its result exports as GPTQ on the gptq grid).
+with its config. For the ``gptq`` grid, q/k/v and gate/up of a layer are tied to one config
+(engines fuse them). Cost entries are cached per matrix under ``OUTPUT/.cache/lq_lora/``
+(``lq_lora_costs``), so a resumed run does not recompute them; ``workers: N`` computes weight-objective
+entries in N processes. With ``torchrun`` the cost table, the Fisher windows and the decompositions
+are shared out over the ranks and rank 0 solves the ILP (``compress.distributed``). With
+``streaming: true`` the stage holds one decoder layer at a time (last paragraph). ``alpha`` sets the
+adapter scaling alpha / rank (LQ-LoRA: 16 at rank 64). ``group_sizes`` restricts the grid to those
+groups (NF: blocks). ``rank: 0`` is mixed-precision quantization by the same ILP with no low-rank
+part and no adapters (its result exports as GPTQ on the gptq grid).
 
-``quantizer: gptq`` (gptq grid) quantizes Q with GPTQ instead of round-to-nearest: the chosen
-configs are then applied layer by layer on ``data.calibration`` (``compress.layerwise``), each
-matrix's Q = GPTQ(W - L1 L2) with its input Hessian H (``damp``), and the alternation keeps the
-iterate with the least output error sqrt(tr(R H Rᵀ) / 2). The ILP's cost table stays the RTN
-decomposition's (GPTQ for every config of every matrix would multiply its cost by the grid size).
+What is minimized (``objective``, default ``output`` when the recipe gives ``data.calibration`` and
+every selected linear is inside a decoder layer, else ``weight``):
+
+- ``output``: each matrix's layer-output error sqrt(tr(R H Rᵀ) / 2) of its residual R = W - Q - L1 L2,
+  H the input Hessian from ``data.calibration``, in the ILP's costs (the Hessians of the unquantized
+  model), in the low-rank step (H-whitened SVD, ``lowrank.decompose``) and in the stopping rule;
+  with the Fisher its row weights weight the output rows (the loss change to second order, so that
+  costs compare across layers). The decomposition walks the layers with the calibration
+  activations as ``quantize`` does (each layer's Hessians from the layers before, already replaced).
+- ``weight``: the (Fisher-weighted) Frobenius error of the RTN decomposition in the ILP (the paper's
+  objective); the low-rank step weighted by the Fisher's row and column weights.
+
+``fisher`` (default: on under the same condition) computes the diagonal empirical Fisher from
+``data.calibration``.
+
+``quantizer: gptq`` (gptq grid) quantizes Q with GPTQ instead of round-to-nearest, on the layer's
+input Hessian (``damp``); its ILP costs are GPTQ's output errors under ``objective: output`` and RTN's
+Frobenius errors under ``weight`` (where the alternation still keeps the iterate of least output error).
 
 The stage makes three walks over the model's units on the run's device (``compress.walker``):
 the Fisher, when asked for (``compress.fisher_by_layer``: forward, then backward, one file per
 layer, for linears inside the decoder layers); the cost table, unit by unit (per-matrix entries and
-the on-disk cache); then, after the ILP, the decomposition. With ``quantizer: gptq`` the
-calibration activations flow from layer to layer as in ``quantize``. The Fisher files (fp32, the
+the on-disk cache; under ``objective: output`` a calibration walk over the unquantized model); then,
+after the ILP, the decomposition. With ``quantizer: gptq`` or ``objective: output`` the calibration
+activations flow from layer to layer as in ``quantize``. The Fisher files (fp32, the
 size of the selected matrices) are removed when the stage ends. In a streaming recipe each unit is
 read from the stream's source and written as one shard of the stage's checkpoint (native format;
 LoRA adapters are stored in it and come back wrapped): the result equals the resident model's,
@@ -39,8 +52,6 @@ tensor for tensor.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import time
 from typing import Literal
@@ -49,19 +60,18 @@ import torch
 from pydantic import Field, model_serializer, model_validator
 
 from compress.lowrank import (GRIDS, NF8_BITS, InfeasibleBudget, LoRALinear, allocate, budget_bits_for,
-                              init_from_factors, lq_decompose, matrix_costs, minimum_bits)
-from compress.lowrank.decompose import hessian_error, weighted_error
+                              init_from_factors, lq_decompose, minimum_bits)
+from compress.lowrank.decompose import output_error, output_row_weights, weighted_error
 from compress.quant import QuantizedWeight, QuantLinear
 from compress.quant.gptq import GPTQSettings, gptq_quantize
 
-from ..checkpoint.atomic import atomic_write_text
 from ..checkpoint.write import INTEGER_FORMATS
 from ..errors import RecipeError, StageError
 from ..fisher_by_layer import fisher_by_layer, load_layer_fisher
 from ..layerwise import calibration_step
-from ..parallel import parallel_map
+from .lq_lora_costs import output_cost_table, weight_cost_table
 from ..stage import Stage, StageConfig
-from ..walker import HOST, decoder_layers, rewrite_units, visit_units
+from ..walker import HOST, decoder_layers, rewrite_units
 from ..targets import check_selector, fused_members, select_linears, set_module
 
 
@@ -73,7 +83,8 @@ class LQLoRAConfig(StageConfig):
     budget_gib: float | None = Field(None, gt=0)
     grid: Literal["gptq", "nf"] = "gptq"
     group_sizes: list[int] | None = None
-    fisher: bool = False
+    fisher: bool | None = None  # None: on when the recipe gives data.calibration (``resolved``)
+    objective: Literal["output", "weight"] | None = None  # None: output under the same condition
     iterations: int = Field(20, ge=1)
     targets: list[str] = ["Linear"]
     ignore: list[str] = ["lm_head"]
@@ -124,17 +135,32 @@ def check(recipe, entry, model) -> None:
         if not grid_for(config, (module.out_features, module.in_features)):
             raise RecipeError(f"{entry.where}: no {config.grid} config fits {name} (in_features={module.in_features})")
     _check_budget(entry, config, {name: (m.out_features, m.in_features) for name, m in selected})
-    if config.fisher and recipe.spec.data.calibration is None:
-        raise RecipeError(f"{entry.where}.fisher: needs data.calibration")
-    layers = [prefix for prefix, _ in decoder_layers(model)]
-    outside = [name for name, _ in selected if not any(name.startswith(f"{p}.") for p in layers)]
+    outside = _outside_layers(model, [name for name, _ in selected])
     if config.fisher and outside:
         raise RecipeError(f"{entry.where}.fisher: the Fisher is computed one decoder layer at a time and covers "
                           f"linears inside them; {outside[0]} is not (add it to ignore)")
+    if config.objective == "output" and outside:
+        raise RecipeError(f"{entry.where}.objective: output errors come from each decoder layer's inputs; "
+                          f"{outside[0]} is outside them (add it to ignore, or objective: weight)")
     integer = [e for e in recipe.later(entry.index, "export") if e.config.format in INTEGER_FORMATS]
     if config.grid == "nf" and integer:
         raise RecipeError(f"{entry.where}.grid: nf configs cannot be written as {integer[0].config.format} "
                           f"({integer[0].where}); use grid: gptq or export native")
+
+
+def _outside_layers(model, names: list[str]) -> list[str]:
+    layers = [prefix for prefix, _ in decoder_layers(model)]
+    return [name for name in names if not any(name.startswith(f"{p}.") for p in layers)]
+
+
+def resolved(config: LQLoRAConfig, recipe, model, names: list[str]) -> LQLoRAConfig:
+    """``config`` with ``fisher`` and ``objective`` decided: each on (output) when the recipe gives
+    data.calibration (not only the default stdlib text) and every selected linear is inside a
+    decoder layer, unless the recipe says."""
+    default = "calibration" in recipe.spec.data.model_fields_set and not _outside_layers(model, names)
+    fisher = default if config.fisher is None else config.fisher
+    objective = config.objective or ("output" if default else "weight")
+    return config.model_copy(update={"fisher": fisher, "objective": objective})
 
 
 def _check_budget(entry, config: LQLoRAConfig, shapes: dict[str, tuple[int, int]]) -> None:
@@ -149,39 +175,6 @@ def _check_budget(entry, config: LQLoRAConfig, shapes: dict[str, tuple[int, int]
 
 def _ties(names: list[str], grid: str) -> list[list[str]]:
     return [members for _, members in fused_members(names)] if grid == "gptq" else []
-
-
-def _cache_key(weight: torch.Tensor, fisher: torch.Tensor | None, config: LQLoRAConfig) -> str:
-    digest = hashlib.sha256(weight.detach().float().contiguous().numpy().tobytes())
-    if fisher is not None:
-        digest.update(fisher.contiguous().numpy().tobytes())
-    configs = [c.name for c in grid_for(config, tuple(weight.shape))]
-    digest.update(json.dumps([config.rank, config.iterations, config.seed, configs]).encode())
-    return digest.hexdigest()[:24]
-
-
-def cost_table(ctx, config: LQLoRAConfig, modules: dict, fisher: dict) -> dict[str, dict[str, tuple[float, int]]]:
-    """{matrix: {config name: (squared error, bits)}}, cached per matrix on disk as each one is done
-    (a killed run recomputes only what is missing); ``workers`` > 1 spreads matrices over processes.
-    With torchrun the matrices are shared out first and each rank reads the cache for its own share
-    only: what another rank has cached meanwhile cannot change who computes what."""
-    cache = ctx.out_dir / ".cache" / "lq_lora"
-    cache.mkdir(parents=True, exist_ok=True)
-    local, paths, jobs = {}, {}, {}
-    for name in ctx.ranks.share(list(modules)):
-        module = modules[name]
-        paths[name] = cache / f"{_cache_key(module.weight, fisher.get(name), config)}.json"
-        if paths[name].is_file():
-            local[name] = {k: tuple(v) for k, v in json.loads(paths[name].read_text()).items()}
-        else:
-            weight = module.weight.detach().float()
-            jobs[name] = (weight, grid_for(config, tuple(weight.shape)), config.rank, config.iterations,
-                          fisher.get(name), config.seed)
-    for name, entries in ctx.track(parallel_map(matrix_costs, jobs, config.workers), "lq_lora cost entries", len(jobs)):
-        local[name] = {k: tuple(v) for k, v in entries.items()}
-        atomic_write_text(paths[name], json.dumps(entries))
-    table = ctx.ranks.gather(local)
-    return {name: table[name] for name in modules}
 
 
 def dense_selection(ctx, config: LQLoRAConfig, report) -> dict:
@@ -221,19 +214,18 @@ def report_sizes(config: LQLoRAConfig, result, shapes: dict[str, tuple[int, int]
 def run(ctx, config: LQLoRAConfig, report) -> None:
     """Three walks over the model's units on the run's device (``compress.walker``): the Fisher when
     asked for, the cost table, then after the ILP the decomposition."""
-    units = ctx.units
     shapes = {n: (m.out_features, m.in_features) for n, m in dense_selection(ctx, config, report).items()}
+    config = resolved(config, ctx.recipe, ctx.model, list(shapes))
+    report.metrics.update(objective=config.objective, fisher=config.fisher)
     start = time.perf_counter()
     fisher_cache = ctx.out_dir / ".cache" / "lq_lora_fisher"
     fisher_dir = fisher_by_layer(ctx, list(shapes), fisher_cache) if config.fisher else None
     report.metrics["fisher_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
-    table = {}
-    visit_units(ctx, "lq_lora cost units", lambda prefix, unit: table.update(
-        cost_table(ctx, config, _modules(ctx, prefix, shapes), load_layer_fisher(fisher_dir, prefix))),
-        [p for p in units.units if any(units.owns(p, n) for n in shapes)])
+    tables = {"output": output_cost_table, "weight": weight_cost_table}
+    table = tables[config.objective](ctx, config, grid_for, shapes, fisher_dir)
     report.metrics["cost_table_seconds"] = time.perf_counter() - start  # near 0 when every entry was cached
-    result = solve(ctx, config, {n: table[n] for n in shapes}, {n: o * i for n, (o, i) in shapes.items()}, report)
+    result = solve(ctx, config, table, {n: o * i for n, (o, i) in shapes.items()}, report)
     _decompose_units(ctx, config, shapes, fisher_dir, result.choice, report)
     report_sizes(config, result, shapes, report)
     ctx.ranks.barrier()
@@ -253,20 +245,23 @@ def _allocate(config: LQLoRAConfig, table: dict, numel: dict, budget: float, nam
 
 def _decompose(module, qconfig, config: LQLoRAConfig, fisher, hessian=None) -> tuple[torch.nn.Module, dict]:
     """(new layer, report entry) for one matrix: Q (+ a LoRA adapter initialized to L1 L2 when rank
-    > 0) by RTN, or by GPTQ with the input Hessian when given."""
+    > 0) by RTN or GPTQ (``quantizer``) with the input Hessian when given; the ``output`` objective
+    makes the low-rank step and the error output-aware (``lowrank.decompose``)."""
     weight = module.weight.detach().float()
     quantize, error = QuantizedWeight.quantize, (lambda residual: weighted_error(residual, fisher))
     scale = max(float(torch.linalg.norm(weight)), 1e-30)
+    output = config.objective == "output"
     if hessian is not None:
-        quantize = lambda matrix, c: gptq_quantize(matrix, hessian, c, GPTQSettings(damp=config.damp)).quantized  # noqa: E731
-        error = hessian_error(hessian)
+        if config.quantizer == "gptq":
+            quantize = lambda matrix, c: gptq_quantize(matrix, hessian, c, GPTQSettings(damp=config.damp)).quantized  # noqa: E731
+        error = output_error(hessian, output_row_weights(hessian, fisher) if output else None)
         scale = max(error(weight), 1e-30)
     if config.rank == 0:
         quantized = quantize(weight, qconfig)
         layer = QuantLinear.from_weight(quantized, module.bias)
         return layer, {"iterations": 0, "rel_error": error(weight - quantized.dequantize()) / scale}
     result = lq_decompose(weight, config.rank, qconfig, config.iterations, fisher, seed=config.seed,
-                          quantize=quantize, error=error)
+                          quantize=quantize, error=error, hessian=hessian if output else None)
     layer = LoRALinear(QuantLinear.from_weight(result.quantized, module.bias), config.rank, config.alpha)
     init_from_factors(layer, result.left, result.right)
     return layer, {"iterations": len(result.errors), "rel_error": result.error / scale}
@@ -291,10 +286,15 @@ def installer(ctx, config: LQLoRAConfig, modules: dict, fisher: dict, choice: di
             set_module(ctx.model, name, layer.to(ctx.device))
             ctx.units.drop(modules[name])
             ctx.plan[name] = by_name[choice[name]]
-            report.modules.append({"module": name, "config": choice[name], "quantizer": "gptq" if hessians
-                                   else "rtn", **entry})
+            report.modules.append({"module": name, "config": choice[name], "quantizer": config.quantizer
+                                   if hessians else "rtn", **entry})
 
     return install
+
+
+def calibrated(config: LQLoRAConfig) -> bool:
+    """Whether the decomposition walk carries calibration activations (for Hessians)."""
+    return config.quantizer == "gptq" or config.objective == "output"
 
 
 def _modules(ctx, prefix: str, shapes: dict) -> dict:
@@ -309,7 +309,7 @@ def _decompose_units(ctx, config: LQLoRAConfig, shapes: dict, fisher_dir, choice
     def decompose_unit(prefix: str, unit, inputs):
         modules = _modules(ctx, prefix, shapes)
         install = installer(ctx, config, modules, load_layer_fisher(fisher_dir, prefix), choice, report)
-        gptq = config.quantizer == "gptq"
+        gptq = calibrated(config)
         if gptq:  # as in quantize: a layer is calibrated, the embeddings start the activations
             inputs = calibration_step(units, prefix, unit, inputs, modules,
                                       lambda group, hessians: install(list(group), hessians), ctx.windows("calibration"))
@@ -319,7 +319,7 @@ def _decompose_units(ctx, config: LQLoRAConfig, shapes: dict, fisher_dir, choice
         install(list(modules))
         return inputs
 
-    rewrite_units(ctx, "lq_lora gptq units" if config.quantizer == "gptq" else "lq_lora decompose units", decompose_unit)
+    rewrite_units(ctx, "lq_lora calibrated units" if calibrated(config) else "lq_lora decompose units", decompose_unit)
     if outer:
         report.notes.append(f"outside the decoder layers, quantized with RTN: {', '.join(outer)}")
 

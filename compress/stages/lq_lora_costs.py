@@ -1,0 +1,116 @@
+"""lq_lora's cost table: {matrix: {config: (squared error, bits)}} for the allocation ILP.
+
+Two objectives (``lq_lora``'s ``objective``):
+
+- ``weight``: each matrix's (Fisher-weighted) Frobenius error of its RTN decomposition, matrix by
+  matrix, unit by unit, from the weights alone (``workers`` processes).
+- ``output``: each matrix's output error of its decomposition with the stage's own quantizer (RTN or
+  GPTQ on the layer's input Hessian; ``lowrank.costs``), rows weighted by the Fisher when there is
+  one. The Hessians come from one calibration walk over the unquantized model: each decoder layer's
+  input groups get their Hessians from the float activations (``compress.layerwise``), their costs
+  are computed, and the float layer's outputs feed the next layer; nothing is replaced.
+
+Entries are cached per matrix under ``OUTPUT/.cache/lq_lora/`` as each is done, keyed by the
+weight's hash, the Fisher's and the Hessian's when used, and the settings, so a killed run recomputes
+only what is missing. With torchrun the matrices are shared out and each rank reads the cache for its
+own share only (what another rank has cached meanwhile cannot change who computes what); every rank
+makes the calibration walk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from compress.lowrank import matrix_costs
+from compress.quant.gptq import GPTQSettings
+
+from ..checkpoint.atomic import atomic_write_text
+from ..fisher_by_layer import load_layer_fisher
+from ..layerwise import Activations, calibrate_layer, calibration_step
+from ..parallel import parallel_map
+from ..walker import visit_units
+
+
+def _digest(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().float().contiguous().cpu().numpy().tobytes()
+
+
+def cache_key(weight: torch.Tensor, fisher: torch.Tensor | None, configs: list, settings: list,
+              hessian: torch.Tensor | None = None) -> str:
+    digest = hashlib.sha256(_digest(weight))
+    for extra in (fisher, hessian):
+        if extra is not None:
+            digest.update(_digest(extra))
+    digest.update(json.dumps(settings + [c.name for c in configs]).encode())
+    return digest.hexdigest()[:24]
+
+
+def _gptq(config) -> GPTQSettings | None:
+    return GPTQSettings(damp=config.damp) if config.quantizer == "gptq" else None
+
+
+def cost_entries(ctx, config, grid_for, modules: dict, fisher: dict, hessians: dict | None = None) -> dict:
+    """{name: entries} of ``modules`` (this rank's share, from the cache where it has them);
+    output-aware when ``hessians`` ({name: H}) are given."""
+    cache = ctx.out_dir / ".cache" / "lq_lora"
+    cache.mkdir(parents=True, exist_ok=True)
+    local, paths, jobs = {}, {}, {}
+    settings = [config.rank, config.iterations, config.seed]
+    if hessians is not None:
+        settings += ["output", config.quantizer, config.damp]
+    for name in ctx.ranks.share(list(modules)):
+        weight = modules[name].weight.detach().float()
+        configs, hessian = grid_for(config, tuple(weight.shape)), (hessians or {}).get(name)
+        paths[name] = cache / f"{cache_key(weight, fisher.get(name), configs, settings, hessian)}.json"
+        if paths[name].is_file():
+            local[name] = {k: tuple(v) for k, v in json.loads(paths[name].read_text()).items()}
+        elif hessian is None:
+            jobs[name] = (weight, configs, config.rank, config.iterations, fisher.get(name), config.seed)
+        else:
+            jobs[name] = (weight, configs, config.rank, config.iterations, fisher.get(name), config.seed, hessian,
+                          _gptq(config))
+    workers = config.workers if hessians is None else 1  # Hessians stay in this process
+    for name, entries in ctx.track(parallel_map(matrix_costs, jobs, workers), "lq_lora cost entries", len(jobs)):
+        local[name] = {k: tuple(v) for k, v in entries.items()}
+        atomic_write_text(paths[name], json.dumps(entries))
+    return local
+
+
+def weight_cost_table(ctx, config, grid_for, shapes: dict, fisher_dir) -> dict:
+    """The ``weight`` objective's table, unit by unit from the weights."""
+    units, local = ctx.units, {}
+
+    def work(prefix, unit):
+        modules = {n: ctx.model.get_submodule(n) for n in shapes if units.owns(prefix, n)}
+        local.update(cost_entries(ctx, config, grid_for, modules, load_layer_fisher(fisher_dir, prefix)))
+
+    visit_units(ctx, "lq_lora cost units", work, [p for p in units.units if any(units.owns(p, n) for n in shapes)])
+    table = ctx.ranks.gather(local)
+    return {name: table[name] for name in shapes}
+
+
+def output_cost_table(ctx, config, grid_for, shapes: dict, fisher_dir) -> dict:
+    """The ``output`` objective's table: one calibration walk over the float model (module docstring)."""
+    units, local = ctx.units, {}
+    windows = ctx.windows("calibration")
+    carried = None
+    with units.walk():
+        for prefix in ctx.track(units.units, "lq_lora cost units"):
+            with units.unit(prefix) as unit:
+                modules = {n: ctx.model.get_submodule(n) for n in shapes if units.owns(prefix, n)}
+                fisher = load_layer_fisher(fisher_dir, prefix)
+
+                def costs(members, hessians, fisher=fisher):
+                    local.update(cost_entries(ctx, config, grid_for, members, fisher,
+                                              {n: h.hessian for n, h in hessians.items()}))
+
+                if prefix in units.layer_prefixes:
+                    carried = Activations(calibrate_layer(unit, modules, costs, carried.inputs, carried.home),
+                                          carried.home)
+                else:
+                    carried = calibration_step(units, prefix, unit, carried, {}, costs, windows)
+    table = ctx.ranks.gather(local)
+    return {name: table[name] for name in shapes}
