@@ -21,7 +21,8 @@ Points, for int{4,3,2}, group 64 and 128, symmetric and asymmetric:
 - ``rtn``: our round-to-nearest; plus ``fp32`` and bitsandbytes ``bnb-nf4`` (double quant);
 - ``lqlora-r0`` / ``lqlora-r16``: our LQ-LoRA with ``quantizer: gptq`` at budgets 2.5 / 3.0 / 3.5
   bits (rank 16: 16-bit adapters, counted in the bits);
-- ``l4q``: our GPTQ at int3 g64 asym, then L4Q (``L4Q_TUNE`` steps on the train documents).
+- ``l4q``: our GPTQ at int3 g64 asym, then L4Q (``L4Q_TUNE`` steps on the train documents), without
+  and with distillation from the fp32 model (``distill: {}``: weight 0.5, temperature 2, top 64).
 
 Group 128 does not divide SmolLM2's 576 input features: those points keep a partial last group and
 export ``native`` (GPTQ engines need whole groups); GPTQModel's group-128 checkpoints are read by
@@ -60,6 +61,7 @@ class Point:
     bits: float | None = None  # a budget for lqlora
     group: int = 64
     sym: bool = False
+    distill: bool = False  # l4q: with the KL to the fp32 model's predictions (``compress.distill`` defaults)
 
     @property
     def name(self) -> str:
@@ -67,7 +69,8 @@ class Point:
             return self.method
         if self.method.startswith("lqlora"):
             return f"{self.method}-{self.bits:g}"
-        return f"{self.method}-int{self.bits:g}-g{self.group}-{'sym' if self.sym else 'asym'}"
+        name = f"{self.method}-int{self.bits:g}-g{self.group}-{'sym' if self.sym else 'asym'}"
+        return name + ("-distill" if self.distill else "")
 
 
 def points() -> list[Point]:
@@ -76,7 +79,7 @@ def points() -> list[Point]:
     rest = [Point("fp32")] + [Point("rtn", b, g, s) for b, g, s in GRID]
     rest += [Point(m, b, g, s) for b, g, s in GRID if b == 2 for m in ("gptq", "gptqmodel")]
     rest += [Point("bnb-nf4", 4)] + [Point(f"lqlora-r{r}", budget) for r in (0, 16) for budget in (3.0, 2.5, 3.5)]
-    return pairs + rest + [Point("l4q", 3, 64, False)]
+    return pairs + rest + [Point("l4q", 3, 64, False, distill) for distill in (False, True)]
 
 
 def corpus(out: Path) -> dict[str, Path]:
@@ -127,8 +130,8 @@ def our_stages(point: Point) -> list[dict]:
         rank = int(point.method.removeprefix("lqlora-r"))
         return [{"lq_lora": {"rank": rank, "alpha": 2 * rank if rank else 16, "budget_bits": point.bits,
                              "grid": "gptq", "quantizer": "gptq"}}]
-    return [{"quantize": {"method": "gptq", "config": quant}},
-            {"l4q": dict(L4Q_TUNE, bits=int(point.bits), group_size=point.group, lora={"rank": 16, "alpha": 32})}]
+    tune = dict(L4Q_TUNE, bits=int(point.bits), group_size=point.group, lora={"rank": 16, "alpha": 32})
+    return [{"quantize": {"method": "gptq", "config": quant}}, {"l4q": tune | ({"distill": {}} if point.distill else {})}]
 
 
 def checkpoint_row(model, directories: list[Path], out: Path) -> dict:

@@ -47,8 +47,10 @@ class _State:
 
 
 def _training_setup(setup: TrainingSetup, config, method: str, rank: int) -> TrainingSetup:
+    distill = getattr(config, "distill", None)
     return replace(setup, method=method, rank=rank, batch=config.batch_size, seq=config.seq_len,
-                   optimizer=config.optimizer, checkpointing=config.gradient_checkpointing)
+                   optimizer=config.optimizer, checkpointing=config.gradient_checkpointing,
+                   distill_top_k=distill.top_k if distill else 0)
 
 
 def _prune_range(arch: Architecture, config) -> tuple[int, int]:

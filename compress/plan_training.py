@@ -55,6 +55,7 @@ class TrainingSetup:
     prune_start: int = 0
     prune_end: int | None = None
     gradient_criterion: bool = False  # prune: the true-gradient criterion keeps dL/dW0
+    distill_top_k: int = 0  # distillation (``compress.distill``): the teacher's top-k logits per token
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -91,8 +92,12 @@ def saved_activation_bytes(arch: Architecture, setup: TrainingSetup, layers: lis
 
 
 def activation_bytes(arch: Architecture, setup: TrainingSetup, layers: list[dict] | None = None) -> float:
-    """Saved activations plus the loss's peak: the logits and two fp32 V-wide gradients."""
+    """Saved activations plus the loss's peak: the logits and two fp32 V-wide gradients; with
+    distillation the tempered log-softmax and its gradient (two more fp32 V-wide tensors) and the
+    micro-batch's teacher targets (fp32 value + int32 index per top-k entry)."""
     extra = setup.batch * setup.seq * arch.vocab * (setup.compute_bytes + 8)
+    if setup.distill_top_k:
+        extra += setup.batch * setup.seq * (8 * arch.vocab + 8 * setup.distill_top_k)
     return saved_activation_bytes(arch, setup, layers) + extra
 
 

@@ -114,6 +114,10 @@ def causal_lm_loss(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
     return model(input_ids=windows, labels=windows, use_cache=False).loss
 
 
+# another training loss (``compress.distill``): (model, batch of windows, their indices) -> loss
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def previous_file(path: Path) -> Path:
     """Where the checkpoint before the latest is kept (a divergence can make the latest unusable)."""
     return path.with_name(PREVIOUS_FILE)
@@ -217,11 +221,12 @@ def _keep_good_checkpoint(path: Path | None, saved: list[int], failed: int) -> s
 
 
 def _step(model, windows, params, optimizer, settings: TrainSettings, step: int, hooks: TrainHooks,
-          grad_only: dict[str, nn.Parameter]) -> float:
+          grad_only: dict[str, nn.Parameter], loss_fn: LossFn | None = None) -> float:
     total = 0.0
     for micro in range(settings.grad_accum):
-        batch = windows[micro_batch(step, micro, settings, windows.shape[0])]
-        loss = causal_lm_loss(model, batch.to(next(iter(params.values())).device))
+        indices = micro_batch(step, micro, settings, windows.shape[0])
+        batch = windows[indices].to(next(iter(params.values())).device)
+        loss = loss_fn(model, batch, indices) if loss_fn else causal_lm_loss(model, batch)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"training loss is {float(loss.detach())} at step {step + 1}", step + 1)
         (loss / settings.grad_accum).backward()
@@ -239,9 +244,10 @@ def _step(model, windows, params, optimizer, settings: TrainSettings, step: int,
 def train(model: nn.Module, params: dict[str, nn.Parameter], windows: torch.Tensor, settings: TrainSettings,
           state_dir: Path | None = None, resume: bool = False, evaluate: Callable[[], float] | None = None,
           track=None, hooks: TrainHooks | None = None, grad_only: dict[str, nn.Parameter] | None = None,
-          param_lr: dict[str, float] | None = None) -> TrainResult:
+          param_lr: dict[str, float] | None = None, loss_fn: LossFn | None = None) -> TrainResult:
     """Train ``params`` (every other parameter frozen) on token ``windows`` [n, seq_len];
-    ``grad_only`` parameters get gradients (for ``hooks`` to read) but are never updated."""
+    ``grad_only`` parameters get gradients (for ``hooks`` to read) but are never updated;
+    ``loss_fn`` replaces the next-token loss."""
     hooks, grad_only = hooks or StepHooks(), grad_only or {}
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -265,7 +271,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], windows: torch.Tens
     saved = [result.resumed_from]  # steps of the training checkpoints on disk, latest last (0: none)
     try:
         for step in track(steps, "train") if track else steps:
-            result.losses.append(_step(model, windows, params, optimizer, settings, step, hooks, grad_only))
+            result.losses.append(_step(model, windows, params, optimizer, settings, step, hooks, grad_only, loss_fn))
             result.tokens += settings.grad_accum * settings.batch_size * windows.shape[1]
             scheduler.step()
             done = step + 1

@@ -4,7 +4,11 @@
 - finetune: {steps: 200, lr: 2.0e-4, batch_size: 4, grad_accum: 4, seq_len: 512, warmup: 0.03,
              max_grad_norm: 1.0, optimizer: adamw, eval_every: 50, save_every: 50,
              lora: {rank: 16, alpha: 32, targets: ["re:.*proj$"]}}
+- finetune: {steps: 200, distill: {teacher: base, weight: 0.5, temperature: 2.0, top_k: 64}}
 ```
+
+``distill`` trains on the KL divergence to the unquantized model's predictions mixed with the
+next-token loss (``compress.distill``; also for ``l4q`` and ``loram``).
 
 The adapters are the ones an earlier stage left (``lq_lora``'s L1 L2 over its Q) or, when there are
 none, new ones from ``lora:`` (PEFT's initialization: A Kaiming-uniform, B = 0) over whatever the

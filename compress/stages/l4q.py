@@ -3,6 +3,7 @@
 ```yaml
 - l4q: {bits: 4, group_size: 64, steps: 200, lr: 1.0e-4, quant_lr: 1.0e-2,
         lora: {rank: 16, alpha: 32}, zero_point: integer}
+- l4q: {bits: 3, group_size: 64, steps: 64, distill: {weight: 0.5, temperature: 2.0}}
 ```
 
 Every selected linear becomes an ``L4QLinear``: its LoRA (PEFT init, so the first forward is the

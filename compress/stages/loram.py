@@ -4,6 +4,7 @@
 - loram: {prune: {method: loraprune, ratio: 0.5, uniform: true}, align_steps: 100,
           quantize_small: nf4, train: {steps: 200, lr: 1.0e-4, lora: {rank: 8, alpha: 16}},
           output: adapter}      # adapter | merged
+- loram: {prune: {ratio: 0.5}, train: {steps: 200, distill: {weight: 0.5, temperature: 2.0}}}
 ```
 
 LoRAM (Zhang et al., ICLR 2025): the large model is set aside (written to ``OUTPUT/.cache/loram/``),

@@ -56,6 +56,8 @@ class PruneConfig(TrainingConfig):
 
 def check(recipe, entry, model) -> None:
     config: PruneConfig = entry.config
+    if config.distill is not None:
+        raise RecipeError(f"{entry.where}.distill: only for finetune, l4q and loram (prune's LoRA only scores units)")
     if config.prune_warmup + config.prune_cooldown >= 1:
         raise RecipeError(f"{entry.where}: prune_warmup + prune_cooldown must leave room for the ramp (< 1)")
     try:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, model_validator
 from compress.lowrank import LoRALinear, init_default
 
 from ..data import file_problem, token_windows
+from ..distill import DistillSpec, distill_loss_fn
 from ..errors import RecipeError, StageError
 from ..memory import PeakMemory, model_tensor_bytes
 from ..placement import whole_model_on_device
@@ -58,6 +59,7 @@ class TrainingConfig(StageConfig):
     gradient_checkpointing: bool = False
     data: TextOrigin | None = None
     seed: int | None = None
+    distill: DistillSpec | None = None  # KL to the unquantized model's predictions (``compress.distill``)
 
     def settings(self, recipe_seed: int, eval_every: int = 0) -> TrainSettings:
         return TrainSettings(self.steps, self.lr, self.batch_size, self.grad_accum, self.warmup, self.weight_decay,
@@ -160,6 +162,7 @@ def run_training(ctx, config: TrainingConfig, params: dict, windows: torch.Tenso
     a failure names the stage and keeps the state."""
     settings = config.settings(ctx.recipe.spec.seed, eval_every)
     state_dir = ctx.out_dir / ".cache" / "train" / f"{training_key(ctx, config)}-{phase}"
+    loss_fn = distill_loss_fn(ctx, windows, config.distill) if getattr(config, "distill", None) else None
     if not ctx.resume:
         shutil.rmtree(state_dir, ignore_errors=True)
     if config.gradient_checkpointing:
@@ -167,7 +170,7 @@ def run_training(ctx, config: TrainingConfig, params: dict, windows: torch.Tenso
     try:
         with PeakMemory(ctx.device) as peak, whole_model_on_device(ctx, ctx.entry.where, ctx.entry.index):
             result = train(ctx.model, params, windows, settings, state_dir, ctx.resume, evaluate, ctx.track,
-                           hooks, grad_only, param_lr)
+                           hooks, grad_only, param_lr, loss_fn)
         result.peak_rss_mib, result.rss_growth_mib = peak.rss_mib, peak.rss_mib - peak.start_rss_mib
         result.peak_cuda_mib = peak.cuda_mib
         result.model_mib = model_tensor_bytes(ctx.model) / 2**20
