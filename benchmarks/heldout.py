@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from child import bench_args, child_result, run_child
-from peers import dense_model_dir, directory_bytes, linear_names, linear_tensor_bits, peak_rss_mib, side
+from peers import dense_model_dir, directory_bytes, linear_names, linear_tensor_bits, quantize_bnb, side
 
 HERE = Path(__file__).resolve().parent
 WINDOWS = {"calibration": ("train", 128), "in-domain": ("eval", 64)}
@@ -185,19 +185,8 @@ def run_fp32(out: Path, where: Path) -> dict:
 
 
 def run_bnb(out: Path, where: Path) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.float32)
-    start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(dense_model_dir(out), quantization_config=config, device_map="cpu",
-                                                 dtype=torch.float32)
-    seconds, peak = time.perf_counter() - start, peak_rss_mib()
-    model.save_pretrained(where)
-    names = {n: m.in_features * m.out_features for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
-    return {**perplexities(model, out), "bits_per_param": linear_tensor_bits([where], names),
-            "disk_mib": directory_bytes(where) / 2**20, "seconds": seconds, "peak_rss_mib": peak}
+    model, row = quantize_bnb(out, where)
+    return {**perplexities(model, out), **row}
 
 
 def run_point(out: Path, point: Point) -> dict:

@@ -158,7 +158,9 @@ def run_fp32(out: Path, point: Path) -> dict:
             "disk_mib": directory_bytes(dense_model_dir(out)) / 2**20, "seconds": 0.0, "peak_rss_mib": None}
 
 
-def run_bnb(out: Path, point: Path) -> dict:
+def quantize_bnb(out: Path, point: Path):
+    """(model, row without perplexity) of bitsandbytes NF4 with double quantization (the QLoRA
+    config) through transformers, saved under ``point``."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -171,8 +173,13 @@ def run_bnb(out: Path, point: Path) -> dict:
     model.save_pretrained(point)
     names = {n: m.in_features * m.out_features for n, m in model.named_modules()
              if type(m).__name__ == "Linear4bit"}
-    return {"ppl": evaluate(model, out), "bits_per_param": linear_tensor_bits([point], names),
-            "disk_mib": directory_bytes(point) / 2**20, "seconds": seconds, "peak_rss_mib": peak}
+    return model, {"bits_per_param": linear_tensor_bits([point], names), "disk_mib": directory_bytes(point) / 2**20,
+                   "seconds": seconds, "peak_rss_mib": peak}
+
+
+def run_bnb(out: Path, point: Path) -> dict:
+    model, row = quantize_bnb(out, point)
+    return {"ppl": evaluate(model, out), **row}
 
 
 def side(job: dict, what: str) -> dict:

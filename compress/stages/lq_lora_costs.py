@@ -29,7 +29,7 @@ from compress.quant.gptq import GPTQSettings
 
 from ..checkpoint.atomic import atomic_write_text
 from ..fisher_by_layer import load_layer_fisher
-from ..layerwise import Activations, calibrate_layer, calibration_step
+from ..layerwise import calibration_step
 from ..parallel import parallel_map
 from ..walker import visit_units
 
@@ -107,10 +107,6 @@ def output_cost_table(ctx, config, grid_for, shapes: dict, fisher_dir) -> dict:
                     local.update(cost_entries(ctx, config, grid_for, members, fisher,
                                               {n: h.hessian for n, h in hessians.items()}))
 
-                if prefix in units.layer_prefixes:
-                    carried = Activations(calibrate_layer(unit, modules, costs, carried.inputs, carried.home),
-                                          carried.home)
-                else:
-                    carried = calibration_step(units, prefix, unit, carried, {}, costs, windows)
+                carried = calibration_step(units, prefix, unit, carried, modules, costs, windows)
     table = ctx.ranks.gather(local)
     return {name: table[name] for name in shapes}
