@@ -24,6 +24,9 @@ BENCHMARKS.md.) The columns run in one of three orders (``order``):
 With ``mse_norm`` > 0 a group's scale and zero come from the shrink search of ``scale_search``
 (GPTQModel's ``mse``) instead of its min/max. A Hessian that is not positive definite at ``damp`` is
 retried with ``damp_increment`` more at a time (GPTQModel's ``damp_auto_increment``) below 1.
+With ``refine_rounds`` > 0 the column loop's codes and scales are refined afterwards against the
+same damped output error (``gptq_refine``: coordinate descent over the codes, least-squares scales),
+which can only lower it; the grid and the checkpoint format stay as they are.
 
 The grid is the RTN grid of ``uniform.choose_qparams`` (asymmetric integer zero >= 1, symmetric, or
 fp16 float zero), so with H = I GPTQ returns exactly RTN's codes, scales and zeros.
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import QuantConfig, effective_group
+from .gptq_refine import grid_round, output_error, refine
 from .qweight import QuantizedWeight
 from .scale_search import search_qparams
 from .uniform import choose_qparams, to_float_zero_tensors, to_gptq_tensors
@@ -70,17 +74,6 @@ class HessianAccumulator:
 class GPTQResult:
     quantized: QuantizedWeight
     loss: float  # Σ over columns of (w - q)² / U[i, i]²: GPTQ's own estimate of the output error
-
-
-def _column_codes(column: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: QuantConfig):
-    """(codes, dequantized column) of one column [N] with its group's scale/zero [N]: the RTN rule
-    of ``uniform.quantize_codes``."""
-    maxq = 2**config.bits - 1
-    if config.float_zero:
-        codes = torch.clamp(torch.round(column / scale + zero), 0, maxq)
-    else:
-        codes = torch.clamp(torch.round(column / scale) + zero, 0, maxq)
-    return codes, (codes - zero) * scale
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damp: float, increment: float) -> torch.Tensor:
@@ -147,6 +140,7 @@ class GPTQSettings:
     block: int = 128
     order: str = "group_aware"
     mse_norm: float = 0.0  # 0: min/max group parameters; > 0: the shrink search under this norm
+    refine_rounds: int = 0  # rounds of code and scale refinement after the column loop (``gptq_refine``)
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig,
@@ -166,10 +160,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
     static = settings.order == "activation" or group >= in_features  # parameters fixed before the loop
     params = _group_params(w, config, group, settings.mse_norm) if static else None
     order = column_order(h.diagonal(), group, settings.order)
-    w, h = w[:, order], h[order][:, order]
-    upper = _inverse_cholesky(h, settings.damp, settings.damp_increment)
-    codes, scale, zero, loss = _quantize_columns(w, upper, order, config, group, params, settings)
-    codes = codes[:, torch.argsort(order)].to(torch.uint8)
+    upper = _inverse_cholesky(h[order][:, order], settings.damp, settings.damp_increment)
+    codes, scale, zero, loss = _quantize_columns(w[:, order], upper, order, config, group, params, settings)
+    codes = codes[:, torch.argsort(order)]
+    if settings.refine_rounds > 0:
+        h.diagonal().add_(settings.damp * float(h.diagonal().mean()))
+        codes, scale = refine(w, h, codes, scale, zero, config, group, settings.refine_rounds, settings.block)
+        column_group = torch.arange(in_features, device=w.device) // group
+        loss = output_error(w, (codes - zero[:, column_group]) * scale[:, column_group], h)
+    codes = codes.to(torch.uint8)
     pack = to_float_zero_tensors if config.float_zero else to_gptq_tensors
     zero_out = zero.to(torch.float16) if config.float_zero else zero.round().to(torch.int32)
     tensors = pack(codes, scale.to(torch.float16), zero_out, config)
@@ -202,7 +201,7 @@ def _quantize_columns(w: torch.Tensor, upper: torch.Tensor, order: torch.Tensor,
             if params is None and column % group == 0:  # w: updated by the blocks before this one only
                 s, z = _qparams(w[:, column:column + group], config, settings.mse_norm)
                 scale[:, g], zero[:, g] = s.to(dtype)[:, 0], z.to(dtype)[:, 0]
-            codes[:, column], quantized = _column_codes(chunk[:, i], scale[:, g], zero[:, g], config)
+            codes[:, column], quantized = grid_round(chunk[:, i], scale[:, g], zero[:, g], config)
             error = (chunk[:, i] - quantized) / inverse[i, i]
             loss += (error**2).sum().double() / 2
             chunk[:, i:] -= error.unsqueeze(1) * inverse[i, i:].unsqueeze(0)
