@@ -156,14 +156,21 @@ def input_groups(layer: nn.Module, modules: dict[str, nn.Module], sample: tuple[
 @torch.no_grad()
 def group_hessians(layer: nn.Module, modules: dict[str, nn.Module], inputs: LayerInputs,
                    home: ActivationHome | None = None) -> dict[str, HessianAccumulator]:
-    """Input Hessians of ``modules`` over every batch of ``inputs`` (kept in ``home``). Each forward
+    """Input Hessians of ``modules`` over every batch of ``inputs`` (kept in ``home``). Modules that
+    read the same tensor (q/k/v, gate/up) share one accumulator, summed once per batch. Each forward
     through ``layer`` stops as soon as the last of them has read its input (the rest of the layer is
     not needed)."""
-    hessians = {name: HessianAccumulator(module.in_features) for name, module in modules.items()}
+    hessians: dict[str, HessianAccumulator] = {}
+    read: list[tuple[torch.Tensor, HessianAccumulator]] = []  # this forward's inputs, kept alive so `is` holds
     seen: set[str] = set()
 
     def accumulate(name: str, x: torch.Tensor) -> None:
-        hessians[name].add(x)
+        shared = [acc for tensor, acc in read if tensor is x]
+        if name not in hessians:  # the first forward decides who shares whose accumulator
+            hessians[name] = shared[0] if shared else HessianAccumulator(modules[name].in_features)
+        if not any(acc is hessians[name] for acc in shared):
+            hessians[name].add(x)
+            read.append((x, hessians[name]))
         seen.add(name)
         if len(seen) == len(modules):
             raise _StopForward
@@ -172,6 +179,7 @@ def group_hessians(layer: nn.Module, modules: dict[str, nn.Module], inputs: Laye
                for name, module in modules.items()]
     try:
         for entry in inputs:
+            read.clear()
             seen.clear()
             try:
                 call_layer(layer, *(home.load(entry) if home else entry))

@@ -29,7 +29,7 @@ same damped output error (``gptq_refine``: coordinate descent over the codes, le
 which can only lower it; the grid and the checkpoint format stay as they are.
 
 The grid is the RTN grid of ``uniform.choose_qparams`` (asymmetric integer zero >= 1, symmetric, or
-fp16 float zero), so with H = I GPTQ returns exactly RTN's codes, scales and zeros.
+fp16 float zero), so with H = I and no refinement GPTQ returns exactly RTN's codes, scales and zeros.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import QuantConfig, effective_group
-from .gptq_refine import grid_round, output_error, refine
+from .gptq_refine import grid_round, refine, row_errors
 from .qweight import QuantizedWeight
 from .scale_search import search_qparams
 from .uniform import choose_qparams, to_float_zero_tensors, to_gptq_tensors
@@ -140,19 +140,31 @@ class GPTQSettings:
     block: int = 128
     order: str = "group_aware"
     mse_norm: float = 0.0  # 0: min/max group parameters; > 0: the shrink search under this norm
-    refine_rounds: int = 0  # rounds of code and scale refinement after the column loop (``gptq_refine``)
+    refine_rounds: int = 1  # rounds of code and scale refinement after the column loop (``gptq_refine``)
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig,
                   settings: GPTQSettings = GPTQSettings(), dtype: torch.dtype = torch.float32) -> GPTQResult:
     """GPTQ of ``weight`` [N, K] given its inputs' Hessian [K, K] into a uniform ``config``."""
+    return gptq_quantize_stacked([weight], hessian, config, settings, dtype)[0]
+
+
+def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, config: QuantConfig,
+                          settings: GPTQSettings = GPTQSettings(),
+                          dtype: torch.dtype = torch.float32) -> list[GPTQResult]:
+    """GPTQ of linears that read one input (one Hessian [K, K]) into one ``config``, run as one
+    matrix of their stacked rows: GPTQ treats rows independently (the order, damp and H⁻¹ come from
+    H alone; a row's groups, rounding and error feedback are its own), so each result is the one
+    ``gptq_quantize`` gives the weight alone, up to float rounding, for one column loop in all."""
     if config.kind != "uniform":
         raise ValueError(f"GPTQ quantizes to uniform configs, not {config.name}")
-    out_features, in_features = weight.shape
+    in_features = weights[0].shape[1]
+    if any(weight.shape[1] != in_features for weight in weights):
+        raise ValueError(f"stacked GPTQ needs one in_features, got {[tuple(w.shape) for w in weights]}")
     if tuple(hessian.shape) != (in_features, in_features):
         raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match in_features {in_features}")
-    w = weight.detach().to(dtype).clone()
-    h = hessian.detach().to(device=weight.device, dtype=dtype).clone()
+    w = torch.cat([weight.detach().to(dtype) for weight in weights])
+    h = hessian.detach().to(device=w.device, dtype=dtype).clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -161,25 +173,30 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
     params = _group_params(w, config, group, settings.mse_norm) if static else None
     order = column_order(h.diagonal(), group, settings.order)
     upper = _inverse_cholesky(h[order][:, order], settings.damp, settings.damp_increment)
-    codes, scale, zero, loss = _quantize_columns(w[:, order], upper, order, config, group, params, settings)
+    codes, scale, zero, losses = _quantize_columns(w[:, order], upper, order, config, group, params, settings)
     codes = codes[:, torch.argsort(order)]
     if settings.refine_rounds > 0:
         h.diagonal().add_(settings.damp * float(h.diagonal().mean()))
         codes, scale = refine(w, h, codes, scale, zero, config, group, settings.refine_rounds, settings.block)
         column_group = torch.arange(in_features, device=w.device) // group
-        loss = output_error(w, (codes - zero[:, column_group]) * scale[:, column_group], h)
+        losses = row_errors(w, (codes - zero[:, column_group]) * scale[:, column_group], h) / 2
     codes = codes.to(torch.uint8)
     pack = to_float_zero_tensors if config.float_zero else to_gptq_tensors
     zero_out = zero.to(torch.float16) if config.float_zero else zero.round().to(torch.int32)
-    tensors = pack(codes, scale.to(torch.float16), zero_out, config)
-    return GPTQResult(QuantizedWeight(config, (out_features, in_features), tensors), float(loss))
+    results, start = [], 0
+    for weight in weights:
+        rows = slice(start, start + weight.shape[0])
+        tensors = pack(codes[rows], scale[rows].to(torch.float16), zero_out[rows], config)
+        results.append(GPTQResult(QuantizedWeight(config, tuple(weight.shape), tensors), float(losses[rows].sum())))
+        start += weight.shape[0]
+    return results
 
 
 def _quantize_columns(w: torch.Tensor, upper: torch.Tensor, order: torch.Tensor, config: QuantConfig, group: int,
                       params, settings: GPTQSettings):
     """GPTQ's blocked column loop over the reordered weight ``w`` (updated in place): (codes in
-    the visiting order, scale [N, G], zero [N, G], loss). ``params``: the static groups' (scale,
-    zero), or None to choose each group's when the loop reaches its first column."""
+    the visiting order, scale [N, G], zero [N, G], each row's loss [N] float64). ``params``: the
+    static groups' (scale, zero), or None to choose each group's when the loop reaches its first column."""
     out_features, in_features = w.shape
     dtype, device = w.dtype, w.device
     if params is None:
@@ -189,7 +206,7 @@ def _quantize_columns(w: torch.Tensor, upper: torch.Tensor, order: torch.Tensor,
         scale, zero = (t.to(dtype) for t in params)
     codes = torch.zeros(out_features, in_features, dtype=dtype, device=device)
     column_groups = (order // group).tolist()  # one host copy, not a device sync per column
-    loss = torch.zeros((), dtype=torch.float64, device=device)  # float64: the sum of the python floats
+    losses = torch.zeros(out_features, dtype=torch.float64, device=device)
     for start in range(0, in_features, settings.block):
         end = min(start + settings.block, in_features)
         chunk = w[:, start:end].clone()
@@ -203,8 +220,8 @@ def _quantize_columns(w: torch.Tensor, upper: torch.Tensor, order: torch.Tensor,
                 scale[:, g], zero[:, g] = s.to(dtype)[:, 0], z.to(dtype)[:, 0]
             codes[:, column], quantized = grid_round(chunk[:, i], scale[:, g], zero[:, g], config)
             error = (chunk[:, i] - quantized) / inverse[i, i]
-            loss += (error**2).sum().double() / 2
+            losses += error.double()**2 / 2
             chunk[:, i:] -= error.unsqueeze(1) * inverse[i, i:].unsqueeze(0)
             errors[:, i] = error
         w[:, end:] -= errors @ upper[start:end, end:]
-    return codes, scale, zero, loss
+    return codes, scale, zero, losses

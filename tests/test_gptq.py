@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from compress.quant import QuantConfig, QuantizedWeight
-from compress.quant.gptq import GPTQSettings, HessianAccumulator, column_order, gptq_quantize
+from compress.quant.gptq import GPTQSettings, HessianAccumulator, column_order, gptq_quantize, gptq_quantize_stacked
 from compress.quant.scale_search import search_qparams
 from compress.quant.uniform import choose_qparams, from_gptq_tensors
 
@@ -91,7 +91,7 @@ def obq_reference(weight, hessian, config: QuantConfig, damp: float, order: str,
 def test_gptq_matches_the_float64_obq_reference(bits, group, order, sym, mse_norm):
     x, w = correlated_inputs(512, 64, 0), weight_of(24, 64, 1)
     config = QuantConfig.uniform(bits, group, sym=sym)
-    settings = GPTQSettings(damp=0.01, block=24, order=order, mse_norm=mse_norm)
+    settings = GPTQSettings(damp=0.01, block=24, order=order, mse_norm=mse_norm, refine_rounds=0)
     ours = gptq_quantize(w, hessian_of(x), config, settings, dtype=torch.float64)
     qparams = (lambda m, c: search_qparams(m, c, mse_norm)) if mse_norm else choose_qparams
     reference = obq_reference(w, hessian_of(x), config, 0.01, order, block=24, qparams=qparams)
@@ -115,7 +115,7 @@ def test_gptq_with_identity_hessian_is_rtn_exactly():
     w = weight_of(32, 128, 2).float()
     for config in (QuantConfig.uniform(4, 32), QuantConfig.uniform(3, -1), QuantConfig.uniform(2, 64, sym=True),
                    QuantConfig.uniform(3, 32, float_zero=True)):
-        ours = gptq_quantize(w, torch.eye(128), config, GPTQSettings(block=48))
+        ours = gptq_quantize(w, torch.eye(128), config, GPTQSettings(block=48, refine_rounds=0))
         rtn = QuantizedWeight.quantize(w, config)
         for key, tensor in rtn.tensors.items():
             assert torch.equal(ours.quantized.tensors[key], tensor), (config.name, key)
@@ -134,6 +134,26 @@ def test_gptq_layer_output_error_is_below_rtn(bits, group, order):
     gptq_error = torch.linalg.norm(held_out @ gptq.double().t() - exact)
     rtn_error = torch.linalg.norm(held_out @ rtn.double().t() - exact)
     assert gptq_error < 0.85 * rtn_error, (float(gptq_error), float(rtn_error))
+
+
+@pytest.mark.parametrize("order, refine_rounds, sym", [("group_aware", 0, True), ("activation", 1, False),
+                                                        ("natural", 1, True)])
+def test_stacked_gptq_is_each_matrix_alone(order, refine_rounds, sym):
+    """q/k/v-like weights (one Hessian, one config) stacked into one GPTQ give every matrix the codes,
+    scales, zeros and loss it gets alone (float64: rows are independent in GPTQ)."""
+    x = correlated_inputs(256, 64, 21).double()
+    weights = [weight_of(rows, 64, 22 + rows).double() for rows in (16, 8, 8)]
+    config = QuantConfig.uniform(3, 16, sym=sym)
+    settings = GPTQSettings(order=order, refine_rounds=refine_rounds, block=32)
+    stacked = gptq_quantize_stacked(weights, hessian_of(x), config, settings, dtype=torch.float64)
+    for weight, together in zip(weights, stacked):
+        alone = gptq_quantize(weight, hessian_of(x), config, settings, dtype=torch.float64)
+        assert together.quantized.shape == alone.quantized.shape == tuple(weight.shape)
+        for key, tensor in alone.quantized.tensors.items():
+            torch.testing.assert_close(together.quantized.tensors[key], tensor, rtol=0, atol=0, msg=key)
+        assert together.loss == pytest.approx(alone.loss, rel=1e-9)
+    with pytest.raises(ValueError, match="one in_features"):
+        gptq_quantize_stacked([weights[0], weights[1][:, :32]], hessian_of(x), config)
 
 
 def test_gptq_keeps_the_grid_and_zero_range():

@@ -68,7 +68,7 @@ def test_refinement_never_raises_the_error_and_lowers_it_here(bits, group, sym):
     w, x = weight_of(32, 96, 5), correlated_inputs(800, 96, 6)
     h = hessian_of(x)
     config = QuantConfig.uniform(bits, group, sym)
-    plain = gptq_quantize(w, h, config, GPTQSettings(damp=0.05), dtype=torch.float64)
+    plain = gptq_quantize(w, h, config, GPTQSettings(damp=0.05, refine_rounds=0), dtype=torch.float64)
     refined = gptq_quantize(w, h, config, GPTQSettings(damp=0.05, refine_rounds=2), dtype=torch.float64)
     damped = h + 0.05 * h.diagonal().mean() * torch.eye(96, dtype=torch.float64)
     before = row_errors(w, plain.quantized.dequantize(torch.float64), damped)
@@ -84,7 +84,7 @@ def test_refinement_never_raises_the_error_and_lowers_it_here(bits, group, sym):
 def test_refinement_keeps_the_zeros_and_the_stored_scales_fp16():
     w, h = weight_of(16, 64, 7), hessian_of(correlated_inputs(500, 64, 8))
     config = QuantConfig.uniform(3, 32, False)
-    plain = gptq_quantize(w, h, config, GPTQSettings())
+    plain = gptq_quantize(w, h, config, GPTQSettings(refine_rounds=0))
     refined = gptq_quantize(w, h, config, GPTQSettings(refine_rounds=1))
     assert torch.equal(plain.quantized.tensors["qzeros"], refined.quantized.tensors["qzeros"])
     assert refined.quantized.tensors["scales"].dtype == torch.float16

@@ -52,6 +52,10 @@ def test_layerwise_hessians_equal_a_full_forward_when_nothing_changes(tiny_model
     for name in selected:
         torch.testing.assert_close(seen[name].hessian, reference[name].hessian, rtol=1e-4, atol=1e-5)
 
+    shared = {name.rsplit(".", 1)[1]: id(seen[name]) for name in selected if ".layers.0." in name}
+    assert shared["q_proj"] == shared["k_proj"] == shared["v_proj"] != shared["o_proj"]
+    assert shared["gate_proj"] == shared["up_proj"] != shared["down_proj"]  # one accumulator per input
+
 
 GPTQ = "  - quantize: {{method: {method}, config: {{bits: 3, group_size: 32}}{extra}}}"
 
@@ -74,7 +78,8 @@ def held_out_text(tokenizer):
     return token_windows(tokenizer, spec.text_source("eval"), 8, 64)
 
 
-@pytest.mark.parametrize("options", ["", ", order: natural, damp: 0.01", ", order: activation", ", mse_norm: 2.4"])
+@pytest.mark.parametrize("options", ["", ", order: natural, damp: 0.01", ", order: activation", ", mse_norm: 2.4",
+                                     ", refine_rounds: 0"])
 def test_gptq_stage_is_closer_to_the_float_model_than_rtn(tmp_path, tiny_pair, options):
     """On held-out text (calibration is the train split), GPTQ's logits are nearer the float model's
     (measured: 0.63x RTN's error in natural order, damp 0.01)."""

@@ -63,13 +63,13 @@ from compress.lowrank import (GRIDS, NF8_BITS, InfeasibleBudget, LoRALinear, all
                               init_from_factors, lq_decompose, minimum_bits)
 from compress.lowrank.decompose import output_error, output_row_weights, weighted_error
 from compress.quant import QuantizedWeight, QuantLinear
-from compress.quant.gptq import GPTQSettings, gptq_quantize
+from compress.quant.gptq import gptq_quantize
 
 from ..checkpoint.write import INTEGER_FORMATS
 from ..errors import RecipeError, StageError
 from ..fisher_by_layer import fisher_by_layer, load_layer_fisher
 from ..layerwise import calibration_step
-from .lq_lora_costs import output_cost_table, weight_cost_table
+from .lq_lora_costs import gptq_settings, output_cost_table, weight_cost_table
 from ..stage import Stage, StageConfig
 from ..walker import HOST, decoder_layers, rewrite_units
 from ..targets import check_selector, fused_members, select_linears, set_module
@@ -253,7 +253,7 @@ def _decompose(module, qconfig, config: LQLoRAConfig, fisher, hessian=None) -> t
     output = config.objective == "output"
     if hessian is not None:
         if config.quantizer == "gptq":
-            quantize = lambda matrix, c: gptq_quantize(matrix, hessian, c, GPTQSettings(damp=config.damp)).quantized  # noqa: E731
+            quantize = lambda matrix, c: gptq_quantize(matrix, hessian, c, gptq_settings(config)).quantized  # noqa: E731
         error = output_error(hessian, output_row_weights(hessian, fisher) if output else None)
         scale = max(error(weight), 1e-30)
     if config.rank == 0:

@@ -48,8 +48,9 @@ def cache_key(weight: torch.Tensor, fisher: torch.Tensor | None, configs: list, 
     return digest.hexdigest()[:24]
 
 
-def _gptq(config) -> GPTQSettings | None:
-    return GPTQSettings(damp=config.damp) if config.quantizer == "gptq" else None
+def gptq_settings(config) -> GPTQSettings | None:
+    """LQ-LoRA's GPTQ: its damp, no refinement (it runs GPTQ for every candidate config and iteration)."""
+    return GPTQSettings(damp=config.damp, refine_rounds=0) if config.quantizer == "gptq" else None
 
 
 def cost_entries(ctx, config, grid_for, modules: dict, fisher: dict, hessians: dict | None = None) -> dict:
@@ -71,7 +72,7 @@ def cost_entries(ctx, config, grid_for, modules: dict, fisher: dict, hessians: d
             jobs[name] = (weight, configs, config.rank, config.iterations, fisher.get(name), config.seed)
         else:
             jobs[name] = (weight, configs, config.rank, config.iterations, fisher.get(name), config.seed, hessian,
-                          _gptq(config))
+                          gptq_settings(config))
     workers = config.workers if hessians is None else 1  # Hessians stay in this process
     for name, entries in ctx.track(parallel_map(matrix_costs, jobs, workers), "lq_lora cost entries", len(jobs)):
         local[name] = {k: tuple(v) for k, v in entries.items()}
