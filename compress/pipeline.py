@@ -77,11 +77,17 @@ class StageStates:
         return done
 
     def discard_after(self, keep: int) -> None:
-        """Remove every saved state except those of the first ``keep`` stages."""
+        """Remove every saved state except those of the first ``keep`` stages. A state's
+        ``state.json`` goes first, so a run killed halfway through the removal leaves no state that
+        counts as completed with part of its model gone."""
         wanted = {self.path(e).name for e in self.recipe.stages[:keep]}
         for child in self.root.iterdir() if self.root.is_dir() else []:
             if child.name not in wanted:
-                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+                if child.is_dir():
+                    (child / "state.json").unlink(missing_ok=True)
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink()
 
     def save(self, entry: StageEntry, ctx: Context) -> None:
         """The model (when the stage changed it) and then ``state.json``, each written atomically:

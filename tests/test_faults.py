@@ -89,3 +89,28 @@ def test_full_disk_fails_cleanly_and_resume_finishes(tmp_path):
     got, expected = file_hashes(out / "checkpoint"), file_hashes(reference_dir / "checkpoint")
     got.pop("compress.json"), expected.pop("compress.json")  # the manifest records the output path
     assert got == expected
+
+
+def test_a_removal_killed_halfway_leaves_no_completed_state(tmp_path, monkeypatch):
+    """``--overwrite`` removes the earlier run's states; killed while it deletes a state's model
+    files (here: rmtree dies after the model), that state no longer counts as completed."""
+    import shutil
+
+    from compress import pipeline
+
+    path = tiny_recipe(tmp_path, "  - quantize: {config: {bits: 4, group_size: 64}}")
+    recipe = compress.load_recipe(path)
+    compress.run_recipe(recipe)
+    states = pipeline.StageStates(tmp_path / "out" / pipeline.STATE_DIR, recipe)
+    assert [e.name for e in states.completed()] == ["quantize"]
+
+    remove = shutil.rmtree
+
+    def dies_after_the_model(directory, ignore_errors=False):
+        remove(directory / "model")
+        raise KeyboardInterrupt  # the kill, before state.json would have gone
+
+    monkeypatch.setattr(pipeline.shutil, "rmtree", dies_after_the_model)
+    with pytest.raises(KeyboardInterrupt):
+        states.discard_after(0)
+    assert states.completed() == []
