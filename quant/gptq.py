@@ -73,7 +73,7 @@ class HessianAccumulator:
 @dataclass
 class GPTQResult:
     quantized: QuantizedWeight
-    loss: float  # Σ over columns of (w - q)² / U[i, i]²: GPTQ's own estimate of the output error
+    loss: float  # ½ tr((W − Q) H (W − Q)ᵀ), H damped: GPTQ's Σ (w − q)² / U[i, i]², or recomputed after refinement
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damp: float, increment: float) -> torch.Tensor:

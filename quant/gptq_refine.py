@@ -39,12 +39,6 @@ def grid_round(target: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     return codes, (codes - zero) * scale
 
 
-def output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr((W − Q) H (W − Q)ᵀ) / 2 (GPTQ's loss scale), in float64."""
-    residual = (weight - quantized).double()
-    return float(((residual @ hessian.double()) * residual).sum() / 2)
-
-
 def refine_codes(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                  zero: torch.Tensor, config: QuantConfig, group: int, passes: int,
                  block: int = 128) -> torch.Tensor:
