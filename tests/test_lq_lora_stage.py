@@ -57,6 +57,8 @@ def test_lq_lora_end_to_end(tmp_path, tiny_pair):
     ("  - lq_lora: {rank: 8, budget_bits: 3.0}\n  - export: {format: gptq, adapters: merge}", r"adapters: merge needs format hf"),
     ("  - lq_lora: {rank: 8, budget_bits: 3.0, grid: nf, quantizer: gptq}", r"quantizer: gptq needs grid: gptq"),
     ("  - lq_lora: {rank: 8, budget_bits: 3.0, damp: 0.1}", r"damp: only for quantizer: gptq"),
+    ("  - lq_lora: {rank: 0, budget_bits: 3.0, refine_rounds: 1}", r"refine_rounds: only for quantizer: gptq"),
+    ("  - lq_lora: {rank: 8, budget_bits: 3.0, quantizer: gptq, refine_rounds: 2}", r"refine_rounds: only at rank 0"),
 ])
 def test_bad_lq_lora_recipes_fail_before_loading(tmp_path, stages, message):
     result = run_cli("validate", tiny_recipe(tmp_path, stages))
@@ -144,3 +146,28 @@ def test_lq_decompose_with_gptq_has_less_output_error_than_with_rtn():
     residual = w - gptq.quantized.dequantize() - gptq.low_rank()
     output_error = float(torch.linalg.norm(x @ residual.t())) / x.shape[0] ** 0.5  # H = 2 XᵀX / n
     assert abs(error(residual) - output_error) < 1e-3 * output_error
+
+
+def test_refined_gptq_costs_are_never_above_plain_gptq():
+    """Rank 0's cost entries with GPTQ refinement: per config no larger than plain GPTQ's (the
+    refinement starts from GPTQ's codes and keeps only what lowers the same error), smaller at 2-3
+    bits, same storage; the stage refines at rank 0 only and shows refine_rounds only there."""
+    from compress.lowrank.costs import gptq_grid, matrix_costs
+    from compress.quant.gptq import GPTQSettings
+    from compress.stages.lq_lora import LQLoRAConfig
+    from compress.stages.lq_lora_costs import gptq_settings
+    from test_gptq import correlated_inputs, hessian_of, weight_of
+
+    x, w = correlated_inputs(512, 128, 0).float(), weight_of(48, 128, 1).float()
+    hessian = hessian_of(x.double()).float()
+    configs = gptq_grid()
+    plain, refined = (matrix_costs(w, configs, 0, hessian=hessian, gptq=GPTQSettings(refine_rounds=rounds))
+                      for rounds in (0, 1))
+    for name, (error, bits) in plain.items():
+        assert refined[name][1] == bits and refined[name][0] <= error * (1 + 1e-6), name
+    assert all(refined[c.name][0] < 0.99 * plain[c.name][0] for c in configs if c.bits <= 3)
+    zero = LQLoRAConfig(rank=0, budget_bits=3.0, quantizer="gptq")
+    assert gptq_settings(zero).refine_rounds == 1
+    assert gptq_settings(LQLoRAConfig(rank=8, budget_bits=3.0, quantizer="gptq")).refine_rounds == 0
+    assert "refine_rounds" not in LQLoRAConfig(rank=8, budget_bits=3.0, quantizer="gptq").model_dump()
+    assert "refine_rounds" not in LQLoRAConfig(rank=0, budget_bits=3.0).model_dump()

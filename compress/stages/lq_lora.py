@@ -2,7 +2,7 @@
 
 ```yaml
 - lq_lora: {rank: 64, budget_bits: 3.0, grid: gptq, fisher: true, iterations: 20, ignore: [lm_head]}
-- lq_lora: {rank: 0, budget_bits: 3.0, quantizer: gptq, damp: 0.05, objective: output}
+- lq_lora: {rank: 0, budget_bits: 3.0, quantizer: gptq, damp: 0.05, refine_rounds: 1, objective: output}
 ```
 
 LQ-LoRA (Guo et al. 2024): for each matrix and each config of the grid (``gptq``: 12 uniform configs;
@@ -37,6 +37,10 @@ every selected linear is inside a decoder layer, else ``weight``):
 ``quantizer: gptq`` (gptq grid) quantizes Q with GPTQ instead of round-to-nearest, on the layer's
 input Hessian (``damp``); its ILP costs are GPTQ's output errors under ``objective: output`` and RTN's
 Frobenius errors under ``weight`` (where the alternation still keeps the iterate of least output error).
+At rank 0 (no alternation: one GPTQ per matrix and config) GPTQ runs with ``refine_rounds`` (default
+1, as ``quantize``) rounds of code and scale refinement, in the ILP's costs and in the final
+quantization alike, so the ILP compares the errors of what it installs; at rank > 0 GPTQ runs once
+per iteration and config, unrefined (``refine_rounds`` is refused there).
 
 The stage makes three walks over the model's units on the run's device (``compress.walker``):
 the Fisher, when asked for (``compress.fisher_by_layer``: forward, then backward, one file per
@@ -93,13 +97,17 @@ class LQLoRAConfig(StageConfig):
     workers: int = Field(1, ge=1)
     quantizer: Literal["rtn", "gptq"] = "rtn"
     damp: float = Field(0.05, gt=0, lt=1)
+    refine_rounds: int = Field(1, ge=0)  # GPTQ's refinement at rank 0 (``gptq_settings``)
 
     @model_validator(mode="after")
     def _one_budget_and_valid_selectors(self) -> "LQLoRAConfig":
         if self.quantizer == "gptq" and self.grid != "gptq":
             raise ValueError(f"quantizer: gptq needs grid: gptq (GPTQ rounds to uniform grids, not {self.grid})")
-        if "damp" in self.model_fields_set and self.quantizer != "gptq":
-            raise ValueError("damp: only for quantizer: gptq")
+        for key in ("damp", "refine_rounds"):
+            if key in self.model_fields_set and self.quantizer != "gptq":
+                raise ValueError(f"{key}: only for quantizer: gptq")
+        if "refine_rounds" in self.model_fields_set and self.refine_rounds and self.rank > 0:
+            raise ValueError("refine_rounds: only at rank 0 (at rank > 0 GPTQ runs unrefined in every iteration)")
         if (self.budget_bits is None) == (self.budget_gib is None):
             raise ValueError("give exactly one of budget_bits and budget_gib")
         for key in list(self.targets) + list(self.ignore):
@@ -109,10 +117,12 @@ class LQLoRAConfig(StageConfig):
         return self
 
     @model_serializer(mode="wrap")
-    def _damp_only_for_gptq(self, handler):
+    def _gptq_options_only_where_used(self, handler):
         data = handler(self)
         if self.quantizer != "gptq":
             data.pop("damp", None)
+        if self.quantizer != "gptq" or self.rank > 0:
+            data.pop("refine_rounds", None)
         return data
 
 

@@ -49,8 +49,10 @@ def cache_key(weight: torch.Tensor, fisher: torch.Tensor | None, configs: list, 
 
 
 def gptq_settings(config) -> GPTQSettings | None:
-    """LQ-LoRA's GPTQ: its damp, no refinement (it runs GPTQ for every candidate config and iteration)."""
-    return GPTQSettings(damp=config.damp, refine_rounds=0) if config.quantizer == "gptq" else None
+    """LQ-LoRA's GPTQ: its damp; refined at rank 0 only (at rank > 0 it runs for every iteration)."""
+    if config.quantizer != "gptq":
+        return None
+    return GPTQSettings(damp=config.damp, refine_rounds=config.refine_rounds if config.rank == 0 else 0)
 
 
 def cost_entries(ctx, config, grid_for, modules: dict, fisher: dict, hessians: dict | None = None) -> dict:
@@ -61,7 +63,8 @@ def cost_entries(ctx, config, grid_for, modules: dict, fisher: dict, hessians: d
     local, paths, jobs = {}, {}, {}
     settings = [config.rank, config.iterations, config.seed]
     if hessians is not None:
-        settings += ["output", config.quantizer, config.damp]
+        refined = gptq_settings(config).refine_rounds if config.quantizer == "gptq" else 0
+        settings += ["output", config.quantizer, config.damp] + ([refined] if refined else [])
     for name in ctx.ranks.share(list(modules)):
         weight = modules[name].weight.detach().float()
         configs, hessian = grid_for(config, tuple(weight.shape)), (hessians or {}).get(name)
