@@ -58,14 +58,59 @@ def gptq_verdict(rows: dict[str, dict]) -> list[str]:
             f"{min(times):.2f}-{max(times):.2f} (goal <= 1)."]
 
 
+def _uniform_curve(rows: dict[str, dict]) -> list[dict]:
+    """Our uniform GPTQ, asymmetric (LQ-LoRA's grid), both groups: (bits per parameter, perplexity) sorted."""
+    curve = [r for r in rows.values() if r["method"] == "gptq" and not r["sym"]]
+    return sorted(curve, key=lambda r: r["bits_per_param"])
+
+
+def curve_at(curve: list[dict], bits: float, key: str = "ppl") -> float | None:
+    """The curve's perplexity at ``bits``, linear in log perplexity between its two neighbours; None outside."""
+    for low, high in zip(curve, curve[1:]):
+        if low["bits_per_param"] <= bits <= high["bits_per_param"]:
+            share = (bits - low["bits_per_param"]) / (high["bits_per_param"] - low["bits_per_param"])
+            return math.exp((1 - share) * math.log(low[key]) + share * math.log(high[key]))
+    return None
+
+
+def curve_position(row: dict, curve: list[dict]) -> str:
+    """Where a point lies against the uniform curve: below / above (interpolated), or dominates / dominated
+    (a uniform point at no fewer bits is worse / at no more bits is better), else outside the curve."""
+    at = curve_at(curve, row["bits_per_param"])
+    if at is not None:
+        return f"{'below' if row['ppl'] <= at else 'above'} ({row['ppl'] / at:.3f}x the curve's {at:.3f})"
+    if any(u["bits_per_param"] >= row["bits_per_param"] and u["ppl"] >= row["ppl"] for u in curve):
+        return "below (beats a uniform point with more bits)"
+    if any(u["bits_per_param"] <= row["bits_per_param"] and u["ppl"] <= row["ppl"] for u in curve):
+        return "above (a uniform point with fewer bits is better)"
+    return "outside the measured curve"
+
+
 def lqlora_table(rows: dict[str, dict]) -> list[str]:
-    lines = ["| method | budget or bits | bits/param (files) | in-domain ppl | stdlib ppl |", "|---|---:|---:|---:|---:|"]
-    for name, row in sorted(rows.items(), key=lambda item: (item[1]["method"], item[1].get("bits") or 0)):
-        uniform = row["method"] == "gptq" and row["group"] == 64 and not row["sym"]
-        if row["method"].startswith("lqlora") or uniform:
-            label = "uniform GPTQ g64 asym" if uniform else row["method"]
-            lines.append(f"| {label} | {row['bits']:g} | {row['bits_per_param']:.3f} | {_fmt(row['ppl'])} | "
-                         f"{_fmt(row['ppl_stdlib'])} |")
+    lines = ["| method | budget or bits | bits/param (files) | in-domain ppl | stdlib ppl | against uniform GPTQ asym |",
+             "|---|---:|---:|---:|---:|---|"]
+    curve = _uniform_curve(rows)
+    for row in curve + sorted((r for r in rows.values() if r["method"].startswith("lqlora")),
+                              key=lambda r: (r["method"], r["bits"])):
+        uniform = row["method"] == "gptq"
+        label = f"uniform GPTQ g{row['group']} asym" if uniform else row["method"]
+        where = "-" if uniform else curve_position(row, curve)
+        lines.append(f"| {label} | {row['bits']:g} | {row['bits_per_param']:.3f} | {_fmt(row['ppl'])} | "
+                     f"{_fmt(row['ppl_stdlib'])} | {where} |")
+    return lines
+
+
+def l4q_table(rows: dict[str, dict]) -> list[str]:
+    """L4Q at int3 g64 asym against the GPTQ it starts from, in domain and out of domain (stdlib)."""
+    base = rows.get(Point("gptq", 3, 64, False).name)
+    lines = ["| point | distill | in-domain ppl | / GPTQ | stdlib ppl | / GPTQ | bits/param | s (with its GPTQ) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in [base] + [rows.get(Point("l4q", 3, 64, False, d).name) for d in (False, True)]:
+        if row:
+            ratio = lambda key, r=row: r[key] / base[key] if base else None  # noqa: E731
+            lines.append(f"| {row['name']} | {'yes' if row.get('distill') else 'no'} | {_fmt(row['ppl'])} | "
+                         f"{_fmt(ratio('ppl'))} | {_fmt(row['ppl_stdlib'])} | {_fmt(ratio('ppl_stdlib'))} | "
+                         f"{row['bits_per_param']:.3f} | {_fmt(row.get('seconds'), 0)} |")
     return lines
 
 
@@ -87,8 +132,7 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4))
-    series = {"uniform GPTQ g64 asym": [r for r in rows.values() if r["method"] == "gptq" and r["group"] == 64
-                                        and not r["sym"]],
+    series = {"uniform GPTQ asym (g64, g128)": _uniform_curve(rows),
               "LQ-LoRA rank 0": [r for r in rows.values() if r["method"] == "lqlora-r0"],
               "LQ-LoRA rank 16": [r for r in rows.values() if r["method"] == "lqlora-r16"]}
     for label, points in series.items():
@@ -110,7 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = [json.loads(line) for line in args.results.read_text().splitlines()]
     named = _by_name(rows)
-    sections = [gptq_table(named), gptq_verdict(named), lqlora_table(named), all_rows(rows)]
+    sections = [gptq_table(named), gptq_verdict(named), lqlora_table(named), l4q_table(named), all_rows(rows)]
     print("\n\n".join("\n".join(section) for section in sections))
     if args.plot:
         plot(named, args.plot)
