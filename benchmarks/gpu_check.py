@@ -1,15 +1,17 @@
-"""The recipes of the GPU check (issue 21), each run on the device and on the CPU in one process.
+"""The recipes of the GPU check (issue 21), each run on the device and on the CPU, compared.
 
     python benchmarks/gpu_check.py --device cuda --model smollm2-135m --out $OUT/runs
     python benchmarks/gpu_check.py --device cpu --model tiny-llama --out out/gpu-dry --dry-run
 
 Four recipes (quickstart's RTN, GPTQ, LQ-LoRA on a small grid, L4Q) run with ``device: DEVICE`` and
-again with ``device: cpu`` on the same data; the check holds when RTN's packed codes are equal and
+again with ``device: cpu`` on the same data (on a GPU machine the CPU runs go alongside, in one other
+process); the check holds when RTN's packed codes are equal and
 the GPTQ, LQ-LoRA and L4Q perplexities agree within 1 %. Then GPTQ of the 1.5 B synthetic Llama,
 streamed, on the device: seconds and the CUDA peak next to ``compress plan``'s prediction for that
 stage. ``--dry-run`` makes every step small (the tiny model, a 2-layer synthetic model) so that a test
-runs the same code on a CPU-only machine. Writes ``gpu_check.json`` and ``gpu_check.md`` in ``--out``;
-exits 1 when a comparison fails.
+runs the same code on a CPU-only machine. ``--part recipes`` or ``--part synthetic`` runs one half
+(the GPU check runs them in two calls). Writes ``gpu_check.json`` and ``gpu_check.md`` in ``--out``
+after every recipe; exits 1 when a comparison fails.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 log = logging.getLogger("gpu_check")
@@ -106,7 +110,7 @@ def synthetic_gptq(device: str, out: Path, dry: bool) -> dict:
             "peak_rss_mib": quantize["peak_rss_mib"], "plan_mib": need / 2**20, "plan_detail": detail}
 
 
-def markdown(rows: list[dict], synthetic: dict, device: str) -> str:
+def markdown(rows: list[dict], synthetic: dict | None, device: str) -> str:
     lines = [f"| recipe | {device} s | cpu s | speedup | {device} ppl | cpu ppl | check | CUDA peak MiB |",
              "|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
@@ -115,10 +119,51 @@ def markdown(rows: list[dict], synthetic: dict, device: str) -> str:
         ppl = [f"{p:.3f}" if p is not None else "-" for p in (r["device_perplexity"], r["cpu_perplexity"])]
         lines.append(f"| {r['recipe']} | {r['device_seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['speedup']:.2f}x | "
                      f"{ppl[0]} | {ppl[1]} | {check} | {r['peak_cuda_mib']:.0f} |")
-    lines += ["", f"Synthetic 1.5 B GPTQ int4 g128 (streamed) on {device}: {synthetic['seconds']:.1f} s, CUDA peak "
-              f"{synthetic['peak_cuda_mib'] or 0:.0f} MiB, RSS peak {synthetic['peak_rss_mib']:.0f} MiB; compress plan "
-              f"beyond the weights {synthetic['plan_mib']:.0f} MiB ({synthetic['plan_detail']})."]
+    if synthetic:
+        lines += ["", f"Synthetic 1.5 B GPTQ int4 g128 (streamed) on {device}: {synthetic['seconds']:.1f} s, CUDA peak "
+                  f"{synthetic['peak_cuda_mib'] or 0:.0f} MiB, RSS peak {synthetic['peak_rss_mib']:.0f} MiB; compress plan "
+                  f"beyond the weights {synthetic['plan_mib']:.0f} MiB ({synthetic['plan_detail']})."]
     return "\n".join(lines) + "\n"
+
+
+def write(out: Path, rows: list[dict], synthetic: dict | None, device: str) -> None:
+    """gpu_check.json and .md as they stand (after every recipe: a step stopped at its limit keeps its rows)."""
+    (out / "gpu_check.json").write_text(json.dumps({"recipes": rows, "synthetic_gptq": synthetic}, indent=2))
+    (out / "gpu_check.md").write_text(markdown(rows, synthetic, device))
+
+
+def set_threads(count: int) -> None:
+    import torch
+
+    torch.set_num_threads(count)
+
+
+def compare_recipes(args, alongside: bool) -> list[dict]:
+    """Each recipe on the device and on the CPU, compared. With a GPU the CPU runs go alongside the
+    device runs in one other process (every core but two; the device side keeps two), so that the
+    check fits one device call; on the CPU (the dry run) one after the other, so that both sides
+    compute the very same operations."""
+    plan = recipes(args.dry_run)
+    pool, cpu_runs = None, {}
+    if alongside:
+        cores = os.cpu_count() or 4
+        set_threads(2)
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=set_threads,
+                                   initargs=(max(1, cores - 2),))
+        cpu_runs = {name: pool.submit(run_one, args.model, stages, "cpu", args.out / "cpu" / name, args.dry_run)
+                    for name, (stages, _) in plan.items()}
+    rows = []
+    for name, (stages, rule) in plan.items():
+        log.info("recipe %s on %s and on cpu", name, args.device)
+        on_device = run_one(args.model, stages, args.device, args.out / "device" / name, args.dry_run)
+        on_cpu = (cpu_runs[name].result() if pool else
+                  run_one(args.model, stages, "cpu", args.out / "cpu" / name, args.dry_run))
+        rows.append(compare(name, rule, on_device, on_cpu, args.out) | {"cpu_alongside": pool is not None})
+        log.info("%s", rows[-1])
+        write(args.out, rows, None, args.device)
+    if pool:
+        pool.shutdown()
+    return rows
 
 
 def main() -> int:
@@ -127,19 +172,18 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--part", choices=("all", "recipes", "synthetic"), default="all",
+                        help="the four recipes, the synthetic GPTQ, or both (the GPU check splits them over two calls)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    rows = []
-    for name, (stages, rule) in recipes(args.dry_run).items():
-        log.info("recipe %s on %s, then on cpu", name, args.device)
-        on_device = run_one(args.model, stages, args.device, args.out / "device" / name, args.dry_run)
-        on_cpu = run_one(args.model, stages, "cpu", args.out / "cpu" / name, args.dry_run)
-        rows.append(compare(name, rule, on_device, on_cpu, args.out))
-        log.info("%s", rows[-1])
-    synthetic = synthetic_gptq(args.device, args.out, args.dry_run)
-    (args.out / "gpu_check.json").write_text(json.dumps({"recipes": rows, "synthetic_gptq": synthetic}, indent=2))
-    (args.out / "gpu_check.md").write_text(markdown(rows, synthetic, args.device))
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, synthetic = [], None
+    if args.part in ("all", "recipes"):
+        rows = compare_recipes(args, alongside=not args.device.startswith("cpu"))
+    if args.part in ("all", "synthetic"):
+        synthetic = synthetic_gptq(args.device, args.out, args.dry_run)
+    write(args.out, rows, synthetic, args.device)
     log.info("\n%s", markdown(rows, synthetic, args.device))
     return 0 if all(r["ok"] for r in rows) else 1
 

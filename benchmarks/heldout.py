@@ -227,7 +227,8 @@ def main() -> None:
             log.error("%s", failure)
             continue
         rows.append({**row, "commit": commit(), "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
-        results.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        with results.open("a") as handle:  # appended: rows another run wrote meanwhile stay
+            handle.write(json.dumps(rows[-1], sort_keys=True) + "\n")
     log.info("%d rows in %s; tables: benchmarks/heldout_tables.py %s", len(rows), results, results)
 
 

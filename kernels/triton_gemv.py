@@ -10,6 +10,8 @@ partial sums meet in an fp32 output through atomics (the launcher zeroes it; aut
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -19,15 +21,23 @@ MAX_M = 16
 MAX_TILE_PRODUCTS = 16 * 1024  # BLOCK_M * BLOCK_K * BLOCK_N live fp32 products: ~128 per thread at 4 warps
 
 
-def gemv_configs() -> list[triton.Config]:
-    configs = []
-    for block_n in (32, 64, 128, 256):
-        for block_k in (32, 64, 128):
-            for split_k in (1, 2, 4, 8):
-                for warps in (2, 4):
-                    configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k},
-                                                 num_warps=warps, num_stages=2))
-    return configs
+# ``COMPRESS_TRITON_TUNE=quick``: 11 configs instead of 96 for the first call's autotuning (each config
+# is one compile per format, about a second): the GPU check's time limit; the best quick config is at
+# most as fast as the best of all 96.
+QUICK_GEMV = ((64, 64, 1), (64, 128, 1), (128, 64, 1), (128, 128, 1), (256, 64, 1), (64, 64, 4), (64, 128, 4),
+              (128, 64, 2), (32, 128, 8), (32, 32, 1), (32, 32, 4))
+
+
+def gemv_configs(space: str | None = None) -> list[triton.Config]:
+    """Autotuning space: ``full`` (default) or ``quick`` (``COMPRESS_TRITON_TUNE``, read at import)."""
+    space = space or os.environ.get("COMPRESS_TRITON_TUNE", "full")
+    if space not in ("full", "quick"):
+        raise ValueError(f"COMPRESS_TRITON_TUNE is full or quick, not {space!r}")
+    shapes = QUICK_GEMV if space == "quick" else [(n, k, s) for n in (32, 64, 128, 256) for k in (32, 64, 128)
+                                                    for s in (1, 2, 4, 8)]
+    warps = (4,) if space == "quick" else (2, 4)
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s}, num_warps=w, num_stages=2)
+            for n, k, s in shapes for w in warps]
 
 
 def prune_gemv_configs(configs, named_args, **kwargs):

@@ -260,6 +260,18 @@ def test_autotune_pruners_keep_fitting_configs():
     assert len(small) < len(gemm_configs())
 
 
+def test_the_quick_autotuning_space_is_a_subset_of_the_full_one():
+    from compress.kernels.triton_gemv import gemv_configs
+
+    def key(config):
+        return tuple(sorted(config.kwargs.items())) + (config.num_warps, config.num_stages)
+
+    full, quick = {key(c) for c in gemv_configs("full")}, [key(c) for c in gemv_configs("quick")]
+    assert len(full) == 96 and len(quick) == 11 and set(quick) <= full
+    with pytest.raises(ValueError, match="COMPRESS_TRITON_TUNE is full or quick"):
+        gemv_configs("fast")
+
+
 def test_kernels_compile_for_h100_and_a100_without_a_gpu():
     """The interpreter accepts code the compiler rejects: lower representative variants to cubins
     for sm_90 and sm_80 with Triton's compiler and bundled ptxas (tests/gpu_compile_check.py)."""
