@@ -63,6 +63,7 @@ def run_one(model: str, stages: list[dict], device: str, out: Path, dry: bool, s
     result = run_recipe(recipe, overwrite=True)
     stages_done = [r.to_dict() for r in result.reports]
     return {"seconds": time.perf_counter() - start, "stages": stages_done,
+            "stage_seconds": {f"{i}-{r['name']}": round(r["seconds"], 1) for i, r in enumerate(stages_done)},
             "perplexity": next((r["metrics"]["perplexity"] for r in reversed(stages_done)
                                 if "perplexity" in r["metrics"]), None)}
 
@@ -82,7 +83,8 @@ def compare(name: str, rule: str, device_run: dict, cpu_run: dict, out: Path) ->
     row = {"recipe": name, "rule": rule, "device_seconds": device_run["seconds"], "cpu_seconds": cpu_run["seconds"],
            "speedup": cpu_run["seconds"] / device_run["seconds"], "device_perplexity": device_run["perplexity"],
            "cpu_perplexity": cpu_run["perplexity"],
-           "peak_cuda_mib": max((s["peak_cuda_mib"] or 0) for s in device_run["stages"])}
+           "peak_cuda_mib": max((s["peak_cuda_mib"] or 0) for s in device_run["stages"]),
+           "device_stage_seconds": device_run["stage_seconds"], "cpu_stage_seconds": cpu_run["stage_seconds"]}
     if rule == "codes":
         row["ok"], row["tensors_differing"] = codes_equal(out / "device" / name / "checkpoint",
                                                           out / "cpu" / name / "checkpoint")

