@@ -142,16 +142,17 @@ def set_threads(count: int) -> None:
 
 def compare_recipes(args, alongside: bool) -> list[dict]:
     """Each recipe on the device and on the CPU, compared. With a GPU the CPU runs go alongside the
-    device runs in one other process (every core but two; the device side keeps two), so that the
-    check fits one device call; on the CPU (the dry run) one after the other, so that both sides
+    device runs in one other process (half the cores each: the first run gave the device side two,
+    and its loading and tokenizing took as long as on a 2-core machine), so that the check fits one
+    device call; on the CPU (the dry run) one after the other, so that both sides
     compute the very same operations."""
     plan = recipes(args.dry_run)
     pool, cpu_runs = None, {}
     if alongside:
-        cores = os.cpu_count() or 4
-        set_threads(2)
+        cores = os.cpu_count() or 4  # half each: the device side loads, tokenizes and launches on the host
+        set_threads(max(1, cores // 2))
         pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=set_threads,
-                                   initargs=(max(1, cores - 2),))
+                                   initargs=(max(1, cores - cores // 2),))
         cpu_runs = {name: pool.submit(run_one, args.model, stages, "cpu", args.out / "cpu" / name, args.dry_run)
                     for name, (stages, _) in plan.items()}
     rows = []

@@ -29,7 +29,9 @@ export ``native`` (GPTQ engines need whole groups); GPTQModel's group-128 checkp
 our loader as it reads its others. Bits per parameter are counted from the checkpoint files (every
 tensor of the linear layers: codes, scales, zeros, g_idx, adapters). Seconds: the quantization alone
 (our stages' seconds; GPTQModel's ``quantize()`` call), with the process's CPU seconds beside them
-and the load average at the start, because a shared machine moves wall time.
+and the load average at the start, because a shared machine moves wall time. An LQ-LoRA point
+starts from the cost entries its rank's other budgets computed (they do not depend on the budget);
+its row then says how many it reused and the cost table's seconds.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -140,6 +143,22 @@ def checkpoint_row(model, directories: list[Path], out: Path) -> dict:
             "disk_mib": sum(directory_bytes(d) for d in directories) / 2**20}
 
 
+def seed_cost_cache(out: Path, point: Point, where: Path) -> int:
+    """LQ-LoRA's cost entries do not depend on the budget: a point starts with the entries that the
+    same rank's other budgets left (``.cache/lq_lora``, keyed by weight, Fisher, Hessian and settings,
+    so only identical entries are reused). Returns how many it found."""
+    if not point.method.startswith("lqlora"):
+        return 0
+    cache = where / ".cache" / "lq_lora"
+    cache.mkdir(parents=True, exist_ok=True)
+    found = 0
+    for other in (out / "points").glob(f"{point.method}-*/.cache/lq_lora/*.json"):
+        if other.parent != cache and not (cache / other.name).is_file():
+            shutil.copyfile(other, cache / other.name)
+            found += 1
+    return found
+
+
 def run_ours(out: Path, point: Point, where: Path) -> dict:
     """Our recipe for the point, exported (native where a group is partial), reloaded from the files."""
     from compress import load, load_adapter, run_recipe
@@ -149,6 +168,7 @@ def run_ours(out: Path, point: Point, where: Path) -> dict:
     stages = our_stages(point) + [{"export": {"format": "gptq" if whole else "native"}}]
     recipe = parse_recipe({"model": "smollm2-135m", "dtype": "float32", "data": data_spec(out), "seed": 0,
                            "stages": stages, "output": str(where)})
+    seeded = seed_cost_cache(out, point, where)
     load_avg = os.getloadavg()[0]
     cpu = time.process_time()
     reports = run_recipe(recipe, overwrite=True).reports
@@ -159,8 +179,9 @@ def run_ours(out: Path, point: Point, where: Path) -> dict:
     if (where / "checkpoint-adapter").is_dir():
         directories.append(where / "checkpoint-adapter")
         model = load_adapter(model, where / "checkpoint-adapter")
+    extra = {"cost_entries_reused": seeded, "cost_table_seconds": work[0].metrics.get("cost_table_seconds")} if seeded else {}
     return {**checkpoint_row(model, directories, out), "seconds": sum(r.seconds for r in work), "cpu_seconds": cpu,
-            "load_avg": load_avg, "peak_rss_mib": max(r.peak_rss_mib for r in work)}
+            "load_avg": load_avg, "peak_rss_mib": max(r.peak_rss_mib for r in work), **extra}
 
 
 def run_gptqmodel(out: Path, point: Point, where: Path) -> dict:
