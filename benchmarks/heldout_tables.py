@@ -59,7 +59,8 @@ def gptq_verdict(rows: dict[str, dict]) -> list[str]:
 
 
 def _uniform_curve(rows: dict[str, dict]) -> list[dict]:
-    """Our uniform GPTQ, asymmetric (LQ-LoRA's grid), both groups: (bits per parameter, perplexity) sorted."""
+    """Our uniform GPTQ, asymmetric (LQ-LoRA's grid), every group measured (g64, g128, per-channel):
+    (bits per parameter, perplexity) sorted."""
     curve = [r for r in rows.values() if r["method"] == "gptq" and not r["sym"]]
     return sorted(curve, key=lambda r: r["bits_per_param"])
 
@@ -93,7 +94,8 @@ def lqlora_table(rows: dict[str, dict]) -> list[str]:
     for row in curve + sorted((r for r in rows.values() if r["method"].startswith("lqlora")),
                               key=lambda r: (r["method"], r["bits"])):
         uniform = row["method"] == "gptq"
-        label = f"uniform GPTQ g{row['group']} asym" if uniform else row["method"]
+        group = "per-channel" if row["group"] == -1 else f"g{row['group']}"
+        label = f"uniform GPTQ {group} asym" if uniform else row["method"]
         where = "-" if uniform else curve_position(row, curve)
         lines.append(f"| {label} | {row['bits']:g} | {row['bits_per_param']:.3f} | {_fmt(row['ppl'])} | "
                      f"{_fmt(row['ppl_stdlib'])} | {where} |")
@@ -132,7 +134,7 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4))
-    series = {"uniform GPTQ asym (g64, g128)": _uniform_curve(rows),
+    series = {"uniform GPTQ asym (g64, g128, per-channel)": _uniform_curve(rows),
               "LQ-LoRA rank 0": [r for r in rows.values() if r["method"] == "lqlora-r0"],
               "LQ-LoRA rank 16": [r for r in rows.values() if r["method"] == "lqlora-r16"]}
     for label, points in series.items():

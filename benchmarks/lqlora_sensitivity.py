@@ -1,0 +1,129 @@
+"""How well LQ-LoRA's ILP costs predict the loss: one matrix quantized at a time (SmolLM2-135M).
+
+    .venv/bin/python benchmarks/lqlora_sensitivity.py [--windows 4] [--bits 2] [--group 64]
+
+For chosen projections of chosen layers, each weight alone is replaced by its RTN quantization
+(asymmetric, ``--bits``/``--group``) and the increase of the mean next-token loss on ``--windows``
+calibration windows of the held-out benchmark (``heldout.py``'s corpus, windows and fp32 model,
+built by it when missing) is measured; the matrix is then restored. Next to it, each cost the ILP
+could rank configs by, for the same residual R = W - Q:
+
+- ``output+fisher``: the ``output`` objective with the Fisher (the default with calibration data):
+  sum_i rho_i (R H R^T)_ii / 2, rho from the diagonal empirical Fisher (``lowrank.decompose``);
+- ``output``: tr(R H R^T) / 2, the layer's own output error, no Fisher;
+- ``weight+fisher``: the ``weight`` objective, ||R * sqrt(F)||^2;
+- ``weight``: ||R||^2, plain Frobenius.
+
+H (2/n sum x x^T) and F come from the same windows. The verdict is each cost's Spearman rank
+correlation with the measured increase over all the matrices (the ILP only compares costs, so the
+ranks are what matter), and the spread of measured / predicted by layer. Writes
+``benchmarks/results/lqlora_sensitivity.json`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from child import bench_args
+from heldout import windows_file
+from peers import dense_model_dir
+
+from compress.lowrank.decompose import output_error, output_row_weights, weighted_error
+from compress.lowrank.fisher import empirical_fisher
+from compress.quant import QuantConfig, QuantizedWeight
+from compress.quant.gptq import HessianAccumulator
+
+log = logging.getLogger("lqlora_sensitivity")
+RESULTS = Path(__file__).resolve().parent / "results" / "lqlora_sensitivity.json"
+KINDS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
+COSTS = ("output+fisher", "output", "weight+fisher", "weight")
+
+
+def mean_loss(model, windows: torch.Tensor) -> float:
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(model(input_ids=w.view(1, -1)).logits[0, :-1], w[1:]) for w in windows]
+    return float(torch.stack(losses).mean())
+
+
+def hessians(model, names: list[str], windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    accumulators = {n: HessianAccumulator(model.get_submodule(n).in_features) for n in names}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, a=a: a.add(i[0])) for n, a in accumulators.items()]
+    mean_loss(model, windows)
+    for hook in hooks:
+        hook.remove()
+    return {n: a.hessian for n, a in accumulators.items()}
+
+
+def costs(residual: torch.Tensor, hessian: torch.Tensor, fisher: torch.Tensor) -> dict[str, float]:
+    rows = output_row_weights(hessian, fisher)
+    return {"output+fisher": output_error(hessian, rows)(residual) ** 2, "output": output_error(hessian)(residual) ** 2,
+            "weight+fisher": weighted_error(residual, fisher) ** 2, "weight": weighted_error(residual, None) ** 2}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ranks = [torch.tensor(x, dtype=torch.float64).argsort().argsort().double() for x in (a, b)]
+    centred = [r - r.mean() for r in ranks]
+    return float((centred[0] * centred[1]).sum() / (centred[0].norm() * centred[1].norm()))
+
+
+def measure(model, names: list[str], windows: torch.Tensor, config: QuantConfig) -> list[dict]:
+    start = time.perf_counter()
+    fisher = empirical_fisher(model, list(windows), [f"{n}.weight" for n in names])
+    h = hessians(model, names, windows)
+    base = mean_loss(model, windows)
+    log.info("Fisher and Hessians of %d matrices on %d windows: %.0f s", len(names), len(windows), time.perf_counter() - start)
+    rows = []
+    for name in names:
+        module = model.get_submodule(name)
+        weight = module.weight.data.clone()
+        quantized = QuantizedWeight.quantize(weight, config).dequantize()
+        module.weight.data.copy_(quantized)
+        increase = mean_loss(model, windows) - base
+        module.weight.data.copy_(weight)
+        rows.append({"matrix": name, "loss_increase": increase,
+                     **costs(weight - quantized, h[name], fisher[f"{name}.weight"].float())})
+        log.info("%s: loss +%.4g", name, increase)
+    return rows
+
+
+def report(rows: list[dict]) -> list[str]:
+    measured = [r["loss_increase"] for r in rows]
+    lines = ["| cost | Spearman with the measured loss increase | measured / predicted, max / min over matrices |",
+             "|---|---:|---:|"]
+    for cost in COSTS:
+        ratios = [r["loss_increase"] / r[cost] for r in rows if r["loss_increase"] > 0]
+        lines.append(f"| {cost} | {spearman(measured, [r[cost] for r in rows]):.2f} | {max(ratios) / min(ratios):.3g} |")
+    lines += ["", "| matrix | loss increase | " + " | ".join(COSTS) + " |", "|---|" + "---:|" * (len(COSTS) + 1)]
+    for r in rows:
+        lines.append(f"| {r['matrix'].removeprefix('model.layers.')} | {r['loss_increase']:.4g} | "
+                     + " | ".join(f"{r[c]:.4g}" for c in COSTS) + " |")
+    return lines
+
+
+def main() -> None:
+    def options(parser):
+        parser.add_argument("--windows", type=int, default=4, help="calibration windows (the last ones of heldout's 128)")
+        parser.add_argument("--bits", type=int, default=2)
+        parser.add_argument("--group", type=int, default=64)
+        parser.add_argument("--layers", default="1,4,8,12,16,20,24,26,28")
+
+    args = bench_args(__doc__.splitlines()[0], "out/bench/heldout", options)
+    from compress.models import load_model, resolve_model  # noqa: PLC0415 - after bench_args set offline mode
+
+    model, _ = load_model(resolve_model(str(dense_model_dir(args.out))), "float32")
+    windows = load_file(str(windows_file(args.out)))["calibration"][-args.windows:]
+    names = [f"model.layers.{layer}.{kind}" for layer in map(int, args.layers.split(",")) for kind in KINDS]
+    rows = measure(model, names, windows, QuantConfig.uniform(args.bits, args.group))
+    RESULTS.write_text(json.dumps({"bits": args.bits, "group": args.group, "windows": args.windows, "rows": rows},
+                                  indent=1) + "\n")
+    print("\n".join(report(rows)))  # noqa: T201 - the table is the script's output
+
+
+if __name__ == "__main__":
+    main()
