@@ -20,7 +20,9 @@ Points, for int{4,3,2}, group 64 and 128, symmetric and asymmetric:
   search), so this row is also GPTQModel "with our settings";
 - ``rtn``: our round-to-nearest; plus ``fp32`` and bitsandbytes ``bnb-nf4`` (double quant);
 - ``lqlora-r0`` / ``lqlora-r16``: our LQ-LoRA with ``quantizer: gptq`` at budgets 2.5 / 3.0 / 3.5
-  bits (rank 16: 16-bit adapters, counted in the bits);
+  bits (rank 16: 16-bit adapters, counted in the bits), and rank 0 at 3.29 (uniform int3 g64's own
+  bits from the files, 3.342, less g_idx, which the budget does not count: mixed against uniform
+  precision at equal size);
 - ``l4q``: our GPTQ at int3 g64 asym, then L4Q (``L4Q_TUNE`` steps on the train documents), without
   and with distillation from the fp32 model (``distill: {}``: weight 0.5, temperature 2, top 64).
 
@@ -82,6 +84,7 @@ def points() -> list[Point]:
     rest = [Point("fp32")] + [Point("rtn", b, g, s) for b, g, s in GRID]
     rest += [Point(m, b, g, s) for b, g, s in GRID if b == 2 for m in ("gptq", "gptqmodel")]
     rest += [Point("bnb-nf4", 4)] + [Point(f"lqlora-r{r}", budget) for r in (0, 16) for budget in (3.0, 2.5, 3.5)]
+    rest += [Point("lqlora-r0", 3.29)]
     return pairs + rest + [Point("l4q", 3, 64, False, distill) for distill in (False, True)]
 
 

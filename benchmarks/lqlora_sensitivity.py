@@ -16,7 +16,7 @@ could rank configs by, for the same residual R = W - Q:
 
 H (2/n sum x x^T) and F come from the same windows. The verdict is each cost's Spearman rank
 correlation with the measured increase over all the matrices (the ILP only compares costs, so the
-ranks are what matter), and the spread of measured / predicted by layer. Writes
+ranks are what matter), and the spread of measured / predicted (max / min over the matrices). Writes
 ``benchmarks/results/lqlora_sensitivity.json`` and prints the table.
 """
 
@@ -34,6 +34,7 @@ from child import bench_args
 from heldout import windows_file
 from peers import dense_model_dir
 
+from compress.evaluate import window_nll
 from compress.lowrank.decompose import output_error, output_row_weights, weighted_error
 from compress.lowrank.fisher import empirical_fisher
 from compress.quant import QuantConfig, QuantizedWeight
@@ -46,9 +47,10 @@ COSTS = ("output+fisher", "output", "weight+fisher", "weight")
 
 
 def mean_loss(model, windows: torch.Tensor) -> float:
+    """Mean next-token loss per predicted token over ``windows`` (one batch)."""
     with torch.no_grad():
-        losses = [torch.nn.functional.cross_entropy(model(input_ids=w.view(1, -1)).logits[0, :-1], w[1:]) for w in windows]
-    return float(torch.stack(losses).mean())
+        total, tokens = window_nll(model, windows)
+    return total / tokens
 
 
 def hessians(model, names: list[str], windows: torch.Tensor) -> dict[str, torch.Tensor]:
