@@ -94,10 +94,10 @@ def saved_activation_bytes(arch: Architecture, setup: TrainingSetup, layers: lis
 def activation_bytes(arch: Architecture, setup: TrainingSetup, layers: list[dict] | None = None) -> float:
     """Saved activations plus the loss's peak: the logits and two fp32 V-wide gradients; with
     distillation the tempered log-softmax and its gradient (two more fp32 V-wide tensors) and the
-    micro-batch's teacher targets (fp32 value + int32 index per top-k entry)."""
+    micro-batch's teacher targets (fp32 value + int32 index per top-k entry, fp32 tail mass)."""
     extra = setup.batch * setup.seq * arch.vocab * (setup.compute_bytes + 8)
     if setup.distill_top_k:
-        extra += setup.batch * setup.seq * (8 * arch.vocab + 8 * setup.distill_top_k)
+        extra += setup.batch * setup.seq * (8 * arch.vocab + 8 * setup.distill_top_k + 4)
     return saved_activation_bytes(arch, setup, layers) + extra
 
 
