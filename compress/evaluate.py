@@ -109,5 +109,6 @@ def kernels_used(model, device: torch.device | None = None) -> dict:
     ran = sorted({m.backend for m in model.modules() if isinstance(m, QuantLinear) and m.backend})
     if not ran:
         return {}
-    device = device if device is not None else next(model.parameters()).device
-    return {"kernel": ", ".join(ran), "kernel_reason": select_backend(device)[1]}
+    first = next(model.parameters())
+    device = device if device is not None else first.device
+    return {"kernel": ", ".join(ran), "kernel_reason": select_backend(device, first.dtype)[1]}

@@ -167,10 +167,12 @@ def _os_errors_say_where(where: str):
 
 def report_header(ctx: Context) -> dict:
     from . import __version__
+    from .dtypes import DTYPES
     from .kernels import select_backend
 
+    kernel = select_backend(ctx.device, DTYPES[ctx.recipe.spec.dtype])[0]
     return {"output": str(ctx.out_dir), "model": ctx.recipe.spec.model, "dtype": ctx.recipe.spec.dtype,
-            "device": describe(ctx.device), "kernel": select_backend(ctx.device)[0], "compress": __version__,
+            "device": describe(ctx.device), "kernel": kernel, "compress": __version__,
             "seed": ctx.recipe.spec.seed,
             "ranks": ctx.ranks.world}
 

@@ -5,11 +5,16 @@
 
 - ``triton``: fused unpack + dequant + matmul kernels (``triton_*.py``), for CUDA tensors when Triton
   is installed (CPU tensors too under ``TRITON_INTERPRET=1``, which tests use);
-- ``reference``: the pure-torch tiled path (``reference.py``), everywhere else.
+- ``native``: our AVX512-BF16 / AMX CPU kernel (``cpu_native.py``), for bf16/fp16 activations on the CPU;
+- ``int4pack``: torch's int4 CPU kernel (``cpu_int4pack.py``), where ``native`` cannot run (no
+  AVX512-BF16, no compiler) and the grid has at most 16 levels;
+- ``reference``: the pure-torch tiled path (``reference.py``): fp32 activations on the CPU (it is exact
+  to fp32 summation order; the fast paths round activations to bf16), and everything else.
 
-``COMPRESS_KERNEL=triton|reference`` forces one (``auto``, the default, chooses as above); forcing
-Triton where it cannot run is an error, never a silent fallback. ``select_backend`` returns the name
-and the reason; stage reports and ``compress inspect`` show them.
+``COMPRESS_KERNEL`` chooses: ``auto`` (the default, as above), ``fast`` (the CPU fast paths for fp32
+activations too), or one backend by name. Forcing a backend where it cannot run is an error, never a
+silent fallback. ``select_backend`` returns the name and the reason; stage reports and ``compress
+inspect`` show them.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ import torch
 
 from compress.quant.qweight import QuantizedWeight
 
-from . import reference
+from . import cpu_fast, reference
 from .layout import KernelWeight, prepare
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "fast", "triton", "native", "int4pack", "reference")
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton kernels take
+HALF = (torch.float16, torch.bfloat16)
 
 
 class KernelUnavailableError(RuntimeError):
@@ -49,17 +55,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def select_backend(device: torch.Tensor | torch.device | str | None = None) -> tuple[str, str]:
-    """(backend, reason) for activations on ``device`` (a tensor, a device, or None: the default
-    device this process would use, CUDA when present)."""
-    if isinstance(device, torch.Tensor):
-        device = device.device
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    choice = forced_backend()
-    if choice == "reference":
-        return "reference", "COMPRESS_KERNEL=reference"
+def _triton_choice(choice: str, device: torch.device) -> tuple[str, str]:
     runnable = triton_installed() and (device.type == "cuda" or _interpreting())
     if choice == "triton":
         if not triton_installed():
@@ -69,18 +65,56 @@ def select_backend(device: torch.Tensor | torch.device | str | None = None) -> t
             raise KernelUnavailableError(f"COMPRESS_KERNEL=triton but activations are on {device}: Triton "
                                          "needs a CUDA device (or TRITON_INTERPRET=1 to interpret on CPU)")
         return "triton", "COMPRESS_KERNEL=triton"
-    if device.type == "cuda" and triton_installed():
+    if choice in cpu_fast.BACKENDS:
+        raise KernelUnavailableError(f"COMPRESS_KERNEL={choice} is a CPU kernel; activations are on {device}")
+    if triton_installed():
         return "triton", "CUDA device with Triton installed"
-    if device.type == "cuda":
-        return "reference", "triton is not installed"
-    return "reference", f"no CUDA device ({device.type}): tiled pure-torch path"
+    return "reference", "triton is not installed"
+
+
+def _cpu_choice(choice: str, dtype: torch.dtype | None, weight: KernelWeight | None) -> tuple[str, str]:
+    if choice in cpu_fast.BACKENDS:
+        usable, why = cpu_fast.status(choice, weight)
+        if not usable:
+            raise KernelUnavailableError(f"COMPRESS_KERNEL={choice} but {why}")
+        return choice, f"COMPRESS_KERNEL={choice}"
+    if dtype is None and choice == "auto":  # a report without activations: say what each dtype gets
+        return "reference", ("cpu: bf16/fp16 activations through the CPU fast path (native, else int4pack), "
+                             "fp32 through the exact tiled path")
+    if dtype not in HALF and choice == "auto":
+        return "reference", "fp32 activations on cpu: the exact tiled path (COMPRESS_KERNEL=fast rounds them to bf16)"
+    reasons = []
+    for name in cpu_fast.BACKENDS:
+        usable, why = cpu_fast.status(name, weight)
+        if usable:
+            return name, f"cpu fast path: {why}"
+        reasons.append(f"{name}: {why}")
+    return "reference", "cpu, no fast path (" + "; ".join(reasons) + "): tiled pure-torch path"
+
+
+def select_backend(device: torch.Tensor | torch.device | str | None = None, dtype: torch.dtype | None = None,
+                   weight: KernelWeight | None = None) -> tuple[str, str]:
+    """(backend, reason) for activations on ``device`` (a tensor, whose dtype then counts too; a
+    device; or None: the default device, CUDA when present) of ``dtype``, times ``weight`` if given."""
+    if isinstance(device, torch.Tensor):
+        dtype = dtype or device.dtype
+        device = device.device
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    choice = forced_backend()
+    if choice == "reference":
+        return "reference", "COMPRESS_KERNEL=reference"
+    if device.type == "cuda" or choice == "triton":
+        return _triton_choice(choice, device)
+    return _cpu_choice(choice, dtype, weight)
 
 
 def dequant_matmul(x: torch.Tensor, weight: QuantizedWeight | KernelWeight,
                    bias: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
-    """``x @ W^T + bias`` in x's dtype, through ``backend`` (default: ``select_backend(x)``)."""
+    """``x @ W^T + bias`` in x's dtype, through ``backend`` (default: ``select_backend(x, weight=...)``)."""
     layout = weight if isinstance(weight, KernelWeight) else prepare(weight)
-    backend = backend or select_backend(x)[0]
+    backend = backend or select_backend(x, weight=layout)[0]
     if backend == "triton" and x.dtype not in ACTIVATION_DTYPES and forced_backend() == "auto":
         backend = "reference"  # e.g. float64 activations: only the reference path computes them
     if backend == "triton":
@@ -88,6 +122,8 @@ def dequant_matmul(x: torch.Tensor, weight: QuantizedWeight | KernelWeight,
 
         out = custom_op_call(x, layout)
         return out if bias is None else out + bias.to(out.dtype)
+    if backend in cpu_fast.BACKENDS and x.dtype in ACTIVATION_DTYPES:
+        return cpu_fast.matmul(x, layout, bias, backend)
     return reference.dequant_matmul(x, layout, bias)
 
 

@@ -28,7 +28,7 @@ layout next to its buffers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -62,6 +62,8 @@ class KernelWeight:
     block: int = 0
     scale_block: int = 0
     scale_levels: int = 0
+    # CPU fast paths' own layouts (or why a path cannot take this matrix), built on first use
+    fast: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:

@@ -70,8 +70,9 @@ class QuantLinear(nn.Module):
         return self._layout[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.backend = kernels.select_backend(x)[0]
-        return kernels.dequant_matmul(x, self.kernel_weight(), self.bias, self.backend)
+        weight = self.kernel_weight()
+        self.backend = kernels.select_backend(x, weight=weight)[0]
+        return kernels.dequant_matmul(x, weight, self.bias, self.backend)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.config.name}"

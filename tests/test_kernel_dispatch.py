@@ -27,7 +27,9 @@ def mixed_config(name):
 
 def test_backend_choice(monkeypatch):
     monkeypatch.delenv("COMPRESS_KERNEL", raising=False)
-    assert kernels.select_backend(torch.device("cpu")) == ("reference", "no CUDA device (cpu): tiled pure-torch path")
+    assert kernels.select_backend(torch.device("cpu")) == (
+        "reference", "cpu: bf16/fp16 activations through the CPU fast path (native, else int4pack), "
+                     "fp32 through the exact tiled path")
     monkeypatch.setenv("COMPRESS_KERNEL", "reference")
     assert kernels.select_backend(torch.device("cuda")) == ("reference", "COMPRESS_KERNEL=reference")
     monkeypatch.setenv("COMPRESS_KERNEL", "triton")
@@ -35,8 +37,8 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(kernels.KernelUnavailableError, match="Triton needs a CUDA device"):
         kernels.select_backend(torch.device("cpu"))
-    monkeypatch.setenv("COMPRESS_KERNEL", "fast")
-    with pytest.raises(kernels.KernelUnavailableError, match="'fast' is not one of auto, triton, reference"):
+    monkeypatch.setenv("COMPRESS_KERNEL", "quick")
+    with pytest.raises(kernels.KernelUnavailableError, match="'quick' is not one of auto, fast, triton, native, int4pack, reference"):
         kernels.select_backend()
 
 
@@ -56,7 +58,8 @@ def test_bad_kernel_choice_exits_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "compress.entry.cli", "inspect", str(tmp_path)],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: COMPRESS_KERNEL='cuda' is not one of auto, triton, reference"
+    assert result.stderr.strip() == ("error: COMPRESS_KERNEL='cuda' is not one of auto, fast, triton, native, "
+                                     "int4pack, reference")
 
 
 @pytest.mark.parametrize("config", [QuantConfig.uniform(4, 64), QuantConfig.uniform(3, 32), QuantConfig.nf(4)],
