@@ -24,7 +24,6 @@ def machine_status(name: str) -> tuple[bool, str]:
     return True, "torch's _weight_int4pack_mm_for_cpu"
 
 
-@torch.compiler.disable  # repacking runs eagerly, never traced: a compiled first call breaks its graph here once
 def _build(name: str, weight: KernelWeight):
     if weight.device.type != "cpu":
         return f"weights on {weight.device}"
@@ -36,7 +35,11 @@ def _build(name: str, weight: KernelWeight):
 def layout_for(name: str, weight: KernelWeight):
     """The backend's cached layout of ``weight``, or a string saying why it has none."""
     found = weight.fast.get(name)
-    return _build(name, weight) if found is None else found
+    if found is not None:
+        return found
+    if torch.compiler.is_compiling():  # repack eagerly, never traced: a compiled first call breaks its graph here once
+        return torch.compiler.disable(_build)(name, weight)
+    return _build(name, weight)
 
 
 def status(name: str, weight: KernelWeight | None) -> tuple[bool, str]:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from .layout import KernelWeight
+from .layout import KernelWeight, nf_block_scales
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def _block_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def native_layout(weight: KernelWeight) -> NativeLayout | str:
     """The kernel layout of a packed matrix, or why the kernel cannot take it."""
-    from .reference import _nf_scales, _zeros, unpack_rows
+    from .reference import _zeros, unpack_rows
 
     load()  # the kernel's ops exist once a layout does
     out_features, in_features = weight.shape
@@ -183,7 +183,7 @@ def native_layout(weight: KernelWeight) -> NativeLayout | str:
         group, order, z0 = weight.block, None, 0.0
         blocks = (torch.arange(out_features).view(1, -1) * (in_features // group)
                   + torch.arange(in_features // group).view(-1, 1))
-        scales, zeros, table = _nf_scales(weight, blocks.to(weight.device)), None, weight.lut
+        scales, zeros, table = nf_block_scales(weight, blocks.to(weight.device)), None, weight.lut
     else:
         found = _groups(weight)
         if isinstance(found, str):

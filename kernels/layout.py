@@ -22,12 +22,26 @@ plane       tensor                                 code of row k, column n
   stay double-quantized (``scale_codes`` unpacked to uint8 [B], second-level ``scale_scales`` as fp32,
   the fp32 ``scale_offset``) and are dequantized on the fly as in ``quant.normalfloat``.
 
+Derived once here for the GPU GEMV/GEMM kernels (``triton_weights``), which read each scale and zero
+once per group and column and dequantize with one FMA:
+
+- ``zero_folded`` (uniform with zero_mode 1-3): fp32 [G, N] ``-z * s``, exact (z has at most 9
+  significant bits, s 11); symmetric grids fold ``-2^(b-1) * s`` in the kernel;
+- ``nf_scales`` fp16 [K / nf_group, N]: NF block scales with the double quantization undone, one row
+  per ``nf_group = gcd(K, block)`` rows, so that each row of it covers rows of W^T inside one block
+  of every column (``K % block == 0``: one row per block).
+
+3-bit codes keep two planes (2-bit + 1-bit) for every kernel: each plane is whole 32-bit words per 16
+or 32 rows, so a tile of 32 rows is three word loads per column with no straddling runs, and the
+unpacking is the same shift-and-mask as for the 2/4/8-bit planes.
+
 The layout is derived data: checkpoints keep the published formats, and ``QuantLinear`` caches the
 layout next to its buffers.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +76,9 @@ class KernelWeight:
     block: int = 0
     scale_block: int = 0
     scale_levels: int = 0
+    zero_folded: torch.Tensor | None = None  # fp32 [G, N]: -z * s (uniform, zero_mode 1-3)
+    nf_scales: torch.Tensor | None = None  # fp16 [K / nf_group, N]
+    nf_group: int = 0
     # CPU fast paths' own layouts (or why a path cannot take this matrix), built on first use
     fast: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -103,7 +120,8 @@ def _uniform_layout(weight: QuantizedWeight) -> KernelWeight:
     if weight.config.float_zero:
         return KernelWeight(kind="uniform", bits=bits, shape=weight.shape, codes=codes, codes_hi=codes_hi,
                             scales=scales, zeros=tensors["zeros"], zero_mode=3, group_size=size or 0,
-                            g_idx=None if size else tensors["g_idx"].contiguous())
+                            g_idx=None if size else tensors["g_idx"].contiguous(),
+                            zero_folded=-tensors["zeros"].float() * scales.float())
     zeros = gptq_v1_zeros(tensors["qzeros"], bits, out_features)  # [G, N]
     symmetric = bool((zeros == 2 ** (bits - 1)).all())
     per_field = torch.equal(zeros, unpack_codes(tensors["qzeros"], bits, out_features, dim=1) + 1)
@@ -111,7 +129,8 @@ def _uniform_layout(weight: QuantizedWeight) -> KernelWeight:
     return KernelWeight(
         kind="uniform", bits=bits, shape=weight.shape, codes=codes, codes_hi=codes_hi, scales=scales,
         qzeros=tensors["qzeros"], zeros=zeros.to(torch.uint8 if int(zeros.max()) < 256 else torch.int16), zero_mode=zero_mode,
-        group_size=size or 0, g_idx=None if size else tensors["g_idx"].contiguous())
+        group_size=size or 0, g_idx=None if size else tensors["g_idx"].contiguous(),
+        zero_folded=None if symmetric else -zeros.float() * scales.float())
 
 
 def _nf_layout(weight: QuantizedWeight) -> KernelWeight:
@@ -122,11 +141,29 @@ def _nf_layout(weight: QuantizedWeight) -> KernelWeight:
     codes, codes_hi = code_planes(flat.view(out_features, in_features).t(), config.bits)
     blocks = -(-numel // config.block)
     scale_codes = unpack_codes(tensors["scale_codes"], config.scale_bits, blocks).to(torch.uint8)
-    return KernelWeight(
+    layout = KernelWeight(
         kind="nf", bits=config.bits, shape=weight.shape, codes=codes, codes_hi=codes_hi,
         lut=nf_codebook(config.bits).to(flat.device), scale_codes=scale_codes,
         scale_scales=tensors["scale_scales"].float(), scale_offset=tensors["scale_offset"].float(),
         block=config.block, scale_block=config.scale_block, scale_levels=2**config.scale_bits - 1)
+    layout.nf_group, layout.nf_scales = nf_row_scales(layout)
+    return layout
+
+
+def nf_row_scales(weight: KernelWeight, dtype: torch.dtype = torch.float16) -> tuple[int, torch.Tensor]:
+    """(rows per scale row, [K / rows, N] in ``dtype``) of an NF matrix's block scales (see the docstring)."""
+    out_features, in_features = weight.shape
+    rows = math.gcd(in_features, weight.block)
+    starts = torch.arange(0, in_features, rows, device=weight.device)
+    blocks = (torch.arange(out_features, device=weight.device).view(1, -1) * in_features + starts.view(-1, 1)) // weight.block
+    return rows, nf_block_scales(weight, blocks).to(dtype)
+
+
+def nf_block_scales(weight: KernelWeight, blocks: torch.Tensor) -> torch.Tensor:
+    """fp32 block scales for block indices of any shape (double quantization undone)."""
+    codes = weight.scale_codes[blocks].float()
+    second = weight.scale_scales[torch.div(blocks, weight.scale_block, rounding_mode="floor")]
+    return codes * (second / weight.scale_levels) + weight.scale_offset
 
 
 def prepare(weight: QuantizedWeight) -> KernelWeight:

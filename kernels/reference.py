@@ -26,7 +26,7 @@ import sys
 import torch
 
 from . import lut_gemv
-from .layout import KernelWeight
+from .layout import KernelWeight, nf_block_scales
 
 TILE_ELEMENTS = 1 << 21  # weights dequantized at once: 8 MiB in fp32, cache-sized on current CPUs
 ROW_ALIGN = 32  # a tile starts on a word boundary of every plane
@@ -67,13 +67,6 @@ def _zeros(weight: KernelWeight, groups: torch.Tensor | slice) -> torch.Tensor:
         return torch.full((count, weight.shape[0]), 2 ** (weight.bits - 1), dtype=torch.int16,
                           device=weight.device)
     return weight.zeros[groups].to(torch.float32 if weight.zero_mode == 3 else torch.int16)
-
-
-def _nf_scales(weight: KernelWeight, blocks: torch.Tensor) -> torch.Tensor:
-    """fp32 block scales for block indices of any shape (double quantization undone)."""
-    codes = weight.scale_codes[blocks].float()
-    second = weight.scale_scales[blocks // weight.scale_block]
-    return codes * (second / weight.scale_levels) + weight.scale_offset
 
 
 def _segments(weight: KernelWeight, start: int, stop: int
@@ -124,7 +117,7 @@ def dequantize_rows(weight: KernelWeight, start: int, stop: int) -> torch.Tensor
         return (codes.to(torch.int16) - zero).float() * weight.scales[group].float()
     columns = torch.arange(weight.shape[0], device=weight.device)
     blocks = (columns.view(1, -1) * weight.shape[1] + rows.view(-1, 1)) // weight.block
-    return _values(weight, codes) * _nf_scales(weight, blocks)
+    return _values(weight, codes) * nf_block_scales(weight, blocks)
 
 
 def dequantize(weight: KernelWeight) -> torch.Tensor:

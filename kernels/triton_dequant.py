@@ -1,4 +1,8 @@
-"""Triton tile dequantization shared by the GEMV and GEMM kernels (layouts: ``kernels.layout``).
+"""Triton fp32 tile dequantization, bit-exact against the torch oracle (layouts: ``kernels.layout``).
+
+Used by ``triton_dequantize`` (the backward of the custom ops recomputes W^T from it) and by the tests
+that hold the Triton arithmetic to the oracle bit for bit; the GEMV and GEMM kernels build their tiles in
+half precision from ``triton_weights`` instead (each packed word loaded once).
 
 ``dequant_tile`` returns the fp32 tile W^T[offs_k, offs_n] ([BLOCK_K, BLOCK_N]) with the same
 operations, in the same order, as the torch oracle, so a tile is bit-exact against it wherever the

@@ -1,11 +1,18 @@
-"""Triton GEMV with split-K for small batches (M <= 16): ``out[M, N] += x[M, K] @ W^T``.
+"""Triton GEMV for small batches (M <= 16), split over K: ``out[M, N] += x[M, K] @ W^T``.
 
-Each program owns BLOCK_N output columns and every SPLIT_K-th K tile; it dequantizes the tile once
-(``triton_dequant.dequant_tile``) and reduces ``x[:, :, None] * w[None]`` over K for all BLOCK_M rows
-(BLOCK_M = next power of two >= M); at BLOCK_M = 1 it keeps a [BLOCK_K, BLOCK_N] running product
-and reduces once after the K loop (no cross-thread reduction per step). At batch 1 no tensor-core
-shape fits, so the kernel runs on CUDA cores, bound by the bytes of the packed weight it streams. With SPLIT_K > 1 the
-partial sums meet in an fp32 output through atomics (the launcher zeroes it; autotuning resets it).
+The memory-bound design (gemlite's "revsplitK"): the grid is (N / BLOCK_N, K / BLOCK_K) and every
+program owns one [BLOCK_K, BLOCK_N] tile of W^T, with no loop: it loads the tile's packed words once
+(``triton_weights.weight_tile``: a few words per column across a wide, coalesced N tile, unpacked in
+registers, dequantized in the activations' dtype, scales and zeros read once per tile when the tile sits
+in one group), multiplies it by the tile's slice of x and adds the [BLOCK_M, BLOCK_N] partial sums into
+an fp32 output with atomics (the launcher zeroes it; autotuning resets it). M <= 4 multiplies on CUDA
+cores (``tl.sum`` over K of fp32 products: no tensor-core tile fits a vector); 4 < M <= 16 runs the
+same tile through ``tl.dot`` with BLOCK_M = 16. The order of the atomic adds (hence the last bits) varies
+between runs.
+
+Autotuning: BLOCK_N 64-512, BLOCK_K 1-4 words per column (always dividing the group when the group
+allows it), 1-4 warps, pruned by shape (``prune_gemv_configs``); results cached per key (N, K, format,
+group, M bucket) by ``triton.autotune``.
 """
 
 from __future__ import annotations
@@ -15,17 +22,14 @@ import os
 import triton
 import triton.language as tl
 
-from .triton_dequant import HEURISTICS, dequant_tile
+from .triton_weights import HEURISTICS, rows_per_word, weight_tile
 
 MAX_M = 16
-MAX_TILE_PRODUCTS = 16 * 1024  # BLOCK_M * BLOCK_K * BLOCK_N live fp32 products: ~128 per thread at 4 warps
+MAX_LIVE = 64  # fp32 products per thread for M <= 4 (BLOCK_M * BLOCK_K * BLOCK_N / threads): no spills
 
-
-# ``COMPRESS_TRITON_TUNE=quick``: 11 configs instead of 96 for the first call's autotuning (each config
-# is one compile per format, about a second): the GPU check's time limit; the best quick config is at
-# most as fast as the best of all 96.
-QUICK_GEMV = ((64, 64, 1), (64, 128, 1), (128, 64, 1), (128, 128, 1), (256, 64, 1), (64, 64, 4), (64, 128, 4),
-              (128, 64, 2), (32, 128, 8), (32, 32, 1), (32, 32, 4))
+# ``COMPRESS_TRITON_TUNE=quick``: a small space for the first call's autotuning (each config is one
+# compile per format): the GPU check's time limit.
+QUICK_GEMV = ((128, 32, 2), (256, 32, 4), (256, 64, 4), (512, 32, 4), (128, 64, 2), (64, 32, 1))
 
 
 def gemv_configs(space: str | None = None) -> list[triton.Config]:
@@ -33,60 +37,51 @@ def gemv_configs(space: str | None = None) -> list[triton.Config]:
     space = space or os.environ.get("COMPRESS_TRITON_TUNE", "full")
     if space not in ("full", "quick"):
         raise ValueError(f"COMPRESS_TRITON_TUNE is full or quick, not {space!r}")
-    shapes = QUICK_GEMV if space == "quick" else [(n, k, s) for n in (32, 64, 128, 256) for k in (32, 64, 128)
-                                                    for s in (1, 2, 4, 8)]
-    warps = (4,) if space == "quick" else (2, 4)
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s}, num_warps=w, num_stages=2)
-            for n, k, s in shapes for w in warps]
+    shapes = QUICK_GEMV if space == "quick" else [(n, k, w) for n in (64, 128, 256, 512) for k in (16, 32, 64, 128)
+                                                     for w in (1, 2, 4)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=1) for n, k, w in shapes]
 
 
 def prune_gemv_configs(configs, named_args, **kwargs):
-    """Drop configs that waste work on this shape: tiles far wider than N or K, more K splits than
-    K tiles, or too many live products per thread for BLOCK_M rows (register spills)."""
-    n, k, block_m = named_args["N"], named_args["K"], kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
-    kept = []
-    for config in configs:
-        meta = config.kwargs
-        tiles_k = triton.cdiv(k, meta["BLOCK_K"])
-        if meta["BLOCK_N"] > max(64, triton.next_power_of_2(n)) or meta["BLOCK_K"] > max(32, triton.next_power_of_2(k)):
-            continue
-        if meta["SPLIT_K"] > tiles_k or block_m * meta["BLOCK_N"] * meta["BLOCK_K"] > MAX_TILE_PRODUCTS:
-            continue
-        kept.append(config)
-    return kept or configs[:1]
+    """Keep configs whose K tile is whole words of every plane and divides the group (when any does),
+    whose N tile is not far wider than N, and whose live fp32 products fit the registers."""
+    n, k, bits = named_args["N"], named_args["K"], kwargs.get("BITS", named_args.get("BITS"))
+    group = named_args["GROUP"]
+    block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
+    whole = [c for c in configs if c.kwargs["BLOCK_K"] % rows_per_word(bits) == 0]
+    aligned = [c for c in whole if group % c.kwargs["BLOCK_K"] == 0 or group >= k] or whole
+    kept = [c for c in aligned
+            if c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))
+            and c.kwargs["BLOCK_K"] <= max(rows_per_word(bits), triton.next_power_of_2(k))
+            and (block_m > 4 or block_m * c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] <= MAX_LIVE * 32 * c.num_warps)]
+    return kept or aligned[:1] or configs[:1]
 
 
 @triton.heuristics(HEURISTICS)
 @triton.jit
 def gemv_kernel(x_ptr, out_ptr, M, N, K, stride_xm, stride_om,
-                codes_ptr, codes_hi_ptr, scales_ptr, zeros_ptr, gidx_ptr, GROUP,
-                lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr,
-                NF_BLOCK: tl.constexpr, SCALE_BLOCK: tl.constexpr, FORMAT: tl.constexpr, BITS: tl.constexpr, ZERO_MODE: tl.constexpr,
-                USE_GIDX: tl.constexpr, LEVELS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+                codes_ptr, codes_hi_ptr, scales_ptr, zeros_ptr, gidx_ptr, lut_ptr, GROUP,
+                FORMAT: tl.constexpr, BITS: tl.constexpr, FOLDED: tl.constexpr, USE_GIDX: tl.constexpr,
+                GROUP_ALIGNED: tl.constexpr, DQ: tl.constexpr, DOT_FP32: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    w = weight_tile(k0, offs_n, N, K, codes_ptr, codes_hi_ptr, scales_ptr, zeros_ptr, gidx_ptr, lut_ptr, GROUP,
+                    FORMAT, BITS, FOLDED, USE_GIDX, GROUP_ALIGNED, DQ, BLOCK_K)
     rows = offs_m.to(tl.int64)[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    partial = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # BLOCK_M == 1: reduce once, after the loop
-    for tile in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
-        offs_k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
-        w = dequant_tile(tile * BLOCK_K, offs_n, N, K, codes_ptr, codes_hi_ptr, scales_ptr, zeros_ptr, gidx_ptr,
-                         GROUP, lut_ptr, scale_codes_ptr, scale_scales_ptr, offset_ptr, NF_BLOCK,
-                         SCALE_BLOCK, FORMAT, BITS, ZERO_MODE, USE_GIDX, LEVELS, GROUP_ALIGNED, BLOCK_K)
-        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-        if BLOCK_M == 1:
-            partial += w * tl.reshape(x, (BLOCK_K, 1))
-        else:
-            acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+    x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+                other=0.0, eviction_policy="evict_last")
     if BLOCK_M == 1:
-        acc = tl.reshape(tl.sum(partial, axis=0), (1, BLOCK_N))
+        acc = tl.reshape(tl.sum(w.to(tl.float32) * tl.reshape(x.to(tl.float32), (BLOCK_K, 1)), axis=0), (1, BLOCK_N))
+    elif BLOCK_M <= 4:
+        acc = tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    elif DOT_FP32:  # the interpreter: fp32 operands (its half-precision dot is wrong)
+        acc = tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    elif x.dtype == tl.float32:
+        acc = tl.dot(x, w, input_precision="ieee")
+    else:
+        acc = tl.dot(x, w.to(x.dtype))
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    out = out_ptr + rows * stride_om + offs_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, acc, mask=out_mask)
-    else:  # partial sums of the K splits; their order (hence the last bits) varies between runs
-        tl.atomic_add(out, acc, mask=out_mask, sem="relaxed")
+    tl.atomic_add(out_ptr + rows * stride_om + offs_n[None, :], acc, mask=out_mask, sem="relaxed")

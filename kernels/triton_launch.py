@@ -16,15 +16,17 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
-from .layout import KernelWeight
+from .layout import KernelWeight, nf_row_scales
 from .triton_dequant import dequant_kernel
 from .triton_gemm import gemm_configs, gemm_kernel, prune_gemm_configs
 from .triton_gemv import MAX_M, gemv_configs, gemv_kernel, prune_gemv_configs
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
-WEIGHT_KEY = ["N", "K", "FORMAT", "BITS", "ZERO_MODE", "USE_GIDX", "GROUP", "NF_BLOCK"]
+WEIGHT_KEY = ["N", "K", "FORMAT", "BITS", "FOLDED", "USE_GIDX", "GROUP", "DQ"]
 gemv_tuned = triton.autotune(configs=gemv_configs(), key=["BLOCK_M", *WEIGHT_KEY], cache_results=True,
                              prune_configs_by={"early_config_prune": prune_gemv_configs},
                              reset_to_zero=["out_ptr"])(gemv_kernel)
@@ -57,8 +59,27 @@ def check_call(x: torch.Tensor, weight: KernelWeight) -> None:
         raise UnsupportedLayerError(f"{what}: {weight.bits}-bit uniform codes are not supported")
 
 
-def weight_args(weight: KernelWeight) -> tuple[list, dict]:
-    """Positional tensor/int arguments and constexprs shared by every kernel."""
+def tile_args(weight: KernelWeight, dtype: torch.dtype) -> tuple[list, dict]:
+    """Tensor/int arguments and constexprs of the GEMV and GEMM kernels (``triton_weights``) for
+    activations of ``dtype``. fp32 activations read NF block scales in fp32, computed for the call (the
+    cached fp16 ones would cost them 2^-11), which makes the rare fp32 NF call a little slower."""
+    dummy = weight.codes
+    hi = weight.codes_hi if weight.codes_hi is not None else dummy
+    if weight.kind == "uniform":
+        folded = weight.zero_folded is not None
+        gidx = weight.g_idx if weight.g_idx is not None else dummy
+        args = [weight.codes, hi, weight.scales, weight.zero_folded if folded else dummy, gidx, dummy,
+                weight.group_size or 1]
+        meta = dict(FORMAT=0, BITS=weight.bits, FOLDED=folded, USE_GIDX=weight.g_idx is not None)
+    else:
+        scales = nf_row_scales(weight, torch.float32)[1] if dtype == torch.float32 else weight.nf_scales
+        args = [weight.codes, hi, scales, dummy, dummy, weight.lut, weight.nf_group]
+        meta = dict(FORMAT=1, BITS=weight.bits, FOLDED=False, USE_GIDX=False)
+    return args, meta
+
+
+def exact_args(weight: KernelWeight) -> tuple[list, dict]:
+    """Arguments of the fp32 bit-exact tile kernel (``triton_dequant``: the oracle's operations)."""
     dummy = weight.codes
     hi = weight.codes_hi if weight.codes_hi is not None else dummy
     if weight.kind == "uniform":
@@ -75,19 +96,35 @@ def weight_args(weight: KernelWeight) -> tuple[list, dict]:
     return args, meta
 
 
+def dequant_dtype(x: torch.Tensor):
+    """The dtype tiles are dequantized in: x's, except bf16 under the interpreter (its bf16 math is wrong)."""
+    return tl.float32 if interpreting() and x.dtype == torch.bfloat16 else TL_DTYPES[x.dtype]
+
+
+def interpreter_config(configs, prune, named: dict, **meta) -> dict:
+    """Under the interpreter: the largest tile the pruner keeps (fewest programs to interpret)."""
+    kept = prune(configs, named, **meta)
+    best = max(kept, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * c.kwargs.get("BLOCK_M", 1))
+    return dict(best.kwargs)
+
+
+def gemv_block_m(m: int) -> int:
+    """Rows per GEMV program: 1, 2 or 4 on CUDA cores; 16 (one tensor-core tile) up to MAX_M."""
+    return 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 16
+
+
 def _gemv(x: torch.Tensor, weight: KernelWeight, config: dict | None) -> torch.Tensor:
     (m, k), n = x.shape, weight.shape[0]
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    args, meta = weight_args(weight)
-    meta.update(BLOCK_M=max(1, triton.next_power_of_2(m)), enable_fp_fusion=True)  # explicit: 3.10 flips the default
+    args, meta = tile_args(weight, x.dtype)
+    meta.update(BLOCK_M=gemv_block_m(m), DQ=dequant_dtype(x), DOT_FP32=interpreting(), enable_fp_fusion=True)
     if config is None and interpreting():
-        config = {"BLOCK_N": min(256, max(16, triton.next_power_of_2(n))),
-                  "BLOCK_K": min(256, max(32, triton.next_power_of_2(k))), "SPLIT_K": 1}
+        config = interpreter_config(gemv_configs(), prune_gemv_configs, dict(N=n, K=k, GROUP=args[-1]), **meta)
     if config is None:
-        grid = lambda c: (triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])  # noqa: E731
+        grid = lambda c: (triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(k, c["BLOCK_K"]))  # noqa: E731
         gemv_tuned[grid](x, out, m, n, k, x.stride(0), out.stride(0), *args, **meta)
     else:
-        grid = (triton.cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
+        grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(k, config["BLOCK_K"]))
         gemv_kernel[grid](x, out, m, n, k, x.stride(0), out.stride(0), *args, **meta, **config)
     return out
 
@@ -96,13 +133,12 @@ def _gemm(x: torch.Tensor, weight: KernelWeight, config: dict | None) -> torch.T
     (m, k), n = x.shape, weight.shape[0]
     # the interpreter's fp32 -> bf16 cast truncates: it stores fp32 and torch rounds afterwards
     out = torch.empty(m, n, dtype=torch.float32 if interpreting() else x.dtype, device=x.device)
-    args, meta = weight_args(weight)
-    meta.update(DOT_FP32=interpreting(), enable_fp_fusion=True)
-    if config is None and interpreting():
-        config = {"BLOCK_M": min(64, max(16, triton.next_power_of_2(m))),
-                  "BLOCK_N": min(128, max(16, triton.next_power_of_2(n))),
-                  "BLOCK_K": min(128, max(16, triton.next_power_of_2(k))), "GROUP_M": 8}
+    args, meta = tile_args(weight, x.dtype)
+    meta.update(DQ=dequant_dtype(x), DOT_FP32=interpreting(), enable_fp_fusion=True)
     bucket = triton.next_power_of_2(m)
+    if config is None and interpreting():
+        config = interpreter_config(gemm_configs(), prune_gemm_configs, dict(M=m, N=n, K=k, GROUP=args[-1], x_ptr=x),
+                                    **meta)
     if config is None:
         grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
         gemm_tuned[grid](x, out, m, n, k, x.stride(0), out.stride(0), *args, M_BUCKET=bucket, **meta)
@@ -131,7 +167,7 @@ def triton_dequantize(weight: KernelWeight, block_k: int = 64, block_n: int = 64
     """W^T [K, N] in fp32, dequantized tile by tile by the kernels' own tile function."""
     n, k = weight.shape
     out = torch.empty(k, n, dtype=torch.float32, device=weight.device)
-    args, meta = weight_args(weight)
+    args, meta = exact_args(weight)
     grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
     with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
         # no multiply-add contraction: the tiles must reproduce the torch oracle bit for bit
@@ -139,49 +175,53 @@ def triton_dequantize(weight: KernelWeight, block_k: int = 64, block_n: int = 64
     return out
 
 
-def _uniform_weight(in_features, codes, codes_hi, scales, zeros, g_idx, bits, group_size, zero_mode,
+def _uniform_weight(in_features, codes, codes_hi, scales, zeros, zero_folded, g_idx, bits, group_size, zero_mode,
                     out_features) -> KernelWeight:
     return KernelWeight(kind="uniform", bits=bits, shape=(out_features, in_features), codes=codes,
                         codes_hi=codes_hi, scales=scales, qzeros=zeros if zero_mode == 1 else None,
                         zeros=zeros if zero_mode in (2, 3) else None, zero_mode=zero_mode,
-                        group_size=group_size, g_idx=g_idx)
+                        group_size=group_size, g_idx=g_idx, zero_folded=zero_folded)
 
 
-def _nf_weight(in_features, codes, codes_hi, lut, scale_codes, scale_scales, scale_offset, bits, block,
-               scale_block, scale_levels, out_features) -> KernelWeight:
+def _nf_weight(in_features, codes, codes_hi, lut, scale_codes, scale_scales, scale_offset, nf_scales, bits, block,
+               scale_block, scale_levels, nf_group, out_features) -> KernelWeight:
     return KernelWeight(kind="nf", bits=bits, shape=(out_features, in_features), codes=codes, codes_hi=codes_hi,
                         lut=lut, scale_codes=scale_codes, scale_scales=scale_scales, scale_offset=scale_offset,
-                        block=block, scale_block=scale_block, scale_levels=scale_levels)
+                        block=block, scale_block=scale_block, scale_levels=scale_levels, nf_scales=nf_scales,
+                        nf_group=nf_group)
 
 
 @torch.library.custom_op("compress::dequant_matmul_uniform", mutates_args=())
 def dequant_matmul_uniform(x: torch.Tensor, codes: torch.Tensor, codes_hi: torch.Tensor | None,
-                           scales: torch.Tensor, zeros: torch.Tensor | None, g_idx: torch.Tensor | None,
-                           bits: int, group_size: int, zero_mode: int, out_features: int) -> torch.Tensor:
-    """x @ W^T for a uniform (GPTQ-layout) weight; ``zeros`` is qzeros (zero_mode 1), unpacked (2) or float (3)."""
-    weight = _uniform_weight(x.shape[-1], codes, codes_hi, scales, zeros, g_idx, bits, group_size, zero_mode,
-                             out_features)
+                           scales: torch.Tensor, zeros: torch.Tensor | None, zero_folded: torch.Tensor | None,
+                           g_idx: torch.Tensor | None, bits: int, group_size: int, zero_mode: int,
+                           out_features: int) -> torch.Tensor:
+    """x @ W^T for a uniform (GPTQ-layout) weight; ``zeros`` is qzeros (zero_mode 1), unpacked (2) or float (3),
+    ``zero_folded`` their -z * s (``layout.prepare``)."""
+    weight = _uniform_weight(x.shape[-1], codes, codes_hi, scales, zeros, zero_folded, g_idx, bits, group_size,
+                             zero_mode, out_features)
     return triton_dequant_matmul(x, weight)
 
 
 @dequant_matmul_uniform.register_fake
-def _(x, codes, codes_hi, scales, zeros, g_idx, bits, group_size, zero_mode, out_features):
+def _(x, codes, codes_hi, scales, zeros, zero_folded, g_idx, bits, group_size, zero_mode, out_features):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 @torch.library.custom_op("compress::dequant_matmul_nf", mutates_args=())
 def dequant_matmul_nf(x: torch.Tensor, codes: torch.Tensor, codes_hi: torch.Tensor | None, lut: torch.Tensor,
                       scale_codes: torch.Tensor, scale_scales: torch.Tensor, scale_offset: torch.Tensor,
-                      bits: int, block: int, scale_block: int, scale_levels: int, out_features: int) -> torch.Tensor:
-    """x @ W^T for an NF-codebook weight with double-quantized block scales."""
-    weight = _nf_weight(x.shape[-1], codes, codes_hi, lut, scale_codes, scale_scales, scale_offset, bits, block,
-                        scale_block, scale_levels, out_features)
+                      nf_scales: torch.Tensor, bits: int, block: int, scale_block: int, scale_levels: int,
+                      nf_group: int, out_features: int) -> torch.Tensor:
+    """x @ W^T for an NF-codebook weight with double-quantized block scales (``nf_scales``: undone)."""
+    weight = _nf_weight(x.shape[-1], codes, codes_hi, lut, scale_codes, scale_scales, scale_offset, nf_scales, bits,
+                        block, scale_block, scale_levels, nf_group, out_features)
     return triton_dequant_matmul(x, weight)
 
 
 @dequant_matmul_nf.register_fake
-def _(x, codes, codes_hi, lut, scale_codes, scale_scales, scale_offset, bits, block, scale_block,
-      scale_levels, out_features):
+def _(x, codes, codes_hi, lut, scale_codes, scale_scales, scale_offset, nf_scales, bits, block, scale_block,
+      scale_levels, nf_group, out_features):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -215,8 +255,9 @@ def custom_op_call(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
     if weight.kind == "uniform":
         zeros = {0: None, 1: weight.qzeros, 2: weight.zeros, 3: weight.zeros}[weight.zero_mode]
         return torch.ops.compress.dequant_matmul_uniform(
-            x, weight.codes, weight.codes_hi, weight.scales, zeros, weight.g_idx, weight.bits,
+            x, weight.codes, weight.codes_hi, weight.scales, zeros, weight.zero_folded, weight.g_idx, weight.bits,
             weight.group_size, weight.zero_mode, weight.shape[0])
     return torch.ops.compress.dequant_matmul_nf(
         x, weight.codes, weight.codes_hi, weight.lut, weight.scale_codes, weight.scale_scales,
-        weight.scale_offset, weight.bits, weight.block, weight.scale_block, weight.scale_levels, weight.shape[0])
+        weight.scale_offset, weight.nf_scales, weight.bits, weight.block, weight.scale_block, weight.scale_levels,
+        weight.nf_group, weight.shape[0])

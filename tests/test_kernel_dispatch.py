@@ -71,12 +71,13 @@ def test_custom_ops_pass_opcheck(config):
     if prepared.kind == "uniform":
         zeros = {0: None, 1: prepared.qzeros, 2: prepared.zeros}[prepared.zero_mode]
         op, args = torch.ops.compress.dequant_matmul_uniform, (
-            x, prepared.codes, prepared.codes_hi, prepared.scales, zeros, prepared.g_idx, prepared.bits,
-            prepared.group_size, prepared.zero_mode, 64)
+            x, prepared.codes, prepared.codes_hi, prepared.scales, zeros, prepared.zero_folded, prepared.g_idx,
+            prepared.bits, prepared.group_size, prepared.zero_mode, 64)
     else:
         op, args = torch.ops.compress.dequant_matmul_nf, (
             x, prepared.codes, prepared.codes_hi, prepared.lut, prepared.scale_codes, prepared.scale_scales,
-            prepared.scale_offset, prepared.bits, prepared.block, prepared.scale_block, prepared.scale_levels, 64)
+            prepared.scale_offset, prepared.nf_scales, prepared.bits, prepared.block, prepared.scale_block,
+            prepared.scale_levels, prepared.nf_group, 64)
     torch.library.opcheck(op, args)
 
 

@@ -247,17 +247,22 @@ def test_cuda_autotuned_llama_shapes(config):
 
 def test_autotune_pruners_keep_fitting_configs():
     from compress.kernels.triton_gemm import gemm_configs, prune_gemm_configs
-    from compress.kernels.triton_gemv import gemv_configs, prune_gemv_configs
+    from compress.kernels.triton_gemv import MAX_LIVE, gemv_configs, prune_gemv_configs
 
-    kept = prune_gemv_configs(gemv_configs(), {"N": 96, "K": 200}, BLOCK_M=16)
-    assert kept and all(c.kwargs["BLOCK_N"] <= 128 and c.kwargs["BLOCK_K"] <= 256 for c in kept)
-    assert all(c.kwargs["SPLIT_K"] <= -(-200 // c.kwargs["BLOCK_K"]) for c in kept)
-    assert all(16 * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 16 * 1024 for c in kept)
-    big = prune_gemv_configs(gemv_configs(), {"N": 28672, "K": 8192}, BLOCK_M=1)
-    assert len(big) == len([c for c in gemv_configs() if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 16 * 1024])
-    small = prune_gemm_configs(gemm_configs(), {"M": 33, "N": 96, "K": 200})
-    assert small and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 128 for c in small)
-    assert len(small) < len(gemm_configs())
+    kept = prune_gemv_configs(gemv_configs(), {"N": 96, "K": 200, "GROUP": 64}, BITS=4, BLOCK_M=16)
+    assert kept and all(c.kwargs["BLOCK_N"] <= 128 and 64 % c.kwargs["BLOCK_K"] == 0 for c in kept)
+    three = prune_gemv_configs(gemv_configs(), {"N": 4096, "K": 4096, "GROUP": 128}, BITS=3, BLOCK_M=1)
+    assert three and all(c.kwargs["BLOCK_K"] % 32 == 0 for c in three)  # whole words of the 1-bit plane
+    small = prune_gemv_configs(gemv_configs(), {"N": 4096, "K": 4096, "GROUP": 128}, BITS=4, BLOCK_M=4)
+    assert all(4 * c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] <= MAX_LIVE * 32 * c.num_warps for c in small)
+    channel = prune_gemv_configs(gemv_configs(), {"N": 4096, "K": 4096, "GROUP": 4096}, BITS=8, BLOCK_M=1)
+    assert {c.kwargs["BLOCK_K"] for c in channel} == {16, 32, 64, 128}  # one group: any whole-word tile
+    odd = prune_gemv_configs(gemv_configs(), {"N": 4096, "K": 4096, "GROUP": 8}, BITS=3, BLOCK_M=1)
+    assert odd and all(c.kwargs["BLOCK_K"] % 32 == 0 for c in odd)  # no tile divides the group: per-row scales
+    gemm = prune_gemm_configs(gemm_configs(), {"M": 33, "N": 96, "K": 200, "GROUP": 32}, BITS=4)
+    assert gemm and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 128 and c.kwargs["BLOCK_K"] == 32
+                        for c in gemm)
+    assert len(gemm) < len(gemm_configs())
 
 
 def test_the_quick_autotuning_space_is_a_subset_of_the_full_one():
@@ -267,7 +272,7 @@ def test_the_quick_autotuning_space_is_a_subset_of_the_full_one():
         return tuple(sorted(config.kwargs.items())) + (config.num_warps, config.num_stages)
 
     full, quick = {key(c) for c in gemv_configs("full")}, [key(c) for c in gemv_configs("quick")]
-    assert len(full) == 96 and len(quick) == 11 and set(quick) <= full
+    assert len(full) == 48 and len(quick) == 6 and set(quick) <= full
     with pytest.raises(ValueError, match="COMPRESS_TRITON_TUNE is full or quick"):
         gemv_configs("fast")
 
