@@ -94,27 +94,31 @@ def cpu_baselines(weight: torch.Tensor, x: torch.Tensor) -> dict:
 
 
 def cpu_rows(shape: tuple[int, int], batch: int, formats: list[str], repeats: int) -> list[dict]:
-    """One row per method for one shape and batch, all timed in one interleaved loop."""
+    """One row per method for one shape and batch. Two interleaved loops: the baselines with our fast
+    paths, then the old tiled path beside dense F.linear again (its 10-50 ms calls, each dequantizing
+    8 MiB tiles, would flush the caches of the fast methods' rounds)."""
     weight = weight_matrix(*shape)
     x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    calls, sizes = cpu_baselines(weight, x), {"dense F.linear bf16": weight.numel() * 2}
+    calls = cpu_baselines(weight, x)
+    old = {"dense F.linear bf16 (old-path round)": calls["dense F.linear bf16"]}
     for label in formats:
         prepared = layout.prepare(QuantizedWeight.quantize(weight, FORMATS[label]))
-        sizes[f"ours {label}"] = FORMATS[label].storage_bits(shape) // 8
         for backend in cpu_fast.BACKENDS:
             usable, why = cpu_fast.status(backend, prepared)
             if usable:
                 calls[f"ours {label} {backend}"] = lambda p=prepared, b=backend: dequant_matmul(x, p, backend=b)
             else:
                 log.info("%s: no %s path (%s)", label, backend, why)
-        calls[f"ours {label} old tiled path"] = lambda p=prepared: reference.dequant_matmul(x, p)
+        old[f"ours {label} old tiled path"] = lambda p=prepared: reference.dequant_matmul(x, p)
     with torch.no_grad():
         seconds = interleaved_medians(calls, repeats)
-    dense, int4pack = seconds["dense F.linear bf16"], seconds["torch _weight_int4pack_mm_for_cpu g128"]
-    return [{"method": name, "seconds": t, "shape": f"{shape[0]}x{shape[1]}", "batch": batch,
-             "vs_dense_linear": dense / t, "vs_int4pack": int4pack / t, "vs_dense_mv":
-             seconds["dense torch.mv bf16"] / t if "dense torch.mv bf16" in seconds else None}
-            for name, t in seconds.items()]
+        old_seconds = interleaved_medians(old, max(3, repeats // 3))
+    int4pack, mv = seconds["torch _weight_int4pack_mm_for_cpu g128"], seconds.get("dense torch.mv bf16")
+    rows = []
+    for group, dense in ((seconds, seconds["dense F.linear bf16"]), (old_seconds, old_seconds["dense F.linear bf16 (old-path round)"])):
+        rows += [{"method": name, "seconds": t, "shape": f"{shape[0]}x{shape[1]}", "batch": batch, "vs_dense_linear": dense / t,
+                  "vs_int4pack": int4pack / t, "vs_dense_mv": mv / t if mv else None} for name, t in group.items()]
+    return rows
 
 
 def peak_bandwidth(device: torch.device) -> float:

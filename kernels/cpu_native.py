@@ -44,7 +44,9 @@ from .layout import KernelWeight, nf_block_scales
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_woq.cpp"
+HEADERS = (Path(__file__).with_name("csrc") / "cpu_woq_expand.h",)
 BLOCK_N = 64
+UNIT_PAIRS = {2: 2, 3: 4, 4: 1, 8: 1}  # row pairs per load unit, by stored width
 TILE_K = 32
 
 
@@ -54,13 +56,14 @@ class NativeUnavailable(RuntimeError):
 
 @dataclass
 class NativeLayout:
-    codes: torch.Tensor  # uint8 [N/64, Kp/2, run]
+    codes: torch.Tensor  # uint8 [N/64, units, 64 or 128]: the main plane (csrc/cpu_woq_expand.h)
+    codes_hi: torch.Tensor | None  # uint8 [N/64, units, 64]: 3-bit codes' third bits
     scales: torch.Tensor  # [G, Np]: fp16 (uniform, as stored) or fp32 (NF block scales, double quantization undone)
     zeros: torch.Tensor | None  # fp16 [G, Np] zero points (integers are exact), None when every zero is z0
     z0: float  # the zero the table subtracts: 2^(b-1) (uniform), 0 (nf)
     lut: torch.Tensor  # int16 [32]: bf16 bits of the 16 table values, twice
     perm: torch.Tensor | None  # int64 [K]: x's columns in the codes' row order (act order)
-    bits: int  # 4 or 8: width of the stored codes
+    bits: int  # 2, 3, 4 or 8: width of the stored codes
     group: int
     out_features: int
 
@@ -82,7 +85,7 @@ def _compile_command(output: Path) -> list[str]:
 
 def build() -> Path:
     """The compiled library, built now if the cache has no copy for this source and torch."""
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(
+    key = hashlib.sha256(SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS) + torch.__version__.encode() + " ".join(
         _compile_command(Path("x"))).encode()).hexdigest()[:16]
     target = cache_root() / f"cpu_woq-{key}.so"
     if target.is_file():
@@ -114,7 +117,7 @@ def load() -> tuple[bool, bool]:
     return avx512bf16, amx
 
 
-def _fake_woq_linear(x, codes, scales, zeros, lut, perm, bias, bits, group, z0, out_features):
+def _fake_woq_linear(x, codes, codes_hi, scales, zeros, lut, perm, bias, bits, group, z0, out_features):
     return x.new_empty(x.shape[0], out_features)
 
 
@@ -131,9 +134,9 @@ def availability() -> tuple[bool, str]:
 
 
 def _bf16_bits(values: torch.Tensor) -> torch.Tensor:
-    table = torch.zeros(16, dtype=torch.bfloat16)
-    table[: values.numel()] = values.to(torch.bfloat16)
-    return table.view(torch.int16).repeat(2)
+    """The 32-entry table: the 2^b values repeated (VPERMW reads 5 index bits; the kernel leaves the
+    neighbouring fields' bits above the field)."""
+    return values.to(torch.bfloat16)[torch.arange(32) % values.numel()].view(torch.int16)
 
 
 def _pad(tensor: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
@@ -156,17 +159,33 @@ def _groups(weight: KernelWeight) -> tuple[int, torch.Tensor | None] | str:
     return size, order
 
 
-def _block_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 [Kp, Np] codes -> the kernel's column blocks [Np/64, Kp/2, run]."""
+def _fields_to_runs(fields: torch.Tensor, width: int) -> torch.Tensor:
+    """[NB, units, F, 32] fields of ``width`` bits -> uint8 [NB, units, 64]: word l of a unit holds
+    field f at bits [width * f, width * (f + 1))."""
+    words = sum(fields[:, :, f].to(torch.int32) << (width * f) for f in range(fields.shape[2]))
+    words = torch.where(words >= 2**15, words - 2**16, words).to(torch.int16)
+    return words.contiguous().view(torch.uint8)
+
+
+def _split(codes: torch.Tensor, pairs: int) -> torch.Tensor:
+    """uint8 [Kp, Np] -> [NB, units, pairs * 4, 32]: field 4u + t of word l = the code of row
+    2(pairs * unit + u) + (l & 1), column 16t + (l >> 1) of the block (cpu_woq_expand.h)."""
     rows, columns = codes.shape
-    if bits == 4:  # word l of a run: nibble t = row 2kp + (l & 1), column 16t + (l >> 1)
-        nibbles = codes.view(rows // 2, 2, columns // BLOCK_N, 4, 16).to(torch.int32)
-        words = sum(nibbles[:, :, :, t] << (4 * t) for t in range(4))  # [Kp/2, 2, NB, 16]
-        words = torch.where(words >= 2**15, words - 2**16, words).to(torch.int16)
-        return words.permute(2, 0, 3, 1).contiguous().view(torch.uint8).view(columns // BLOCK_N, rows // 2, BLOCK_N)
+    view = codes.view(rows // (2 * pairs), pairs, 2, columns // BLOCK_N, 4, 16)  # [unit, u, r, NB, t, c]
+    return view.permute(3, 0, 1, 4, 5, 2).reshape(columns // BLOCK_N, rows // (2 * pairs), pairs * 4, 32)
+
+
+def _block_codes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """uint8 [Kp, Np] codes -> the kernel's column blocks (main plane, 3-bit third-bit plane)."""
+    rows, columns = codes.shape
+    if bits in (2, 4):
+        return _fields_to_runs(_split(codes, 1 if bits == 4 else 2), bits), None
+    if bits == 3:
+        low = _fields_to_runs(_split(codes & 3, 2), 2).view(columns // BLOCK_N, rows // 8, 128)
+        return low, _fields_to_runs(_split(codes >> 2, 4), 1)
     signed = torch.stack([codes[0::2], codes[1::2]], dim=2).view(torch.int8) ^ -128  # code - 128 of both rows
     pairs = signed.view(torch.uint8).reshape(rows // 2, columns // BLOCK_N, 2 * BLOCK_N)
-    return pairs.permute(1, 0, 2).contiguous()
+    return pairs.permute(1, 0, 2).contiguous(), None
 
 
 def native_layout(weight: KernelWeight) -> NativeLayout | str:
@@ -192,15 +211,18 @@ def native_layout(weight: KernelWeight) -> NativeLayout | str:
         z0 = float(2 ** (weight.bits - 1))
         scales = weight.scales if weight.scales.dtype == torch.float16 else weight.scales.float()  # bf16 after model.to
         zeros = None if weight.zero_mode == 0 else _zeros(weight, slice(None)).half()  # exact: integers <= 256 or fp16
-        table = torch.arange(16, dtype=torch.float32) - z0
+        table = torch.arange(2**weight.bits, dtype=torch.float32) - z0 if weight.bits < 8 else torch.zeros(1)
+    bits = weight.bits
+    if group % (2 * UNIT_PAIRS[bits]):
+        return f"groups of {group} rows: {bits}-bit codes load {2 * UNIT_PAIRS[bits]} rows at a time"
     codes = unpack_rows(weight, 0, in_features)
     if order is not None:
         codes = codes[order]
     padded_k = scales.shape[0] * group
     padded_n = -(-out_features // BLOCK_N) * BLOCK_N
-    bits = 8 if weight.bits == 8 else 4
+    main, third = _block_codes(_pad(codes, padded_k, padded_n), bits)
     return NativeLayout(
-        codes=_block_codes(_pad(codes, padded_k, padded_n), bits), scales=_pad(scales, scales.shape[0], padded_n).contiguous(),
+        codes=main, codes_hi=third, scales=_pad(scales, scales.shape[0], padded_n).contiguous(),
         zeros=None if zeros is None else _pad(zeros, scales.shape[0], padded_n).contiguous(), z0=z0,
         lut=_bf16_bits(table.cpu()), perm=order, bits=bits, group=group, out_features=out_features)
 
@@ -210,7 +232,8 @@ def matmul(x: torch.Tensor, layout: NativeLayout, bias: torch.Tensor | None = No
     flat = x.reshape(-1, x.shape[-1])
     if not flat.is_contiguous():
         flat = flat.contiguous()
-    out = torch.ops.compress_cpu.woq_linear(flat, layout.codes, layout.scales, layout.zeros, layout.lut, layout.perm,
+    out = torch.ops.compress_cpu.woq_linear(flat, layout.codes, layout.codes_hi, layout.scales, layout.zeros, layout.lut,
+                                            layout.perm,
                                             None if bias is None else bias.float(), layout.bits, layout.group,
                                             layout.z0, layout.out_features)
     return out.view(*x.shape[:-1], layout.out_features)

@@ -1,9 +1,9 @@
 // Weight-only-quantized matmul for x86 CPUs: y[M, N] = x[M, K] @ W^T, W given as integer codes with
 // per-group scales (the layout is built by kernels/cpu_native.py; read its docstring first).
 //
-// Codes live in column blocks of 64 outputs. Inside a block, row pair kp (rows 2kp and 2kp+1 of W^T)
-// is one contiguous run of 64 bytes (4-bit) or 128 bytes (8-bit) that expands in registers to four
-// vectors of 32 bf16 lanes in the pair order of VDPBF16PS and of an AMX B-tile row (expand_run).
+// Codes live in column blocks of 64 outputs, stored at 2, 3, 4 or 8 bits (cpu_woq_expand.h has the
+// table of layouts): each load unit of one to four row pairs expands in registers to vectors of 32 bf16
+// lanes in the pair order of VDPBF16PS and of an AMX B-tile row.
 // The table holds code - z0 (uniform: exact small integers) or the NF codebook rounded to bf16, so the
 // products are exact in fp32 for uniform codes; each group's sum is scaled once in fp32:
 //   y[m, n] = sum_g s[g, n] * (sum_{k in g} x[m, k] * lut[q[k, n]] - (z[g, n] - z0) * xsum[m, g])
@@ -26,12 +26,14 @@
 #include <cstring>
 #include <numeric>
 
+#include "cpu_woq_expand.h"
+
 namespace {
 
 constexpr int64_t kBlockN = 64;    // outputs per column block: 4 vectors of 16 fp32 lanes
 constexpr int64_t kTileK = 32;     // rows of W^T per AMX tile (16 row pairs)
 constexpr int64_t kChunkK = 128;   // rows expanded at once on the AMX path (4 tiles per 16 columns)
-constexpr int64_t kPrefetch = 32;  // row pairs ahead (2 KiB of 4-bit codes): the streams outrun the hardware prefetcher
+constexpr int64_t kPrefetch = 8192;  // bytes ahead in each plane, into L2: the streams outrun the hardware prefetcher (measured: 2.0x slower without)
 
 struct Features {
   bool avx512bf16 = false;
@@ -68,7 +70,8 @@ const Features& features() {
 struct Problem {
   const uint16_t* x;     // bf16 bits [Mp, Kp], zero padded
   const float* xsum;     // [Mp, Kp / segment]: x summed over each segment, or null (no zero term)
-  const uint8_t* codes;  // [NB, Kp / 2, run]
+  const uint8_t* codes;  // [NB, units, Unit::bytes]
+  const uint8_t* hi;     // 3-bit: [NB, units, 64], the third bits
   const void* scales;    // [G, Np], fp16 or fp32
   const uint16_t* zeros; // fp16 [G, Np] zero points, or null
   const uint16_t* lut;   // 32 bf16 (4-bit codes)
@@ -76,35 +79,10 @@ struct Problem {
   int64_t M, Kp, Np, group;
   int64_t segment;       // rows per scaled partial sum: the group (registers) or the AMX chunk
   float z0;              // the zero the table already subtracts
-  int bits;
   bool half_scales;
 };
 
-#define TARGET_AVX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,fma")))
 #define TARGET_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,fma,amx-tile,amx-bf16")))
-
-// The 128 weights of one row pair of a column block (4 vectors of 16 columns x 2 rows), in VDPBF16PS
-// pair order. 4-bit: the 64-byte run holds 32 words; nibble t of word l is the code of row 2kp + (l & 1),
-// column 16t + (l >> 1), so a word shifted right by 4t indexes the table with its low nibble (VPERMW
-// reads 5 bits: the table is the 16 values twice, so the next nibble's low bit does not matter):
-// one load, three shifts and four VPERMW. 8-bit: 32 bytes per 16 columns, both rows' signed codes per
-// column; sign-extended, converted to fp32 and packed to bf16 (exact: |code - 128| <= 128).
-TARGET_AVX inline void expand_run(const uint8_t* p, int bits, __m512i lut, __m512i* w) {
-  if (bits == 4) {
-    const __m512i raw = _mm512_loadu_si512(p);
-    w[0] = _mm512_permutexvar_epi16(raw, lut);
-    w[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 4), lut);
-    w[2] = _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 8), lut);
-    w[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 12), lut);
-    return;
-  }
-  for (int j = 0; j < 4; ++j) {
-    const __m128i* q = reinterpret_cast<const __m128i*>(p + 32 * j);
-    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)));
-    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1)));
-    w[j] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-  }
-}
 
 TARGET_AVX inline __m512 load_scale(const Problem& p, int64_t offset) {
   if (p.half_scales)
@@ -138,50 +116,54 @@ TARGET_AVX inline void dot_pair(__m512 (*part)[4], const __m512i* w, const uint3
   }
 }
 
+// One load unit's row pairs (U = 0 .. pairs - 1) against MB rows of x: pair U feeds accumulator set U % ACC
+template <int BITS, int MB, int ACC, int U = 0>
+TARGET_AVX inline void unit_dots(const Raw& r, __m512i lut, __m512 (*part)[MB][4], const uint32_t* x, int64_t stride,
+                                 int64_t kp) {
+  __m512i w[4];
+  expand<BITS, U>(r, lut, w);
+  dot_pair<MB>(part[U % ACC], w, x, stride, kp + U);
+  if constexpr (U + 1 < Unit<BITS>::pairs) unit_dots<BITS, MB, ACC, U + 1>(r, lut, part, x, stride, kp);
+}
+
 // Rows [m0, m0 + MB) of column block nb, weights expanded in registers (M <= 4, or no AMX). With one
-// or two rows, even and odd row pairs feed separate accumulators (VDPBF16PS's latency).
-template <int MB>
+// or two rows, alternate row pairs feed separate accumulators (VDPBF16PS's latency).
+template <int BITS, int MB>
 TARGET_AVX void register_block(const Problem& p, int64_t nb, int64_t m0) {
-  constexpr int U = MB <= 2 ? 2 : 1;
-  const int64_t run = kBlockN * p.bits / 4;  // bytes per row pair in a block
-  const uint8_t* codes = p.codes + nb * (p.Kp / 2) * run;
+  using Layout = Unit<BITS>;
+  constexpr int ACC = MB <= 2 ? 2 : 1;
+  const int64_t units = p.Kp / 2 / Layout::pairs, per_group = p.group / 2 / Layout::pairs, stride = p.Kp / 2;
+  const uint8_t* codes = p.codes + nb * units * Layout::bytes;
+  const uint8_t* hi = p.hi ? p.hi + nb * units * Layout::hi_bytes : nullptr;
   const __m512i lut = _mm512_loadu_si512(p.lut);
-  const int64_t pairs = p.group / 2, stride = p.Kp / 2;
   const uint32_t* x = reinterpret_cast<const uint32_t*>(p.x) + m0 * stride;  // bf16 pairs
   for (int64_t g = 0; g < p.Kp / p.group; ++g) {
-    __m512 part[U][MB][4];
-    for (int u = 0; u < U; ++u)
+    __m512 part[ACC][MB][4];
+    for (int a = 0; a < ACC; ++a)
       for (int m = 0; m < MB; ++m)
-        for (int j = 0; j < 4; ++j) part[u][m][j] = _mm512_setzero_ps();
-    const int64_t end = (g + 1) * pairs;
-    int64_t kp = g * pairs;
-    for (; kp + U <= end; kp += U)
-      for (int u = 0; u < U; ++u) {
-        _mm_prefetch(reinterpret_cast<const char*>(codes + (kp + u + kPrefetch) * run), _MM_HINT_T0);
-        __m512i w[4];
-        expand_run(codes + (kp + u) * run, p.bits, lut, w);
-        dot_pair<MB>(part[u], w, x, stride, kp + u);
-      }
-    for (; kp < end; ++kp) {
-      __m512i w[4];
-      expand_run(codes + kp * run, p.bits, lut, w);
-      dot_pair<MB>(part[0], w, x, stride, kp);
+        for (int j = 0; j < 4; ++j) part[a][m][j] = _mm512_setzero_ps();
+    for (int64_t j = g * per_group; j < (g + 1) * per_group; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(codes + j * Layout::bytes + kPrefetch), _MM_HINT_T1);
+      if constexpr (BITS == 3) _mm_prefetch(reinterpret_cast<const char*>(hi + j * 64 + kPrefetch / 2), _MM_HINT_T1);
+      const Raw r = load_unit<BITS>(codes + j * Layout::bytes, hi ? hi + j * Layout::hi_bytes : nullptr);
+      unit_dots<BITS, MB, ACC>(r, lut, part, x, stride, j * Layout::pairs);
     }
     for (int m = 0; m < MB; ++m) {
-      for (int u = 1; u < U; ++u)
-        for (int j = 0; j < 4; ++j) part[0][m][j] = _mm512_add_ps(part[0][m][j], part[u][m][j]);
+      for (int a = 1; a < ACC; ++a)
+        for (int j = 0; j < 4; ++j) part[0][m][j] = _mm512_add_ps(part[0][m][j], part[a][m][j]);
       apply_group(p, m0 + m, g, g, nb * kBlockN, part[0][m]);
     }
   }
 }
 
+template <int BITS>
 TARGET_AVX void register_rows(const Problem& p, int64_t nb) {
   for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
     switch (std::min<int64_t>(4, p.M - m0)) {
-      case 1: register_block<1>(p, nb, m0); break;
-      case 2: register_block<2>(p, nb, m0); break;
-      case 3: register_block<3>(p, nb, m0); break;
-      default: register_block<4>(p, nb, m0); break;
+      case 1: register_block<BITS, 1>(p, nb, m0); break;
+      case 2: register_block<BITS, 2>(p, nb, m0); break;
+      case 3: register_block<BITS, 3>(p, nb, m0); break;
+      default: register_block<BITS, 4>(p, nb, m0); break;
     }
   }
 }
@@ -213,21 +195,33 @@ TARGET_AMX void release_tiles() { _tile_release(); }
   _tile_loadd(B, bufs + ((kt * 4 + C) << 9), 64);     \
   _tile_dpbf16ps(C, 4, B);
 
+// One load unit's row pairs into rows r, r + 1, ... of the k-tile's four B tiles
+template <int BITS, int U = 0>
+TARGET_AMX inline void unit_tiles(const Raw& r, __m512i lut, uint16_t* tile) {
+  __m512i w[4];
+  expand<BITS, U>(r, lut, w);
+  for (int j = 0; j < 4; ++j) _mm512_store_si512(tile + (j << 9) + U * 32, w[j]);
+  if constexpr (U + 1 < Unit<BITS>::pairs) unit_tiles<BITS, U + 1>(r, lut, tile);
+}
+
 // Column block nb with AMX: each chunk of rows (inside one group) is expanded once into B tiles and
 // multiplied with every 16-row block of x; the chunk's fp32 sums are scaled into acc.
+template <int BITS>
 TARGET_AMX void tile_block(const Problem& p, int64_t nb, uint16_t* bufs, float* cbuf) {
-  const int64_t run = kBlockN * p.bits / 4, n0 = nb * kBlockN, chunk = p.segment;
-  const uint8_t* codes = p.codes + nb * (p.Kp / 2) * run;
+  using Layout = Unit<BITS>;
+  const int64_t units = p.Kp / 2 / Layout::pairs, n0 = nb * kBlockN, chunk = p.segment;
+  const uint8_t* codes = p.codes + nb * units * Layout::bytes;
+  const uint8_t* hi = p.hi ? p.hi + nb * units * Layout::hi_bytes : nullptr;
   const __m512i lut = _mm512_loadu_si512(p.lut);
   for (int64_t k0 = 0; k0 < p.Kp; k0 += chunk) {
     const int64_t tiles = std::min(chunk, p.Kp - k0) / kTileK, g = k0 / p.group, seg = k0 / chunk;
     for (int64_t kt = 0; kt < tiles; ++kt)
-      for (int r = 0; r < 16; ++r) {
-        const uint8_t* row = codes + ((k0 + kt * kTileK) / 2 + r) * run;
-        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch * run), _MM_HINT_T0);
-        __m512i w[4];
-        expand_run(row, p.bits, lut, w);
-        for (int j = 0; j < 4; ++j) _mm512_store_si512(bufs + ((kt * 4 + j) << 9) + r * 32, w[j]);
+      for (int r = 0; r < 16; r += Layout::pairs) {
+        const int64_t j = ((k0 + kt * kTileK) / 2 + r) / Layout::pairs;
+        _mm_prefetch(reinterpret_cast<const char*>(codes + j * Layout::bytes + kPrefetch), _MM_HINT_T1);
+        if constexpr (BITS == 3) _mm_prefetch(reinterpret_cast<const char*>(hi + j * 64 + kPrefetch / 2), _MM_HINT_T1);
+        const Raw raw = load_unit<BITS>(codes + j * Layout::bytes, hi ? hi + j * Layout::hi_bytes : nullptr);
+        unit_tiles<BITS>(raw, lut, bufs + ((kt * 4) << 9) + r * 32);
       }
     memory_barrier();
     for (int64_t m0 = 0; m0 < p.M; m0 += 16) {
@@ -294,23 +288,49 @@ void pack_input(const at::Tensor& x, const int64_t* perm, uint16_t* xb, float* x
   });
 }
 
-at::Tensor woq_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                      const std::optional<at::Tensor>& zeros, const at::Tensor& lut, const std::optional<at::Tensor>& perm,
-                      const std::optional<at::Tensor>& bias, int64_t bits, int64_t group, double z0, int64_t out_features) {
+template <int BITS>
+void run_blocks(const Problem& p, bool tiles, int64_t NB, const float* bias, at::Tensor& out) {
+  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
+    if (tiles) {
+      alignas(64) uint16_t bufs[4 * 4 * 512];  // 4 k-tiles x 4 column groups x (16 rows x 32 bf16)
+      alignas(64) float cbuf[16 * 64];
+      configure_tiles();
+      for (int64_t nb = begin; nb < end; ++nb) {
+        tile_block<BITS>(p, nb, bufs, cbuf);
+        finish_block(p, nb, bias, out);
+      }
+      release_tiles();
+    } else {
+      for (int64_t nb = begin; nb < end; ++nb) {
+        register_rows<BITS>(p, nb);
+        finish_block(p, nb, bias, out);
+      }
+    }
+  });
+}
+
+at::Tensor woq_linear(const at::Tensor& x, const at::Tensor& codes, const std::optional<at::Tensor>& codes_hi,
+                      const at::Tensor& scales, const std::optional<at::Tensor>& zeros, const at::Tensor& lut,
+                      const std::optional<at::Tensor>& perm, const std::optional<at::Tensor>& bias, int64_t bits,
+                      int64_t group, double z0, int64_t out_features) {
   const Features& f = features();
   TORCH_CHECK(f.avx512bf16, "compress_cpu::woq_linear needs AVX512-BF16");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] matrix");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf || x.scalar_type() == at::kFloat,
               "x must be bf16, fp16 or fp32");
-  TORCH_CHECK(bits == 4 || bits == 8, "codes are 4- or 8-bit");
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 3, "codes: uint8 [NB, Kp/2, run]");
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "codes are stored at 2, 3, 4 or 8 bits");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 3, "codes: uint8 [NB, units, bytes]");
+  TORCH_CHECK((bits == 3) == codes_hi.has_value(), "codes_hi: the third bits of 3-bit codes, and only those");
   TORCH_CHECK((scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf) && scales.is_contiguous(),
               "scales: fp16 or fp32 [G, Np]");
   TORCH_CHECK(lut.numel() == 32 && lut.element_size() == 2, "lut: 32 bf16");
-  const int64_t M = x.size(0), K = x.size(1), NB = codes.size(0), Np = NB * kBlockN, Kp = codes.size(1) * 2;
-  TORCH_CHECK(codes.size(2) == kBlockN * bits / 4 && scales.size(1) == Np && K <= Kp && Kp == scales.size(0) * group
-              && group % 2 == 0 && out_features <= Np,
+  const int pairs = bits == 2 ? 2 : bits == 3 ? 4 : 1;  // Unit<bits>::pairs
+  const int64_t M = x.size(0), K = x.size(1), NB = codes.size(0), Np = NB * kBlockN, Kp = codes.size(1) * 2 * pairs;
+  TORCH_CHECK(codes.size(2) == (bits == 3 || bits == 8 ? 128 : 64) && scales.size(1) == Np && K <= Kp
+              && Kp == scales.size(0) * group && group % (2 * pairs) == 0 && out_features <= Np,
               "inconsistent layout: codes ", codes.sizes(), ", scales ", scales.sizes(), ", group ", group, ", K ", K);
+  TORCH_CHECK(!codes_hi || (codes_hi->sizes() == at::IntArrayRef({NB, codes.size(1), 64}) && codes_hi->is_contiguous()
+                            && codes_hi->scalar_type() == at::kByte), "codes_hi: uint8 [NB, units, 64]");
   TORCH_CHECK(!zeros || (zeros->sizes() == scales.sizes() && zeros->scalar_type() == at::kHalf && zeros->is_contiguous()),
               "zeros: fp16 [G, Np]");
   TORCH_CHECK(!perm || (perm->scalar_type() == at::kLong && perm->numel() == K), "perm: int64 [K]");
@@ -324,27 +344,16 @@ at::Tensor woq_linear(const at::Tensor& x, const at::Tensor& codes, const at::Te
   at::Tensor acc = at::zeros({Mp, Np}, x.options().dtype(at::kFloat));
   at::Tensor out = at::empty({M, out_features}, x.options());
   Problem p{reinterpret_cast<const uint16_t*>(xb.data_ptr()), zeros ? xsum.data_ptr<float>() : nullptr,
-            codes.data_ptr<uint8_t>(), scales.data_ptr(), zeros ? reinterpret_cast<const uint16_t*>(zeros->data_ptr()) : nullptr,
+            codes.data_ptr<uint8_t>(), codes_hi ? codes_hi->data_ptr<uint8_t>() : nullptr, scales.data_ptr(), zeros ? reinterpret_cast<const uint16_t*>(zeros->data_ptr()) : nullptr,
             reinterpret_cast<const uint16_t*>(lut.data_ptr()), acc.data_ptr<float>(), M, Kp, Np, group, segment,
-            float(z0), int(bits), scales.scalar_type() == at::kHalf};
+            float(z0), scales.scalar_type() == at::kHalf};
   const float* bias_ptr = bias ? bias->data_ptr<float>() : nullptr;
-  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
-    if (tiles) {
-      alignas(64) uint16_t bufs[4 * 4 * 512];  // 4 k-tiles x 4 column groups x (16 rows x 32 bf16)
-      alignas(64) float cbuf[16 * 64];
-      configure_tiles();
-      for (int64_t nb = begin; nb < end; ++nb) {
-        tile_block(p, nb, bufs, cbuf);
-        finish_block(p, nb, bias_ptr, out);
-      }
-      release_tiles();
-    } else {
-      for (int64_t nb = begin; nb < end; ++nb) {
-        register_rows(p, nb);
-        finish_block(p, nb, bias_ptr, out);
-      }
-    }
-  });
+  switch (bits) {
+    case 2: run_blocks<2>(p, tiles, NB, bias_ptr, out); break;
+    case 3: run_blocks<3>(p, tiles, NB, bias_ptr, out); break;
+    case 4: run_blocks<4>(p, tiles, NB, bias_ptr, out); break;
+    default: run_blocks<8>(p, tiles, NB, bias_ptr, out); break;
+  }
   return out;
 }
 
@@ -356,8 +365,8 @@ std::vector<int64_t> cpu_features() {
 }  // namespace
 
 TORCH_LIBRARY(compress_cpu, m) {
-  m.def("woq_linear(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor lut, Tensor? perm, Tensor? bias, "
-        "int bits, int group, float z0, int out_features) -> Tensor");
+  m.def("woq_linear(Tensor x, Tensor codes, Tensor? codes_hi, Tensor scales, Tensor? zeros, Tensor lut, Tensor? perm, "
+        "Tensor? bias, int bits, int group, float z0, int out_features) -> Tensor");
   m.impl("woq_linear", c10::DispatchKey::CPU, TORCH_FN(woq_linear));
   m.def("cpu_features() -> int[]");
   m.impl("cpu_features", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(cpu_features));
