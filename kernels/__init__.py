@@ -99,10 +99,20 @@ def select_backend(device: torch.Tensor | torch.device | str | None = None, dtyp
     if isinstance(device, torch.Tensor):
         dtype = dtype or device.dtype
         device = device.device
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    elif device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device)
     choice = forced_backend()
+    if weight is not None:  # a layer's choice, made on every forward: cached with the matrix
+        key = ("choice", device, dtype, choice, choice == "triton" and _interpreting())
+        if key not in weight.fast:
+            weight.fast[key] = _choose(choice, device, dtype, weight)
+        return weight.fast[key]
+    return _choose(choice, device, dtype, None)
+
+
+def _choose(choice: str, device: torch.device, dtype: torch.dtype | None, weight: KernelWeight | None) -> tuple[str, str]:
     if choice == "reference":
         return "reference", "COMPRESS_KERNEL=reference"
     if device.type == "cuda" or choice == "triton":

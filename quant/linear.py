@@ -62,17 +62,27 @@ class QuantLinear(nn.Module):
         return self.quantized_weight().dequantize(dtype)
 
     def kernel_weight(self) -> kernels.KernelWeight:
-        """The cached kernel layout of this layer's buffers (rebuilt when any buffer changed)."""
-        names = tensor_specs(self.config, self.shape)
-        key = tuple((getattr(self, n).data_ptr(), getattr(self, n).device, getattr(self, n)._version) for n in names)
+        """The cached kernel layout of this layer's buffers (rebuilt when any buffer changed). Read
+        from ``_buffers`` directly: this runs on every forward, where nn.Module's attribute lookup
+        costs more than a small layer's matmul."""
+        buffers = self._buffers
+        key = tuple((buffers[n].data_ptr(), buffers[n]._version) for n in self._packed_names())
+        key += (buffers[self._packed_names()[0]].device,)
         if self._layout is None or self._layout[0] != key:
             self._layout = (key, kernels.prepare(self.quantized_weight()))
         return self._layout[1]
 
+    def _packed_names(self) -> tuple[str, ...]:
+        names = self.__dict__.get("_names")
+        if names is None:
+            names = self.__dict__["_names"] = tuple(tensor_specs(self.config, self.shape))
+        return names
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.kernel_weight()
-        self.backend = kernels.select_backend(x, weight=weight)[0]
-        return kernels.dequant_matmul(x, weight, self.bias, self.backend)
+        backend = kernels.select_backend(x, weight=weight)[0]
+        self.__dict__["backend"] = backend  # a plain attribute: skip nn.Module's __setattr__ on every forward
+        return kernels.dequant_matmul(x, weight, self.bias, backend)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.config.name}"
