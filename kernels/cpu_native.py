@@ -15,7 +15,7 @@ relative), as a bf16 model's weights are. The output is rounded to x's dtype.
 Layout (built once per matrix by ``native_layout`` and cached on the ``KernelWeight``; the packed
 checkpoint tensors stay as they are): codes in column blocks of 64 outputs ``[N/64, K/2, run]``,
 run = 64 bytes (4-bit: one byte per column holding rows 2kp and 2kp+1) or 128 bytes (8-bit: both
-rows' signed bytes per column); fp32 scales and folded zeros ``[G, N]``. N is padded to 64 and K to
+rows' signed bytes per column); scales and zero points in the same column blocks ``[N/64, G, 64]``. N is padded to 64 and K to
 whole groups with zero codes (padded x is zero). Per matrix this adds the repacked codes (one more
 copy of the packed weight) and 4-8 bytes per group and column.
 
@@ -58,8 +58,8 @@ class NativeUnavailable(RuntimeError):
 class NativeLayout:
     codes: torch.Tensor  # uint8 [N/64, units, 64 or 128]: the main plane (csrc/cpu_woq_expand.h)
     codes_hi: torch.Tensor | None  # uint8 [N/64, units, 64]: 3-bit codes' third bits
-    scales: torch.Tensor  # [G, Np]: fp16 (uniform, as stored) or fp32 (NF block scales, double quantization undone)
-    zeros: torch.Tensor | None  # fp16 [G, Np] zero points (integers are exact), None when every zero is z0
+    scales: torch.Tensor  # [N/64, G, 64]: fp16 (uniform, as stored) or fp32 (NF block scales, double quantization undone)
+    zeros: torch.Tensor | None  # fp16 [N/64, G, 64] zero points (integers are exact), None when every zero is z0
     z0: float  # the zero the table subtracts: 2^(b-1) (uniform), 0 (nf)
     lut: torch.Tensor  # int16 [32]: bf16 bits of the 16 table values, twice
     perm: torch.Tensor | None  # int64 [K]: x's columns in the codes' row order (act order)
@@ -188,6 +188,12 @@ def _block_codes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
     return pairs.permute(1, 0, 2).contiguous(), None
 
 
+def _block_meta(meta: torch.Tensor, padded_n: int) -> torch.Tensor:
+    """[G, N] -> [N/64, G, 64]: a column block's scales (or zeros) contiguous, read as one stream."""
+    groups = meta.shape[0]
+    return _pad(meta, groups, padded_n).view(groups, padded_n // BLOCK_N, BLOCK_N).permute(1, 0, 2).contiguous()
+
+
 def native_layout(weight: KernelWeight) -> NativeLayout | str:
     """The kernel layout of a packed matrix, or why the kernel cannot take it."""
     from .reference import _zeros, unpack_rows
@@ -222,8 +228,8 @@ def native_layout(weight: KernelWeight) -> NativeLayout | str:
     padded_n = -(-out_features // BLOCK_N) * BLOCK_N
     main, third = _block_codes(_pad(codes, padded_k, padded_n), bits)
     return NativeLayout(
-        codes=main, codes_hi=third, scales=_pad(scales, scales.shape[0], padded_n).contiguous(),
-        zeros=None if zeros is None else _pad(zeros, scales.shape[0], padded_n).contiguous(), z0=z0,
+        codes=main, codes_hi=third, scales=_block_meta(scales, padded_n),
+        zeros=None if zeros is None else _block_meta(zeros, padded_n), z0=z0,
         lut=_bf16_bits(table.cpu()), perm=order, bits=bits, group=group, out_features=out_features)
 
 

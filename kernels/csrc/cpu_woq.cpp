@@ -72,11 +72,11 @@ struct Problem {
   const float* xsum;     // [Mp, Kp / segment]: x summed over each segment, or null (no zero term)
   const uint8_t* codes;  // [NB, units, Unit::bytes]
   const uint8_t* hi;     // 3-bit: [NB, units, 64], the third bits
-  const void* scales;    // [G, Np], fp16 or fp32
-  const uint16_t* zeros; // fp16 [G, Np] zero points, or null
+  const void* scales;    // [NB, G, 64], fp16 or fp32: a block's groups contiguous, like its codes
+  const uint16_t* zeros; // fp16 [NB, G, 64] zero points, or null
   const uint16_t* lut;   // 32 bf16 (4-bit codes)
   float* acc;            // [Mp, Np]
-  int64_t M, Kp, Np, group;
+  int64_t M, Kp, Np, group, groups;
   int64_t segment;       // rows per scaled partial sum: the group (registers) or the AMX chunk
   float z0;              // the zero the table already subtracts
   bool half_scales;
@@ -90,11 +90,30 @@ TARGET_AVX inline __m512 load_scale(const Problem& p, int64_t offset) {
   return _mm512_loadu_ps(static_cast<const float*>(p.scales) + offset);
 }
 
+// offset of (block nb, group g) in the scales and zeros
+inline int64_t meta_row(const Problem& p, int64_t nb, int64_t g) { return (nb * p.groups + g) * kBlockN; }
+
+// the next group's scales and zeros on their way (a block's metadata is one short stream)
+TARGET_AVX inline void prefetch_meta(const Problem& p, int64_t nb, int64_t g) {
+  const int64_t row = meta_row(p, nb, g);
+  const char* s = static_cast<const char*>(p.scales) + row * (p.half_scales ? 2 : 4);
+  _mm_prefetch(s, _MM_HINT_T0);
+  _mm_prefetch(s + 64, _MM_HINT_T0);
+  if (!p.half_scales) {
+    _mm_prefetch(s + 128, _MM_HINT_T0);
+    _mm_prefetch(s + 192, _MM_HINT_T0);
+  }
+  if (p.zeros) {
+    _mm_prefetch(reinterpret_cast<const char*>(p.zeros + row), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p.zeros + row) + 64, _MM_HINT_T0);
+  }
+}
+
 // acc[m, n0 + 16j + i] += s * (part - (z - z0) * xsum) for the block's 4 vectors of row m; part sums
 // segment seg (rows [seg * p.segment, (seg + 1) * p.segment)) of group g
 TARGET_AVX inline void apply_group(const Problem& p, int64_t m, int64_t g, int64_t seg, int64_t n0, const __m512* part) {
   float* out = p.acc + m * p.Np + n0;
-  const int64_t row = g * p.Np + n0;
+  const int64_t row = meta_row(p, n0 / kBlockN, g);
   const __m512 xs = _mm512_set1_ps(p.zeros ? -p.xsum[m * (p.Kp / p.segment) + seg] : 0.f);
   const __m512 z0 = _mm512_set1_ps(p.z0);
   for (int j = 0; j < 4; ++j) {
@@ -137,7 +156,8 @@ TARGET_AVX void register_block(const Problem& p, int64_t nb, int64_t m0) {
   const uint8_t* hi = p.hi ? p.hi + nb * units * Layout::hi_bytes : nullptr;
   const __m512i lut = _mm512_loadu_si512(p.lut);
   const uint32_t* x = reinterpret_cast<const uint32_t*>(p.x) + m0 * stride;  // bf16 pairs
-  for (int64_t g = 0; g < p.Kp / p.group; ++g) {
+  for (int64_t g = 0; g < p.groups; ++g) {
+    if (g + 1 < p.groups) prefetch_meta(p, nb, g + 1);
     __m512 part[ACC][MB][4];
     for (int a = 0; a < ACC; ++a)
       for (int m = 0; m < MB; ++m)
@@ -215,6 +235,7 @@ TARGET_AMX void tile_block(const Problem& p, int64_t nb, uint16_t* bufs, float* 
   const __m512i lut = _mm512_loadu_si512(p.lut);
   for (int64_t k0 = 0; k0 < p.Kp; k0 += chunk) {
     const int64_t tiles = std::min(chunk, p.Kp - k0) / kTileK, g = k0 / p.group, seg = k0 / chunk;
+    if (g + 1 < p.groups) prefetch_meta(p, nb, g + 1);
     for (int64_t kt = 0; kt < tiles; ++kt)
       for (int r = 0; r < 16; r += Layout::pairs) {
         const int64_t j = ((k0 + kt * kTileK) / 2 + r) / Layout::pairs;
@@ -321,18 +342,18 @@ at::Tensor woq_linear(const at::Tensor& x, const at::Tensor& codes, const std::o
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "codes are stored at 2, 3, 4 or 8 bits");
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 3, "codes: uint8 [NB, units, bytes]");
   TORCH_CHECK((bits == 3) == codes_hi.has_value(), "codes_hi: the third bits of 3-bit codes, and only those");
-  TORCH_CHECK((scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf) && scales.is_contiguous(),
-              "scales: fp16 or fp32 [G, Np]");
+  TORCH_CHECK((scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf) && scales.is_contiguous()
+              && scales.dim() == 3 && scales.size(2) == kBlockN, "scales: fp16 or fp32 [NB, G, 64]");
   TORCH_CHECK(lut.numel() == 32 && lut.element_size() == 2, "lut: 32 bf16");
   const int pairs = bits == 2 ? 2 : bits == 3 ? 4 : 1;  // Unit<bits>::pairs
   const int64_t M = x.size(0), K = x.size(1), NB = codes.size(0), Np = NB * kBlockN, Kp = codes.size(1) * 2 * pairs;
-  TORCH_CHECK(codes.size(2) == (bits == 3 || bits == 8 ? 128 : 64) && scales.size(1) == Np && K <= Kp
-              && Kp == scales.size(0) * group && group % (2 * pairs) == 0 && out_features <= Np,
+  TORCH_CHECK(codes.size(2) == (bits == 3 || bits == 8 ? 128 : 64) && scales.size(0) == NB && K <= Kp
+              && Kp == scales.size(1) * group && group % (2 * pairs) == 0 && out_features <= Np,
               "inconsistent layout: codes ", codes.sizes(), ", scales ", scales.sizes(), ", group ", group, ", K ", K);
   TORCH_CHECK(!codes_hi || (codes_hi->sizes() == at::IntArrayRef({NB, codes.size(1), 64}) && codes_hi->is_contiguous()
                             && codes_hi->scalar_type() == at::kByte), "codes_hi: uint8 [NB, units, 64]");
   TORCH_CHECK(!zeros || (zeros->sizes() == scales.sizes() && zeros->scalar_type() == at::kHalf && zeros->is_contiguous()),
-              "zeros: fp16 [G, Np]");
+              "zeros: fp16 [NB, G, 64]");
   TORCH_CHECK(!perm || (perm->scalar_type() == at::kLong && perm->numel() == K), "perm: int64 [K]");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == out_features), "bias: fp32 [N]");
   const bool tiles = f.amx && M > 4 && group % kTileK == 0;
@@ -345,7 +366,7 @@ at::Tensor woq_linear(const at::Tensor& x, const at::Tensor& codes, const std::o
   at::Tensor out = at::empty({M, out_features}, x.options());
   Problem p{reinterpret_cast<const uint16_t*>(xb.data_ptr()), zeros ? xsum.data_ptr<float>() : nullptr,
             codes.data_ptr<uint8_t>(), codes_hi ? codes_hi->data_ptr<uint8_t>() : nullptr, scales.data_ptr(), zeros ? reinterpret_cast<const uint16_t*>(zeros->data_ptr()) : nullptr,
-            reinterpret_cast<const uint16_t*>(lut.data_ptr()), acc.data_ptr<float>(), M, Kp, Np, group, segment,
+            reinterpret_cast<const uint16_t*>(lut.data_ptr()), acc.data_ptr<float>(), M, Kp, Np, group, Kp / group, segment,
             float(z0), scales.scalar_type() == at::kHalf};
   const float* bias_ptr = bias ? bias->data_ptr<float>() : nullptr;
   switch (bits) {
