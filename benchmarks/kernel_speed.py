@@ -6,8 +6,8 @@
 Shapes are out x in (N x K). Weights are Gaussian (std 0.02) quantized by our RTN; x is Gaussian.
 
 CPU (bf16 activations, ``torch.get_num_threads()`` threads): median milliseconds of ``y = x @ W^T``,
-methods timed round-robin (one call of each per round, so that load drift hits all alike) on the same
-input: dense ``F.linear`` in bf16 (the baseline the goals name) and fp32, dense ``torch.mv`` in bf16
+methods timed round-robin (one call of each per round, in a new random order every round, so that load
+drift and a neighbour's after-effects hit all alike) on the same input: dense ``F.linear`` in bf16 (the baseline the goals name) and fp32, dense ``torch.mv`` in bf16
 (batch 1: the fastest dense path found on this machine), torch's own int4 kernel
 ``_weight_int4pack_mm_for_cpu`` (g128, its native layout), bitsandbytes' NF4 (eval mode: its native
 bf16 kernel), and ours per format through the dispatcher (``native``: the AVX512-BF16/AMX kernel), through
@@ -29,6 +29,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import statistics
 import sys
 import time
@@ -56,14 +57,19 @@ def weight_matrix(out_features: int, in_features: int) -> torch.Tensor:
 
 
 def interleaved_medians(calls: dict, repeats: int) -> dict:
-    """Median seconds per callable, timed round-robin so that drift in machine load hits all alike."""
+    """Median seconds per callable, timed round-robin so that drift in machine load hits all alike, in
+    a new random order every round: a call's neighbour matters (measured: whatever ran right after
+    bitsandbytes, whose OpenMP threads keep spinning after it returns, was 30 % slower on 2 cores)."""
     times = {name: [] for name in calls}
+    order = random.Random(0)
     for fn in calls.values():
         fn()
     for _ in range(repeats):
-        for name, fn in calls.items():
+        names = list(calls)
+        order.shuffle(names)
+        for name in names:
             start = time.perf_counter()
-            fn()
+            calls[name]()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 

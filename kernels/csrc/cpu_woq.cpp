@@ -135,6 +135,14 @@ TARGET_AVX inline void dot_pair(__m512 (*part)[4], const __m512i* w, const uint3
   }
 }
 
+// Every cache line of the unit kPrefetch bytes ahead (the third-bit plane half as far: it is half as dense)
+template <int BITS>
+TARGET_AVX inline void prefetch_unit(const uint8_t* main, const uint8_t* hi) {
+  _mm_prefetch(reinterpret_cast<const char*>(main + kPrefetch), _MM_HINT_T1);
+  if constexpr (Unit<BITS>::bytes > 64) _mm_prefetch(reinterpret_cast<const char*>(main + kPrefetch + 64), _MM_HINT_T1);
+  if constexpr (BITS == 3) _mm_prefetch(reinterpret_cast<const char*>(hi + kPrefetch / 2), _MM_HINT_T1);
+}
+
 // One load unit's row pairs (U = 0 .. pairs - 1) against MB rows of x: pair U feeds accumulator set U % ACC
 template <int BITS, int MB, int ACC, int U = 0>
 TARGET_AVX inline void unit_dots(const Raw& r, __m512i lut, __m512 (*part)[MB][4], const uint32_t* x, int64_t stride,
@@ -145,46 +153,59 @@ TARGET_AVX inline void unit_dots(const Raw& r, __m512i lut, __m512 (*part)[MB][4
   if constexpr (U + 1 < Unit<BITS>::pairs) unit_dots<BITS, MB, ACC, U + 1>(r, lut, part, x, stride, kp);
 }
 
-// Rows [m0, m0 + MB) of column block nb, weights expanded in registers (M <= 4, or no AMX). With one
-// or two rows, alternate row pairs feed separate accumulators (VDPBF16PS's latency).
-template <int BITS, int MB>
+// Rows [m0, m0 + MB) of BLOCKS adjacent column blocks from nb, weights expanded in registers (M <= 4,
+// or no AMX). Two blocks in one pass keep two code streams in flight per core (memory-level
+// parallelism) and give VDPBF16PS independent accumulators; one block alone alternates two sets.
+template <int BITS, int MB, int BLOCKS>
 TARGET_AVX void register_block(const Problem& p, int64_t nb, int64_t m0) {
   using Layout = Unit<BITS>;
-  constexpr int ACC = MB <= 2 ? 2 : 1;
+  constexpr int ACC = BLOCKS == 1 && MB <= 2 ? 2 : 1;
   const int64_t units = p.Kp / 2 / Layout::pairs, per_group = p.group / 2 / Layout::pairs, stride = p.Kp / 2;
-  const uint8_t* codes = p.codes + nb * units * Layout::bytes;
-  const uint8_t* hi = p.hi ? p.hi + nb * units * Layout::hi_bytes : nullptr;
   const __m512i lut = _mm512_loadu_si512(p.lut);
   const uint32_t* x = reinterpret_cast<const uint32_t*>(p.x) + m0 * stride;  // bf16 pairs
+  const uint8_t* codes[BLOCKS];
+  const uint8_t* hi[BLOCKS];
+  for (int b = 0; b < BLOCKS; ++b) {
+    codes[b] = p.codes + (nb + b) * units * Layout::bytes;
+    hi[b] = p.hi ? p.hi + (nb + b) * units * Layout::hi_bytes : nullptr;
+  }
   for (int64_t g = 0; g < p.groups; ++g) {
-    if (g + 1 < p.groups) prefetch_meta(p, nb, g + 1);
-    __m512 part[ACC][MB][4];
-    for (int a = 0; a < ACC; ++a)
+    for (int b = 0; b < BLOCKS && g + 1 < p.groups; ++b) prefetch_meta(p, nb + b, g + 1);
+    __m512 part[BLOCKS * ACC][MB][4];
+    for (int a = 0; a < BLOCKS * ACC; ++a)
       for (int m = 0; m < MB; ++m)
         for (int j = 0; j < 4; ++j) part[a][m][j] = _mm512_setzero_ps();
-    for (int64_t j = g * per_group; j < (g + 1) * per_group; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(codes + j * Layout::bytes + kPrefetch), _MM_HINT_T1);
-      if constexpr (BITS == 3) _mm_prefetch(reinterpret_cast<const char*>(hi + j * 64 + kPrefetch / 2), _MM_HINT_T1);
-      const Raw r = load_unit<BITS>(codes + j * Layout::bytes, hi ? hi + j * Layout::hi_bytes : nullptr);
-      unit_dots<BITS, MB, ACC>(r, lut, part, x, stride, j * Layout::pairs);
-    }
-    for (int m = 0; m < MB; ++m) {
-      for (int a = 1; a < ACC; ++a)
-        for (int j = 0; j < 4; ++j) part[0][m][j] = _mm512_add_ps(part[0][m][j], part[a][m][j]);
-      apply_group(p, m0 + m, g, g, nb * kBlockN, part[0][m]);
-    }
+    for (int64_t j = g * per_group; j < (g + 1) * per_group; ++j)
+      for (int b = 0; b < BLOCKS; ++b) {
+        prefetch_unit<BITS>(codes[b] + j * Layout::bytes, hi[b] ? hi[b] + j * Layout::hi_bytes : nullptr);
+        const Raw r = load_unit<BITS>(codes[b] + j * Layout::bytes, hi[b] ? hi[b] + j * Layout::hi_bytes : nullptr);
+        unit_dots<BITS, MB, ACC>(r, lut, part + b * ACC, x, stride, j * Layout::pairs);
+      }
+    for (int b = 0; b < BLOCKS; ++b)
+      for (int m = 0; m < MB; ++m) {
+        for (int a = 1; a < ACC; ++a)
+          for (int j = 0; j < 4; ++j) part[b * ACC][m][j] = _mm512_add_ps(part[b * ACC][m][j], part[b * ACC + a][m][j]);
+        apply_group(p, m0 + m, g, g, (nb + b) * kBlockN, part[b * ACC][m]);
+      }
   }
 }
 
+// Blocks [nb, nb + count) (count 1 or 2), all rows of x
 template <int BITS>
-TARGET_AVX void register_rows(const Problem& p, int64_t nb) {
+TARGET_AVX void register_rows(const Problem& p, int64_t nb, int64_t count) {
   for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
-    switch (std::min<int64_t>(4, p.M - m0)) {
-      case 1: register_block<BITS, 1>(p, nb, m0); break;
-      case 2: register_block<BITS, 2>(p, nb, m0); break;
-      case 3: register_block<BITS, 3>(p, nb, m0); break;
-      default: register_block<BITS, 4>(p, nb, m0); break;
-    }
+    const int64_t rows = std::min<int64_t>(4, p.M - m0);
+    if (count == 2 && rows == 1) register_block<BITS, 1, 2>(p, nb, m0);
+    else if (count == 2 && rows == 2) register_block<BITS, 2, 2>(p, nb, m0);
+    else
+      for (int64_t b = nb; b < nb + count; ++b) {
+        switch (rows) {
+          case 1: register_block<BITS, 1, 1>(p, b, m0); break;
+          case 2: register_block<BITS, 2, 1>(p, b, m0); break;
+          case 3: register_block<BITS, 3, 1>(p, b, m0); break;
+          default: register_block<BITS, 4, 1>(p, b, m0); break;
+        }
+      }
   }
 }
 
@@ -239,8 +260,7 @@ TARGET_AMX void tile_block(const Problem& p, int64_t nb, uint16_t* bufs, float* 
     for (int64_t kt = 0; kt < tiles; ++kt)
       for (int r = 0; r < 16; r += Layout::pairs) {
         const int64_t j = ((k0 + kt * kTileK) / 2 + r) / Layout::pairs;
-        _mm_prefetch(reinterpret_cast<const char*>(codes + j * Layout::bytes + kPrefetch), _MM_HINT_T1);
-        if constexpr (BITS == 3) _mm_prefetch(reinterpret_cast<const char*>(hi + j * 64 + kPrefetch / 2), _MM_HINT_T1);
+        prefetch_unit<BITS>(codes + j * Layout::bytes, hi ? hi + j * Layout::hi_bytes : nullptr);
         const Raw raw = load_unit<BITS>(codes + j * Layout::bytes, hi ? hi + j * Layout::hi_bytes : nullptr);
         unit_tiles<BITS>(raw, lut, bufs + ((kt * 4) << 9) + r * 32);
       }
@@ -322,9 +342,10 @@ void run_blocks(const Problem& p, bool tiles, int64_t NB, const float* bias, at:
       }
       release_tiles();
     } else {
-      for (int64_t nb = begin; nb < end; ++nb) {
-        register_rows<BITS>(p, nb);
-        finish_block(p, nb, bias, out);
+      for (int64_t nb = begin; nb < end; nb += 2) {
+        const int64_t count = std::min<int64_t>(2, end - nb);
+        register_rows<BITS>(p, nb, count);
+        for (int64_t b = nb; b < nb + count; ++b) finish_block(p, b, bias, out);
       }
     }
   });
