@@ -2,8 +2,10 @@
 
 Which formats: uniform grids of at most 16 levels (2, 3 and 4 bits, symmetric, integer or float
 zeros, act order included: rows are sorted by group once and x is gathered) and NF codebooks of 2, 3
-and 4 bits as 4-bit codes through a 16-entry table; uniform 8-bit as signed 8-bit codes. Groups must
-be even (NF: blocks that tile the rows, ``K % block == 0``).
+and 4 bits, through a table of their values; uniform 8-bit as signed 8-bit codes. 2-bit codes are
+stored at 2 bits, 3- and 4-bit codes at 4 (a 3-bit layout measured slower: ``csrc/cpu_woq_expand.h``).
+Groups must be whole load units (4 rows at 2 bits, 2 otherwise; NF: blocks that tile the rows,
+``K % block == 0``).
 
 Numerics, stated once: activations are rounded to bf16 (a no-op for bf16 input); each product of a
 bf16 activation and a table value is exact in fp32 and summed in fp32 over a group, then scaled by the
@@ -13,11 +15,12 @@ summation is the activations' own (none for bf16); NF codebook values are rounde
 relative), as a bf16 model's weights are. The output is rounded to x's dtype.
 
 Layout (built once per matrix by ``native_layout`` and cached on the ``KernelWeight``; the packed
-checkpoint tensors stay as they are): codes in column blocks of 64 outputs ``[N/64, K/2, run]``,
-run = 64 bytes (4-bit: one byte per column holding rows 2kp and 2kp+1) or 128 bytes (8-bit: both
-rows' signed bytes per column); scales and zero points in the same column blocks ``[N/64, G, 64]``. N is padded to 64 and K to
-whole groups with zero codes (padded x is zero). Per matrix this adds the repacked codes (one more
-copy of the packed weight) and 4-8 bytes per group and column.
+checkpoint tensors stay as they are): codes in column blocks of 64 outputs ``[N/64, units, 64 or
+128]`` (the table of layouts is in ``csrc/cpu_woq_expand.h``); scales and zero points in the same
+column blocks ``[N/64, G, 64]``, so that a block is one stream of codes and one of metadata. N is
+padded to 64 and K to whole groups with zero codes (padded x is zero). Per matrix this adds the
+repacked codes (one more copy of the packed weight, 3-bit codes at 4 bits) and 2-6 bytes per group and
+column.
 
 Building: ``c++`` (``$CXX``) compiles the source against the installed torch into
 ``$COMPRESS_CACHE/kernels`` (default ``~/.cache/compress/kernels``), keyed by the source, the torch
@@ -46,7 +49,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "cpu_woq.cpp"
 HEADERS = (Path(__file__).with_name("csrc") / "cpu_woq_expand.h",)
 BLOCK_N = 64
-UNIT_PAIRS = {2: 2, 3: 4, 4: 1, 8: 1}  # row pairs per load unit, by stored width
+STORED_BITS = {2: 2, 3: 4, 4: 4, 8: 8}  # code width -> width stored (3-bit as 4: see csrc/cpu_woq_expand.h)
+UNIT_PAIRS = {2: 2, 4: 1, 8: 1}  # row pairs per load unit, by stored width
 TILE_K = 32
 
 
@@ -56,14 +60,13 @@ class NativeUnavailable(RuntimeError):
 
 @dataclass
 class NativeLayout:
-    codes: torch.Tensor  # uint8 [N/64, units, 64 or 128]: the main plane (csrc/cpu_woq_expand.h)
-    codes_hi: torch.Tensor | None  # uint8 [N/64, units, 64]: 3-bit codes' third bits
+    codes: torch.Tensor  # uint8 [N/64, units, 64 or 128] (csrc/cpu_woq_expand.h)
     scales: torch.Tensor  # [N/64, G, 64]: fp16 (uniform, as stored) or fp32 (NF block scales, double quantization undone)
     zeros: torch.Tensor | None  # fp16 [N/64, G, 64] zero points (integers are exact), None when every zero is z0
     z0: float  # the zero the table subtracts: 2^(b-1) (uniform), 0 (nf)
     lut: torch.Tensor  # int16 [32]: bf16 bits of the 16 table values, twice
     perm: torch.Tensor | None  # int64 [K]: x's columns in the codes' row order (act order)
-    bits: int  # 2, 3, 4 or 8: width of the stored codes
+    bits: int  # 2, 4 or 8: width of the stored codes
     group: int
     out_features: int
 
@@ -117,7 +120,7 @@ def load() -> tuple[bool, bool]:
     return avx512bf16, amx
 
 
-def _fake_woq_linear(x, codes, codes_hi, scales, zeros, lut, perm, bias, bits, group, z0, out_features):
+def _fake_woq_linear(x, codes, scales, zeros, lut, perm, bias, bits, group, z0, out_features):
     return x.new_empty(x.shape[0], out_features)
 
 
@@ -175,17 +178,14 @@ def _split(codes: torch.Tensor, pairs: int) -> torch.Tensor:
     return view.permute(3, 0, 1, 4, 5, 2).reshape(columns // BLOCK_N, rows // (2 * pairs), pairs * 4, 32)
 
 
-def _block_codes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """uint8 [Kp, Np] codes -> the kernel's column blocks (main plane, 3-bit third-bit plane)."""
+def _block_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [Kp, Np] codes -> the kernel's column blocks at ``bits`` stored bits."""
     rows, columns = codes.shape
     if bits in (2, 4):
-        return _fields_to_runs(_split(codes, 1 if bits == 4 else 2), bits), None
-    if bits == 3:
-        low = _fields_to_runs(_split(codes & 3, 2), 2).view(columns // BLOCK_N, rows // 8, 128)
-        return low, _fields_to_runs(_split(codes >> 2, 4), 1)
+        return _fields_to_runs(_split(codes, UNIT_PAIRS[bits]), bits)
     signed = torch.stack([codes[0::2], codes[1::2]], dim=2).view(torch.int8) ^ -128  # code - 128 of both rows
     pairs = signed.view(torch.uint8).reshape(rows // 2, columns // BLOCK_N, 2 * BLOCK_N)
-    return pairs.permute(1, 0, 2).contiguous(), None
+    return pairs.permute(1, 0, 2).contiguous()
 
 
 def _block_meta(meta: torch.Tensor, padded_n: int) -> torch.Tensor:
@@ -218,7 +218,7 @@ def native_layout(weight: KernelWeight) -> NativeLayout | str:
         scales = weight.scales if weight.scales.dtype == torch.float16 else weight.scales.float()  # bf16 after model.to
         zeros = None if weight.zero_mode == 0 else _zeros(weight, slice(None)).half()  # exact: integers <= 256 or fp16
         table = torch.arange(2**weight.bits, dtype=torch.float32) - z0 if weight.bits < 8 else torch.zeros(1)
-    bits = weight.bits
+    bits = STORED_BITS[weight.bits]
     if group % (2 * UNIT_PAIRS[bits]):
         return f"groups of {group} rows: {bits}-bit codes load {2 * UNIT_PAIRS[bits]} rows at a time"
     codes = unpack_rows(weight, 0, in_features)
@@ -226,9 +226,8 @@ def native_layout(weight: KernelWeight) -> NativeLayout | str:
         codes = codes[order]
     padded_k = scales.shape[0] * group
     padded_n = -(-out_features // BLOCK_N) * BLOCK_N
-    main, third = _block_codes(_pad(codes, padded_k, padded_n), bits)
     return NativeLayout(
-        codes=main, codes_hi=third, scales=_block_meta(scales, padded_n),
+        codes=_block_codes(_pad(codes, padded_k, padded_n), bits), scales=_block_meta(scales, padded_n),
         zeros=None if zeros is None else _block_meta(zeros, padded_n), z0=z0,
         lut=_bf16_bits(table.cpu()), perm=order, bits=bits, group=group, out_features=out_features)
 
@@ -238,8 +237,7 @@ def matmul(x: torch.Tensor, layout: NativeLayout, bias: torch.Tensor | None = No
     flat = x.reshape(-1, x.shape[-1])
     if not flat.is_contiguous():
         flat = flat.contiguous()
-    out = torch.ops.compress_cpu.woq_linear(flat, layout.codes, layout.codes_hi, layout.scales, layout.zeros, layout.lut,
-                                            layout.perm,
+    out = torch.ops.compress_cpu.woq_linear(flat, layout.codes, layout.scales, layout.zeros, layout.lut, layout.perm,
                                             None if bias is None else bias.float(), layout.bits, layout.group,
                                             layout.z0, layout.out_features)
     return out.view(*x.shape[:-1], layout.out_features)

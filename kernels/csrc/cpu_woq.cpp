@@ -1,7 +1,7 @@
 // Weight-only-quantized matmul for x86 CPUs: y[M, N] = x[M, K] @ W^T, W given as integer codes with
 // per-group scales (the layout is built by kernels/cpu_native.py; read its docstring first).
 //
-// Codes live in column blocks of 64 outputs, stored at 2, 3, 4 or 8 bits (cpu_woq_expand.h has the
+// Codes live in column blocks of 64 outputs, stored at 2, 4 or 8 bits (cpu_woq_expand.h has the
 // table of layouts): each load unit of one to four row pairs expands in registers to vectors of 32 bf16
 // lanes in the pair order of VDPBF16PS and of an AMX B-tile row.
 // The table holds code - z0 (uniform: exact small integers) or the NF codebook rounded to bf16, so the
@@ -72,7 +72,6 @@ struct Problem {
   const uint16_t* x;     // bf16 bits [Mp, Kp], zero padded
   const float* xsum;     // [Mp, Kp / segment]: x summed over each segment, or null (no zero term)
   const uint8_t* codes;  // [NB, units, Unit::bytes]
-  const uint8_t* hi;     // 3-bit: [NB, units, 64], the third bits
   const void* scales;    // [NB, G, 64], fp16 or fp32: a block's groups contiguous, like its codes
   const uint16_t* zeros; // fp16 [NB, G, 64] zero points, or null
   const uint16_t* lut;   // 32 bf16 (4-bit codes)
@@ -136,12 +135,11 @@ TARGET_AVX inline void dot_pair(__m512 (*part)[4], const __m512i* w, const uint3
   }
 }
 
-// Every cache line of the unit kPrefetch bytes ahead (the third-bit plane half as far: it is half as dense)
+// Every cache line of the unit kPrefetch bytes ahead
 template <int BITS>
-TARGET_AVX inline void prefetch_unit(const uint8_t* main, const uint8_t* hi) {
-  _mm_prefetch(reinterpret_cast<const char*>(main + kPrefetch), _MM_HINT_T1);
-  if constexpr (Unit<BITS>::bytes > 64) _mm_prefetch(reinterpret_cast<const char*>(main + kPrefetch + 64), _MM_HINT_T1);
-  if constexpr (BITS == 3) _mm_prefetch(reinterpret_cast<const char*>(hi + kPrefetch / 2), _MM_HINT_T1);
+TARGET_AVX inline void prefetch_unit(const uint8_t* unit) {
+  _mm_prefetch(reinterpret_cast<const char*>(unit + kPrefetch), _MM_HINT_T1);
+  if constexpr (Unit<BITS>::bytes > 64) _mm_prefetch(reinterpret_cast<const char*>(unit + kPrefetch + 64), _MM_HINT_T1);
 }
 
 // One load unit's row pairs (U = 0 .. pairs - 1) against MB rows of x: pair U feeds accumulator set U % ACC
@@ -165,11 +163,7 @@ TARGET_AVX void register_block(const Problem& p, int64_t nb, int64_t m0) {
   const __m512i lut = _mm512_loadu_si512(p.lut);
   const uint32_t* x = reinterpret_cast<const uint32_t*>(p.x) + m0 * stride;  // bf16 pairs
   const uint8_t* codes[BLOCKS];
-  const uint8_t* hi[BLOCKS];
-  for (int b = 0; b < BLOCKS; ++b) {
-    codes[b] = p.codes + (nb + b) * units * Layout::bytes;
-    hi[b] = p.hi ? p.hi + (nb + b) * units * Layout::hi_bytes : nullptr;
-  }
+  for (int b = 0; b < BLOCKS; ++b) codes[b] = p.codes + (nb + b) * units * Layout::bytes;
   for (int64_t g = 0; g < p.groups; ++g) {
     for (int b = 0; b < BLOCKS && g + 1 < p.groups; ++b) prefetch_meta(p, nb + b, g + 1);
     __m512 part[BLOCKS * ACC][MB][4];
@@ -178,8 +172,8 @@ TARGET_AVX void register_block(const Problem& p, int64_t nb, int64_t m0) {
         for (int j = 0; j < 4; ++j) part[a][m][j] = _mm512_setzero_ps();
     for (int64_t j = g * per_group; j < (g + 1) * per_group; ++j)
       for (int b = 0; b < BLOCKS; ++b) {
-        prefetch_unit<BITS>(codes[b] + j * Layout::bytes, hi[b] ? hi[b] + j * Layout::hi_bytes : nullptr);
-        const Raw r = load_unit<BITS>(codes[b] + j * Layout::bytes, hi[b] ? hi[b] + j * Layout::hi_bytes : nullptr);
+        prefetch_unit<BITS>(codes[b] + j * Layout::bytes);
+        const Raw r = load_unit<BITS>(codes[b] + j * Layout::bytes);
         unit_dots<BITS, MB, ACC>(r, lut, part + b * ACC, x, stride, j * Layout::pairs);
       }
     for (int b = 0; b < BLOCKS; ++b)
@@ -255,7 +249,6 @@ TARGET_AMX void tile_block(const Problem& p, int64_t nb, uint16_t* bufs, float* 
   using Layout = Unit<BITS>;
   const int64_t units = p.Kp / 2 / Layout::pairs, n0 = nb * kBlockN, chunk = p.segment;
   const uint8_t* codes = p.codes + nb * units * Layout::bytes;
-  const uint8_t* hi = p.hi ? p.hi + nb * units * Layout::hi_bytes : nullptr;
   const __m512i lut = _mm512_loadu_si512(p.lut);
   for (int64_t k0 = 0; k0 < p.Kp; k0 += chunk) {
     const int64_t tiles = std::min(chunk, p.Kp - k0) / kTileK, g = k0 / p.group, seg = k0 / chunk;
@@ -263,8 +256,8 @@ TARGET_AMX void tile_block(const Problem& p, int64_t nb, uint16_t* bufs, float* 
     for (int64_t kt = 0; kt < tiles; ++kt)
       for (int r = 0; r < 16; r += Layout::pairs) {
         const int64_t j = ((k0 + kt * kTileK) / 2 + r) / Layout::pairs;
-        prefetch_unit<BITS>(codes + j * Layout::bytes, hi ? hi + j * Layout::hi_bytes : nullptr);
-        const Raw raw = load_unit<BITS>(codes + j * Layout::bytes, hi ? hi + j * Layout::hi_bytes : nullptr);
+        prefetch_unit<BITS>(codes + j * Layout::bytes);
+        const Raw raw = load_unit<BITS>(codes + j * Layout::bytes);
         unit_tiles<BITS>(raw, lut, bufs + ((kt * 4) << 9) + r * 32);
       }
     memory_barrier();
@@ -354,8 +347,7 @@ void run_blocks(const Problem& p, bool tiles, int64_t NB, const float* bias, at:
   });
 }
 
-at::Tensor woq_linear(const at::Tensor& x, const at::Tensor& codes, const std::optional<at::Tensor>& codes_hi,
-                      const at::Tensor& scales, const std::optional<at::Tensor>& zeros, const at::Tensor& lut,
+at::Tensor woq_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const std::optional<at::Tensor>& zeros, const at::Tensor& lut,
                       const std::optional<at::Tensor>& perm, const std::optional<at::Tensor>& bias, int64_t bits,
                       int64_t group, double z0, int64_t out_features) {
   const Features& f = features();
@@ -363,19 +355,16 @@ at::Tensor woq_linear(const at::Tensor& x, const at::Tensor& codes, const std::o
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] matrix");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf || x.scalar_type() == at::kFloat,
               "x must be bf16, fp16 or fp32");
-  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "codes are stored at 2, 3, 4 or 8 bits");
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "codes are stored at 2, 4 or 8 bits");
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 3, "codes: uint8 [NB, units, bytes]");
-  TORCH_CHECK((bits == 3) == codes_hi.has_value(), "codes_hi: the third bits of 3-bit codes, and only those");
   TORCH_CHECK((scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf) && scales.is_contiguous()
               && scales.dim() == 3 && scales.size(2) == kBlockN, "scales: fp16 or fp32 [NB, G, 64]");
   TORCH_CHECK(lut.numel() == 32 && lut.element_size() == 2, "lut: 32 bf16");
-  const int pairs = bits == 2 ? 2 : bits == 3 ? 4 : 1;  // Unit<bits>::pairs
+  const int pairs = bits == 2 ? 2 : 1;  // Unit<bits>::pairs
   const int64_t M = x.size(0), K = x.size(1), NB = codes.size(0), Np = NB * kBlockN, Kp = codes.size(1) * 2 * pairs;
-  TORCH_CHECK(codes.size(2) == (bits == 3 || bits == 8 ? 128 : 64) && scales.size(0) == NB && K <= Kp
+  TORCH_CHECK(codes.size(2) == (bits == 8 ? 128 : 64) && scales.size(0) == NB && K <= Kp
               && Kp == scales.size(1) * group && group % (2 * pairs) == 0 && out_features <= Np,
               "inconsistent layout: codes ", codes.sizes(), ", scales ", scales.sizes(), ", group ", group, ", K ", K);
-  TORCH_CHECK(!codes_hi || (codes_hi->sizes() == at::IntArrayRef({NB, codes.size(1), 64}) && codes_hi->is_contiguous()
-                            && codes_hi->scalar_type() == at::kByte), "codes_hi: uint8 [NB, units, 64]");
   TORCH_CHECK(!zeros || (zeros->sizes() == scales.sizes() && zeros->scalar_type() == at::kHalf && zeros->is_contiguous()),
               "zeros: fp16 [NB, G, 64]");
   TORCH_CHECK(!perm || (perm->scalar_type() == at::kLong && perm->numel() == K), "perm: int64 [K]");
@@ -389,13 +378,12 @@ at::Tensor woq_linear(const at::Tensor& x, const at::Tensor& codes, const std::o
   at::Tensor acc = at::zeros({Mp, Np}, x.options().dtype(at::kFloat));
   at::Tensor out = at::empty({M, out_features}, x.options());
   Problem p{reinterpret_cast<const uint16_t*>(xb.data_ptr()), zeros ? xsum.data_ptr<float>() : nullptr,
-            codes.data_ptr<uint8_t>(), codes_hi ? codes_hi->data_ptr<uint8_t>() : nullptr, scales.data_ptr(), zeros ? reinterpret_cast<const uint16_t*>(zeros->data_ptr()) : nullptr,
+            codes.data_ptr<uint8_t>(), scales.data_ptr(), zeros ? reinterpret_cast<const uint16_t*>(zeros->data_ptr()) : nullptr,
             reinterpret_cast<const uint16_t*>(lut.data_ptr()), acc.data_ptr<float>(), M, Kp, Np, group, Kp / group, segment,
             float(z0), scales.scalar_type() == at::kHalf};
   const float* bias_ptr = bias ? bias->data_ptr<float>() : nullptr;
   switch (bits) {
     case 2: run_blocks<2>(p, tiles, NB, bias_ptr, out); break;
-    case 3: run_blocks<3>(p, tiles, NB, bias_ptr, out); break;
     case 4: run_blocks<4>(p, tiles, NB, bias_ptr, out); break;
     default: run_blocks<8>(p, tiles, NB, bias_ptr, out); break;
   }
@@ -410,7 +398,7 @@ std::vector<int64_t> cpu_features() {
 }  // namespace
 
 TORCH_LIBRARY(compress_cpu, m) {
-  m.def("woq_linear(Tensor x, Tensor codes, Tensor? codes_hi, Tensor scales, Tensor? zeros, Tensor lut, Tensor? perm, "
+  m.def("woq_linear(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor lut, Tensor? perm, "
         "Tensor? bias, int bits, int group, float z0, int out_features) -> Tensor");
   m.impl("woq_linear", c10::DispatchKey::CPU, TORCH_FN(woq_linear));
   m.def("cpu_features() -> int[]");

@@ -5,21 +5,21 @@
 // adjacent: the pair order of VDPBF16PS and of an AMX B-tile row). Codes are read in load units of
 // Unit<BITS>::pairs row pairs:
 //
-// | bits | unit        | main plane, per unit                    | field of word l (l = 0..31)                    |
+// | bits | unit        | per unit                                | field of word l (l = 0..31)                    |
 // |------|-------------|-----------------------------------------|------------------------------------------------|
 // | 4    | 1 row pair  | 64 B: nibble t                          | row 2kp + (l & 1), column 16t + (l >> 1)       |
 // | 2    | 2 row pairs | 64 B: crumb 4u + t                      | row pair 2j + u, same row and column           |
-// | 3    | 4 row pairs | 2 x 64 B of 2-bit crumbs (low 2 bits)   | as 2-bit, for row pairs 4j + 2h + u            |
-// |      |             | + 64 B hi plane: bit 4u + t (third bit) | row pair 4j + u, same row and column           |
 // | 8    | 1 row pair  | 128 B: 32 B per 16 columns, the signed  | (byte 2c: row 2kp, byte 2c + 1: row 2kp + 1)   |
 // |      |             | codes - 128 of both rows per column     |                                                |
 //
 // A word shifted right so that its field starts at bit 0 indexes the table with VPERMW, which reads the
 // low 5 bits of each 16-bit lane: the table repeats its 2^bits values to 32 entries, so whatever the
-// neighbouring fields leave in bits [bits, 5) does not matter. 3-bit: the third bit is shifted to bit 2
-// and merged with the low crumb by one VPTERNLOGD. 8-bit: sign-extended, converted to fp32 and packed to
-// bf16 (exact: |code - 128| <= 128). Instructions per 32 weights: 4-bit 1 load/4 + 0.75 shift + 1 VPERMW;
-// 2-bit 1 load/8 + 0.875 shift + 1 VPERMW; 3-bit 3 loads/16 + 2 shifts + 1 VPTERNLOGD + 1 VPERMW.
+// neighbouring fields leave in bits [bits, 5) does not matter. 8-bit: sign-extended, converted to fp32
+// and packed to bf16 (exact: |code - 128| <= 128). Instructions per 32 weights: 4-bit 1 load/4 + 0.75
+// shift + 1 VPERMW; 2-bit 1 load/8 + 0.875 shift + 1 VPERMW. 3-bit codes are stored as 4-bit: a 3-bit
+// layout (2-bit plane + 1-bit plane merged by VPTERNLOGD, 2 shifts per 32 weights) was built and measured
+// 1.26x slower than 4-bit storage at 4096x4096 (2.6x vs 3.3x dense): this kernel is bound by its
+// instructions per weight before the bytes it reads.
 #pragma once
 
 #include <immintrin.h>
@@ -30,30 +30,26 @@
 
 template <int BITS>
 struct Unit {
-  static constexpr int pairs = BITS == 2 ? 2 : BITS == 3 ? 4 : 1;  // row pairs per load unit
-  static constexpr int64_t bytes = BITS == 3 || BITS == 8 ? 128 : 64;  // main plane bytes per unit
-  static constexpr int64_t hi_bytes = BITS == 3 ? 64 : 0;            // third-bit plane bytes per unit
+  static constexpr int pairs = BITS == 2 ? 2 : 1;           // row pairs per load unit
+  static constexpr int64_t bytes = BITS == 8 ? 128 : 64;    // bytes per unit
 };
 
 struct Raw {
-  __m512i a, b, c;
+  __m512i a;
   const uint8_t* p;  // 8-bit: the unit itself (its bytes are sign-extended from memory)
 };
 
 template <int BITS>
-TARGET_AVX inline Raw load_unit(const uint8_t* main, const uint8_t* hi) {
+TARGET_AVX inline Raw load_unit(const uint8_t* unit) {
   Raw r;
-  r.p = main;
-  if constexpr (BITS != 8) r.a = _mm512_loadu_si512(main);
-  if constexpr (BITS == 3) r.b = _mm512_loadu_si512(main + 64);
-  if constexpr (BITS == 3) r.c = _mm512_loadu_si512(hi);
+  r.p = unit;
+  if constexpr (BITS != 8) r.a = _mm512_loadu_si512(unit);
   return r;
 }
 
 template <int S>
 TARGET_AVX inline __m512i shift_right(__m512i v) {
   if constexpr (S > 0) return _mm512_srli_epi16(v, S);
-  else if constexpr (S < 0) return _mm512_slli_epi16(v, -S);
   else return v;
 }
 
@@ -63,11 +59,6 @@ TARGET_AVX inline __m512i expand_one(const Raw& r, __m512i lut) {
     return _mm512_permutexvar_epi16(shift_right<4 * T>(r.a), lut);
   } else if constexpr (BITS == 2) {
     return _mm512_permutexvar_epi16(shift_right<2 * (4 * U + T)>(r.a), lut);
-  } else if constexpr (BITS == 3) {
-    const __m512i low = shift_right<2 * (4 * (U & 1) + T)>(U < 2 ? r.a : r.b);
-    const __m512i high = shift_right<4 * U + T - 2>(r.c);
-    // bits 0-1 from the crumb, the rest (the third bit at 2, don't-cares above) from the hi plane
-    return _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(low, high, _mm512_set1_epi16(3), 0xE4), lut);
   } else {
     const __m128i* q = reinterpret_cast<const __m128i*>(r.p) + 2 * T;  // 32 bytes per 16 columns
     __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)));
