@@ -47,7 +47,7 @@ from .layout import KernelWeight, nf_block_scales
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_woq.cpp"
-HEADERS = (Path(__file__).with_name("csrc") / "cpu_woq_expand.h",)
+HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("cpu_features.h", "cpu_woq_expand.h"))
 BLOCK_N = 64
 STORED_BITS = {2: 2, 3: 4, 4: 4, 8: 8}  # code width -> width stored (3-bit as 4: see csrc/cpu_woq_expand.h)
 UNIT_PAIRS = {2: 2, 4: 1, 8: 1}  # row pairs per load unit, by stored width

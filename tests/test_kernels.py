@@ -330,3 +330,30 @@ def test_borrowed_gptqmodel_qzeros_read_unpacked(bits):
     assert torch.equal(reference.dequantize(prepared), expected)
     tiles = triton_launch.triton_dequantize(on_device(prepared), 32, 32)
     torch.testing.assert_close(tiles.t().cpu(), expected, rtol=0 if DEVICE == "cpu" else 2e-7, atol=0 if DEVICE == "cpu" else 1e-7)
+
+
+def test_static_check_counts_loads_per_word_for_sm90(tmp_path):
+    """benchmarks/kernel_static.py on one format: the new kernels load each packed word once (vector
+    loads: < 1 instruction per word), read one scale and one zero per group and column, and do not
+    spill; the old kernels (benchmarks/legacy_kernels.py) loaded words more than once. Runs the
+    compiler only (no GPU), without TRITON_INTERPRET."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "static.json"
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_static.py"), "--formats", "int4 asym,nf3",
+                             "--dtypes", "fp16", "--json", str(out)], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 8  # 2 formats x (GEMV M = 1, 4, 16 and GEMM)
+    for row in rows:
+        new, old = row["new"], row["old"]
+        assert new["loads_per_word"] <= 0.5 < old["loads_per_word"], row  # the goal: <= 1 (<= 2 at 3 bits)
+        assert new["scales_per_group_column"] == 1 and new["zeros_per_group_column"] == (1 if row["format"] == "int4 asym" else 0)
+        assert new["spills"] == 0 and new["i2f_per_weight"] == 0

@@ -16,16 +16,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <numeric>
 
+#include "cpu_features.h"
 #include "cpu_woq_expand.h"
 
 namespace {
@@ -35,38 +33,6 @@ constexpr int64_t kTileK = 32;     // rows of W^T per AMX tile (16 row pairs)
 constexpr int64_t kChunkK = 128;   // rows expanded at once on the AMX path (4 tiles per 16 columns)
 constexpr int kPassBlocks = 2;  // column blocks per pass of the one-row register path
 constexpr int64_t kPrefetch = 8192;  // bytes ahead in each plane, into L2: the streams outrun the hardware prefetcher (measured: 2.0x slower without)
-
-struct Features {
-  bool avx512bf16 = false;
-  bool amx = false;
-};
-
-uint64_t xcr0() {
-  uint32_t lo, hi;
-  asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  return (uint64_t(hi) << 32) | lo;
-}
-
-Features detect() {
-  Features f;
-  unsigned a, b, c, d;
-  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return f;  // OSXSAVE
-  if ((xcr0() & 0xE6) != 0xE6) return f;                                 // the OS saves zmm state
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return f;
-  const bool avx512 = (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 31));  // F, BW, VL
-  const bool amx_hw = (d & (1u << 22)) && (d & (1u << 24));                        // AMX-BF16, AMX-TILE
-  unsigned a1 = 0, b1, c1, d1;
-  __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
-  f.avx512bf16 = avx512 && (a1 & (1u << 5));
-  // Linux hands out the tile state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
-  f.amx = f.avx512bf16 && amx_hw && syscall(SYS_arch_prctl, 0x1023, 18) == 0 && (xcr0() & 0x60000) == 0x60000;
-  return f;
-}
-
-const Features& features() {
-  static const Features f = detect();
-  return f;
-}
 
 struct Problem {
   const uint16_t* x;     // bf16 bits [Mp, Kp], zero padded
@@ -347,11 +313,11 @@ void run_blocks(const Problem& p, bool tiles, int64_t NB, const float* bias, at:
   });
 }
 
-at::Tensor woq_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const std::optional<at::Tensor>& zeros, const at::Tensor& lut,
-                      const std::optional<at::Tensor>& perm, const std::optional<at::Tensor>& bias, int64_t bits,
-                      int64_t group, double z0, int64_t out_features) {
-  const Features& f = features();
-  TORCH_CHECK(f.avx512bf16, "compress_cpu::woq_linear needs AVX512-BF16");
+// One line naming the first argument that does not fit the layout (cpu_native.py builds them)
+void check_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                const std::optional<at::Tensor>& zeros, const at::Tensor& lut, const std::optional<at::Tensor>& perm,
+                const std::optional<at::Tensor>& bias, int64_t bits, int64_t group, int64_t out_features) {
+  TORCH_CHECK(features().avx512bf16, "compress_cpu::woq_linear needs AVX512-BF16");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] matrix");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf || x.scalar_type() == at::kFloat,
               "x must be bf16, fp16 or fp32");
@@ -369,7 +335,15 @@ at::Tensor woq_linear(const at::Tensor& x, const at::Tensor& codes, const at::Te
               "zeros: fp16 [NB, G, 64]");
   TORCH_CHECK(!perm || (perm->scalar_type() == at::kLong && perm->numel() == K), "perm: int64 [K]");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == out_features), "bias: fp32 [N]");
-  const bool tiles = f.amx && M > 4 && group % kTileK == 0;
+}
+
+at::Tensor woq_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& zeros, const at::Tensor& lut, const std::optional<at::Tensor>& perm,
+                      const std::optional<at::Tensor>& bias, int64_t bits, int64_t group, double z0, int64_t out_features) {
+  check_args(x, codes, scales, zeros, lut, perm, bias, bits, group, out_features);
+  const int pairs = bits == 2 ? 2 : 1;  // Unit<bits>::pairs
+  const int64_t M = x.size(0), NB = codes.size(0), Np = NB * kBlockN, Kp = codes.size(1) * 2 * pairs;
+  const bool tiles = features().amx && M > 4 && group % kTileK == 0;
   const int64_t Mp = tiles ? (M + 15) / 16 * 16 : M, segment = tiles ? std::gcd(group, kChunkK) : group;
   at::Tensor xb = at::zeros({Mp, Kp}, x.options().dtype(at::kBFloat16));
   at::Tensor xsum = zeros ? at::zeros({Mp, Kp / segment}, x.options().dtype(at::kFloat)) : at::Tensor();
