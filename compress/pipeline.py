@@ -221,7 +221,9 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     ranks = ranks or init_ranks()
     check_recipe(recipe)
     out_dir = recipe.output
-    with output_lock(out_dir) if ranks.main else nullcontext():
+    from .kernels import preferring
+
+    with output_lock(out_dir) if ranks.main else nullcontext(), preferring(recipe.spec.kernel):
         states = StageStates(out_dir / STATE_DIR, recipe)
         kept = _agreed_start(states, resume, overwrite, ranks)
         done = list(recipe.stages[:kept])

@@ -15,6 +15,7 @@ output: out/quickstart
 seed: 0
 streaming: false           # true: hold one decoder layer at a time (compress.streaming)
 device: auto               # auto | cpu | cuda | cuda:N: where stages compute (compress.device)
+kernel: auto               # auto | fast: fast also sends fp32 activations through the CPU fast paths (compress.kernels)
 ```
 """
 
@@ -53,6 +54,7 @@ class RecipeSpec(BaseModel):
     seed: int = 0
     streaming: bool = False
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    kernel: Literal["auto", "fast"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class Recipe:
         resolved["stages"] = resolved["stages"][: upto + 1]
         resolved.pop("output")
         resolved.pop("device")  # where it computes, not what: a run may resume on another device
+        resolved.pop("kernel")  # how packed layers multiply, not what they hold
         resolved["compress_version"] = __version__
         return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
 

@@ -12,13 +12,14 @@
   to fp32 summation order; the fast paths round activations to bf16), and everything else.
 
 ``COMPRESS_KERNEL`` chooses: ``auto`` (the default, as above), ``fast`` (the CPU fast paths for fp32
-activations too), or one backend by name. Forcing a backend where it cannot run is an error, never a
+activations too; a recipe's ``kernel: fast`` sets it for its run, ``preferring``), or one backend by name. Forcing a backend where it cannot run is an error, never a
 silent fallback. ``select_backend`` returns the name and the reason; stage reports and ``compress
 inspect`` show them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -44,6 +45,24 @@ def forced_backend() -> str:
     if choice not in BACKENDS:
         raise KernelUnavailableError(f"COMPRESS_KERNEL={choice!r} is not one of {', '.join(BACKENDS)}")
     return choice
+
+
+@contextlib.contextmanager
+def preferring(choice: str):
+    """``COMPRESS_KERNEL=choice`` for the duration (a recipe's ``kernel: fast``), unless the environment
+    already names a backend, which wins; restored afterwards."""
+    if choice == "auto" or forced_backend() != "auto":
+        yield
+        return
+    before = os.environ.get("COMPRESS_KERNEL")
+    os.environ["COMPRESS_KERNEL"] = choice
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("COMPRESS_KERNEL", None)
+        else:
+            os.environ["COMPRESS_KERNEL"] = before
 
 
 @functools.lru_cache(maxsize=1)  # a fact about the installation, looked up on every forward
@@ -137,4 +156,5 @@ def dequant_matmul(x: torch.Tensor, weight: QuantizedWeight | KernelWeight,
     return reference.dequant_matmul(x, layout, bias)
 
 
-__all__ = ["BACKENDS", "KernelUnavailableError", "KernelWeight", "dequant_matmul", "prepare", "select_backend"]
+__all__ = ["BACKENDS", "KernelUnavailableError", "KernelWeight", "dequant_matmul", "preferring", "prepare",
+           "select_backend"]

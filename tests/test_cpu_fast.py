@@ -205,3 +205,32 @@ def test_bf16_model_logits_fast_path_against_reference(tiny_model, probe_ids, mo
     ran = {m.backend for m in model.modules() if isinstance(m, QuantLinear)}
     assert ran == ({"native"} if NATIVE_OK else {"int4pack", "reference"})
     assert relative_error(got, expected) < 1e-2  # bf16 activations between layers: every layer's output rounding
+
+
+def test_recipe_kernel_fast_sends_fp32_through_the_fast_path(tmp_path, monkeypatch):
+    """``kernel: fast`` in a recipe: the eval of an fp32 model runs its packed layers through the CPU
+    fast path (the report says which), the resume fingerprint ignores the key, and an explicit
+    COMPRESS_KERNEL still wins; nothing of the run's preference is left in the environment."""
+    import json
+    import os
+
+    from compress.recipe import load_recipe
+    from conftest import run_cli, tiny_recipe
+
+    monkeypatch.delenv("COMPRESS_KERNEL", raising=False)
+    stages = "  - quantize: {config: {bits: 4, group_size: 64, sym: true}}\n  - eval: {}"
+    recipe = tiny_recipe(tmp_path, stages)
+    recipe.write_text(recipe.read_text() + "kernel: fast\n")
+    assert run_cli("run", recipe).returncode == 0
+    evaluated = next(r for r in json.loads((tmp_path / "out" / "report.json").read_text())["stages"] if r["name"] == "eval")
+    assert evaluated["metrics"]["kernel"] == ("native" if NATIVE_OK else "int4pack")
+    plain = tiny_recipe(tmp_path, stages, name="plain.yaml")
+    assert load_recipe(recipe).fingerprint(1) == load_recipe(plain).fingerprint(1)
+    from compress.kernels import forced_backend, preferring
+
+    with preferring("fast"):
+        assert forced_backend() == "fast"
+    assert "COMPRESS_KERNEL" not in os.environ
+    monkeypatch.setenv("COMPRESS_KERNEL", "reference")
+    with preferring("fast"):
+        assert forced_backend() == "reference"
