@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import KernelWeight
+from .layout import KernelWeight, row_groups
 
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -42,15 +42,10 @@ def int4pack_layout(weight: KernelWeight) -> Int4PackLayout | str:
     if weight.kind != "uniform" or weight.bits > 4:
         return f"{weight.kind}{weight.bits}: int4pack takes uniform grids of at most 16 levels"
     out_features, in_features = weight.shape
-    order = None
-    if weight.g_idx is not None:
-        order = torch.argsort(weight.g_idx.long(), stable=True)
-        counts = torch.bincount(weight.g_idx.long(), minlength=weight.groups)
-        size = int(counts[0])
-        if bool((counts[:-1] != size).any()) or int(counts[-1]) > size:
-            return "act-order groups of unequal sizes"
-    else:
-        size = weight.group_size if weight.groups > 1 else -(-in_features // 32) * 32
+    found = row_groups(weight, 32)
+    if isinstance(found, str):
+        return found
+    size, order = found
     sub = max((s for s in GROUP_SIZES if size % s == 0), default=0)
     if not sub:
         return f"group size {size}: int4pack takes multiples of {GROUP_SIZES}"

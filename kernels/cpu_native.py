@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from .layout import KernelWeight, nf_block_scales
+from .layout import KernelWeight, nf_block_scales, row_groups
 
 log = logging.getLogger(__name__)
 
@@ -146,22 +146,6 @@ def _pad(tensor: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, (0, columns - tensor.shape[1], 0, rows - tensor.shape[0]))
 
 
-def _groups(weight: KernelWeight) -> tuple[int, torch.Tensor | None] | str:
-    """(rows per group, row order or None) for a uniform weight, or why the kernel cannot take it."""
-    in_features = weight.shape[1]
-    if weight.g_idx is None:
-        size = weight.group_size
-        if weight.groups == 1:
-            return -(-in_features // TILE_K) * TILE_K, None  # one group: pad K to whole tiles
-        return (size, None) if size % 2 == 0 else f"odd group size {size}"
-    order = torch.argsort(weight.g_idx.long(), stable=True)
-    counts = torch.bincount(weight.g_idx.long(), minlength=weight.groups)
-    size = int(counts[0])
-    if size % 2 or bool((counts[:-1] != size).any()) or int(counts[-1]) > size:
-        return "act-order groups of unequal sizes"
-    return size, order
-
-
 def _fields_to_runs(fields: torch.Tensor, width: int) -> torch.Tensor:
     """[NB, units, F, 32] fields of ``width`` bits -> uint8 [NB, units, 64]: word l of a unit holds
     field f at bits [width * f, width * (f + 1))."""
@@ -210,7 +194,7 @@ def native_layout(weight: KernelWeight) -> NativeLayout | str:
                   + torch.arange(in_features // group).view(-1, 1))
         scales, zeros, table = nf_block_scales(weight, blocks.to(weight.device)), None, weight.lut
     else:
-        found = _groups(weight)
+        found = row_groups(weight, TILE_K)
         if isinstance(found, str):
             return found
         group, order = found

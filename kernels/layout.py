@@ -166,6 +166,20 @@ def nf_block_scales(weight: KernelWeight, blocks: torch.Tensor) -> torch.Tensor:
     return codes * (second / weight.scale_levels) + weight.scale_offset
 
 
+def row_groups(weight: KernelWeight, pad: int = 32) -> tuple[int, torch.Tensor | None] | str:
+    """(rows per group, row order or None) of a uniform matrix for kernels that need contiguous,
+    equal groups: act order sorted by group (x is gathered in the same order), a single group padded to
+    whole multiples of ``pad`` rows; or why there is no such form (act-order groups of unequal sizes)."""
+    if weight.g_idx is None:
+        return (weight.group_size, None) if weight.groups > 1 else (-(-weight.shape[1] // pad) * pad, None)
+    order = torch.argsort(weight.g_idx.long(), stable=True)
+    counts = torch.bincount(weight.g_idx.long(), minlength=weight.groups)
+    size = int(counts[0])
+    if bool((counts[:-1] != size).any()) or int(counts[-1]) > size:
+        return "act-order groups of unequal sizes"
+    return size, order
+
+
 def prepare(weight: QuantizedWeight) -> KernelWeight:
     """The kernel layout of a packed matrix (a one-time cost when a layer is loaded)."""
     layout = _uniform_layout if weight.config.kind == "uniform" else _nf_layout

@@ -29,6 +29,7 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
         self.backend: str | None = None
+        self._names = tuple(tensor_specs(config, (out_features, in_features)))  # the packed buffers
         self._layout: tuple[tuple, kernels.KernelWeight] | None = None
 
     @classmethod
@@ -66,17 +67,11 @@ class QuantLinear(nn.Module):
         from ``_buffers`` directly: this runs on every forward, where nn.Module's attribute lookup
         costs more than a small layer's matmul."""
         buffers = self._buffers
-        key = tuple((buffers[n].data_ptr(), buffers[n]._version) for n in self._packed_names())
-        key += (buffers[self._packed_names()[0]].device,)
+        key = tuple((buffers[n].data_ptr(), buffers[n]._version) for n in self._names)
+        key += (buffers[self._names[0]].device,)
         if self._layout is None or self._layout[0] != key:
             self._layout = (key, kernels.prepare(self.quantized_weight()))
         return self._layout[1]
-
-    def _packed_names(self) -> tuple[str, ...]:
-        names = self.__dict__.get("_names")
-        if names is None:
-            names = self.__dict__["_names"] = tuple(tensor_specs(self.config, self.shape))
-        return names
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.kernel_weight()

@@ -151,11 +151,9 @@ def test_int4pack_when_the_native_kernel_cannot_run(monkeypatch):
     assert backend == "reference" and "native: no C++ compiler (test)" in reason
 
 
-@pytest.mark.parametrize("name", ["native", "int4pack"])
+@pytest.mark.parametrize("name", [pytest.param("native", marks=needs_native), "int4pack"])
 def test_fast_path_backward_matches_dense(name):
     """LoRA over a packed base in bf16: gradients wrt x through the fast path's autograd."""
-    if name == "native" and not NATIVE_OK:
-        pytest.skip(f"native CPU kernel unavailable: {NATIVE_WHY}")
     qweight, dense = packed((64, 256), QuantConfig.uniform(4, 64))
     prepared = layout.prepare(qweight)
     x = torch.randn(3, 256).to(torch.bfloat16).requires_grad_()

@@ -327,7 +327,7 @@ void check_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
               && scales.dim() == 3 && scales.size(2) == kBlockN, "scales: fp16 or fp32 [NB, G, 64]");
   TORCH_CHECK(lut.numel() == 32 && lut.element_size() == 2, "lut: 32 bf16");
   const int pairs = bits == 2 ? 2 : 1;  // Unit<bits>::pairs
-  const int64_t M = x.size(0), K = x.size(1), NB = codes.size(0), Np = NB * kBlockN, Kp = codes.size(1) * 2 * pairs;
+  const int64_t K = x.size(1), NB = codes.size(0), Np = NB * kBlockN, Kp = codes.size(1) * 2 * pairs;
   TORCH_CHECK(codes.size(2) == (bits == 8 ? 128 : 64) && scales.size(0) == NB && K <= Kp
               && Kp == scales.size(1) * group && group % (2 * pairs) == 0 && out_features <= Np,
               "inconsistent layout: codes ", codes.sizes(), ", scales ", scales.sizes(), ", group ", group, ", K ", K);
