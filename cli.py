@@ -2,7 +2,8 @@
 
     compress run RECIPE [--resume | --overwrite]   run a recipe's stages
     compress validate RECIPE                       check a recipe without loading weights
-    compress inspect PATH [--json]                 what a checkpoint stores, bits per parameter
+    compress inspect PATH [--json]                 what a checkpoint stores, bits per parameter; for a
+                                                   model (built-in, GGUF, HF directory): its card
     compress eval PATH [--data SOURCE] [--json]    perplexity of any model or checkpoint
     compress plan RECIPE | --model CONFIG [--gpu-gib G] [--chart PNG]
                                                    memory per stage, or per precision and training method
@@ -119,7 +120,10 @@ def cmd_validate(args) -> int:
 
 def cmd_inspect(args) -> int:
     from compress import inspect
+    from compress.models import resolve_model
 
+    if resolve_model(args.path).kind != "checkpoint":
+        return _inspect_model(args)
     info = inspect(args.path)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -148,6 +152,18 @@ def cmd_inspect(args) -> int:
         engines.add_row(name, "yes" if verdict["loads"] else "no", verdict["kernel"] or "",
                         verdict["stops_at"] or "", verdict["reason"] or "")
     console.print(engines)
+    return 0
+
+
+def _inspect_model(args) -> int:
+    """A model that is not one of our checkpoints: its card (``compress.model_card``)."""
+    from compress.model_card import card_lines, describe_model
+
+    card = describe_model(args.path)
+    if args.json:
+        print(json.dumps(card, indent=2))
+    else:
+        _console().print("\n".join(card_lines(card)), markup=False, highlight=False, soft_wrap=True)
     return 0
 
 
@@ -229,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a recipe without loading weights")
     validate.add_argument("recipe")
     validate.set_defaults(func=cmd_validate)
-    inspect = commands.add_parser("inspect", help="describe a checkpoint")
+    inspect = commands.add_parser("inspect", help="describe a checkpoint, or a model's card")
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(func=cmd_inspect)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
+from .chunked_loss import last_hidden, sum_over_slices, reduce_by_slices
 from .stage import STRICT
 
 log = logging.getLogger(__name__)
@@ -82,12 +83,17 @@ def log_tail_mass(top_log_p: torch.Tensor) -> torch.Tensor:
 def coarse_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
               teacher_tail: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean over positions of KL(p_T ‖ q_T) on the teacher's top k plus the tail (module docstring)."""
+    return coarse_kl_terms(student_logits, teacher_values, teacher_indices, teacher_tail, temperature).mean().float()
+
+
+def coarse_kl_terms(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
+                    teacher_tail: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(p_T ‖ q_T) on the teacher's top k plus the tail at every position [...], float64."""
     student_top = top_log_probs(student_logits, teacher_indices, temperature)
     student_tail = log_tail_mass(student_top)
     tail = teacher_tail.double()
     teacher_top = F.log_softmax(teacher_values.double() / temperature, dim=-1) + log1mexp(tail).unsqueeze(-1)
-    kl = (teacher_top.exp() * (teacher_top - student_top)).sum(-1) + tail.exp() * (tail - student_tail)
-    return kl.mean().float()
+    return (teacher_top.exp() * (teacher_top - student_top)).sum(-1) + tail.exp() * (tail - student_tail)
 
 
 def distill_loss(student_logits: torch.Tensor, windows: torch.Tensor, teacher_values: torch.Tensor,
@@ -100,6 +106,29 @@ def distill_loss(student_logits: torch.Tensor, windows: torch.Tensor, teacher_va
         return next_token
     kl = coarse_kl(logits, teacher_values, teacher_indices, teacher_tail, temperature)
     return (1 - weight) * next_token + weight * temperature**2 * kl
+
+
+def chunked_distill_loss(model, windows: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
+                         teacher_tail: torch.Tensor, weight: float, temperature: float) -> torch.Tensor:
+    """``distill_loss`` of the model's logits for ``windows``, the head applied to slices of positions
+    (``compress.chunked_loss``): no [b, s, vocab] tensor is kept for the backward pass."""
+    hidden = last_hidden(model, windows)
+    count = windows.shape[0]
+    targets = F.pad(windows[:, 1:], (0, 1))  # the last position predicts nothing: masked out of the CE
+    scored = torch.ones(windows.shape, dtype=torch.float32, device=windows.device)
+    scored[:, -1] = 0
+    next_tokens, positions = count * (windows.shape[1] - 1), windows.numel()
+
+    def loss(logits, targets, scored, values, indices, tail) -> torch.Tensor:
+        cross = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        total = (1 - weight) * (cross * scored.flatten()).sum() / next_tokens if weight < 1 else 0
+        if weight == 0:
+            return total * 1.0
+        kl = coarse_kl_terms(logits, values, indices, tail, temperature).sum() / positions
+        return total + weight * temperature**2 * kl
+
+    total = sum_over_slices(model, hidden, loss, targets, scored, teacher_values, teacher_indices, teacher_tail)
+    return total.float()
 
 
 def _cache_path(ctx, windows: torch.Tensor, spec: DistillSpec) -> Path:
@@ -128,20 +157,23 @@ def teacher_targets(ctx, windows: torch.Tensor, spec: DistillSpec) -> dict[str, 
     computed chunk by chunk (module docstring)."""
     from safetensors.torch import load_file, save_file
 
-    from .evaluate import logits_by_units
+    from .evaluate import hidden_by_units
 
     path = _cache_path(ctx, windows, spec)
     if path.is_file():
         return load_file(str(path))
     units = _teacher_units(ctx)
+
+    def reduce(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:  # one slice of positions [b, p, vocab]
+        values, indices = top_logits(logits, spec.top_k)
+        tail = log_tail_mass(top_log_probs(logits, indices, spec.temperature)).float()
+        return values.cpu(), indices.to(torch.int32).cpu(), tail.cpu()
+
     parts: dict[str, list[torch.Tensor]] = {"values": [], "indices": [], "tail": []}
     for chunk in ctx.track(list(torch.split(windows, CHUNK)), "distill teacher"):
-        logits = logits_by_units(units, chunk)
-        values, indices = top_logits(logits, spec.top_k)
-        parts["values"].append(values.cpu())
-        parts["indices"].append(indices.to(torch.int32).cpu())
-        parts["tail"].append(torch.stack([log_tail_mass(top_log_probs(one, top, spec.temperature)).float().cpu()
-                                          for one, top in zip(logits, indices)]))  # window by window: one V-wide temporary
+        slices = hidden_by_units(units, chunk, lambda model, states: reduce_by_slices(model, states, reduce))
+        for name, tensors in zip(("values", "indices", "tail"), zip(*slices)):
+            parts[name].append(torch.cat(tensors, dim=1))
     del units
     result = {name: torch.cat(tensors).contiguous() for name, tensors in parts.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,8 +191,7 @@ def distill_loss_fn(ctx, windows: torch.Tensor, spec: DistillSpec):
     targets = teacher_targets(ctx, windows, spec)
 
     def loss(model, batch: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        logits = model(input_ids=batch, use_cache=False).logits
-        values, top, tail = (targets[name][indices].to(logits.device) for name in ("values", "indices", "tail"))
-        return distill_loss(logits, batch, values, top, tail, spec.weight, spec.temperature)
+        values, top, tail = (targets[name][indices].to(batch.device) for name in ("values", "indices", "tail"))
+        return chunked_distill_loss(model, batch, values, top, tail, spec.weight, spec.temperature)
 
     return loss

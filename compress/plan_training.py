@@ -16,10 +16,11 @@ saves (tests/test_plan_training.py checks this against ``saved_tensors_hooks`` o
            + 4 I   gate output, its SiLU, up output, down_proj input
            + 7 r   each adapter's A output (none for L4Q, whose Function keeps only x)
            + 2     the norms' inverse RMS
-    head:  2 h + 1 (final norm), and the log-softmax the loss keeps (V per token, fp32)
+    head:  2 h + 1 (final norm; the loss's checkpointed slices keep only views of its output)
 
-At the start of the backward pass the logits and two V-wide fp32 gradients are alive as well, so the
-head counts V * (dtype + 12) bytes per token in all. With gradient checkpointing a layer keeps only
+The loss applies the head to slices of positions (``compress.chunked_loss``): while one slice's
+backward runs, its recomputed logits, their fp32 copy, log-softmax and gradient are alive, V * (dtype
++ 12) bytes per position of the slice, at most ``LOGIT_CHUNK_BYTES`` of fp32 logits a slice. With gradient checkpointing a layer keeps only
 its input (h per token) and one layer's activations exist at a time, during recomputation.
 """
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field, replace
 
 from compress.quant import QuantConfig
 
+from .chunked_loss import positions_per_chunk
 from .plan import Architecture, adapter_params, weight_components
 
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}
@@ -88,16 +90,18 @@ def saved_activation_bytes(arch: Architecture, setup: TrainingSetup, layers: lis
     rank = 0 if setup.method in ("l4q", "full") else setup.rank
     per_layer = [_layer_activation_values(shapes, arch, rank) for shapes in layers]
     kept = len(layers) * arch.hidden + max(per_layer) if setup.checkpointing else sum(per_layer)
-    return setup.batch * setup.seq * ((kept + 2 * arch.hidden + 1) * setup.compute_bytes + 4 * arch.vocab)
+    return setup.batch * setup.seq * (kept + 2 * arch.hidden + 1) * setup.compute_bytes
 
 
 def activation_bytes(arch: Architecture, setup: TrainingSetup, layers: list[dict] | None = None) -> float:
-    """Saved activations plus the loss's peak: the logits and two fp32 V-wide gradients; with
-    distillation the tempered log-softmax and its gradient (two more fp32 V-wide tensors) and the
-    micro-batch's teacher targets (fp32 value + int32 index per top-k entry, fp32 tail mass)."""
-    extra = setup.batch * setup.seq * arch.vocab * (setup.compute_bytes + 8)
+    """Saved activations plus the loss's peak over one slice of positions (module docstring); with
+    distillation the tempered log-softmax and its gradient (two more fp32 V-wide tensors per position
+    of the slice) and the micro-batch's teacher targets (fp32 value + int32 index per top-k entry,
+    fp32 tail mass)."""
+    tokens = setup.batch * min(setup.seq, positions_per_chunk(setup.batch, arch.vocab))
+    extra = tokens * arch.vocab * (setup.compute_bytes + 12)
     if setup.distill_top_k:
-        extra += setup.batch * setup.seq * (8 * arch.vocab + 8 * setup.distill_top_k + 4)
+        extra += tokens * 8 * arch.vocab + setup.batch * setup.seq * (8 * setup.distill_top_k + 4)
     return saved_activation_bytes(arch, setup, layers) + extra
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from compress.prune.hooks import StepHooks
 
+from .chunked_loss import causal_lm_loss as chunked_causal_lm_loss
 from .checkpoint.atomic import atomic_write_bytes
 from .errors import StageError
 from .evaluate import check_token_ids
@@ -111,7 +112,8 @@ def build_optimizer(params: dict[str, nn.Parameter], settings: TrainSettings,
 
 
 def causal_lm_loss(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=windows, labels=windows, use_cache=False).loss
+    """Mean next-token cross entropy, the head applied to slices of positions (``compress.chunked_loss``)."""
+    return chunked_causal_lm_loss(model, windows)
 
 
 # another training loss (``compress.distill``): (model, batch of windows, their indices) -> loss

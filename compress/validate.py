@@ -7,7 +7,8 @@
    inside it that are free or ours and never the model being read (``compress.output_paths``); data
    files exist; with ``streaming: true`` every stage streams and the model is a directory of
    safetensors files.
-3. Each stage's own checks against the model's structure: the model is built from its config on the
+3. The model's architecture is one compress supports (``compress.architectures``). Each stage's own
+   checks against the model's structure: the model is built from its config on the
    meta device (no weights), so a group size that does not fit or a selector that matches nothing is
    reported with the stage's location before minutes are spent loading; so is a LoRA rank above
    min(in, out) of a layer it adapts, or an ``lq_lora`` whose every layer an earlier stage quantized.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .architectures import architecture_of
 from .data import file_problem
 from .device import resolve_device
 from .errors import ModelError, RecipeError, brief
@@ -127,6 +129,7 @@ def build_skeleton(recipe: Recipe) -> Skeleton:
 
     source = resolve_model(recipe.spec.model)
     config = load_config(source)
+    architecture_of(config, f"model: {recipe.spec.model}")
     if source.kind == "checkpoint":
         from .checkpoint.load import build_model, read_layout
 

@@ -6,6 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from compress.lowrank import LoRALinear
+from compress.training import causal_lm_loss
 from compress.plan import Architecture, architecture_for
 from compress.quant import QuantConfig
 from compress.plan_training import (TrainingSetup, best_training_fit, saved_activation_bytes, training_breakdown)
@@ -37,7 +38,7 @@ def measured_saved_bytes(config: LlamaConfig, rank: int, batch: int, seq: int, c
 
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        causal_lm_loss(model, ids).backward()  # the loss training uses (head over slices of positions)
     return sum(storages.values())
 
 

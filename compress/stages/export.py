@@ -43,7 +43,8 @@ from ..checkpoint import WRITERS, inspect_checkpoint, load_checkpoint
 from ..checkpoint.adapter_storage import ADAPTER_DTYPES, round_adapters
 from ..checkpoint.write import adapter_modules
 from ..errors import StageError
-from ..evaluate import logits_by_units, perplexity, perplexity_by_units
+from ..chunked_loss import last_hidden, max_abs_logit_diff
+from ..evaluate import hidden_by_units, perplexity, perplexity_by_units
 from ..output_paths import export_target, guard_before_write
 from ..placement import whole_model_on_device
 from ..report import StageReport
@@ -99,17 +100,20 @@ def _on_device(ctx, model, work):
         return work(model if whole else ResidentModel(model, ctx.device))
 
 
-def _logits(target, probe: torch.Tensor) -> torch.Tensor:
-    """Logits of one probe batch from a model on the device, or from a source of units."""
+def _hidden(target, probe: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (after the final norm) of one probe batch, on the host, from a model on the
+    device or from a source of units; the head is applied later, slice by slice (``_compare_logits``)."""
     if isinstance(target, ResidentModel):
-        return logits_by_units(target, probe)
+        return hidden_by_units(target, probe)
     with torch.no_grad():
-        return target(input_ids=probe.to(next(target.parameters()).device), use_cache=False).logits.cpu()
+        return last_hidden(target, probe.to(next(target.parameters()).device)).cpu()
 
 
-def _compare_logits(expected: torch.Tensor, got: torch.Tensor, exact: bool, where: str) -> float:
-    diff = float((expected - got).abs().max())
-    if exact and not torch.equal(expected, got):
+def _compare_logits(expected: tuple, got: tuple, exact: bool, where: str) -> float:
+    """Max |logit difference| of two (model on the host, its probe hidden states); the heads score
+    slices of positions on the host, so no [batch, positions, vocab] pair is held."""
+    diff, equal = max_abs_logit_diff(*expected, *got)
+    if exact and not equal:
         raise StageError(f"{where}: the reloaded checkpoint's logits differ from the in-memory model "
                          f"(max |diff| {diff:.3g}); the checkpoint does not hold the model")
     return diff
@@ -119,17 +123,17 @@ def _verify(ctx, config: ExportConfig, target: Path, layers: dict, report: Stage
     """Reload the checkpoint (and its PEFT adapter) from disk; its logits against the in-memory
     model's, both computed on the run's device the same way; its perplexity when there is eval data."""
     probe = _probe(ctx)
-    expected = _on_device(ctx, ctx.model, lambda model: _logits(model, probe))
+    expected = _on_device(ctx, ctx.model, lambda model: _hidden(model, probe))
     reloaded = load_checkpoint(target, dtype=ctx.recipe.spec.dtype)
     if layers:
         from ..checkpoint.peft import load_peft_adapter
 
         reloaded = load_peft_adapter(reloaded, ctx.out_dir / config.adapter_dir())
 
+    got = {}
+
     def check(model) -> float | None:
-        got = _logits(model, probe)
-        report.metrics["reload_max_abs_logit_diff"] = _compare_logits(expected, got, config.format != "hf",
-                                                                      ctx.entry.where)
+        got["hidden"] = _hidden(model, probe)
         if ctx.recipe.spec.data.eval is None:
             return None
         windows, batch = ctx.windows("eval"), eval_batch_size(ctx.recipe)
@@ -138,6 +142,8 @@ def _verify(ctx, config: ExportConfig, target: Path, layers: dict, report: Stage
         return perplexity(model, windows, batch, ctx.track)
 
     ppl = _on_device(ctx, reloaded, check)
+    report.metrics["reload_max_abs_logit_diff"] = _compare_logits((ctx.model, expected), (reloaded, got["hidden"]),
+                                                                  config.format != "hf", ctx.entry.where)
     if ppl is not None:
         report.metrics["perplexity"] = ppl
         report.notes.append(f"reloaded from {target}: perplexity {ppl:.3f}")

@@ -34,6 +34,7 @@ from compress.prune import layer_units
 from compress.prune.recover import kept_positions, recover_factors
 from compress.prune.sparsity import KeepSparse, sparsify
 
+from ..architectures import pruning_problem
 from ..checkpoint.load import load_checkpoint
 from ..checkpoint.write import INTEGER_FORMATS, write_native
 from ..errors import RecipeError
@@ -75,10 +76,15 @@ class LoramConfig(StageConfig):
 
 def check(recipe, entry, model) -> None:
     config: LoramConfig = entry.config
-    try:
-        layer_units(model)
-    except (ValueError, AttributeError) as err:
-        raise RecipeError(f"{entry.where}: {err}") from None
+    if config.prune.method in STRUCTURED:
+        problem = pruning_problem(model.config)
+        if problem:
+            raise RecipeError(f"{entry.where}.prune.method: {config.prune.method}: {problem}; "
+                              "prune: {method: semi} or {method: unstructured} keeps the shapes")
+        try:
+            layer_units(model)
+        except (ValueError, AttributeError) as err:
+            raise RecipeError(f"{entry.where}: {err}") from None
     for part in ("prune", "train"):
         check_training_data(recipe, f"{entry.where}.{part}", getattr(config, part).data)
     integer = [e for e in recipe.later(entry.index, "export") if e.config.format in INTEGER_FORMATS]
@@ -131,7 +137,7 @@ def _quantize_small(model, spec) -> None:
 
 def _recover(small, large, removed: dict) -> int:
     """Put the small model's adapters, recovered to full shapes, on the large model; returns how many."""
-    units = {u.prefix: u for u in layer_units(large)}
+    units = {u.prefix: u for u in layer_units(large)} if removed else {}  # semi/unstructured: shapes unchanged
     count = 0
     for name, layer in [(n, m) for n, m in small.named_modules() if isinstance(m, LoRALinear)]:
         target = large.get_submodule(name)

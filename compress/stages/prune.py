@@ -22,19 +22,24 @@ mostly noise (see compress/prune/loraprune.py). The removed indices per layer go
 
 from __future__ import annotations
 
+import logging
 from typing import Literal, Optional
 
 import torch
 from pydantic import Field
 
 from compress.lowrank import LoRALinear, merge_adapters
-from compress.prune import PruningHooks, layer_units, prunable_layers, prune_events, shrink_layer, update_config
+from compress.prune import (PruningHooks, kept_count, layer_units, prunable_layers, prune_events, shrink_layer,
+                            update_config)
 from compress.prune.units import ATTENTION, MLP
 
+from ..architectures import pruning_problem
 from ..errors import RecipeError, StageError
 from ..stage import Stage
 from .training_common import (LoraSpec, TrainingConfig, attach_adapters, check_training_data, has_adapters,
                               lora_parameters, lora_rank, run_training, tail_mean, training_windows)
+
+log = logging.getLogger(__name__)
 
 
 class PruneConfig(TrainingConfig):
@@ -60,6 +65,9 @@ def check(recipe, entry, model) -> None:
         raise RecipeError(f"{entry.where}.distill: only for finetune, l4q and loram (prune's LoRA only scores units)")
     if config.prune_warmup + config.prune_cooldown >= 1:
         raise RecipeError(f"{entry.where}: prune_warmup + prune_cooldown must leave room for the ramp (< 1)")
+    problem = pruning_problem(model.config)
+    if problem:
+        raise RecipeError(f"{entry.where}: {problem}")
     try:
         units = layer_units(model)
     except (ValueError, AttributeError) as err:
@@ -153,7 +161,24 @@ def prune_structured(ctx, config: PruneConfig, report, phase: str = "prune") -> 
     report.notes.append(f"{len(chosen)} of {len(units)} layers pruned at {len(events)} events; parameters "
                         f"{params_before:,} -> {params_after:,} ({1 - params_after / params_before:.1%} removed); "
                         + ("standard config" if standard else "per-layer widths (native only)"))
+    note = _whole_heads_note(config, chosen)
+    if note:
+        report.notes.append(note)
+        log.info("%s: %s", ctx.entry.where, note)
     return ctx.model.config.compress_pruning
+
+
+def _whole_heads_note(config: PruneConfig, chosen: list) -> str | None:
+    """One line when heads are asked for but no layer can lose a KV group (one is always kept, so a
+    model with a single KV head, like Gemma-3-270M, keeps all its attention)."""
+    if "heads" not in config.units or not chosen:
+        return None
+    if all(kept_count(u.kv_groups, config.ratio, u.group_heads * u.head_dim, config.round_to) == u.kv_groups
+           for u in chosen):
+        groups = sorted({u.kv_groups for u in chosen})
+        return (f"heads: {'/'.join(map(str, groups))} KV group(s) per layer, and at ratio {config.ratio:g} none can go "
+                "(each layer keeps at least one): every head is kept, only MLP channels were pruned")
+    return None
 
 
 STAGE = Stage(name="prune", config=PruneConfig, run=run, modifies_model=True, check=check,
