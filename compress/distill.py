@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
-from .chunked_loss import last_hidden, sum_over_slices, reduce_by_slices
+from .chunked_loss import last_hidden, reduce_by_slices, sum_over_slices
 from .stage import STRICT
 
 log = logging.getLogger(__name__)
@@ -119,13 +119,13 @@ def chunked_distill_loss(model, windows: torch.Tensor, teacher_values: torch.Ten
     scored[:, -1] = 0
     next_tokens, positions = count * (windows.shape[1] - 1), windows.numel()
 
-    def loss(logits, targets, scored, values, indices, tail) -> torch.Tensor:
+    def loss(logits, targets, scored, values, indices, tail) -> torch.Tensor:  # this slice's share of the mean
         cross = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-        total = (1 - weight) * (cross * scored.flatten()).sum() / next_tokens if weight < 1 else 0
+        next_token = (cross * scored.flatten()).sum() / next_tokens
         if weight == 0:
-            return total * 1.0
+            return next_token
         kl = coarse_kl_terms(logits, values, indices, tail, temperature).sum() / positions
-        return total + weight * temperature**2 * kl
+        return (1 - weight) * next_token + weight * temperature**2 * kl
 
     total = sum_over_slices(model, hidden, loss, targets, scored, teacher_values, teacher_indices, teacher_tail)
     return total.float()

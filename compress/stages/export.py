@@ -121,7 +121,8 @@ def _compare_logits(expected: tuple, got: tuple, exact: bool, where: str) -> flo
 
 def _verify(ctx, config: ExportConfig, target: Path, layers: dict, report: StageReport) -> None:
     """Reload the checkpoint (and its PEFT adapter) from disk; its logits against the in-memory
-    model's, both computed on the run's device the same way; its perplexity when there is eval data."""
+    model's, both computed the same way (decoder on the run's device, head on the host, slice by
+    slice); its perplexity when there is eval data."""
     probe = _probe(ctx)
     expected = _on_device(ctx, ctx.model, lambda model: _hidden(model, probe))
     reloaded = load_checkpoint(target, dtype=ctx.recipe.spec.dtype)
