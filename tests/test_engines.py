@@ -142,3 +142,6 @@ def test_the_verdict_of_written_checkpoints(tmp_path):
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     exports = [s for s in report["stages"] if s["name"] == "export"]
     assert [s["metrics"]["engines"]["vllm"] for s in exports] == [False, True]
+    # the served one's report prints the serve command, and why vLLM-CPU refuses it (2/3-bit)
+    serve = next(note for note in exports[1]["notes"] if note.startswith("serve: "))
+    assert f"vllm serve {tmp_path / 'b' / 'mixed-ct'}" in serve and "not on vLLM-CPU: 2-bit" in serve, serve

@@ -48,9 +48,11 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Python is a programming la
 
 def _export(tmp_path: Path, model: str, group: int, sym: bool, bits: int = 4) -> Path:
     out = tmp_path / f"{'sym' if sym else 'asym'}{'' if bits == 4 else bits}"
+    # verify: false: the reload check is the export tests' business; here vLLM and compress.load read the files
     stages = (f"  - quantize: {{method: rtn, config: {{type: uniform, bits: {bits}, group_size: {group}, sym: {str(sym).lower()}}},"
-              " ignore: [lm_head]}\n  - export: {format: compressed-tensors, path: ct}\n"
-              "  - export: {format: gptq, path: gptq}\n  - export: {format: hf, path: twin}")
+              " ignore: [lm_head]}\n  - export: {format: compressed-tensors, path: ct, verify: false}\n"
+              "  - export: {format: gptq, path: gptq, verify: false}"
+              + ("\n  - export: {format: hf, path: twin, verify: false}" if bits == 4 else ""))
     write_recipe(tmp_path / f"{out.name}.yaml", f"model: {model}\nstages:\n{stages}\noutput: {out}\n")
     compress.run_recipe(compress.load_recipe(tmp_path / f"{out.name}.yaml"))
     return out
@@ -102,10 +104,10 @@ def test_vllm_cpu_serves_our_4bit_exports(model, group, tmp_path, tiny_pair):
     ids = tokenizer(TEXT)["input_ids"]
     prompts = [ids[:24], ids[10:48]]
     served = {"sym-ct": sym / "ct", "sym-gptq": sym / "gptq", "sym-twin": sym / "twin", "asym-ct": asym / "ct",
-              "asym-twin": asym / "twin", "asym-gptq": asym / "gptq"}
-    if model == "smollm2-135m":  # 8-bit: vLLM on a GPU serves it, vLLM-CPU's kernel takes 4-bit only
+              "asym-twin": asym / "twin"}
+    if model == "smollm2-135m":  # refusals, once: asymmetric GPTQ; 8-bit (vLLM on a GPU serves it, CPUWNA16 not)
         eight = _export(tmp_path, name, group, True, bits=8)
-        served.update({"sym8-ct": eight / "ct", "sym8-gptq": eight / "gptq"})
+        served.update({"asym-gptq": asym / "gptq", "sym8-ct": eight / "ct", "sym8-gptq": eight / "gptq"})
     jobs = [{"path": str(path), "prompts": prompts} for path in served.values()]
     if model == "smollm2-135m":
         jobs.append({"path": str(sym / "ct"), "prompts": prompts, "w4a8": True})
@@ -114,7 +116,7 @@ def test_vllm_cpu_serves_our_4bit_exports(model, group, tmp_path, tiny_pair):
     for kind, path in served.items():  # every vLLM-CPU verdict of compress inspect against what vLLM did
         verdict = compress.inspect(path)["engines"]["vllm-cpu"]
         assert verdict["loads"] == got[kind]["loaded"], (kind, verdict, got[kind].get("error"))
-    assert not got["asym-gptq"]["loaded"]
+    assert model != "smollm2-135m" or not got["asym-gptq"]["loaded"]
     gaps = {"dense-twin": {"compress": _gap(got["sym-twin"]["prompt_logprobs"],
                                             _our_logprobs(served["sym-twin"], prompts))}}  # bf16 alone
     for kind in ("sym-ct", "sym-gptq", "asym-ct"):
@@ -138,8 +140,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_vllm_serve_answers_an_openai_completion(tmp_path):
-    checkpoint = _export(tmp_path, "smollm2-135m", 64, True) / "ct"
+def test_vllm_serve_answers_an_openai_completion(tmp_path, tiny_pair):
+    checkpoint = _export(tmp_path, str(_qwen3(tmp_path, tiny_pair[1])), 32, True) / "ct"
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_INT4_W4A8="0")
     env.pop("PYTHONPATH", None)
@@ -162,11 +164,11 @@ def test_vllm_serve_answers_an_openai_completion(tmp_path):
                 assert time.monotonic() < deadline, "vllm serve never became ready"
                 time.sleep(1)
         body = json.dumps({"model": str(checkpoint), "prompt": "The capital of France is", "max_tokens": 8,
-                           "temperature": 0}).encode()
+                           "ignore_eos": True, "temperature": 0}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
                                          {"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(request, timeout=300).read())
-        assert answer["choices"][0]["text"].strip() and answer["usage"]["completion_tokens"] == 8
+        assert answer["choices"][0]["text"] and answer["usage"]["completion_tokens"] == 8  # random weights: any text
     finally:
         server.terminate()
         try:

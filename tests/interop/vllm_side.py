@@ -4,7 +4,8 @@ write what vLLM computed, for tests/test_interop_vllm.py.
     python vllm_side.py JOBS.json RESULTS.json
 
 JOBS: [{"path": DIR, "prompts": [[token ids], ...], "max_tokens": N, "w4a8": false}]. Each job loads its
-model in bf16 (max_model_len 256, eager, 25 % of memory for vLLM's CPU KV cache) and records, per
+model in bf16 (max_model_len 256, eager, 25 % of the memory for vLLM: weights, activations and KV cache;
+5 % is too little for SmolLM2's dense twin) and records, per
 prompt, the log-probability vLLM gives each prompt token after the first and the greedy continuation;
 a model vLLM refuses records the error text instead. ``w4a8`` sets ``VLLM_CPU_INT4_W4A8``: on CPUs
 with AMX vLLM otherwise quantizes activations to int8 for 4-bit weights by default.
