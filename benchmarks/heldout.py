@@ -1,18 +1,21 @@
-"""Quality at 2-4 bits against the peers at their defaults, on text no method saw (issue 23).
+"""Quality at 2-4 bits against the peers at their defaults, on text no method saw (issues 23, 40).
 
-    .venv/bin/python benchmarks/heldout.py [--out out/bench/heldout] [--results FILE] [--only NAME ...]
+    .venv/bin/python benchmarks/heldout.py [--model smollm2-135m|gemma3-270m] [--out DIR] [--results FILE]
+                                           [--only NAME ...]
 
 Needs the GPTQModel side venv (``make interop-venv``) and, once, ``apt-get download`` of Debian's
-python3.11-doc (``heldout_corpus.py``, run by this script). SmolLM2-135M. Every point runs in its own
-process, one after another; finished points are kept in ``--results`` (one JSON row each, default
-``OUT/results.jsonl``) and skipped by a rerun, so the command resumes where it stopped.
+python3.11-doc (``heldout_corpus.py``, run by this script). ``--model``: SmolLM2-135M (default; out
+``out/bench/heldout``) or Gemma-3-270M (out ``out/bench/heldout-gemma3-270m``), each with its own
+grid (``GRIDS``, below). Every point runs in its own process, one after another; finished points are
+kept in ``--results`` (one JSON row each, default ``OUT/results.jsonl``) and skipped by a rerun, so the
+command resumes where it stopped.
 
 Text: calibration and training windows from the corpus's train documents (128 x 512 tokens for
 every calibrated method); perplexity on 64 x 512 tokens of its eval documents (``in-domain``: same
 domain, disjoint documents) and on 32 x 512 tokens of the stdlib eval split (``stdlib``: out of
 domain, Python source). No method sees either eval set.
 
-Points, for int{4,3,2}, group 64 and 128, symmetric and asymmetric:
+SmolLM2's points, for int{4,3,2}, group 64 and 128, symmetric and asymmetric:
 
 - ``gptq``: our quantize stage at its defaults (only bits, group and sym set);
 - ``gptqmodel``: GPTQModel 7.6.0 at its defaults (only bits, group and sym set). Our GPTQ's
@@ -26,9 +29,15 @@ Points, for int{4,3,2}, group 64 and 128, symmetric and asymmetric:
 - ``l4q``: our GPTQ at int3 g64 asym, then L4Q (``L4Q_TUNE`` steps on the train documents), without
   and with distillation from the fp32 model (``distill: {}``: weight 0.5, temperature 2, top 64).
 
-Group 128 does not divide SmolLM2's 576 input features: those points keep a partial last group and
-export ``native`` (GPTQ engines need whole groups); GPTQModel's group-128 checkpoints are read by
-our loader as it reads its others. Bits per parameter are counted from the checkpoint files (every
+Gemma-3-270M's points (issue 40; its GGUF stores the projections at Q5_0/Q4_K/Q6_K, so 4 bits and
+below are lossy there, unlike SmolLM2's Q4_1 source): ``gptq`` and ``gptqmodel`` at int{4,3} g128
+sym and asym; ``rtn`` at the same four and int2 g128 asym; ``gptq`` int2 g128 asym (the uniform
+curve's low end); ``fp32``; ``bnb-nf4``; ``lqlora-r0`` at 2.5 / 3.0 / 3.25 / 3.5 bits; ``l4q`` from
+GPTQ int3 g128 asym, without and with distillation.
+
+A point whose group does not divide every projection's input features (SmolLM2's 576 at group 128)
+keeps a partial last group and exports ``native`` (GPTQ engines need whole groups); GPTQModel's
+group-128 checkpoints are read by our loader as it reads its others. Bits per parameter are counted from the checkpoint files (every
 tensor of the linear layers: codes, scales, zeros, g_idx, adapters). Seconds: the quantization alone
 (our stages' seconds; GPTQModel's ``quantize()`` call), with the process's CPU seconds beside them
 and the load average at the start, because a shared machine moves wall time. An LQ-LoRA point
@@ -38,6 +47,7 @@ its row then says how many it reused and the cost table's seconds.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -56,6 +66,7 @@ WINDOWS = {"calibration": ("train", 128), "in-domain": ("eval", 64)}
 STDLIB_EVAL = 32
 SEQ_LEN = 512
 GRID = [(bits, group, sym) for bits in (4, 3, 2) for group in (64, 128) for sym in (True, False)]
+GEMMA_GRID = [(bits, 128, sym) for bits in (4, 3) for sym in (True, False)]
 L4Q_TUNE = {"steps": 64, "lr": 2.0e-4, "batch_size": 4, "grad_accum": 1, "seq_len": 512, "save_every": 0}
 log = logging.getLogger("heldout")
 
@@ -78,14 +89,32 @@ class Point:
         return name + ("-distill" if self.distill else "")
 
 
-def points() -> list[Point]:
-    """Every point, the acceptance pairs first (so a stopped run has the verdict's rows first)."""
+def smollm2_points() -> list[Point]:
+    """SmolLM2's points, the acceptance pairs first (so a stopped run has the verdict's rows first)."""
     pairs = [Point(m, b, g, s) for b, g, s in GRID if b != 2 for m in ("gptq", "gptqmodel")]
     rest = [Point("fp32")] + [Point("rtn", b, g, s) for b, g, s in GRID]
     rest += [Point(m, b, g, s) for b, g, s in GRID if b == 2 for m in ("gptq", "gptqmodel")]
     rest += [Point("bnb-nf4", 4)] + [Point(f"lqlora-r{r}", budget) for r in (0, 16) for budget in (3.0, 2.5, 3.5)]
     rest += [Point("lqlora-r0", 3.29)]
     return pairs + rest + [Point("l4q", 3, 64, False, distill) for distill in (False, True)]
+
+
+def gemma3_points() -> list[Point]:
+    """Gemma-3-270M's points: fp32 and RTN first (minutes each; every reduction over RTN needs them),
+    then the GPTQ pairs, the uniform curve's int2 end, NF4, LQ-LoRA rank 0, L4Q (hours each)."""
+    first = [Point("fp32")] + [Point("rtn", b, g, s) for b, g, s in GEMMA_GRID + [(2, 128, False)]]
+    pairs = [Point(m, b, g, s) for b, g, s in GEMMA_GRID for m in ("gptq", "gptqmodel")]
+    rest = [Point("gptq", 2, 128, False), Point("bnb-nf4", 4)]
+    rest += [Point("lqlora-r0", budget) for budget in (3.25, 3.0, 2.5, 3.5)]
+    return first + pairs + rest + [Point("l4q", 3, 128, False, distill) for distill in (False, True)]
+
+
+GRIDS = {"smollm2-135m": (GRID, smollm2_points, 64), "gemma3-270m": (GEMMA_GRID, gemma3_points, 128)}
+"""{model: (the GPTQ-against-GPTQModel grid, its points, L4Q's group)}"""
+
+
+def points(model_name: str) -> list[Point]:
+    return GRIDS[model_name][1]()
 
 
 def corpus(out: Path) -> dict[str, Path]:
@@ -101,8 +130,8 @@ def data_spec(out: Path) -> dict:
     return {"calibration": {"path": str(corpus(out)[split]), "field": "text", "samples": samples, "seq_len": SEQ_LEN}}
 
 
-def windows_file(out: Path) -> Path:
-    """Calibration, in-domain and stdlib eval windows as token ids (written once)."""
+def windows_file(out: Path, model_name: str = "smollm2-135m") -> Path:
+    """Calibration, in-domain and stdlib eval windows as token ids of the model's tokenizer (written once)."""
     path = out / "windows.safetensors"
     if not path.is_file():
         from safetensors.torch import save_file
@@ -110,7 +139,7 @@ def windows_file(out: Path) -> Path:
         from compress.data import TextSource, token_windows
         from compress.models import load_model, resolve_model
 
-        _, tokenizer = load_model(resolve_model("smollm2-135m"), "float32")
+        _, tokenizer = load_model(resolve_model(model_name), "float32")
         files = corpus(out)
         windows = {role: token_windows(tokenizer, TextSource("file", split, str(files[split])), samples, SEQ_LEN)
                    for role, (split, samples) in WINDOWS.items()}
@@ -162,14 +191,25 @@ def seed_cost_cache(out: Path, point: Point, where: Path) -> int:
     return found
 
 
-def run_ours(out: Path, point: Point, where: Path) -> dict:
+def input_features(model_dir: Path) -> set[int]:
+    """The input widths of the decoder's projections, from the dense directory's tensor headers."""
+    from safetensors import safe_open
+
+    widths = set()
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            widths |= {handle.get_slice(k).get_shape()[1] for k in handle.keys() if k.endswith("_proj.weight")}
+    return widths
+
+
+def run_ours(out: Path, point: Point, where: Path, model_name: str) -> dict:
     """Our recipe for the point, exported (native where a group is partial), reloaded from the files."""
     from compress import load, load_adapter, run_recipe
     from compress.recipe import parse_recipe
 
-    whole = all(f % point.group == 0 for f in (576, 1536))
+    whole = all(f % point.group == 0 for f in input_features(dense_model_dir(out, model_name)))
     stages = our_stages(point) + [{"export": {"format": "gptq" if whole else "native"}}]
-    recipe = parse_recipe({"model": "smollm2-135m", "dtype": "float32", "data": data_spec(out), "seed": 0,
+    recipe = parse_recipe({"model": model_name, "dtype": "float32", "data": data_spec(out), "seed": 0,
                            "stages": stages, "output": str(where)})
     seeded = seed_cost_cache(out, point, where)
     load_avg = os.getloadavg()[0]
@@ -187,11 +227,11 @@ def run_ours(out: Path, point: Point, where: Path) -> dict:
             "load_avg": load_avg, "peak_rss_mib": max(r.peak_rss_mib for r in work), **extra}
 
 
-def run_gptqmodel(out: Path, point: Point, where: Path) -> dict:
+def run_gptqmodel(out: Path, point: Point, where: Path, model_name: str) -> dict:
     from compress import load
 
     where.mkdir(parents=True, exist_ok=True)
-    job = {"action": "quantize", "model_dir": str(dense_model_dir(out)), "windows": str(windows_file(out)),
+    job = {"action": "quantize", "model_dir": str(dense_model_dir(out, model_name)), "windows": str(windows_file(out)),
            "out": str(where / "checkpoint"), "bits": int(point.bits), "group_size": point.group, "sym": point.sym,
            "job_file": str(where / "job.json")}
     load_avg = os.getloadavg()[0]
@@ -201,25 +241,35 @@ def run_gptqmodel(out: Path, point: Point, where: Path) -> dict:
             "cpu_seconds": result.get("cpu_seconds"), "load_avg": load_avg, "peak_rss_mib": result["peak_rss_mib"]}
 
 
-def run_fp32(out: Path, where: Path) -> dict:
+def run_fp32(out: Path, model_name: str) -> dict:
     from compress.models import load_model, resolve_model
 
-    model, _ = load_model(resolve_model(str(dense_model_dir(out))), "float32")
-    return {**checkpoint_row(model, [dense_model_dir(out)], out), "seconds": 0.0}
+    dense = dense_model_dir(out, model_name)
+    model, _ = load_model(resolve_model(str(dense)), "float32")
+    return {**checkpoint_row(model, [dense], out), "seconds": 0.0}
 
 
-def run_bnb(out: Path, where: Path) -> dict:
-    model, row = quantize_bnb(out, where)
+def run_bnb(out: Path, where: Path, model_name: str) -> dict:
+    model, row = quantize_bnb(out, where, model_name)
     return {**perplexities(model, out), **row}
 
 
-def run_point(out: Path, point: Point) -> dict:
+def run_point(out: Path, point: Point, model_name: str) -> dict:
     where = out / "points" / point.name
     where.mkdir(parents=True, exist_ok=True)
-    runners = {"fp32": lambda: run_fp32(out, where), "bnb-nf4": lambda: run_bnb(out, where),
-               "gptqmodel": lambda: run_gptqmodel(out, point, where)}
-    row = runners.get(point.method, lambda: run_ours(out, point, where))()
+    runners = {"fp32": lambda: run_fp32(out, model_name), "bnb-nf4": lambda: run_bnb(out, where, model_name),
+               "gptqmodel": lambda: run_gptqmodel(out, point, where, model_name)}
+    row = runners.get(point.method, lambda: run_ours(out, point, where, model_name))()
     return {"name": point.name, **asdict(point), **row}
+
+
+def claim_out(out: Path, model_name: str) -> None:
+    """Tie ``out`` to one model (its windows and dense directory are that model's): a second model
+    there stops with one line."""
+    marker = out / "model.txt"
+    if marker.is_file() and marker.read_text().strip() != model_name:
+        raise SystemExit(f"{out} holds {marker.read_text().strip()}'s points; give --out for {model_name}")
+    marker.write_text(model_name + "\n")
 
 
 def commit() -> str:
@@ -227,26 +277,38 @@ def commit() -> str:
     return done.stdout.strip() or "unknown"
 
 
+def model_option() -> str:
+    """``--model``, read before the other options (the default ``--out`` depends on it)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model", choices=sorted(GRIDS), default="smollm2-135m")
+    return parser.parse_known_args()[0].model
+
+
 def main() -> None:
     def options(parser):
+        parser.add_argument("--model", choices=sorted(GRIDS), default="smollm2-135m", help="the model and its grid")
         parser.add_argument("--only", nargs="*", help="point names to run (default: every point)")
         parser.add_argument("--results", type=Path, help="the rows file (default: OUT/results.jsonl)")
 
-    args = bench_args(__doc__.splitlines()[0], "out/bench/heldout", options)
+    model_name = model_option()
+    default_out = "out/bench/heldout" if model_name == "smollm2-135m" else f"out/bench/heldout-{model_name}"
+    args = bench_args(__doc__.splitlines()[0], default_out, options)
     if args.point:
         point = Point(**json.loads(args.point))
-        print(child_result(run_point(args.out, point)))
+        print(child_result(run_point(args.out, point, model_name)))
         return
-    windows_file(args.out)
-    dense_model_dir(args.out)
+    claim_out(args.out, model_name)
+    windows_file(args.out, model_name)
+    dense_model_dir(args.out, model_name)
     results = args.results or args.out / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
-    for point in points():
+    for point in points(model_name):
         if any(r["name"] == point.name for r in rows) or (args.only and point.name not in args.only):
             continue
         log.info("point %s", point.name)
         try:
-            row = run_child(__file__, ["--out", str(args.out), "--point", json.dumps(asdict(point))], point.name)
+            child_args = ["--out", str(args.out), "--model", model_name, "--point", json.dumps(asdict(point))]
+            row = run_child(__file__, child_args, point.name)
         except SystemExit as failure:  # one failed point is reported and left for a rerun; the rest go on
             log.error("%s", failure)
             continue

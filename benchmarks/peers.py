@@ -106,13 +106,14 @@ def evaluate(model, out: Path) -> float:
     return perplexity(model, load_file(str(windows_file(out)))["eval"])
 
 
-def dense_model_dir(out: Path) -> Path:
-    """SmolLM2-135M saved as a plain fp32 transformers directory (GPTQModel and bitsandbytes load it)."""
+def dense_model_dir(out: Path, model_name: str = "smollm2-135m") -> Path:
+    """A built-in model (SmolLM2-135M unless named) saved as a plain fp32 transformers directory
+    under ``out`` (GPTQModel and bitsandbytes load it)."""
     path = out / "fp32-model"
     if not (path / "config.json").is_file():
         from compress.models import load_model, resolve_model
 
-        model, tokenizer = load_model(resolve_model("smollm2-135m"), "float32")
+        model, tokenizer = load_model(resolve_model(model_name), "float32")
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
     return path
@@ -158,7 +159,7 @@ def run_fp32(out: Path, point: Path) -> dict:
             "disk_mib": directory_bytes(dense_model_dir(out)) / 2**20, "seconds": 0.0, "peak_rss_mib": None}
 
 
-def quantize_bnb(out: Path, point: Path):
+def quantize_bnb(out: Path, point: Path, model_name: str = "smollm2-135m"):
     """(model, row without perplexity) of bitsandbytes NF4 with double quantization (the QLoRA
     config) through transformers, saved under ``point``."""
     import torch
@@ -167,7 +168,7 @@ def quantize_bnb(out: Path, point: Path):
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(dense_model_dir(out), quantization_config=config, device_map="cpu",
+    model = AutoModelForCausalLM.from_pretrained(dense_model_dir(out, model_name), quantization_config=config, device_map="cpu",
                                                  dtype=torch.float32)
     seconds, peak = time.perf_counter() - start, peak_rss_mib()
     model.save_pretrained(point)
