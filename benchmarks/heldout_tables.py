@@ -1,10 +1,13 @@
-"""The tables and plot of ``heldout.py``'s rows (issue 23), and its acceptance checks.
+"""The tables and plot of ``heldout.py``'s rows (issues 23, 40), and its acceptance checks.
 
-    .venv/bin/python benchmarks/heldout_tables.py RESULTS.jsonl [--plot FILE.png]
+    .venv/bin/python benchmarks/heldout_tables.py RESULTS.jsonl [--model smollm2-135m|gemma3-270m] [--plot FILE.png]
 
-Prints markdown: our GPTQ against GPTQModel at 4/3/2 bits (g64/g128, sym/asym) with the geometric
-mean of the in-domain perplexity ratios at 4 and 3 bits, the worst ratio and the time ratios; LQ-LoRA
-against the uniform GPTQ curve; L4Q against our GPTQ; every row. A point not run yet is shown as ``-``.
+Prints markdown for the model's grid (``heldout.GRIDS``): our GPTQ against GPTQModel (and RTN) with the
+geometric mean of the in-domain perplexity ratios at 4 and 3 bits, the worst ratio and the time ratios;
+LQ-LoRA against the uniform GPTQ curve; L4Q against our GPTQ; every row. Each quantized row also gets
+its share of RTN's loss closed at the same bits and group: 1 - (ln ppl - ln ppl_fp32) / (ln ppl_RTN -
+ln ppl_fp32), the excess next-token loss over the fp32 model relative to RTN's (the honest measure on a
+base that is itself quantized). A point not run yet is shown as ``-``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from heldout import GRID, Point
+from heldout import GRIDS, Point
 
 
 def _by_name(rows: list[dict]) -> dict[str, dict]:
@@ -27,25 +30,43 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.3g}"
 
 
-def gptq_table(rows: dict[str, dict]) -> list[str]:
+def rtn_share(rows: dict[str, dict], row: dict | None, key: str = "ppl") -> float | None:
+    """The share of RTN's excess loss over fp32 that ``row`` closes, RTN at the row's bits, group and sym."""
+    fp32 = rows.get("fp32")
+    rtn = rows.get(Point("rtn", row["bits"], row["group"], row["sym"]).name) if row and row.get("bits") else None
+    if not (fp32 and rtn and row.get(key)) or rtn[key] <= fp32[key]:
+        return None
+    return 1 - math.log(row[key] / fp32[key]) / math.log(rtn[key] / fp32[key])
+
+
+def gptq_table(rows: dict[str, dict], grid: list[tuple]) -> list[str]:
     lines = ["| bits | group | grid | RTN | ours | GPTQModel | ours / GPTQModel | stdlib: ours / GPTQModel | "
-             "ours s | GPTQModel s | time ratio | CPU-time ratio | bits/param |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for bits, group, sym in GRID:
+             "RTN's loss closed: ours / GPTQModel (stdlib) | ours s | GPTQModel s | time ratio | CPU-time ratio | "
+             "bits/param |", "|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for bits, group, sym in grid:
         names = {m: Point(m, bits, group, sym).name for m in ("rtn", "gptq", "gptqmodel")}
         rtn, ours, peer = (rows.get(names[m], {}) for m in ("rtn", "gptq", "gptqmodel"))
         ratio = lambda key, a=ours, b=peer: a[key] / b[key] if a.get(key) and b.get(key) else None  # noqa: E731
         lines.append(f"| {bits} | {group} | {'sym' if sym else 'asym'} | {_fmt(rtn.get('ppl'))} | {_fmt(ours.get('ppl'))} | "
                      f"{_fmt(peer.get('ppl'))} | {_fmt(ratio('ppl'))} | {_fmt(ratio('ppl_stdlib'))} | "
-                     f"{_fmt(ours.get('seconds'), 0)} | {_fmt(peer.get('seconds'), 0)} | {_fmt(ratio('seconds'), 2)} | "
+                     f"{_share(rows, ours)} / {_share(rows, peer)} | {_fmt(ours.get('seconds'), 0)} | {_fmt(peer.get('seconds'), 0)} | {_fmt(ratio('seconds'), 2)} | "
                      f"{_fmt(ratio('cpu_seconds'), 2)} | {_fmt(ours.get('bits_per_param'))} |")
     return lines
 
 
-def gptq_verdict(rows: dict[str, dict]) -> list[str]:
-    """The acceptance's GPTQ numbers: over the 8 points at 4 and 3 bits."""
+def _share(rows: dict[str, dict], row: dict | None) -> str:
+    """``in-domain (stdlib)`` shares of RTN's loss closed, in percent."""
+    if not row:
+        return "-"
+    shares = [rtn_share(rows, row, key) for key in ("ppl", "ppl_stdlib")]
+    return " ".join(f"{'(' * i}{100 * v:.0f}%{')' * i}" if v is not None else "-" for i, v in enumerate(shares))
+
+
+def gptq_verdict(rows: dict[str, dict], grid: list[tuple]) -> list[str]:
+    """The acceptance's GPTQ numbers: over the pairs at 4 and 3 bits."""
     ratios, times = [], []
-    for bits, group, sym in GRID:
+    expected = sum(bits != 2 for bits, _, _ in grid)
+    for bits, group, sym in grid:
         ours, peer = (rows.get(Point(m, bits, group, sym).name) for m in ("gptq", "gptqmodel"))
         if bits != 2 and ours and peer:
             ratios.append(ours["ppl"] / peer["ppl"])
@@ -53,7 +74,7 @@ def gptq_verdict(rows: dict[str, dict]) -> list[str]:
     if not ratios:
         return ["No 4/3-bit pair has run yet."]
     geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-    return [f"- {len(ratios)} of 8 pairs at 4/3 bits: geometric mean of ours / GPTQModel (in-domain perplexity) "
+    return [f"- {len(ratios)} of {expected} pairs at 4/3 bits: geometric mean of ours / GPTQModel (in-domain perplexity) "
             f"**{geomean:.3f}** (goal <= 0.98), worst {max(ratios):.3f} (goal <= 1.02), time ratios "
             f"{min(times):.2f}-{max(times):.2f} (goal <= 1)."]
 
@@ -102,25 +123,28 @@ def lqlora_table(rows: dict[str, dict]) -> list[str]:
     return lines
 
 
-def l4q_table(rows: dict[str, dict]) -> list[str]:
-    """L4Q at int3 g64 asym against the GPTQ it starts from, in domain and out of domain (stdlib)."""
-    base = rows.get(Point("gptq", 3, 64, False).name)
-    lines = ["| point | distill | in-domain ppl | / GPTQ | stdlib ppl | / GPTQ | bits/param | s (with its GPTQ) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for row in [base] + [rows.get(Point("l4q", 3, 64, False, d).name) for d in (False, True)]:
+def l4q_table(rows: dict[str, dict], group: int) -> list[str]:
+    """L4Q at int3 asym against the GPTQ it starts from, in domain and out of domain (stdlib)."""
+    base = rows.get(Point("gptq", 3, group, False).name)
+    lines = ["| point | distill | in-domain ppl | / GPTQ | stdlib ppl | / GPTQ | RTN's loss closed (stdlib) | "
+             "bits/param | s (with its GPTQ) |", "|---|---|---:|---:|---:|---:|---|---:|---:|"]
+    for row in [base] + [rows.get(Point("l4q", 3, group, False, d).name) for d in (False, True)]:
         if row:
             ratio = lambda key, r=row: r[key] / base[key] if base else None  # noqa: E731
             lines.append(f"| {row['name']} | {'yes' if row.get('distill') else 'no'} | {_fmt(row['ppl'])} | "
                          f"{_fmt(ratio('ppl'))} | {_fmt(row['ppl_stdlib'])} | {_fmt(ratio('ppl_stdlib'))} | "
-                         f"{row['bits_per_param']:.3f} | {_fmt(row.get('seconds'), 0)} |")
+                         f"{_share(rows, row)} | {row['bits_per_param']:.3f} | {_fmt(row.get('seconds'), 0)} |")
     return lines
 
 
 def all_rows(rows: list[dict]) -> list[str]:
-    lines = ["| point | in-domain ppl | stdlib ppl | bits/param | disk MiB | s | CPU s | load avg | peak RSS MiB | commit |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    named = _by_name(rows)
+    lines = ["| point | in-domain ppl | stdlib ppl | RTN's loss closed (stdlib) | bits/param | disk MiB | s | CPU s | "
+             "load avg | peak RSS MiB | commit |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for row in rows:
-        lines.append(f"| {row['name']} | {_fmt(row['ppl'])} | {_fmt(row['ppl_stdlib'])} | {row['bits_per_param']:.3f} | "
+        share = _share(named, row) if row["method"] not in ("fp32", "rtn") and row.get("group") else "-"
+        lines.append(f"| {row['name']} | {_fmt(row['ppl'])} | {_fmt(row['ppl_stdlib'])} | {share} | "
+                     f"{row['bits_per_param']:.3f} | "
                      f"{row['disk_mib']:.1f} | {_fmt(row.get('seconds'), 0)} | {_fmt(row.get('cpu_seconds'), 0)} | "
                      f"{_fmt(row.get('load_avg'), 1)} | {_fmt(row.get('peak_rss_mib'), 0)} | {row.get('commit', '-')} |")
     return lines
@@ -152,11 +176,14 @@ def plot(rows: dict[str, dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path)
+    parser.add_argument("--model", choices=sorted(GRIDS), default="smollm2-135m")
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
     rows = [json.loads(line) for line in args.results.read_text().splitlines()]
     named = _by_name(rows)
-    sections = [gptq_table(named), gptq_verdict(named), lqlora_table(named), l4q_table(named), all_rows(rows)]
+    grid, _, l4q_group = GRIDS[args.model]
+    sections = [gptq_table(named, grid), gptq_verdict(named, grid), lqlora_table(named), l4q_table(named, l4q_group),
+                all_rows(rows)]
     print("\n\n".join("\n".join(section) for section in sections))
     if args.plot:
         plot(named, args.plot)

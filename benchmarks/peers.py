@@ -168,8 +168,8 @@ def quantize_bnb(out: Path, point: Path, model_name: str = "smollm2-135m"):
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(dense_model_dir(out, model_name), quantization_config=config, device_map="cpu",
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(dense_model_dir(out, model_name), quantization_config=config,
+                                                 device_map="cpu", dtype=torch.float32)
     seconds, peak = time.perf_counter() - start, peak_rss_mib()
     model.save_pretrained(point)
     names = {n: m.in_features * m.out_features for n, m in model.named_modules()
