@@ -14,7 +14,7 @@ from .chunked_loss import head_logits, nll_sum, window_nll
 from .errors import ModelError
 
 MAX_EXP_ARGUMENT = math.log(sys.float_info.max)
-__all__ = ["exp_or_inf", "hidden_by_units", "logits_by_units", "perplexity", "perplexity_by_units", "window_nll"]
+__all__ = ["exp_or_inf", "hidden_by_units", "perplexity", "perplexity_by_units", "window_nll"]
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, track=None) -> float:
@@ -39,13 +39,6 @@ def perplexity_by_units(units, windows: torch.Tensor, batch_size: int = 4, track
     check_token_ids(units.model, windows)
     batches = [batch.to(units.device) for batch in torch.split(windows, batch_size)]
     return exp_or_inf(_by_units(units, batches, track, lambda hidden: _head_nll(units.model, hidden, batches)))
-
-
-@torch.no_grad()
-def logits_by_units(units, tokens: torch.Tensor) -> torch.Tensor:
-    """The model's logits for ``tokens`` (one batch) through a source of units, on the host."""
-    batch = [tokens.to(units.device)]
-    return _by_units(units, batch, None, lambda hidden: head_logits(units.model, _normed(units.model, hidden[0])).cpu())
 
 
 @torch.no_grad()

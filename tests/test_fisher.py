@@ -42,3 +42,23 @@ def test_at_most_one_target_gradient_alive_and_flags_restored():
     assert alive and max(alive) == 1
     assert {name: p.requires_grad for name, p in parameters.items()} == before
     assert all(p.grad is None for p in parameters.values())
+
+
+def test_head_gradients_by_slices_of_positions_equal_the_whole_logits_gradient():
+    """The head's per-sample gradients computed a few positions at a time (a 3-position budget here)
+    against autograd over the whole logits (fp32 logits, as both compute them; float64 elsewhere)."""
+    from compress.lowrank.fisher import head_gradients
+
+    model = micro_llama().double()
+    norm, head = model.model.norm, model.lm_head
+    tokens = samples()
+    hidden = [torch.randn(1, t.numel(), model.config.hidden_size, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(n)) for n, t in enumerate(tokens)]
+    width = 3 * 4 * model.config.vocab_size  # bytes of 3 positions' fp32 logits: 11 positions -> 4 slices
+    sliced = head_gradients(norm, head, hidden, tokens, slice_bytes=width)
+    for states, t, got in zip(hidden, tokens, sliced):
+        states = states.clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(head(norm(states))[0, :-1].float(), t[1:])
+        expected, = torch.autograd.grad(loss, states)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+        assert float(got[0, -1].abs().sum()) == 0 and float(got.abs().sum()) > 0
