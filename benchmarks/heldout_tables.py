@@ -59,6 +59,8 @@ def _share(rows: dict[str, dict], row: dict | None) -> str:
     if not row:
         return "-"
     shares = [rtn_share(rows, row, key) for key in ("ppl", "ppl_stdlib")]
+    if shares[0] is None:
+        return "-"
     return " ".join(f"{'(' * i}{100 * v:.0f}%{')' * i}" if v is not None else "-" for i, v in enumerate(shares))
 
 
