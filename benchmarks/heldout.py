@@ -37,12 +37,13 @@ GPTQ int3 g128 asym, without and with distillation.
 
 A point whose group does not divide every projection's input features (SmolLM2's 576 at group 128)
 keeps a partial last group and exports ``native`` (GPTQ engines need whole groups); GPTQModel's
-group-128 checkpoints are read by our loader as it reads its others. Bits per parameter are counted from the checkpoint files (every
-tensor of the linear layers: codes, scales, zeros, g_idx, adapters). Seconds: the quantization alone
-(our stages' seconds; GPTQModel's ``quantize()`` call), with the process's CPU seconds beside them
-and the load average at the start, because a shared machine moves wall time. An LQ-LoRA point
-starts from the cost entries its rank's other budgets computed (they do not depend on the budget);
-its row then says how many it reused and the cost table's seconds.
+group-128 checkpoints are read by our loader as it reads its others. Bits per parameter are counted
+from the checkpoint files (every tensor of the linear layers: codes, scales, zeros, g_idx,
+adapters). Seconds: the quantization alone (our stages' seconds; GPTQModel's ``quantize()`` call),
+with the process's CPU seconds beside them and the load average at the start, because a shared
+machine moves wall time. An LQ-LoRA point starts from the cost entries its rank's other budgets
+computed (they do not depend on the budget); its row then says how many it reused and the cost
+table's seconds.
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ def gemma3_points() -> list[Point]:
     return first + pairs + rest + [Point("l4q", 3, 128, False, distill) for distill in (False, True)]
 
 
-GRIDS = {"smollm2-135m": (GRID, smollm2_points, 64), "gemma3-270m": (GEMMA_GRID, gemma3_points, 128)}
-"""{model: (the GPTQ-against-GPTQModel grid, its points, L4Q's group)}"""
+GRIDS = {"smollm2-135m": (GRID, smollm2_points), "gemma3-270m": (GEMMA_GRID, gemma3_points)}
+"""{model: (the GPTQ-against-GPTQModel grid, its points)}"""
 
 
 def points(model_name: str) -> list[Point]:
@@ -166,7 +167,8 @@ def our_stages(point: Point) -> list[dict]:
         return [{"lq_lora": {"rank": rank, "alpha": 2 * rank if rank else 16, "budget_bits": point.bits,
                              "grid": "gptq", "quantizer": "gptq"}}]
     tune = dict(L4Q_TUNE, bits=int(point.bits), group_size=point.group, lora={"rank": 16, "alpha": 32})
-    return [{"quantize": {"method": "gptq", "config": quant}}, {"l4q": tune | ({"distill": {}} if point.distill else {})}]
+    l4q = tune | ({"distill": {}} if point.distill else {})
+    return [{"quantize": {"method": "gptq", "config": quant}}, {"l4q": l4q}]
 
 
 def checkpoint_row(model, directories: list[Path], out: Path) -> dict:
@@ -222,7 +224,8 @@ def run_ours(out: Path, point: Point, where: Path, model_name: str) -> dict:
     if (where / "checkpoint-adapter").is_dir():
         directories.append(where / "checkpoint-adapter")
         model = load_adapter(model, where / "checkpoint-adapter")
-    extra = {"cost_entries_reused": seeded, "cost_table_seconds": work[0].metrics.get("cost_table_seconds")} if seeded else {}
+    costs = {"cost_entries_reused": seeded, "cost_table_seconds": work[0].metrics.get("cost_table_seconds")}
+    extra = costs if seeded else {}
     return {**checkpoint_row(model, directories, out), "seconds": sum(r.seconds for r in work), "cpu_seconds": cpu,
             "load_avg": load_avg, "peak_rss_mib": max(r.peak_rss_mib for r in work), **extra}
 
@@ -231,9 +234,9 @@ def run_gptqmodel(out: Path, point: Point, where: Path, model_name: str) -> dict
     from compress import load
 
     where.mkdir(parents=True, exist_ok=True)
-    job = {"action": "quantize", "model_dir": str(dense_model_dir(out, model_name)), "windows": str(windows_file(out)),
-           "out": str(where / "checkpoint"), "bits": int(point.bits), "group_size": point.group, "sym": point.sym,
-           "job_file": str(where / "job.json")}
+    job = {"action": "quantize", "model_dir": str(dense_model_dir(out, model_name)),
+           "windows": str(windows_file(out)), "out": str(where / "checkpoint"), "bits": int(point.bits),
+           "group_size": point.group, "sym": point.sym, "job_file": str(where / "job.json")}
     load_avg = os.getloadavg()[0]
     result = side(job, f"GPTQModel {point.name}")
     model = load(where / "checkpoint", dtype="float32")
@@ -277,16 +280,20 @@ def commit() -> str:
     return done.stdout.strip() or "unknown"
 
 
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=sorted(GRIDS), default="smollm2-135m", help="the model and its grid")
+
+
 def model_option() -> str:
     """``--model``, read before the other options (the default ``--out`` depends on it)."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--model", choices=sorted(GRIDS), default="smollm2-135m")
+    add_model_option(parser)
     return parser.parse_known_args()[0].model
 
 
 def main() -> None:
     def options(parser):
-        parser.add_argument("--model", choices=sorted(GRIDS), default="smollm2-135m", help="the model and its grid")
+        add_model_option(parser)
         parser.add_argument("--only", nargs="*", help="point names to run (default: every point)")
         parser.add_argument("--results", type=Path, help="the rows file (default: OUT/results.jsonl)")
 

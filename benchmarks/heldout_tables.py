@@ -125,18 +125,26 @@ def lqlora_table(rows: dict[str, dict]) -> list[str]:
     return lines
 
 
-def l4q_table(rows: dict[str, dict], group: int) -> list[str]:
-    """L4Q at int3 asym against the GPTQ it starts from, in domain and out of domain (stdlib)."""
-    base = rows.get(Point("gptq", 3, group, False).name)
+def l4q_table(rows: dict[str, dict]) -> list[str]:
+    """L4Q against the GPTQ it starts from (same bits, group and symmetry, read from the L4Q rows), in
+    domain and out of domain (stdlib)."""
     lines = ["| point | distill | in-domain ppl | / GPTQ | stdlib ppl | / GPTQ | RTN's loss closed (stdlib) | "
              "bits/param | s (with its GPTQ) |", "|---|---|---:|---:|---:|---:|---|---:|---:|"]
-    for row in [base] + [rows.get(Point("l4q", 3, group, False, d).name) for d in (False, True)]:
-        if row:
-            ratio = lambda key, r=row: r[key] / base[key] if base else None  # noqa: E731
-            lines.append(f"| {row['name']} | {'yes' if row.get('distill') else 'no'} | {_fmt(row['ppl'])} | "
-                         f"{_fmt(ratio('ppl'))} | {_fmt(row['ppl_stdlib'])} | {_fmt(ratio('ppl_stdlib'))} | "
-                         f"{_share(rows, row)} | {row['bits_per_param']:.3f} | {_fmt(row.get('seconds'), 0)} |")
+    shown = set()
+    for row in sorted((r for r in rows.values() if r["method"] == "l4q"), key=lambda r: r["name"]):
+        base = rows.get(Point("gptq", row["bits"], row["group"], row["sym"]).name)
+        if base and base["name"] not in shown:  # the GPTQ it starts from, once, above its L4Q rows
+            shown.add(base["name"])
+            lines.append(_l4q_line(rows, base, base))
+        lines.append(_l4q_line(rows, row, base))
     return lines
+
+
+def _l4q_line(rows: dict[str, dict], row: dict, base: dict | None) -> str:
+    ratio = lambda key: row[key] / base[key] if base else None  # noqa: E731
+    return (f"| {row['name']} | {'yes' if row.get('distill') else 'no'} | {_fmt(row['ppl'])} | "
+            f"{_fmt(ratio('ppl'))} | {_fmt(row['ppl_stdlib'])} | {_fmt(ratio('ppl_stdlib'))} | "
+            f"{_share(rows, row)} | {row['bits_per_param']:.3f} | {_fmt(row.get('seconds'), 0)} |")
 
 
 def all_rows(rows: list[dict]) -> list[str]:
@@ -183,9 +191,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = [json.loads(line) for line in args.results.read_text().splitlines()]
     named = _by_name(rows)
-    grid, _, l4q_group = GRIDS[args.model]
-    sections = [gptq_table(named, grid), gptq_verdict(named, grid), lqlora_table(named), l4q_table(named, l4q_group),
-                all_rows(rows)]
+    grid, _ = GRIDS[args.model]
+    sections = [gptq_table(named, grid), gptq_verdict(named, grid), lqlora_table(named), l4q_table(named), all_rows(rows)]
     print("\n\n".join("\n".join(section) for section in sections))
     if args.plot:
         plot(named, args.plot)
