@@ -8,7 +8,9 @@ python3.11-doc (``heldout_corpus.py``, run by this script). ``--model``: SmolLM2
 ``out/bench/heldout``) or Gemma-3-270M (out ``out/bench/heldout-gemma3-270m``), each with its own
 grid (``GRIDS``, below). Every point runs in its own process, one after another; finished points are
 kept in ``--results`` (one JSON row each, default ``OUT/results.jsonl``) and skipped by a rerun, so the
-command resumes where it stopped.
+command resumes where it stopped; a point killed half-way continues from its saved stages and L4Q's
+mid-training checkpoints (``--resume``; every ``save_every`` steps), and its row says ``resumed``
+(its seconds then miss the steps that were lost and run again).
 
 Text: calibration and training windows from the corpus's train documents (128 x 512 tokens for
 every calibrated method); perplexity on 64 x 512 tokens of its eval documents (``in-domain``: same
@@ -68,7 +70,7 @@ STDLIB_EVAL = 32
 SEQ_LEN = 512
 GRID = [(bits, group, sym) for bits in (4, 3, 2) for group in (64, 128) for sym in (True, False)]
 GEMMA_GRID = [(bits, 128, sym) for bits in (4, 3) for sym in (True, False)]
-L4Q_TUNE = {"steps": 64, "lr": 2.0e-4, "batch_size": 4, "grad_accum": 1, "seq_len": 512, "save_every": 0}
+L4Q_TUNE = {"steps": 64, "lr": 2.0e-4, "batch_size": 4, "grad_accum": 1, "seq_len": 512, "save_every": 4}
 log = logging.getLogger("heldout")
 
 
@@ -213,10 +215,11 @@ def run_ours(out: Path, point: Point, where: Path, model_name: str) -> dict:
     stages = our_stages(point) + [{"export": {"format": "gptq" if whole else "native"}}]
     recipe = parse_recipe({"model": model_name, "dtype": "float32", "data": data_spec(out), "seed": 0,
                            "stages": stages, "output": str(where)})
+    resumed = any((where / entry).is_dir() for entry in (".stages", ".cache"))  # an earlier attempt was killed
     seeded = seed_cost_cache(out, point, where)
     load_avg = os.getloadavg()[0]
     cpu = time.process_time()
-    reports = run_recipe(recipe, overwrite=True).reports
+    reports = run_recipe(recipe, resume=True).reports  # identical files to an uninterrupted run
     cpu = time.process_time() - cpu
     work = [r for r in reports[1:] if r.name != "export"]  # reports[0]: loading
     model = load(where / "checkpoint", dtype="float32")
@@ -225,7 +228,7 @@ def run_ours(out: Path, point: Point, where: Path, model_name: str) -> dict:
         directories.append(where / "checkpoint-adapter")
         model = load_adapter(model, where / "checkpoint-adapter")
     costs = {"cost_entries_reused": seeded, "cost_table_seconds": work[0].metrics.get("cost_table_seconds")}
-    extra = costs if seeded else {}
+    extra = (costs if seeded else {}) | ({"resumed": True} if resumed else {})
     return {**checkpoint_row(model, directories, out), "seconds": sum(r.seconds for r in work), "cpu_seconds": cpu,
             "load_avg": load_avg, "peak_rss_mib": max(r.peak_rss_mib for r in work), **extra}
 
