@@ -34,8 +34,10 @@ SmolLM2's points, for int{4,3,2}, group 64 and 128, symmetric and asymmetric:
 Gemma-3-270M's points (issue 40; its GGUF stores the projections at Q5_0/Q4_K/Q6_K, so 4 bits and
 below are lossy there, unlike SmolLM2's Q4_1 source): ``gptq`` and ``gptqmodel`` at int{4,3} g128
 sym and asym; ``rtn`` at the same four and int2 g128 asym; ``gptq`` int2 g128 asym (the uniform
-curve's low end); ``fp32``; ``bnb-nf4``; ``lqlora-r0`` at 2.5 / 3.0 / 3.25 / 3.5 bits; ``l4q`` from
-GPTQ int3 g128 asym, without and with distillation.
+curve's low end); ``fp32``; ``bnb-nf4``; ``lqlora-r0`` at 2.5 / 3.0 / 3.25 / 3.5 bits, and
+``lqlora-r0-outputs`` at the same budgets (``fisher: outputs``: the output error's rows weighted by
+the Fisher of each matrix's outputs, not by the weight Fisher's row means); ``l4q`` from GPTQ int3
+g128 asym, without and with distillation.
 
 A point whose group does not divide every projection's input features (SmolLM2's 576 at group 128)
 keeps a partial last group and exports ``native`` (GPTQ engines need whole groups); GPTQModel's
@@ -108,7 +110,7 @@ def gemma3_points() -> list[Point]:
     first = [Point("fp32")] + [Point("rtn", b, g, s) for b, g, s in GEMMA_GRID + [(2, 128, False)]]
     pairs = [Point(m, b, g, s) for b, g, s in GEMMA_GRID for m in ("gptq", "gptqmodel")]
     rest = [Point("gptq", 2, 128, False), Point("bnb-nf4", 4)]
-    rest += [Point("lqlora-r0", budget) for budget in (3.25, 3.0, 2.5, 3.5)]
+    rest += [Point(method, budget) for method in ("lqlora-r0", "lqlora-r0-outputs") for budget in (3.25, 3.0, 2.5, 3.5)]
     return first + pairs + rest + [Point("l4q", 3, 128, False, distill) for distill in (False, True)]
 
 
@@ -165,9 +167,10 @@ def our_stages(point: Point) -> list[dict]:
     if point.method in ("rtn", "gptq"):
         return [{"quantize": {"method": point.method, "config": quant}}]
     if point.method.startswith("lqlora"):
-        rank = int(point.method.removeprefix("lqlora-r"))
-        return [{"lq_lora": {"rank": rank, "alpha": 2 * rank if rank else 16, "budget_bits": point.bits,
-                             "grid": "gptq", "quantizer": "gptq"}}]
+        rank, _, fisher = point.method.removeprefix("lqlora-r").partition("-")
+        lq_lora = {"rank": int(rank), "alpha": 2 * int(rank) if int(rank) else 16, "budget_bits": point.bits,
+                   "grid": "gptq", "quantizer": "gptq"}
+        return [{"lq_lora": lq_lora | ({"fisher": fisher} if fisher else {})}]
     tune = dict(L4Q_TUNE, bits=int(point.bits), group_size=point.group, lora={"rank": 16, "alpha": 32})
     l4q = tune | ({"distill": {}} if point.distill else {})
     return [{"quantize": {"method": "gptq", "config": quant}}, {"l4q": l4q}]
@@ -189,7 +192,8 @@ def seed_cost_cache(out: Path, point: Point, where: Path) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     found = 0
     for other in (out / "points").glob(f"{point.method}-*/.cache/lq_lora/*.json"):
-        if other.parent != cache and not (cache / other.name).is_file():
+        budget = other.parents[2].name.removeprefix(f"{point.method}-")  # not lqlora-r0-outputs-* for lqlora-r0
+        if budget.replace(".", "").isdigit() and other.parent != cache and not (cache / other.name).is_file():
             shutil.copyfile(other, cache / other.name)
             found += 1
     return found

@@ -170,6 +170,7 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(6, 4))
     series = {"uniform GPTQ asym (g64, g128, per-channel)": _uniform_curve(rows),
               "LQ-LoRA rank 0": [r for r in rows.values() if r["method"] == "lqlora-r0"],
+              "LQ-LoRA rank 0, output Fisher": [r for r in rows.values() if r["method"] == "lqlora-r0-outputs"],
               "LQ-LoRA rank 16": [r for r in rows.values() if r["method"] == "lqlora-r16"]}
     for label, points in series.items():
         points = sorted(points, key=lambda r: r["bits_per_param"])
@@ -192,7 +193,8 @@ def main() -> None:
     rows = [json.loads(line) for line in args.results.read_text().splitlines()]
     named = _by_name(rows)
     grid, _ = GRIDS[args.model]
-    sections = [gptq_table(named, grid), gptq_verdict(named, grid), lqlora_table(named), l4q_table(named), all_rows(rows)]
+    sections = [gptq_table(named, grid), gptq_verdict(named, grid), lqlora_table(named), l4q_table(named),
+                all_rows(rows)]
     print("\n\n".join("\n".join(section) for section in sections))
     if args.plot:
         plot(named, args.plot)

@@ -9,8 +9,9 @@ two walks over the decoder layers of either source, resident or streamed:
 2. the head (final norm and output matrix, with the modules outside the layers in memory) gives
    dL_n/d(last hidden states) per sample; then backward, from the last layer to the first: each
    layer is run again on its saved inputs and back-propagated with the gradient from above
-   (``lowrank.fisher.layer_fisher``); its targets' squared gradients are written as one file per
-   layer, ``directory/<layer>.safetensors`` (float32), and dL_n/d(inputs) go one layer down.
+   (``lowrank.fisher.layer_fisher``); its targets' squared gradients (``of="outputs"``: the squared
+   gradients of their outputs, summed over positions) are written as one file per layer,
+   ``directory/<layer>.safetensors`` (float32), and dL_n/d(inputs) go one layer down.
 
 Disk holds one boundary's activations per layer (samples x seq_len x hidden in the run's dtype);
 the device holds one layer, one boundary's activations and one boundary's gradients. With ``torchrun``
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from compress.lowrank.fisher import head_gradients, layer_fisher
+from compress.lowrank.fisher import head_gradients, layer_fisher, output_fisher
 
 from .checkpoint.tensors import read_safetensors, write_safetensors
 from .errors import StageError
@@ -40,16 +41,18 @@ def fisher_file(directory: Path, layer: str) -> Path:
 
 
 def load_layer_fisher(directory: Path | None, layer: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """{module name: Fisher of its weight} for one layer, on ``device`` (the unit's: the Fisher meets
+    """{module name: Fisher of its weight, or of its outputs} for one layer, on ``device`` (the unit's: the Fisher meets
     its weight and Hessian there), {} without a Fisher or targets there."""
     if directory is None or not fisher_file(directory, layer).is_file():
         return {}
     return {name: tensor.to(device) for name, tensor in read_safetensors(fisher_file(directory, layer)).items()}
 
 
-def fisher_by_layer(ctx, names: list[str], directory: Path) -> Path:
+def fisher_by_layer(ctx, names: list[str], directory: Path, of: str = "weights") -> Path:
     """Write the Fisher of every module in ``names`` (linears inside the decoder layers, by full
-    name) to ``directory``, one file per layer; returns ``directory``."""
+    name) to ``directory``, one file per layer; returns ``directory``. ``of``: ``weights`` (the
+    weight's diagonal Fisher, [out, in]) or ``outputs`` (the diagonal Fisher of the module's outputs,
+    [out]: ``lowrank.fisher.output_fisher``, from the same per-sample backward passes)."""
     units = ctx.units
     outside = [n for n in names if not any(units.owns(p, n) for p in units.layer_prefixes)]
     if outside:
@@ -68,13 +71,13 @@ def fisher_by_layer(ctx, names: list[str], directory: Path) -> Path:
                          f"family) and at least one calibration sample per rank ({windows.shape[0]} samples, "
                          f"{ctx.ranks.world} ranks)")
     with units.walk():
-        _backward(ctx, names, directory, activations, samples, norm)
+        _backward(ctx, names, directory, activations, samples, norm, of)
     activations.rmdir()
     ctx.ranks.barrier()
     return directory
 
 
-def _backward(ctx, names: list[str], directory: Path, activations: Path, samples: list, norm) -> None:
+def _backward(ctx, names: list[str], directory: Path, activations: Path, samples: list, norm, of: str) -> None:
     """The forward walk, the head's gradients, then the backward walk writing one file per layer."""
     units = ctx.units
     kwargs, hidden = _forward(ctx, samples, activations)
@@ -84,9 +87,13 @@ def _backward(ctx, names: list[str], directory: Path, activations: Path, samples
     for index, prefix in ctx.track(list(enumerate(units.layer_prefixes))[::-1], "fisher backward"):
         saved = torch.load(activations / f"{index}.pt")
         with units.unit(prefix) as layer:
-            targets = {n: ctx.model.get_submodule(n).weight for n in names if units.owns(prefix, n)}
+            modules = {n: ctx.model.get_submodule(n) for n in names if units.owns(prefix, n)}
             inputs = [((states,) + args, kw) for states, (args, kw) in zip(saved, kwargs)]
-            fisher, upstream = layer_fisher(layer, inputs, upstream, targets)
+            if of == "outputs":
+                with output_fisher(modules) as fisher:
+                    upstream = layer_fisher(layer, inputs, upstream, {})[1]
+            else:
+                fisher, upstream = layer_fisher(layer, inputs, upstream, {n: m.weight for n, m in modules.items()})
         total = {n: ctx.ranks.sum_in_rank_order(f).float().contiguous() for n, f in fisher.items()}
         if total and ctx.ranks.main:
             partial = fisher_file(directory, prefix).with_suffix(".part")

@@ -35,7 +35,10 @@ S the lower Cholesky factor of H + damp · mean(diag H) · I (``whitening``), th
 weights ρ_i = mean_j F_ij / mean_j (H_jj / 2) (the output side of the Kronecker-factored Fisher
 F_ij ≈ E[δ_i²] E[x_j²]) weight the output rows: error sqrt(Σ_i ρ_i (R H Rᵀ)_ii / 2), about the
 loss increase to second order, so that costs compare across layers; the SVD is then of
-diag(sqrt ρ) A S.
+diag(sqrt ρ) A S. Given the Fisher of the outputs instead (a vector [out]: Σ over samples and
+positions of δ_i², ``fisher.output_fisher``), ρ is that vector: E[δ_i²] measured per position
+rather than recovered from per-sample weight gradients, whose sums over positions cancel unevenly
+from layer to layer (BENCHMARKS.md, the held-out benchmark on Gemma-3-270M).
 """
 
 from __future__ import annotations
@@ -140,10 +143,14 @@ def whitening(hessian: torch.Tensor, damp: float = 0.01) -> Whitening:
 
 
 def output_row_weights(hessian: torch.Tensor, fisher: torch.Tensor | None) -> torch.Tensor | None:
-    """sqrt ρ [out] (module docstring) of a Fisher [out, in], or None without one."""
+    """sqrt ρ [out] (module docstring) of a Fisher of the weight [out, in] or of the outputs [out]
+    (``fisher.output_fisher``: ρ itself), or None without one."""
     if fisher is None:
         return None
-    rho = fisher.float().clamp(min=0).mean(dim=1) / max(float(hessian.diagonal().mean()) / 2, 1e-30)
+    if fisher.dim() == 1:
+        rho = fisher.float().clamp(min=0)
+    else:
+        rho = fisher.float().clamp(min=0).mean(dim=1) / max(float(hessian.diagonal().mean()) / 2, 1e-30)
     root = rho.sqrt()
     return root.clamp(min=1e-6 * float(root.mean()) + 1e-30)
 

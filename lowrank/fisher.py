@@ -11,7 +11,8 @@ restored afterwards. LQ-LoRA uses F to weight its low-rank step, its error and t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -61,6 +62,33 @@ def _accumulator(total: torch.Tensor):
         total.add_(parameter.grad.double().square())
         parameter.grad = None  # freed before the next weight's gradient is computed
     return hook
+
+
+@contextmanager
+def output_fisher(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """{name: float64 [out_features]}: while the block runs, every backward pass through ``modules``
+    adds the squares of dL/dy, y the module's output, summed over positions (and batch): the
+    diagonal Fisher of the layer's outputs (BRECQ, Li et al. 2021), the row weights of an output
+    error that compare across layers. ``layer_fisher`` with the upstream gradient of each sample's
+    loss gives per-sample sums, as ``empirical_fisher`` does for weights."""
+    sums = {name: torch.zeros(m.out_features, dtype=torch.float64, device=m.weight.device)
+            for name, m in modules.items()}
+
+    def forward_hook(name: str):
+        def add(grad: torch.Tensor) -> None:  # returns nothing: the gradient flows on unchanged
+            sums[name].add_(grad.detach().double().square().reshape(-1, grad.shape[-1]).sum(dim=0))
+
+        def hook(module, args, output):
+            if output.requires_grad:
+                output.register_hook(add)
+        return hook
+
+    handles = [module.register_forward_hook(forward_hook(name)) for name, module in modules.items()]
+    try:
+        yield sums
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def layer_fisher(layer: nn.Module, samples: list[tuple[tuple, dict]], upstream: list[torch.Tensor],

@@ -13,7 +13,7 @@ from compress.lowrank.decompose import (hessian_error, low_rank_factors, lq_deco
                                         output_row_weights, whitening)
 from compress.quant import QuantConfig, QuantizedWeight
 from compress.quant.gptq import GPTQSettings, gptq_quantize
-from conftest import tiny_recipe
+from conftest import run_cli, tiny_recipe
 
 GEN = torch.Generator().manual_seed(23)
 
@@ -146,3 +146,60 @@ def test_objective_and_fisher_defaults(tmp_path, tiny_pair, calibration, ignore,
     names = [name for name, _ in select_linears(tiny_pair[0], config.targets, config.ignore)]
     decided = resolved(config, recipe, tiny_pair[0], names)
     assert (decided.objective, decided.fisher) == expected
+
+
+def test_an_output_fisher_gives_its_own_row_weights():
+    """A Fisher of the outputs (a vector [out]) is ρ itself: the row weights are its square roots."""
+    rho, hessian = torch.rand(16, generator=GEN) + 0.1, anisotropic_hessian(20, seed=4)
+    assert torch.allclose(output_row_weights(hessian, rho), rho.sqrt())
+
+
+def test_output_fisher_by_layer_is_the_sum_of_squared_output_gradients(tmp_path, tiny_pair):
+    """``fisher_by_layer(of="outputs")`` (one layer at a time, from saved activations) against one
+    backward through the whole model per sample, with the outputs' gradients taken by hooks."""
+    from types import SimpleNamespace
+
+    from compress.data import token_windows
+    from compress.distributed import Ranks
+    from compress.fisher_by_layer import fisher_by_layer, load_layer_fisher
+    from compress.walker import ResidentModel
+
+    model, tokenizer = tiny_pair
+    spec = compress.load_recipe(tiny_recipe(tmp_path, "  - eval: {}")).spec.data.calibration
+    windows = token_windows(tokenizer, spec.text_source("calibration"), spec.samples, spec.seq_len)
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    expected = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in modules.items()}
+    for tokens in windows:  # the reference: each sample's mean next-token loss, whole model
+        outputs = {}
+        handles = [m.register_forward_hook(lambda m, a, y, n=n: outputs.__setitem__(n, y)) for n, m in modules.items()]
+        with torch.enable_grad():
+            logits = model(input_ids=tokens.view(1, -1)).logits[0, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits, tokens[1:])
+            grads = torch.autograd.grad(loss, [outputs[n] for n in modules])
+        for handle in handles:
+            handle.remove()
+        for name, grad in zip(modules, grads):
+            expected[name] += grad.double().square().reshape(-1, grad.shape[-1]).sum(dim=0)
+    units = ResidentModel(model)
+    ctx = SimpleNamespace(units=units, model=model, ranks=Ranks(), windows=lambda role: windows,
+                          track=lambda items, *_: items, entry=SimpleNamespace(where="stages[0].lq_lora"),
+                          device=torch.device("cpu"))
+    directory = fisher_by_layer(ctx, list(modules), tmp_path / "fisher", of="outputs")
+    got = {}
+    for prefix in units.layer_prefixes:
+        got.update(load_layer_fisher(directory, prefix))
+    assert sorted(got) == sorted(modules)
+    for name in modules:
+        assert got[name].shape == (modules[name].out_features,)
+        torch.testing.assert_close(got[name].double(), expected[name], rtol=1e-4, atol=1e-12)
+    assert all(float(got[n].min()) > 0 for n in modules)
+
+
+def test_the_stage_runs_with_the_output_fisher_and_refuses_it_without_the_output_objective(tmp_path):
+    stages = "  - lq_lora: {rank: 0, budget_bits: 3.0, fisher: outputs}"
+    result = compress.run_recipe(compress.load_recipe(tiny_recipe(tmp_path, stages)))
+    assert (result.reports[1].metrics["fisher"], result.reports[1].metrics["objective"]) == ("outputs", "output")
+    refused = run_cli("validate", tiny_recipe(tmp_path, "  - lq_lora: {rank: 0, budget_bits: 3.0, objective: weight, "
+                                                        "fisher: outputs}", name="weight.yaml"))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "stages[0].lq_lora.fisher: outputs weights the rows of output errors" in refused.stderr

@@ -3,6 +3,7 @@
 ```yaml
 - lq_lora: {rank: 64, budget_bits: 3.0, grid: gptq, fisher: true, iterations: 20, ignore: [lm_head]}
 - lq_lora: {rank: 0, budget_bits: 3.0, quantizer: gptq, damp: 0.05, refine_rounds: 1, objective: output}
+- lq_lora: {rank: 0, budget_bits: 3.25, quantizer: gptq, objective: output, fisher: outputs}
 ```
 
 LQ-LoRA (Guo et al. 2024): for each matrix and each config of the grid (``gptq``: 12 uniform configs;
@@ -32,7 +33,10 @@ every selected linear is inside a decoder layer, else ``weight``):
   objective); the low-rank step weighted by the Fisher's row and column weights.
 
 ``fisher`` (default: on under the same condition) computes the diagonal empirical Fisher from
-``data.calibration``.
+``data.calibration``: ``true``, of the weights (the paper's; under ``output`` its row means weight
+the rows); ``outputs`` (``output`` objective only), of each matrix's outputs, per position (BRECQ's
+weights of output errors; ``lowrank.decompose``), which ranks layers by their loss change closer to
+what quantizing them costs on Gemma-3-270M (BENCHMARKS.md).
 
 ``quantizer: gptq`` (gptq grid) quantizes Q with GPTQ instead of round-to-nearest, on the layer's
 input Hessian (``damp``); its ILP costs are GPTQ's output errors under ``objective: output`` and RTN's
@@ -87,7 +91,7 @@ class LQLoRAConfig(StageConfig):
     budget_gib: float | None = Field(None, gt=0)
     grid: Literal["gptq", "nf"] = "gptq"
     group_sizes: list[int] | None = None
-    fisher: bool | None = None  # None: on when the recipe gives data.calibration (``resolved``)
+    fisher: bool | Literal["outputs"] | None = None  # None: on when the recipe gives data.calibration (``resolved``)
     objective: Literal["output", "weight"] | None = None  # None: output under the same condition
     iterations: int = Field(20, ge=1)
     targets: list[str] = ["Linear"]
@@ -149,6 +153,9 @@ def check(recipe, entry, model) -> None:
     if config.fisher and outside:
         raise RecipeError(f"{entry.where}.fisher: the Fisher is computed one decoder layer at a time and covers "
                           f"linears inside them; {outside[0]} is not (add it to ignore)")
+    if config.fisher == "outputs" and resolved(config, recipe, model, [n for n, _ in selected]).objective != "output":
+        raise RecipeError(f"{entry.where}.fisher: outputs weights the rows of output errors; it needs objective: "
+                          "output (and data.calibration)")
     if config.objective == "output" and outside:
         raise RecipeError(f"{entry.where}.objective: output errors come from each decoder layer's inputs; "
                           f"{outside[0]} is outside them (add it to ignore, or objective: weight)")
@@ -229,7 +236,8 @@ def run(ctx, config: LQLoRAConfig, report) -> None:
     report.metrics.update(objective=config.objective, fisher=config.fisher)
     start = time.perf_counter()
     fisher_cache = ctx.out_dir / ".cache" / "lq_lora_fisher"
-    fisher_dir = fisher_by_layer(ctx, list(shapes), fisher_cache) if config.fisher else None
+    of = "outputs" if config.fisher == "outputs" else "weights"
+    fisher_dir = fisher_by_layer(ctx, list(shapes), fisher_cache, of) if config.fisher else None
     report.metrics["fisher_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
     tables = {"output": output_cost_table, "weight": weight_cost_table}
