@@ -37,8 +37,7 @@ F_ij ≈ E[δ_i²] E[x_j²]) weight the output rows: error sqrt(Σ_i ρ_i (R H R
 loss increase to second order, so that costs compare across layers; the SVD is then of
 diag(sqrt ρ) A S. Given the Fisher of the outputs instead (a vector [out]: Σ over samples and
 positions of δ_i², ``fisher.output_fisher``), ρ is that vector: E[δ_i²] measured per position
-rather than recovered from per-sample weight gradients, whose sums over positions cancel unevenly
-from layer to layer (BENCHMARKS.md, the held-out benchmark on Gemma-3-270M).
+rather than recovered from per-sample weight gradients summed over positions.
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ every selected linear is inside a decoder layer, else ``weight``):
 ``fisher`` (default: on under the same condition) computes the diagonal empirical Fisher from
 ``data.calibration``: ``true``, of the weights (the paper's; under ``output`` its row means weight
 the rows); ``outputs`` (``output`` objective only), of each matrix's outputs, per position (BRECQ's
-weights of output errors; ``lowrank.decompose``), which ranks layers by their loss change closer to
-what quantizing them costs on Gemma-3-270M (BENCHMARKS.md).
+weights of output errors; ``lowrank.decompose``). Neither ranks Gemma-3-270M's matrices well against
+their measured loss (BENCHMARKS.md, ``lqlora_sensitivity.py``); ``outputs`` is an option, not the default.
 
 ``quantizer: gptq`` (gptq grid) quantizes Q with GPTQ instead of round-to-nearest, on the layer's
 input Hessian (``damp``); its ILP costs are GPTQ's output errors under ``objective: output`` and RTN's
