@@ -36,7 +36,9 @@ below are lossy there, unlike SmolLM2's Q4_1 source): ``gptq`` and ``gptqmodel``
 sym and asym; ``rtn`` at the same four and int2 g128 asym; ``gptq`` int2 g128 asym (the uniform
 curve's low end); ``fp32``; ``bnb-nf4``; ``lqlora-r0`` at 2.5 / 3.0 / 3.25 / 3.5 bits, and
 ``lqlora-r0-outputs`` at the same budgets (``fisher: outputs``: the output error's rows weighted by
-the Fisher of each matrix's outputs, not by the weight Fisher's row means); ``l4q`` from GPTQ int3
+the Fisher of each matrix's outputs, not by the weight Fisher's row means), ``lqlora-r0-measured``
+at the same budgets (``measured_windows: 2``: each decoder layer's costs per bit width rescaled by
+the KL it causes on 2 calibration windows over the one its costs predict); ``l4q`` from GPTQ int3
 g128 asym, without and with distillation.
 
 A point whose group does not divide every projection's input features (SmolLM2's 576 at group 128)
@@ -46,8 +48,9 @@ from the checkpoint files (every tensor of the linear layers: codes, scales, zer
 adapters). Seconds: the quantization alone (our stages' seconds; GPTQModel's ``quantize()`` call),
 with the process's CPU seconds beside them and the load average at the start, because a shared
 machine moves wall time. An LQ-LoRA point starts from the cost entries its rank's other budgets
-computed (they do not depend on the budget); its row then says how many it reused and the cost
-table's seconds.
+computed (they do not depend on the budget; ``lqlora-r0-measured`` also from ``lqlora-r0``'s, whose
+costs it rescales, and its probes from its other budgets); its row then says how many it reused and
+the cost table's seconds.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ STDLIB_EVAL = 32
 SEQ_LEN = 512
 GRID = [(bits, group, sym) for bits in (4, 3, 2) for group in (64, 128) for sym in (True, False)]
 GEMMA_GRID = [(bits, 128, sym) for bits in (4, 3) for sym in (True, False)]
+MEASURED_WINDOWS = 2  # lqlora-r0-measured: calibration windows per probe (layers x widths probes)
 L4Q_TUNE = {"steps": 64, "lr": 2.0e-4, "batch_size": 4, "grad_accum": 1, "seq_len": 512, "save_every": 4}
 log = logging.getLogger("heldout")
 
@@ -110,7 +114,8 @@ def gemma3_points() -> list[Point]:
     first = [Point("fp32")] + [Point("rtn", b, g, s) for b, g, s in GEMMA_GRID + [(2, 128, False)]]
     pairs = [Point(m, b, g, s) for b, g, s in GEMMA_GRID for m in ("gptq", "gptqmodel")]
     rest = [Point("gptq", 2, 128, False), Point("bnb-nf4", 4)]
-    rest += [Point(method, budget) for method in ("lqlora-r0", "lqlora-r0-outputs") for budget in (3.25, 3.0, 2.5, 3.5)]
+    rest += [Point(method, budget) for method in ("lqlora-r0-measured", "lqlora-r0", "lqlora-r0-outputs")
+             for budget in (3.25, 3.0, 2.5, 3.5)]
     return first + pairs + rest + [Point("l4q", 3, 128, False, distill) for distill in (False, True)]
 
 
@@ -167,13 +172,17 @@ def our_stages(point: Point) -> list[dict]:
     if point.method in ("rtn", "gptq"):
         return [{"quantize": {"method": point.method, "config": quant}}]
     if point.method.startswith("lqlora"):
-        rank, _, fisher = point.method.removeprefix("lqlora-r").partition("-")
+        rank, _, variant = point.method.removeprefix("lqlora-r").partition("-")
         lq_lora = {"rank": int(rank), "alpha": 2 * int(rank) if int(rank) else 16, "budget_bits": point.bits,
                    "grid": "gptq", "quantizer": "gptq"}
-        return [{"lq_lora": lq_lora | ({"fisher": fisher} if fisher else {})}]
+        return [{"lq_lora": lq_lora | VARIANTS[variant]}]
     tune = dict(L4Q_TUNE, bits=int(point.bits), group_size=point.group, lora={"rank": 16, "alpha": 32})
     l4q = tune | ({"distill": {}} if point.distill else {})
     return [{"quantize": {"method": "gptq", "config": quant}}, {"l4q": l4q}]
+
+
+VARIANTS = {"": {}, "outputs": {"fisher": "outputs"}, "measured": {"measured_windows": MEASURED_WINDOWS}}
+"""LQ-LoRA's variants by the method's suffix (``lqlora-r0-outputs``: ``outputs``)."""
 
 
 def checkpoint_row(model, directories: list[Path], out: Path) -> dict:
@@ -185,17 +194,20 @@ def checkpoint_row(model, directories: list[Path], out: Path) -> dict:
 def seed_cost_cache(out: Path, point: Point, where: Path) -> int:
     """LQ-LoRA's cost entries do not depend on the budget: a point starts with the entries that the
     same rank's other budgets left (``.cache/lq_lora``, keyed by weight, Fisher, Hessian and settings,
-    so only identical entries are reused). Returns how many it found."""
+    so only identical entries are reused; ``-measured`` points also take the plain method's, and
+    their probes, ``.cache/lq_lora_measured``, from each other). Returns how many it found."""
     if not point.method.startswith("lqlora"):
         return 0
-    cache = where / ".cache" / "lq_lora"
-    cache.mkdir(parents=True, exist_ok=True)
     found = 0
-    for other in (out / "points").glob(f"{point.method}-*/.cache/lq_lora/*.json"):
-        budget = other.parents[2].name.removeprefix(f"{point.method}-")  # not lqlora-r0-outputs-* for lqlora-r0
-        if budget.replace(".", "").isdigit() and other.parent != cache and not (cache / other.name).is_file():
-            shutil.copyfile(other, cache / other.name)
-            found += 1
+    for method in dict.fromkeys([point.method, point.method.removesuffix("-measured")]):
+        for kind in ("lq_lora", "lq_lora_measured"):
+            cache = where / ".cache" / kind
+            cache.mkdir(parents=True, exist_ok=True)
+            for other in (out / "points").glob(f"{method}-*/.cache/{kind}/*.json"):
+                budget = other.parents[2].name.removeprefix(f"{method}-")  # not lqlora-r0-outputs-* for lqlora-r0
+                if budget.replace(".", "").isdigit() and other.parent != cache and not (cache / other.name).is_file():
+                    shutil.copyfile(other, cache / other.name)
+                    found += 1
     return found
 
 

@@ -98,6 +98,21 @@ def window_nll(model: nn.Module, windows: torch.Tensor, budget: int | None = Non
     return float(nll_sum(model, last_hidden(model, windows), windows, budget)), windows[:, 1:].numel()
 
 
+def _kl(logits: torch.Tensor, reference_hidden: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    reference = F.log_softmax(head_logits(model, reference_hidden).float(), dim=-1)
+    return (reference.exp() * (reference - F.log_softmax(logits, dim=-1))).sum()
+
+
+@torch.no_grad()
+def kl_sum(model: nn.Module, hidden: torch.Tensor, reference_hidden: torch.Tensor,
+           budget: int | None = None) -> float:
+    """Summed KL(p_reference || p) over every position of ``hidden`` [b, s, h], both distributions
+    from the model's head (the reference's logits of a slice are made beside the model's own, so
+    each slice is half as long as the budget alone allows)."""
+    loss = lambda logits, reference: _kl(logits, reference, model)  # noqa: E731
+    return float(sum_over_slices(model, hidden, loss, reference_hidden, budget=(budget or LOGIT_CHUNK_BYTES) // 2))
+
+
 @torch.no_grad()
 def reduce_by_slices(model: nn.Module, hidden: torch.Tensor, reduce: Callable,
                     budget: int | None = None) -> list[tuple[torch.Tensor, ...]]:

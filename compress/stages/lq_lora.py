@@ -4,6 +4,7 @@
 - lq_lora: {rank: 64, budget_bits: 3.0, grid: gptq, fisher: true, iterations: 20, ignore: [lm_head]}
 - lq_lora: {rank: 0, budget_bits: 3.0, quantizer: gptq, damp: 0.05, refine_rounds: 1, objective: output}
 - lq_lora: {rank: 0, budget_bits: 3.25, quantizer: gptq, objective: output, fisher: outputs}
+- lq_lora: {rank: 0, budget_bits: 3.25, quantizer: gptq, measured_windows: 4}
 ```
 
 LQ-LoRA (Guo et al. 2024): for each matrix and each config of the grid (``gptq``: 12 uniform configs;
@@ -37,6 +38,12 @@ every selected linear is inside a decoder layer, else ``weight``):
 the rows); ``outputs`` (``output`` objective only), of each matrix's outputs, per position (BRECQ's
 weights of output errors; ``lowrank.decompose``). Neither ranks Gemma-3-270M's matrices well against
 their measured loss (BENCHMARKS.md, ``lqlora_sensitivity.py``); ``outputs`` is an option, not the default.
+
+``measured_windows: N`` (``output`` objective; default 0, off) rescales the costs of each decoder layer
+and bit width by measured / predicted loss change: the layer's matrices quantized together at that
+width (RTN, a reference config), the KL divergence from the float model's next-token distributions
+on N calibration windows against the sum of the same quantizations' costs (``lq_lora_measured``:
+layers x widths forward passes, cached per probe; not in a streaming recipe).
 
 ``quantizer: gptq`` (gptq grid) quantizes Q with GPTQ instead of round-to-nearest, on the layer's
 input Hessian (``damp``); its ILP costs are GPTQ's output errors under ``objective: output`` and RTN's
@@ -78,6 +85,7 @@ from ..errors import RecipeError, StageError
 from ..fisher_by_layer import fisher_by_layer, load_layer_fisher
 from ..layerwise import calibration_step
 from .lq_lora_costs import gptq_settings, output_cost_table, weight_cost_table
+from .lq_lora_measured import ReferenceCosts, measured_table
 from ..stage import Stage, StageConfig
 from ..walker import HOST, decoder_layers, rewrite_units
 from ..targets import check_selector, fused_members, select_linears, set_module
@@ -102,6 +110,7 @@ class LQLoRAConfig(StageConfig):
     quantizer: Literal["rtn", "gptq"] = "rtn"
     damp: float = Field(0.05, gt=0, lt=1)
     refine_rounds: int = Field(1, ge=0)  # GPTQ's refinement at rank 0 (``gptq_settings``)
+    measured_windows: int = Field(0, ge=0)  # 0: off; N: costs rescaled by measured loss (``lq_lora_measured``)
 
     @model_validator(mode="after")
     def _one_budget_and_valid_selectors(self) -> "LQLoRAConfig":
@@ -127,6 +136,8 @@ class LQLoRAConfig(StageConfig):
             data.pop("damp", None)
         if self.quantizer != "gptq" or self.rank > 0:
             data.pop("refine_rounds", None)
+        if not self.measured_windows:  # recipes without it serialize as before
+            data.pop("measured_windows", None)
         return data
 
 
@@ -156,6 +167,9 @@ def check(recipe, entry, model) -> None:
     if config.fisher == "outputs" and resolved(config, recipe, model, [n for n, _ in selected]).objective != "output":
         raise RecipeError(f"{entry.where}.fisher: outputs weights the rows of output errors; it needs objective: "
                           "output (and data.calibration)")
+    if config.measured_windows and resolved(config, recipe, model, [n for n, _ in selected]).objective != "output":
+        raise RecipeError(f"{entry.where}.measured_windows: rescales the output objective's costs; it needs "
+                          "objective: output (and data.calibration)")
     if config.objective == "output" and outside:
         raise RecipeError(f"{entry.where}.objective: output errors come from each decoder layer's inputs; "
                           f"{outside[0]} is outside them (add it to ignore, or objective: weight)")
@@ -240,15 +254,28 @@ def run(ctx, config: LQLoRAConfig, report) -> None:
     fisher_dir = fisher_by_layer(ctx, list(shapes), fisher_cache, of) if config.fisher else None
     report.metrics["fisher_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
-    tables = {"output": output_cost_table, "weight": weight_cost_table}
-    table = tables[config.objective](ctx, config, grid_for, shapes, fisher_dir)
+    seen = ReferenceCosts(config, grid_for, ctx.units) if config.measured_windows else None
+    if config.objective == "output":
+        table = output_cost_table(ctx, config, grid_for, shapes, fisher_dir, seen)
+    else:
+        table = weight_cost_table(ctx, config, grid_for, shapes, fisher_dir)
     report.metrics["cost_table_seconds"] = time.perf_counter() - start  # near 0 when every entry was cached
+    if seen is not None:
+        start = time.perf_counter()
+        table = measured_table(ctx, config, table, seen, report)
+        report.metrics["measured_seconds"] = time.perf_counter() - start
     result = solve(ctx, config, table, {n: o * i for n, (o, i) in shapes.items()}, report)
     _decompose_units(ctx, config, shapes, fisher_dir, result.choice, report)
     report_sizes(config, result, shapes, report)
     ctx.ranks.barrier()
     if fisher_dir is not None and ctx.ranks.main:  # as large as the model's linears in fp32
         shutil.rmtree(fisher_dir)
+
+
+def _streaming(config: LQLoRAConfig) -> str | None:
+    if config.measured_windows:
+        return "measured_windows probes the whole model with weights swapped in memory (set it to 0)"
+    return None
 
 
 def _allocate(config: LQLoRAConfig, table: dict, numel: dict, budget: float, names: list[str]):
@@ -343,5 +370,5 @@ def _decompose_units(ctx, config: LQLoRAConfig, shapes: dict, fisher_dir, choice
 
 
 STAGE = Stage(name="lq_lora", config=LQLoRAConfig, run=run, modifies_model=True, quantizes=True, check=check,
-              leaves_adapters=lambda config: config.rank > 0, streaming=lambda config: None,
+              leaves_adapters=lambda config: config.rank > 0, streaming=_streaming,
               low_rank=lambda config: [("rank", config.rank, config.targets, config.ignore)])

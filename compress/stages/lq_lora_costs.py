@@ -96,8 +96,10 @@ def weight_cost_table(ctx, config, grid_for, shapes: dict, fisher_dir) -> dict:
     return {name: table[name] for name in shapes}
 
 
-def output_cost_table(ctx, config, grid_for, shapes: dict, fisher_dir) -> dict:
-    """The ``output`` objective's table: one calibration walk over the float model (module docstring)."""
+def output_cost_table(ctx, config, grid_for, shapes: dict, fisher_dir, seen=None) -> dict:
+    """The ``output`` objective's table: one calibration walk over the float model (module docstring);
+    ``seen.add(members, hessians, fisher)`` is also called for each input group when given
+    (``lq_lora_measured.ReferenceCosts``)."""
     units, local = ctx.units, {}
     windows = ctx.windows("calibration")
     carried = None
@@ -108,8 +110,10 @@ def output_cost_table(ctx, config, grid_for, shapes: dict, fisher_dir) -> dict:
                 fisher = load_layer_fisher(fisher_dir, prefix, ctx.device)
 
                 def costs(members, hessians, fisher=fisher):
-                    local.update(cost_entries(ctx, config, grid_for, members, fisher,
-                                              {n: h.hessian for n, h in hessians.items()}))
+                    plain = {n: h.hessian for n, h in hessians.items()}
+                    local.update(cost_entries(ctx, config, grid_for, members, fisher, plain))
+                    if seen is not None:
+                        seen.add(members, plain, fisher)
 
                 carried = calibration_step(units, prefix, unit, carried, modules, costs, windows)
     table = ctx.ranks.gather(local)
