@@ -195,20 +195,26 @@ def seed_cost_cache(out: Path, point: Point, where: Path) -> int:
     """LQ-LoRA's cost entries do not depend on the budget: a point starts with the entries that the
     same rank's other budgets left (``.cache/lq_lora``, keyed by weight, Fisher, Hessian and settings,
     so only identical entries are reused; ``-measured`` points also take the plain method's, and
-    their probes, ``.cache/lq_lora_measured``, from each other). Returns how many it found."""
+    their references and probes, ``.cache/lq_lora_measured``, from each other). Returns how many it found."""
     if not point.method.startswith("lqlora"):
         return 0
     found = 0
     for method in dict.fromkeys([point.method, point.method.removesuffix("-measured")]):
-        for kind in ("lq_lora", "lq_lora_measured"):
-            cache = where / ".cache" / kind
-            cache.mkdir(parents=True, exist_ok=True)
-            for other in (out / "points").glob(f"{method}-*/.cache/{kind}/*.json"):
-                budget = other.parents[2].name.removeprefix(f"{method}-")  # not lqlora-r0-outputs-* for lqlora-r0
-                if budget.replace(".", "").isdigit() and other.parent != cache and not (cache / other.name).is_file():
-                    shutil.copyfile(other, cache / other.name)
+        others = [d for d in (out / "points").glob(f"{method}-*") if d != where
+                  and d.name.removeprefix(f"{method}-").replace(".", "").isdigit()]  # not lqlora-r0-outputs-*
+        for other, pattern in ((o, p) for o in others for p in SEEDED):
+            for file in other.glob(pattern):
+                target = where / file.relative_to(other)
+                if not target.is_file():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(file, target.with_name(f"{target.name}.partial"))  # a kill leaves no half file
+                    os.replace(target.with_name(f"{target.name}.partial"), target)
                     found += 1
     return found
+
+
+SEEDED = (".cache/lq_lora/*.json", ".cache/lq_lora_measured/*.json", ".cache/lq_lora_measured/references/*.safetensors")
+"""What an LQ-LoRA point takes from its other budgets' directories (``seed_cost_cache``)."""
 
 
 def input_features(model_dir: Path) -> set[int]:
@@ -310,6 +316,11 @@ def model_option() -> str:
     return parser.parse_known_args()[0].model
 
 
+def default_out(model_name: str) -> str:
+    """The benchmark's directory for a model (corpus, windows, fp32 twin, points)."""
+    return "out/bench/heldout" if model_name == "smollm2-135m" else f"out/bench/heldout-{model_name}"
+
+
 def main() -> None:
     def options(parser):
         add_model_option(parser)
@@ -317,8 +328,7 @@ def main() -> None:
         parser.add_argument("--results", type=Path, help="the rows file (default: OUT/results.jsonl)")
 
     model_name = model_option()
-    default_out = "out/bench/heldout" if model_name == "smollm2-135m" else f"out/bench/heldout-{model_name}"
-    args = bench_args(__doc__.splitlines()[0], default_out, options)
+    args = bench_args(__doc__.splitlines()[0], default_out(model_name), options)
     if args.point:
         point = Point(**json.loads(args.point))
         print(child_result(run_point(args.out, point, model_name)))

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file
 
 from child import bench_args
-from heldout import add_model_option, model_option, windows_file
+from heldout import add_model_option, default_out, model_option, windows_file
 from peers import dense_model_dir
 
 from compress.evaluate import window_nll
@@ -125,8 +125,7 @@ def main() -> None:
         add_model_option(parser)
 
     model_name = model_option()
-    default_out = "out/bench/heldout" if model_name == "smollm2-135m" else f"out/bench/heldout-{model_name}"
-    args = bench_args(__doc__.splitlines()[0], default_out, options)
+    args = bench_args(__doc__.splitlines()[0], default_out(model_name), options)
     from compress.models import load_model, resolve_model  # noqa: PLC0415 - after bench_args set offline mode
 
     model, _ = load_model(resolve_model(str(dense_model_dir(args.out, model_name))), "float32")

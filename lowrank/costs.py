@@ -64,17 +64,18 @@ def matrix_costs(weight: torch.Tensor, configs: list[QuantConfig], rank: int, it
     return entries
 
 
-def layer_width_factors(measured: dict[str, dict[int, float]], predicted: dict[str, dict[int, float]],
-                        widths: list[int]) -> dict[str, dict[int, float]]:
-    """{layer: {bits: measured / predicted}} for every width of ``widths``: a width without a
-    measurement takes the widest measured width below it (else the narrowest above); a layer whose
-    prediction is 0 keeps its costs (factor 1); a measurement below 0 (rounding) counts as 0."""
+def probe_factors(measured: dict[str, dict[int, float]], predicted: dict[str, dict[int, float]],
+                  widths: list[int]) -> dict[str, dict[int, float]]:
+    """{probe: {bits: measured / predicted}} for every width of ``widths`` (a probe: matrices whose
+    loss change was measured together): a width without a measurement takes the widest measured
+    width below it (else the narrowest above); a probe whose prediction is 0 keeps its costs
+    (factor 1); a measurement below 0 (rounding) counts as 0."""
     factors = {}
-    for layer, values in measured.items():
-        known = {bits: max(value, 0.0) / predicted[layer][bits] if predicted[layer].get(bits, 0.0) > 0 else 1.0
+    for probe, values in measured.items():
+        known = {bits: max(value, 0.0) / predicted[probe][bits] if predicted[probe].get(bits, 0.0) > 0 else 1.0
                  for bits, value in values.items()}
         below = lambda bits: max((b for b in known if b < bits), default=min(known))  # noqa: E731
-        factors[layer] = {bits: known[bits] if bits in known else known[below(bits)] for bits in widths}
+        factors[probe] = {bits: known[bits] if bits in known else known[below(bits)] for bits in widths}
     return factors
 
 

@@ -122,6 +122,18 @@ def quantize_model(model, config_for):
     return model
 
 
+def walk_context(units, windows: torch.Tensor):
+    """The few fields of a stage's context that a walk over ``units`` reads (``fisher_by_layer``):
+    one process, on the CPU, ``windows`` for every role, no progress display."""
+    from types import SimpleNamespace
+
+    from compress.distributed import Ranks
+
+    return SimpleNamespace(units=units, model=units.model, ranks=Ranks(), windows=lambda role: windows,
+                           track=lambda items, *_: items, entry=SimpleNamespace(where="stages[0].lq_lora"),
+                           device=torch.device("cpu"))
+
+
 def file_hashes(directory: Path) -> dict[str, str]:
     """sha256 of every file under ``directory``, by relative path."""
     import hashlib

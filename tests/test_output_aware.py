@@ -13,7 +13,7 @@ from compress.lowrank.decompose import (hessian_error, low_rank_factors, lq_deco
                                         output_row_weights, whitening)
 from compress.quant import QuantConfig, QuantizedWeight
 from compress.quant.gptq import GPTQSettings, gptq_quantize
-from conftest import run_cli, tiny_recipe
+from conftest import run_cli, tiny_recipe, walk_context
 
 GEN = torch.Generator().manual_seed(23)
 
@@ -157,10 +157,7 @@ def test_an_output_fisher_gives_its_own_row_weights():
 def test_output_fisher_by_layer_is_the_sum_of_squared_output_gradients(tmp_path, tiny_pair):
     """``fisher_by_layer(of="outputs")`` (one layer at a time, from saved activations) against one
     backward through the whole model per sample, with the outputs' gradients taken by hooks."""
-    from types import SimpleNamespace
-
     from compress.data import token_windows
-    from compress.distributed import Ranks
     from compress.fisher_by_layer import fisher_by_layer, load_layer_fisher
     from compress.walker import ResidentModel
 
@@ -181,10 +178,7 @@ def test_output_fisher_by_layer_is_the_sum_of_squared_output_gradients(tmp_path,
         for name, grad in zip(modules, grads):
             expected[name] += grad.double().square().reshape(-1, grad.shape[-1]).sum(dim=0)
     units = ResidentModel(model)
-    ctx = SimpleNamespace(units=units, model=model, ranks=Ranks(), windows=lambda role: windows,
-                          track=lambda items, *_: items, entry=SimpleNamespace(where="stages[0].lq_lora"),
-                          device=torch.device("cpu"))
-    directory = fisher_by_layer(ctx, list(modules), tmp_path / "fisher", of="outputs")
+    directory = fisher_by_layer(walk_context(units, windows), list(modules), tmp_path / "fisher", of="outputs")
     got = {}
     for prefix in units.layer_prefixes:
         got.update(load_layer_fisher(directory, prefix))

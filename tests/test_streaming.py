@@ -23,7 +23,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from conftest import ROOT, logits, run_cli, write_recipe
+from conftest import ROOT, logits, run_cli, walk_context, write_recipe
 
 import compress
 from compress.checkpoint.tensors import load_tensors
@@ -92,10 +92,7 @@ def test_streamed_eval_scores_one_layer_at_a_time_as_in_memory(sharded_tiny, tmp
 def test_fisher_by_layer_equals_the_whole_model_backward(sharded_tiny, tmp_path, source):
     """Forward and backward one layer at a time give the Fisher of one backward through the model,
     from either source of units."""
-    from types import SimpleNamespace
-
     from compress.data import token_windows
-    from compress.distributed import Ranks
     from compress.lowrank.fisher import empirical_fisher
     from compress.models import load_model, resolve_model
     from compress.fisher_by_layer import fisher_by_layer, load_layer_fisher
@@ -108,10 +105,7 @@ def test_fisher_by_layer_equals_the_whole_model_backward(sharded_tiny, tmp_path,
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
     expected = empirical_fisher(model, windows, [f"{n}.weight" for n in names])
     units = StreamedModel.open(sharded_tiny, "float32") if source == "streamed" else ResidentModel(model)
-    ctx = SimpleNamespace(units=units, model=units.model, ranks=Ranks(), windows=lambda role: windows,
-                          track=lambda items, *_: items, entry=SimpleNamespace(where="stages[0].lq_lora"),
-                          device=torch.device("cpu"))
-    directory = fisher_by_layer(ctx, names, tmp_path / "fisher")
+    directory = fisher_by_layer(walk_context(units, windows), names, tmp_path / "fisher")
     got = {}
     for prefix in units.layer_prefixes:
         got.update(load_layer_fisher(directory, prefix))

@@ -39,11 +39,12 @@ the rows); ``outputs`` (``output`` objective only), of each matrix's outputs, pe
 weights of output errors; ``lowrank.decompose``). Neither ranks Gemma-3-270M's matrices well against
 their measured loss (BENCHMARKS.md, ``lqlora_sensitivity.py``); ``outputs`` is an option, not the default.
 
-``measured_windows: N`` (``output`` objective; default 0, off) rescales the costs of each decoder layer
-and bit width by measured / predicted loss change: the layer's matrices quantized together at that
-width (RTN, a reference config), the KL divergence from the float model's next-token distributions
-on N calibration windows against the sum of the same quantizations' costs (``lq_lora_measured``:
-layers x widths forward passes, cached per probe; not in a streaming recipe).
+``measured_windows: N`` (``output`` objective; default 0, off) rescales the costs of each group of
+matrices (fused q/k/v, fused gate/up, every other alone) and bit width by measured / predicted loss
+change: the group quantized at that width by the stage's quantizer (a reference config), the KL
+divergence from the float model's next-token distributions on N calibration windows against the
+sum of the same quantizations' costs (``lq_lora_measured``: groups x widths forward passes, cached
+per probe; not in a streaming recipe).
 
 ``quantizer: gptq`` (gptq grid) quantizes Q with GPTQ instead of round-to-nearest, on the layer's
 input Hessian (``damp``); its ILP costs are GPTQ's output errors under ``objective: output`` and RTN's
@@ -85,7 +86,7 @@ from ..errors import RecipeError, StageError
 from ..fisher_by_layer import fisher_by_layer, load_layer_fisher
 from ..layerwise import calibration_step
 from .lq_lora_costs import gptq_settings, output_cost_table, weight_cost_table
-from .lq_lora_measured import ReferenceCosts, measured_table
+from .lq_lora_measured import References, measured_table
 from ..stage import Stage, StageConfig
 from ..walker import HOST, decoder_layers, rewrite_units
 from ..targets import check_selector, fused_members, select_linears, set_module
@@ -254,7 +255,7 @@ def run(ctx, config: LQLoRAConfig, report) -> None:
     fisher_dir = fisher_by_layer(ctx, list(shapes), fisher_cache, of) if config.fisher else None
     report.metrics["fisher_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
-    seen = ReferenceCosts(config, grid_for, ctx.units) if config.measured_windows else None
+    seen = References(ctx, config, grid_for) if config.measured_windows else None
     if config.objective == "output":
         table = output_cost_table(ctx, config, grid_for, shapes, fisher_dir, seen)
     else:

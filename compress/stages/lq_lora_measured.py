@@ -1,28 +1,33 @@
-"""lq_lora's ``measured_windows``: the ILP's costs rescaled, per decoder layer and bit width, by the
-loss change that layer's quantization really causes against the one its costs predict.
+"""lq_lora's ``measured_windows``: the ILP's costs rescaled, per group of matrices and bit width, by
+the loss change that group's quantization really causes against the one its costs predict.
 
 The ``output`` objective's costs are second-order estimates of each matrix's loss change made from
 that layer's own inputs; they do not see how an error grows through the layers after it, and on
 Gemma-3-270M they under-rate the late layers 5-10x against the measured loss (BENCHMARKS.md,
 ``benchmarks/lqlora_sensitivity.py``), so the ILP puts its 2-bit matrices there. With
-``measured_windows: N`` the stage, for each decoder layer and each bit width of the grid below 8:
+``measured_windows: N``, for each probe group (the engine-fused q/k/v and gate/up, which the ILP
+ties, and every other matrix alone) and each bit width of the grid below 8:
 
-- quantizes all the layer's selected matrices at once with RTN at that width's cheapest config that
-  fits each (the reference), and measures the mean KL divergence of the model's next-token
-  distributions from the float model's over the first N calibration windows (a probe: the model
-  runs one layer at a time on the run's device, ``compress.evaluate.hidden_by_units``; the weights
-  are restored after it);
-- sums the same references' costs by the cost table's own formula (the layer's Hessians and Fisher,
-  taken during the cost walk: ``ReferenceCosts``);
-- multiplies every cost of that layer at that width by measured / predicted. Widths without a probe
-  (8 bits: a change below what a few windows resolve) take the factor of the widest probed width.
+- during the cost walk each matrix is quantized with the stage's own quantizer (GPTQ on the float
+  model's Hessian with ``quantizer: gptq``, else RTN) at that width's cheapest config that fits it
+  (the reference), and the reference's cost is computed by the cost table's formula (rank 0: the
+  error of Q alone; the layer's Hessian and Fisher) (``References``; the references are kept on
+  disk, not in memory);
+- a probe puts the group's references into the float model and measures the mean KL divergence of
+  its next-token distributions from the float model's over the first N calibration windows (the
+  model runs one layer at a time on the run's device, ``compress.evaluate.hidden_by_units``; the
+  weights are restored after it);
+- every cost of the group's matrices at that width is multiplied by measured / predicted. Widths
+  without a probe (8 bits: a change below what a few windows resolve) take the factor of the
+  widest probed width.
 
-So the ILP still ranks configs within a layer and width by their own errors, and compares layers by
-what their errors do to the model's output. A probe costs a forward pass of N windows (and a second
-head pass for the float distribution): layers x widths probes (Gemma-3-270M: 18 x 3). Each probe's
-result is cached under ``OUTPUT/.cache/lq_lora_measured/`` (keyed by the layer's weights, the width
-and the windows), so a resumed run measures only what is missing. The probe swaps weights in the
-model held in memory: not in a streaming recipe. With torchrun rank 0 measures, every rank reads the
+So the ILP still ranks group sizes within a width by their own errors, and compares groups by what
+their errors do to the model's output. A probe costs a forward pass of N windows and a second head
+pass for the float distribution: groups x widths probes (Gemma-3-270M: 18 x 4 x 3, 2-4 s each on 2
+CPU cores at N = 2). References and probe results are cached under ``OUTPUT/.cache/lq_lora_measured/``
+(keyed by weight, Fisher, Hessian and settings; by the references and the windows), so a resumed run
+redoes only what is missing. The probe swaps weights in the model held in memory: not in a
+streaming recipe. With torchrun rank 0 quantizes the references and probes, every rank reads the
 factors.
 """
 
@@ -30,18 +35,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import contextmanager
+import os
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
-from compress.lowrank import GRIDS, matrix_costs
-from compress.lowrank.costs import layer_width_factors, rescaled_costs
+from compress.lowrank import GRIDS
+from compress.lowrank.costs import probe_factors, rescaled_costs
+from compress.lowrank.decompose import output_error, output_row_weights
 from compress.quant import QuantConfig, QuantizedWeight
+from compress.quant.gptq import gptq_quantize
 
 from ..checkpoint.atomic import atomic_write_text
+from ..checkpoint.tensors import read_safetensors, write_safetensors
 from ..chunked_loss import kl_sum
 from ..evaluate import hidden_by_units
+from ..targets import fused_members
+from .lq_lora_costs import cache_key, gptq_settings
 
 PROBED_BELOW = 8  # bit widths probed: those of the grid below this
 
@@ -52,47 +64,75 @@ def references(configs: list[QuantConfig], shape: tuple[int, int]) -> dict[int, 
     return {bits: min((c for c in configs if c.bits == bits), key=lambda c: c.storage_bits(shape)) for bits in widths}
 
 
-class ReferenceCosts:
-    """The cost table's formula applied to each layer's reference quantizations, during the cost walk:
-    ``predicted[layer][bits]`` is the sum over the layer's matrices."""
+def probe_groups(names: list[str]) -> dict[str, tuple[str, ...]]:
+    """{matrix: its probe group}: the engine-fused q/k/v and gate/up together, every other alone."""
+    groups = {name: (name,) for name in names}
+    for _, members in fused_members(names):
+        groups.update({member: tuple(members) for member in members})
+    return groups
 
-    def __init__(self, config, grid_for, units):
-        self.config, self.grid_for, self.units = config, grid_for, units
+
+class References:
+    """Each matrix's reference quantizations (on disk) and their predicted costs, from the cost walk
+    (``add`` per input group; rank 0 only)."""
+
+    def __init__(self, ctx, config, grid_for):
+        self.config, self.grid_for, self.main = config, grid_for, ctx.ranks.main
+        self.directory = ctx.out_dir / ".cache" / "lq_lora_measured" / "references"
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.predicted: dict[str, dict[int, float]] = {}
-        self.configs: dict[str, dict[int, QuantConfig]] = {}  # per matrix: its reference per width
+        self.files: dict[str, Path] = {}
+        self.configs: dict[str, dict[int, QuantConfig]] = {}
+
+    def _quantize(self, weight: torch.Tensor, config: QuantConfig, hessian: torch.Tensor) -> QuantizedWeight:
+        if self.config.quantizer == "gptq":
+            return gptq_quantize(weight, hessian, config, gptq_settings(self.config)).quantized
+        return QuantizedWeight.quantize(weight, config)
 
     def add(self, members: dict, hessians: dict, fisher: dict) -> None:
-        for name, module in members.items():
-            weight = module.weight.detach().float()
+        for name, module in members.items() if self.main else ():
+            weight, hessian = module.weight.detach().float(), hessians[name]
             chosen = references(self.grid_for(self.config, tuple(weight.shape)), tuple(weight.shape))
-            self.configs[name] = chosen
-            layer = self.predicted.setdefault(self.units.unit_of(name), {})
-            for bits, reference in chosen.items():
-                cost = matrix_costs(weight, [reference], 0, fisher=fisher.get(name), hessian=hessians[name])
-                layer[bits] = layer.get(bits, 0.0) + cost[reference.name][0]
+            settings = ["reference", self.config.quantizer, self.config.damp, self.config.refine_rounds]
+            key = cache_key(weight, fisher.get(name), list(chosen.values()), settings, hessian)
+            path = self.directory / f"{key}.safetensors"
+            if path.is_file():
+                quantized = read_references(path, chosen, tuple(weight.shape))
+            else:
+                quantized = {bits: self._quantize(weight, c, hessian) for bits, c in chosen.items()}
+                write_references(path, quantized)
+            error = output_error(hessian, output_row_weights(hessian, fisher.get(name)))
+            self.predicted[name] = {bits: error(weight - q.dequantize()) ** 2 for bits, q in quantized.items()}
+            self.files[name], self.configs[name] = path, chosen
+
+
+def write_references(path: Path, quantized: dict[int, QuantizedWeight]) -> None:
+    partial = path.with_name(f"{path.name}.partial")
+    write_safetensors(partial, {f"{bits}.{k}": t.contiguous().cpu() for bits, q in quantized.items()
+                                for k, t in q.tensors.items()}, metadata={})
+    os.replace(partial, path)
+
+
+def read_references(path: Path, configs: dict[int, QuantConfig], shape: tuple[int, int]) -> dict[int, QuantizedWeight]:
+    tensors = read_safetensors(path)
+    return {bits: QuantizedWeight(config, shape, {k.partition(".")[2]: t for k, t in tensors.items()
+                                                  if k.partition(".")[0] == str(bits)})
+            for bits, config in configs.items()}
 
 
 @contextmanager
-def quantized_in_place(model, configs: dict[str, QuantConfig]) -> Iterator[None]:
-    """The named linears' weights replaced by their RTN dequantization inside the block, restored after."""
+def swapped(model, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The named linears' weights replaced by ``weights`` inside the block, restored after."""
     kept = {}
     try:
-        for name, config in configs.items():
-            weight = model.get_submodule(name).weight
-            kept[name] = weight.data
-            weight.data = QuantizedWeight.quantize(weight.detach().float(), config).dequantize().to(weight.dtype)
+        for name, weight in weights.items():
+            parameter = model.get_submodule(name).weight
+            kept[name] = parameter.data
+            parameter.data = weight.to(parameter.dtype)
         yield
     finally:
         for name, data in kept.items():
             model.get_submodule(name).weight.data = data
-
-
-def _probe_key(model, names: list[str], bits: int, windows: torch.Tensor) -> str:
-    digest = hashlib.sha256(f"{bits}".encode())
-    for name in names:
-        digest.update(model.get_submodule(name).weight.detach().float().cpu().numpy().tobytes())
-    digest.update(windows.cpu().numpy().tobytes())
-    return digest.hexdigest()[:24]
 
 
 @torch.no_grad()
@@ -104,36 +144,47 @@ def mean_kl(units, windows: torch.Tensor, float_states: list[torch.Tensor]) -> f
     return total / windows.numel()
 
 
-def measure(ctx, references_by_name: dict[str, dict[int, QuantConfig]], count: int) -> dict[str, dict[int, float]]:
-    """{layer: {bits: mean KL of that layer's reference quantization}} (cached per probe)."""
+def _probe_key(files: list[Path], bits: int, windows: torch.Tensor) -> str:
+    digest = hashlib.sha256(json.dumps([bits] + [f.stem for f in files]).encode())
+    digest.update(windows.cpu().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def measure(ctx, seen: References, count: int) -> dict[str, dict[int, float]]:
+    """{group: {bits: mean KL with the group's references in the model}} (cached per probe)."""
     windows = ctx.windows("calibration")[:count]
-    cache = ctx.out_dir / ".cache" / "lq_lora_measured"
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = seen.directory.parent
     float_states = [hidden_by_units(ctx.units, window[None], lambda model, hidden: hidden) for window in windows]
-    probes = [(layer, bits) for layer in ctx.units.layer_prefixes for bits in sorted(
-        {b for name, refs in references_by_name.items() if ctx.units.owns(layer, name) for b in refs})]
+    groups = sorted(set(probe_groups(list(seen.files)).values()), key=lambda g: list(seen.files).index(g[0]))
+    probes = [(group, bits) for group in groups for bits in sorted(set.intersection(*(set(seen.configs[n]) for n in group)))]
     measured: dict[str, dict[int, float]] = {}
-    for layer, bits in ctx.track(probes, "lq_lora measured probes"):
-        configs = {name: refs[bits] for name, refs in references_by_name.items()
-                   if ctx.units.owns(layer, name) and bits in refs}
-        path = cache / f"{_probe_key(ctx.model, list(configs), bits, windows)}.json"
+    for group, bits in ctx.track(probes, "lq_lora measured probes"):
+        path = cache / f"{_probe_key([seen.files[n] for n in group], bits, windows)}.json"
         if path.is_file():
             value = json.loads(path.read_text())["kl"]
         else:
-            with quantized_in_place(ctx.model, configs):
+            weights = {n: read_references(seen.files[n], {bits: seen.configs[n][bits]}, tuple(
+                ctx.model.get_submodule(n).weight.shape))[bits].dequantize() for n in group}
+            with swapped(ctx.model, weights):
                 value = mean_kl(ctx.units, windows, float_states)
-            atomic_write_text(path, json.dumps({"layer": layer, "bits": bits, "kl": value}))
-        measured.setdefault(layer, {})[bits] = value
+            atomic_write_text(path, json.dumps({"group": list(group), "bits": bits, "kl": value}))
+        measured.setdefault("+".join(group), {})[bits] = value
     return measured
 
 
-def measured_table(ctx, config, table: dict, references_seen: ReferenceCosts, report) -> dict:
-    """``table`` rescaled by the measured / predicted factors of each matrix's layer and width; the
-    factors and the probes' values go to the report (every rank computes the same predictions in
-    its cost walk; rank 0 probes)."""
-    measured = ctx.ranks.broadcast(measure(ctx, references_seen.configs, config.measured_windows)
-                                   if ctx.ranks.main else None)
+def measured_table(ctx, config, table: dict, seen: References, report) -> dict:
+    """``table`` rescaled by the measured / predicted factors of each matrix's group and width; the
+    factors and the probes' values go to the report (rank 0 measures, every rank rescales)."""
     bits = {c.name: c.bits for c in GRIDS[config.grid]()}
-    factors = layer_width_factors(measured, references_seen.predicted, sorted(set(bits.values())))
-    report.metrics.update(measured_kl=measured, measured_factors=factors)
-    return rescaled_costs(table, lambda matrix, name: factors[ctx.units.unit_of(matrix)][bits[name]])
+    factors = None
+    if ctx.ranks.main:
+        measured = measure(ctx, seen, config.measured_windows)
+        groups = probe_groups(list(seen.files))
+        predicted = {"+".join(g): {b: sum(seen.predicted[n][b] for n in g) for b in measured["+".join(g)]}
+                     for g in set(groups.values())}
+        factors = {"by_group": probe_factors(measured, predicted, sorted(set(bits.values()))),
+                   "group": {n: "+".join(g) for n, g in groups.items()}, "measured": measured}
+    factors = ctx.ranks.broadcast(factors)
+    report.metrics.update(measured_kl=factors["measured"], measured_factors=factors["by_group"])
+    by_group, group = factors["by_group"], factors["group"]
+    return rescaled_costs(table, lambda matrix, name: by_group[group[matrix]][bits[name]])
