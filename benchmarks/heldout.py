@@ -37,8 +37,9 @@ sym and asym; ``rtn`` at the same four and int2 g128 asym; ``gptq`` int2 g128 as
 curve's low end); ``fp32``; ``bnb-nf4``; ``lqlora-r0`` at 2.5 / 3.0 / 3.25 / 3.5 bits, and
 ``lqlora-r0-outputs`` at the same budgets (``fisher: outputs``: the output error's rows weighted by
 the Fisher of each matrix's outputs, not by the weight Fisher's row means), ``lqlora-r0-measured``
-at the same budgets (``measured_windows: 2``: each decoder layer's costs per bit width rescaled by
-the KL it causes on 2 calibration windows over the one its costs predict); ``l4q`` from GPTQ int3
+at the same budgets (``measured_windows: 2``: each fused group's costs per bit width rescaled by the
+KL its GPTQ reference causes on 2 calibration windows over the one its costs predict), and
+``lqlora-r0-measured-layer`` (``measured_probe: layer``: a decoder layer's matrices probed together); ``l4q`` from GPTQ int3
 g128 asym, without and with distillation.
 
 A point whose group does not divide every projection's input features (SmolLM2's 576 at group 128)
@@ -48,8 +49,8 @@ from the checkpoint files (every tensor of the linear layers: codes, scales, zer
 adapters). Seconds: the quantization alone (our stages' seconds; GPTQModel's ``quantize()`` call),
 with the process's CPU seconds beside them and the load average at the start, because a shared
 machine moves wall time. An LQ-LoRA point starts from the cost entries its rank's other budgets
-computed (they do not depend on the budget; ``lqlora-r0-measured`` also from ``lqlora-r0``'s, whose
-costs it rescales, and its probes from its other budgets); its row then says how many it reused and
+computed (they do not depend on the budget; ``lqlora-r0-measured*`` also from ``lqlora-r0``'s, whose
+costs they rescale, and references and probes from ``lqlora-r0-measured``'s and their own budgets); its row then says how many it reused and
 the cost table's seconds.
 """
 
@@ -114,7 +115,8 @@ def gemma3_points() -> list[Point]:
     first = [Point("fp32")] + [Point("rtn", b, g, s) for b, g, s in GEMMA_GRID + [(2, 128, False)]]
     pairs = [Point(m, b, g, s) for b, g, s in GEMMA_GRID for m in ("gptq", "gptqmodel")]
     rest = [Point("gptq", 2, 128, False), Point("bnb-nf4", 4)]
-    rest += [Point(method, budget) for method in ("lqlora-r0-measured", "lqlora-r0", "lqlora-r0-outputs")
+    rest += [Point(method, budget) for method in ("lqlora-r0-measured", "lqlora-r0-measured-layer", "lqlora-r0",
+                                                  "lqlora-r0-outputs")
              for budget in (3.25, 3.0, 2.5, 3.5)]
     return first + pairs + rest + [Point("l4q", 3, 128, False, distill) for distill in (False, True)]
 
@@ -181,7 +183,8 @@ def our_stages(point: Point) -> list[dict]:
     return [{"quantize": {"method": "gptq", "config": quant}}, {"l4q": l4q}]
 
 
-VARIANTS = {"": {}, "outputs": {"fisher": "outputs"}, "measured": {"measured_windows": MEASURED_WINDOWS}}
+VARIANTS = {"": {}, "outputs": {"fisher": "outputs"}, "measured": {"measured_windows": MEASURED_WINDOWS},
+            "measured-layer": {"measured_windows": MEASURED_WINDOWS, "measured_probe": "layer"}}
 """LQ-LoRA's variants by the method's suffix (``lqlora-r0-outputs``: ``outputs``)."""
 
 
@@ -199,7 +202,8 @@ def seed_cost_cache(out: Path, point: Point, where: Path) -> int:
     if not point.method.startswith("lqlora"):
         return 0
     found = 0
-    for method in dict.fromkeys([point.method, point.method.removesuffix("-measured")]):
+    base = point.method.partition("-measured")[0]
+    for method in dict.fromkeys([point.method] + ([f"{base}-measured", base] if base != point.method else [])):
         others = [d for d in (out / "points").glob(f"{method}-*") if d != where
                   and d.name.removeprefix(f"{method}-").replace(".", "").isdigit()]  # not lqlora-r0-outputs-*
         for other, pattern in ((o, p) for o in others for p in SEEDED):

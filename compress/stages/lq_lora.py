@@ -4,7 +4,7 @@
 - lq_lora: {rank: 64, budget_bits: 3.0, grid: gptq, fisher: true, iterations: 20, ignore: [lm_head]}
 - lq_lora: {rank: 0, budget_bits: 3.0, quantizer: gptq, damp: 0.05, refine_rounds: 1, objective: output}
 - lq_lora: {rank: 0, budget_bits: 3.25, quantizer: gptq, objective: output, fisher: outputs}
-- lq_lora: {rank: 0, budget_bits: 3.25, quantizer: gptq, measured_windows: 4}
+- lq_lora: {rank: 0, budget_bits: 3.25, quantizer: gptq, measured_windows: 2, measured_probe: layer}
 ```
 
 LQ-LoRA (Guo et al. 2024): for each matrix and each config of the grid (``gptq``: 12 uniform configs;
@@ -44,7 +44,8 @@ matrices (fused q/k/v, fused gate/up, every other alone) and bit width by measur
 change: the group quantized at that width by the stage's quantizer (a reference config), the KL
 divergence from the float model's next-token distributions on N calibration windows against the
 sum of the same quantizations' costs (``lq_lora_measured``: groups x widths forward passes, cached
-per probe; not in a streaming recipe).
+per probe; not in a streaming recipe). ``measured_probe: layer`` probes a decoder layer's matrices
+together instead.
 
 ``quantizer: gptq`` (gptq grid) quantizes Q with GPTQ instead of round-to-nearest, on the layer's
 input Hessian (``damp``); its ILP costs are GPTQ's output errors under ``objective: output`` and RTN's
@@ -112,6 +113,7 @@ class LQLoRAConfig(StageConfig):
     damp: float = Field(0.05, gt=0, lt=1)
     refine_rounds: int = Field(1, ge=0)  # GPTQ's refinement at rank 0 (``gptq_settings``)
     measured_windows: int = Field(0, ge=0)  # 0: off; N: costs rescaled by measured loss (``lq_lora_measured``)
+    measured_probe: Literal["group", "layer"] = "group"  # what one probe quantizes at once
 
     @model_validator(mode="after")
     def _one_budget_and_valid_selectors(self) -> "LQLoRAConfig":
@@ -122,6 +124,8 @@ class LQLoRAConfig(StageConfig):
                 raise ValueError(f"{key}: only for quantizer: gptq")
         if "refine_rounds" in self.model_fields_set and self.refine_rounds and self.rank > 0:
             raise ValueError("refine_rounds: only at rank 0 (at rank > 0 GPTQ runs unrefined in every iteration)")
+        if "measured_probe" in self.model_fields_set and not self.measured_windows:
+            raise ValueError("measured_probe: only with measured_windows > 0")
         if (self.budget_bits is None) == (self.budget_gib is None):
             raise ValueError("give exactly one of budget_bits and budget_gib")
         for key in list(self.targets) + list(self.ignore):
@@ -139,6 +143,7 @@ class LQLoRAConfig(StageConfig):
             data.pop("refine_rounds", None)
         if not self.measured_windows:  # recipes without it serialize as before
             data.pop("measured_windows", None)
+            data.pop("measured_probe", None)
         return data
 
 

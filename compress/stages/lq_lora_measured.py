@@ -5,8 +5,9 @@ The ``output`` objective's costs are second-order estimates of each matrix's los
 that layer's own inputs; they do not see how an error grows through the layers after it, and on
 Gemma-3-270M they under-rate the late layers 5-10x against the measured loss (BENCHMARKS.md,
 ``benchmarks/lqlora_sensitivity.py``), so the ILP puts its 2-bit matrices there. With
-``measured_windows: N``, for each probe group (the engine-fused q/k/v and gate/up, which the ILP
-ties, and every other matrix alone) and each bit width of the grid below 8:
+``measured_windows: N``, for each probe group (``measured_probe: group``, the default: the
+engine-fused q/k/v and gate/up, which the ILP ties, and every other matrix alone; ``layer``: all
+the selected matrices of a decoder layer at once) and each bit width of the grid below 8:
 
 - during the cost walk each matrix is quantized with the stage's own quantizer (GPTQ on the float
   model's Hessian with ``quantizer: gptq``, else RTN) at that width's cheapest config that fits it
@@ -23,8 +24,8 @@ ties, and every other matrix alone) and each bit width of the grid below 8:
 
 So the ILP still ranks group sizes within a width by their own errors, and compares groups by what
 their errors do to the model's output. A probe costs a forward pass of N windows and a second head
-pass for the float distribution: groups x widths probes (Gemma-3-270M: 18 x 4 x 3, 2-4 s each on 2
-CPU cores at N = 2). References and probe results are cached under ``OUTPUT/.cache/lq_lora_measured/``
+pass for the float distribution: groups x widths probes (Gemma-3-270M: 18 x 4 x 3 by group, 18 x 3
+by layer; 3-6 s each on 2 CPU cores at N = 2). References and probe results are cached under ``OUTPUT/.cache/lq_lora_measured/``
 (keyed by weight, Fisher, Hessian and settings; by the references and the windows), so a resumed run
 redoes only what is missing. The probe swaps weights in the model held in memory: not in a
 streaming recipe. With torchrun rank 0 quantizes the references and probes, every rank reads the
@@ -64,8 +65,14 @@ def references(configs: list[QuantConfig], shape: tuple[int, int]) -> dict[int, 
     return {bits: min((c for c in configs if c.bits == bits), key=lambda c: c.storage_bits(shape)) for bits in widths}
 
 
-def probe_groups(names: list[str]) -> dict[str, tuple[str, ...]]:
-    """{matrix: its probe group}: the engine-fused q/k/v and gate/up together, every other alone."""
+def probe_groups(names: list[str], by: str, unit_of) -> dict[str, tuple[str, ...]]:
+    """{matrix: its probe group}: ``group``, the engine-fused q/k/v and gate/up together and every
+    other matrix alone; ``layer``, every selected matrix of its decoder layer (``unit_of``) together."""
+    if by == "layer":
+        layers: dict[str, list[str]] = {}
+        for name in names:
+            layers.setdefault(unit_of(name), []).append(name)
+        return {name: tuple(layers[unit_of(name)]) for name in names}
     groups = {name: (name,) for name in names}
     for _, members in fused_members(names):
         groups.update({member: tuple(members) for member in members})
@@ -150,12 +157,13 @@ def _probe_key(files: list[Path], bits: int, windows: torch.Tensor) -> str:
     return digest.hexdigest()[:24]
 
 
-def measure(ctx, seen: References, count: int) -> dict[str, dict[int, float]]:
+def measure(ctx, seen: References, count: int, by: str) -> dict[str, dict[int, float]]:
     """{group: {bits: mean KL with the group's references in the model}} (cached per probe)."""
     windows = ctx.windows("calibration")[:count]
     cache = seen.directory.parent
     float_states = [hidden_by_units(ctx.units, window[None], lambda model, hidden: hidden) for window in windows]
-    groups = sorted(set(probe_groups(list(seen.files)).values()), key=lambda g: list(seen.files).index(g[0]))
+    groups = sorted(set(probe_groups(list(seen.files), by, ctx.units.unit_of).values()),
+                    key=lambda g: list(seen.files).index(g[0]))
     probes = [(group, bits) for group in groups for bits in sorted(set.intersection(*(set(seen.configs[n]) for n in group)))]
     measured: dict[str, dict[int, float]] = {}
     for group, bits in ctx.track(probes, "lq_lora measured probes"):
@@ -178,8 +186,8 @@ def measured_table(ctx, config, table: dict, seen: References, report) -> dict:
     bits = {c.name: c.bits for c in GRIDS[config.grid]()}
     factors = None
     if ctx.ranks.main:
-        measured = measure(ctx, seen, config.measured_windows)
-        groups = probe_groups(list(seen.files))
+        measured = measure(ctx, seen, config.measured_windows, config.measured_probe)
+        groups = probe_groups(list(seen.files), config.measured_probe, ctx.units.unit_of)
         predicted = {"+".join(g): {b: sum(seen.predicted[n][b] for n in g) for b in measured["+".join(g)]}
                      for g in set(groups.values())}
         factors = {"by_group": probe_factors(measured, predicted, sorted(set(bits.values()))),
