@@ -38,9 +38,11 @@ curve's low end); ``fp32``; ``bnb-nf4``; ``lqlora-r0`` at 2.5 / 3.0 / 3.25 / 3.5
 ``lqlora-r0-outputs`` at the same budgets (``fisher: outputs``: the output error's rows weighted by
 the Fisher of each matrix's outputs, not by the weight Fisher's row means), ``lqlora-r0-measured``
 at the same budgets (``measured_windows: 2``: each fused group's costs per bit width rescaled by the
-KL its GPTQ reference causes on 2 calibration windows over the one its costs predict), and
-``lqlora-r0-measured-layer`` (``measured_probe: layer``: a decoder layer's matrices probed together); ``l4q`` from GPTQ int3
-g128 asym, without and with distillation.
+KL its GPTQ reference causes on 2 calibration windows over the one its costs predict),
+``lqlora-r0-measured-layer`` (``measured_probe: layer``: a decoder layer's matrices probed together)
+and ``lqlora-r0-measured-g128`` (``group_sizes: [128]``: the grid cut to the probed group size, so
+every cost the ILP compares is a measured one); ``l4q`` from GPTQ int3 g128 asym, without and with
+distillation.
 
 A point whose group does not divide every projection's input features (SmolLM2's 576 at group 128)
 keeps a partial last group and exports ``native`` (GPTQ engines need whole groups); GPTQModel's
@@ -50,8 +52,8 @@ adapters). Seconds: the quantization alone (our stages' seconds; GPTQModel's ``q
 with the process's CPU seconds beside them and the load average at the start, because a shared
 machine moves wall time. An LQ-LoRA point starts from the cost entries its rank's other budgets
 computed (they do not depend on the budget; ``lqlora-r0-measured*`` also from ``lqlora-r0``'s, whose
-costs they rescale, and references and probes from ``lqlora-r0-measured``'s and their own budgets); its row then says how many it reused and
-the cost table's seconds.
+costs they rescale, and references and probes from ``lqlora-r0-measured``'s and their own budgets);
+its row then says how many it reused and the cost table's seconds.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ STDLIB_EVAL = 32
 SEQ_LEN = 512
 GRID = [(bits, group, sym) for bits in (4, 3, 2) for group in (64, 128) for sym in (True, False)]
 GEMMA_GRID = [(bits, 128, sym) for bits in (4, 3) for sym in (True, False)]
-MEASURED_WINDOWS = 2  # lqlora-r0-measured: calibration windows per probe (layers x widths probes)
+MEASURED_WINDOWS = 2  # lqlora-r0-measured*: calibration windows per probe (groups x widths probes)
 L4Q_TUNE = {"steps": 64, "lr": 2.0e-4, "batch_size": 4, "grad_accum": 1, "seq_len": 512, "save_every": 4}
 log = logging.getLogger("heldout")
 
@@ -115,8 +117,8 @@ def gemma3_points() -> list[Point]:
     first = [Point("fp32")] + [Point("rtn", b, g, s) for b, g, s in GEMMA_GRID + [(2, 128, False)]]
     pairs = [Point(m, b, g, s) for b, g, s in GEMMA_GRID for m in ("gptq", "gptqmodel")]
     rest = [Point("gptq", 2, 128, False), Point("bnb-nf4", 4)]
-    rest += [Point(method, budget) for method in ("lqlora-r0-measured", "lqlora-r0-measured-layer", "lqlora-r0",
-                                                  "lqlora-r0-outputs")
+    rest += [Point(method, budget) for method in ("lqlora-r0-measured-g128", "lqlora-r0-measured",
+                                                  "lqlora-r0-measured-layer", "lqlora-r0", "lqlora-r0-outputs")
              for budget in (3.25, 3.0, 2.5, 3.5)]
     return first + pairs + rest + [Point("l4q", 3, 128, False, distill) for distill in (False, True)]
 
@@ -184,7 +186,8 @@ def our_stages(point: Point) -> list[dict]:
 
 
 VARIANTS = {"": {}, "outputs": {"fisher": "outputs"}, "measured": {"measured_windows": MEASURED_WINDOWS},
-            "measured-layer": {"measured_windows": MEASURED_WINDOWS, "measured_probe": "layer"}}
+            "measured-layer": {"measured_windows": MEASURED_WINDOWS, "measured_probe": "layer"},
+            "measured-g128": {"measured_windows": MEASURED_WINDOWS, "group_sizes": [128]}}
 """LQ-LoRA's variants by the method's suffix (``lqlora-r0-outputs``: ``outputs``)."""
 
 

@@ -172,6 +172,8 @@ def plot(rows: dict[str, dict], path: Path) -> None:
               "LQ-LoRA rank 0": [r for r in rows.values() if r["method"] == "lqlora-r0"],
               "LQ-LoRA rank 0, output Fisher": [r for r in rows.values() if r["method"] == "lqlora-r0-outputs"],
               "LQ-LoRA rank 0, measured costs": [r for r in rows.values() if r["method"] == "lqlora-r0-measured"],
+              "LQ-LoRA rank 0, measured costs, g128": [r for r in rows.values()
+                                                       if r["method"] == "lqlora-r0-measured-g128"],
               "LQ-LoRA rank 16": [r for r in rows.values() if r["method"] == "lqlora-r16"]}
     for label, points in series.items():
         points = sorted(points, key=lambda r: r["bits_per_param"])

@@ -99,7 +99,7 @@ def weight_cost_table(ctx, config, grid_for, shapes: dict, fisher_dir) -> dict:
 def output_cost_table(ctx, config, grid_for, shapes: dict, fisher_dir, seen=None) -> dict:
     """The ``output`` objective's table: one calibration walk over the float model (module docstring);
     ``seen.add(members, hessians, fisher)`` is also called for each input group when given
-    (``lq_lora_measured.ReferenceCosts``)."""
+    (``lq_lora_measured.References``)."""
     units, local = ctx.units, {}
     windows = ctx.windows("calibration")
     carried = None

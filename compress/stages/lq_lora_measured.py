@@ -25,11 +25,11 @@ the selected matrices of a decoder layer at once) and each bit width of the grid
 So the ILP still ranks group sizes within a width by their own errors, and compares groups by what
 their errors do to the model's output. A probe costs a forward pass of N windows and a second head
 pass for the float distribution: groups x widths probes (Gemma-3-270M: 18 x 4 x 3 by group, 18 x 3
-by layer; 3-6 s each on 2 CPU cores at N = 2). References and probe results are cached under ``OUTPUT/.cache/lq_lora_measured/``
-(keyed by weight, Fisher, Hessian and settings; by the references and the windows), so a resumed run
-redoes only what is missing. The probe swaps weights in the model held in memory: not in a
-streaming recipe. With torchrun rank 0 quantizes the references and probes, every rank reads the
-factors.
+by layer; 3-6 s each on 2 CPU cores at N = 2). References and probe results are cached under
+``OUTPUT/.cache/lq_lora_measured/`` (keyed by weight, Fisher, Hessian and settings; by the references
+and the windows), so a resumed run redoes only what is missing. The probe swaps weights in the model
+held in memory: not in a streaming recipe. With torchrun rank 0 quantizes the references and
+probes, every rank reads the factors.
 """
 
 from __future__ import annotations
@@ -164,7 +164,8 @@ def measure(ctx, seen: References, count: int, by: str) -> dict[str, dict[int, f
     float_states = [hidden_by_units(ctx.units, window[None], lambda model, hidden: hidden) for window in windows]
     groups = sorted(set(probe_groups(list(seen.files), by, ctx.units.unit_of).values()),
                     key=lambda g: list(seen.files).index(g[0]))
-    probes = [(group, bits) for group in groups for bits in sorted(set.intersection(*(set(seen.configs[n]) for n in group)))]
+    widths = {group: sorted(set.intersection(*(set(seen.configs[n]) for n in group))) for group in groups}
+    probes = [(group, bits) for group in groups for bits in widths[group]]
     measured: dict[str, dict[int, float]] = {}
     for group, bits in ctx.track(probes, "lq_lora measured probes"):
         path = cache / f"{_probe_key([seen.files[n] for n in group], bits, windows)}.json"
