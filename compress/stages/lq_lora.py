@@ -47,7 +47,7 @@ divergence from the float model's next-token distributions on N calibration wind
 sum of the same quantizations' costs (``lq_lora_measured``: groups x widths forward passes, cached
 per probe; not in a streaming recipe). ``measured_probe: layer`` probes a decoder layer's matrices
 together instead. Only each width's cheapest config is probed: other group sizes keep their predicted
-ratio to it, by which on Gemma-3-270M the ILP spent its bits on int3 g64 (50 of 126 matrices) more
+ratio to it, by which on Gemma-3-270M the ILP spent its bits on int3 g64 (44 of 126 matrices) more
 than on int4; with ``group_sizes`` cut to the probed one (``[128]``) every cost the ILP compares is
 measured (0.965x the uniform GPTQ curve at 3.25 bits there, against 1.035x over the whole grid:
 BENCHMARKS.md).
