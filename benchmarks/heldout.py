@@ -52,8 +52,8 @@ adapters). Seconds: the quantization alone (our stages' seconds; GPTQModel's ``q
 with the process's CPU seconds beside them and the load average at the start, because a shared
 machine moves wall time. An LQ-LoRA point starts from the cost entries its rank's other budgets
 computed (they do not depend on the budget; ``lqlora-r0-measured*`` also from ``lqlora-r0``'s, whose
-costs they rescale, and references and probes from ``lqlora-r0-measured``'s and their own budgets);
-its row then says how many it reused and the cost table's seconds.
+costs they rescale, where the grid is the same, and references and probes from ``lqlora-r0-measured``'s
+and their own budgets); its row then says how many files it copied in and the cost table's seconds.
 """
 
 from __future__ import annotations
@@ -199,9 +199,10 @@ def checkpoint_row(model, directories: list[Path], out: Path) -> dict:
 
 def seed_cost_cache(out: Path, point: Point, where: Path) -> int:
     """LQ-LoRA's cost entries do not depend on the budget: a point starts with the entries that the
-    same rank's other budgets left (``.cache/lq_lora``, keyed by weight, Fisher, Hessian and settings,
-    so only identical entries are reused; ``-measured`` points also take the plain method's, and
-    their references and probes, ``.cache/lq_lora_measured``, from each other). Returns how many it found."""
+    same rank's other budgets left (``.cache/lq_lora``, keyed by weight, Fisher, Hessian, settings and
+    the grid's configs, so only identical entries are reused, and only from points with the same grid);
+    ``-measured`` points also take the plain method's entries (same grid), and their references and
+    probes, ``.cache/lq_lora_measured``, from each other. Returns how many files it copied in."""
     if not point.method.startswith("lqlora"):
         return 0
     found = 0
@@ -209,7 +210,8 @@ def seed_cost_cache(out: Path, point: Point, where: Path) -> int:
     for method in dict.fromkeys([point.method] + ([f"{base}-measured", base] if base != point.method else [])):
         others = [d for d in (out / "points").glob(f"{method}-*") if d != where
                   and d.name.removeprefix(f"{method}-").replace(".", "").isdigit()]  # not lqlora-r0-outputs-*
-        for other, pattern in ((o, p) for o in others for p in SEEDED):
+        seeded = SEEDED if _grid(method) == _grid(point.method) else SEEDED[1:]  # entries' keys hold the grid
+        for other, pattern in ((o, p) for o in others for p in seeded):
             for file in other.glob(pattern):
                 target = where / file.relative_to(other)
                 if not target.is_file():
@@ -218,6 +220,11 @@ def seed_cost_cache(out: Path, point: Point, where: Path) -> int:
                     os.replace(target.with_name(f"{target.name}.partial"), target)
                     found += 1
     return found
+
+
+def _grid(method: str) -> list[int] | None:
+    """The group sizes an LQ-LoRA method's grid is cut to (None: the whole grid)."""
+    return VARIANTS[method.removeprefix("lqlora-r").partition("-")[2]].get("group_sizes")
 
 
 SEEDED = (".cache/lq_lora/*.json", ".cache/lq_lora_measured/*.json", ".cache/lq_lora_measured/references/*.safetensors")

@@ -160,6 +160,14 @@ def all_rows(rows: list[dict]) -> list[str]:
     return lines
 
 
+LQLORA_LABELS = {"lqlora-r0": "LQ-LoRA rank 0", "lqlora-r0-outputs": "LQ-LoRA rank 0, output Fisher",
+                 "lqlora-r0-measured": "LQ-LoRA rank 0, measured costs",
+                 "lqlora-r0-measured-layer": "LQ-LoRA rank 0, measured costs by layer",
+                 "lqlora-r0-measured-g128": "LQ-LoRA rank 0, measured costs, g128",
+                 "lqlora-r16": "LQ-LoRA rank 16"}
+"""The plot's LQ-LoRA series, one per method (``heldout.VARIANTS``); a method without rows draws nothing."""
+
+
 def plot(rows: dict[str, dict], path: Path) -> None:
     """In-domain perplexity against bits per parameter: the uniform GPTQ curve and LQ-LoRA's points."""
     import matplotlib
@@ -168,13 +176,8 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4))
-    series = {"uniform GPTQ asym (g64, g128, per-channel)": _uniform_curve(rows),
-              "LQ-LoRA rank 0": [r for r in rows.values() if r["method"] == "lqlora-r0"],
-              "LQ-LoRA rank 0, output Fisher": [r for r in rows.values() if r["method"] == "lqlora-r0-outputs"],
-              "LQ-LoRA rank 0, measured costs": [r for r in rows.values() if r["method"] == "lqlora-r0-measured"],
-              "LQ-LoRA rank 0, measured costs, g128": [r for r in rows.values()
-                                                       if r["method"] == "lqlora-r0-measured-g128"],
-              "LQ-LoRA rank 16": [r for r in rows.values() if r["method"] == "lqlora-r16"]}
+    series = {"uniform GPTQ asym (g64, g128, per-channel)": _uniform_curve(rows)}
+    series |= {label: [r for r in rows.values() if r["method"] == method] for method, label in LQLORA_LABELS.items()}
     for label, points in series.items():
         points = sorted(points, key=lambda r: r["bits_per_param"])
         if points:
