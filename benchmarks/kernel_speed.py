@@ -108,7 +108,7 @@ def cpu_rows(shape: tuple[int, int], batch: int, formats: list[str], repeats: in
     calls = cpu_baselines(weight, x)
     old = {"dense F.linear bf16 (old-path round)": calls["dense F.linear bf16"]}
     for label in formats:
-        prepared = layout.prepare(QuantizedWeight.quantize(weight, FORMATS[label]))
+        prepared = QuantizedWeight.quantize(weight, FORMATS[label]).kernel_weight()
         for backend in cpu_fast.BACKENDS:
             usable, why = cpu_fast.status(backend, prepared)
             if usable:
@@ -203,7 +203,7 @@ def cuda_rows(shape: tuple[int, int], batch: int, formats: list[str], peak: floa
         rows.append({"method": f"torch.matmul {str(dtype)[6:]}", "us": us, "bytes": n * k * 2})
     x = torch.randn(batch, k, device=device, dtype=torch.float16)
     for label in formats:  # quantized on the GPU (device-generic quant/): seconds, not minutes, at 8192x28672
-        weights = copies_of(layout.prepare(QuantizedWeight.quantize(weight.to(device), FORMATS[label])), copies)
+        weights = copies_of(QuantizedWeight.quantize(weight.to(device), FORMATS[label]).kernel_weight(), copies)
         moved = FORMATS[label].storage_bits(shape) // 8 + 2 * batch * (n + k)
         for name, fn in (("triton", lambda w: dequant_matmul(x, w, backend="triton")),
                          ("old triton (issue 39 start)", lambda w: legacy_matmul(x, w))):

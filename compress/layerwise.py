@@ -29,6 +29,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -153,9 +154,72 @@ def input_groups(layer: nn.Module, modules: dict[str, nn.Module], sample: tuple[
     return list(groups.values())
 
 
+class ActivationStats(HessianAccumulator):
+    """An input's Hessian and the mean of |x| per input channel (``abs_mean``), over every token row."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None):
+        super().__init__(in_features, device)
+        self.abs_sum = None
+
+    def add(self, inputs: torch.Tensor) -> None:
+        super().add(inputs)
+        rows = inputs.detach().reshape(-1, inputs.shape[-1]).float().abs().sum(dim=0).to(self.hessian.device)
+        self.abs_sum = rows if self.abs_sum is None else self.abs_sum + rows
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.rows, 1)
+
+
+@dataclass
+class InputGroup:
+    """Linears of one decoder layer that read one input tensor: their names and modules, the
+    input's ``ActivationStats``, the submodule whose output that tensor is (e.g. the norm before
+    q/k/v; None when the forward code computes it: attention outputs, act(gate) * up), and every
+    leaf submodule of the layer that reads it, selected or not (containers such as the MLP pass it on)."""
+
+    modules: dict[str, nn.Module]
+    stats: ActivationStats
+    producer: nn.Module | None
+    readers: list[nn.Module]
+
+
+def _data_flow(layer: nn.Module, modules: dict[str, nn.Module], sample: tuple[tuple, dict]) -> dict[str, tuple]:
+    """{linear name: (the submodule whose output it reads or None, every submodule reading that tensor)}."""
+    made: list[tuple[torch.Tensor, nn.Module]] = []  # tensors kept alive: `is` holds
+    read: list[tuple[torch.Tensor, nn.Module]] = []
+    inner = [m for m in layer.modules() if m is not layer]
+    handles = [m.register_forward_hook(lambda m, a, out: made.append((out, m))) for m in inner]
+    handles += [m.register_forward_pre_hook(lambda m, a: read.append((a[0], m)) if a else None)
+                for m in inner if next(m.children(), None) is None]
+    try:
+        call_layer(layer, *sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    flow = {}
+    for name, module in modules.items():
+        x = next(t for t, m in read if m is module)
+        flow[name] = (next((m for out, m in made if out is x), None), [m for t, m in read if t is x])
+    return flow
+
+
+@torch.no_grad()
+def layer_input_groups(layer: nn.Module, modules: dict[str, nn.Module], inputs: LayerInputs,
+                       home: ActivationHome | None = None) -> list[InputGroup]:
+    """Every input group of ``modules`` in ``layer`` with its statistics over all of ``inputs``
+    and its producer, from the layer as it is (one structure pass and one statistics pass)."""
+    sample = home.load(inputs[0]) if home else inputs[0]
+    flow = _data_flow(layer, modules, sample)
+    stats = group_hessians(layer, modules, inputs, home, ActivationStats)
+    return [InputGroup({n: modules[n] for n in names}, stats[names[0]], *flow[names[0]])
+            for names in input_groups(layer, modules, sample)]
+
+
 @torch.no_grad()
 def group_hessians(layer: nn.Module, modules: dict[str, nn.Module], inputs: LayerInputs,
-                   home: ActivationHome | None = None) -> dict[str, HessianAccumulator]:
+                   home: ActivationHome | None = None,
+                   accumulator: type[HessianAccumulator] = HessianAccumulator) -> dict[str, HessianAccumulator]:
     """Input Hessians of ``modules`` over every batch of ``inputs`` (kept in ``home``). Modules that
     read the same tensor (q/k/v, gate/up) share one accumulator, summed once per batch. Each forward
     through ``layer`` stops as soon as the last of them has read its input (the rest of the layer is
@@ -167,7 +231,7 @@ def group_hessians(layer: nn.Module, modules: dict[str, nn.Module], inputs: Laye
     def accumulate(name: str, x: torch.Tensor) -> None:
         shared = [acc for tensor, acc in read if tensor is x]
         if name not in hessians:  # the first forward decides who shares whose accumulator
-            hessians[name] = shared[0] if shared else HessianAccumulator(modules[name].in_features)
+            hessians[name] = shared[0] if shared else accumulator(modules[name].in_features)
         if not any(acc is hessians[name] for acc in shared):
             hessians[name].add(x)
             read.append((x, hessians[name]))
@@ -192,6 +256,7 @@ def group_hessians(layer: nn.Module, modules: dict[str, nn.Module], inputs: Laye
 
 
 ReplaceGroup = Callable[[dict[str, nn.Module], dict[str, HessianAccumulator]], None]
+PrepareLayer = Callable[[nn.Module, list[InputGroup]], None]
 
 
 def dense_twin(layer: QuantLinear, dtype: torch.dtype) -> nn.Linear:
@@ -229,12 +294,17 @@ def dequantized(layer: nn.Module, dtype: torch.dtype) -> Iterator[None]:
 
 @torch.no_grad()
 def calibrate_layer(layer: nn.Module, modules: dict[str, nn.Module], replace: ReplaceGroup,
-                    inputs: LayerInputs, home: ActivationHome | None = None) -> LayerInputs:
+                    inputs: LayerInputs, home: ActivationHome | None = None,
+                    prepare: PrepareLayer | None = None) -> LayerInputs:
     """Call ``replace(modules, hessians)`` for each input group of ``modules`` (linears inside
     ``layer``, by full name); return the layer's outputs, computed with the replaced linears, as the
-    next layer's inputs (inputs and outputs kept in ``home`` when given)."""
+    next layer's inputs (inputs and outputs kept in ``home`` when given). ``prepare(layer, groups)``,
+    when given, first changes the float layer from every group's ``InputGroup`` (AWQ's scales)."""
     home = home or ActivationHome(HOST)
     dtype = inputs[0][0][0].dtype
+    if modules and prepare is not None:
+        with dequantized(layer, dtype):
+            prepare(layer, layer_input_groups(layer, modules, inputs, home))
     if modules:
         with dequantized(layer, dtype):
             groups = input_groups(layer, modules, home.load(inputs[0]))
@@ -259,7 +329,8 @@ class Activations:
 
 
 def calibration_step(units, prefix: str, unit: nn.Module, carried: Activations | None, modules: dict[str, nn.Module],
-                     replace: ReplaceGroup, windows: torch.Tensor, batch: int = 8) -> Activations | None:
+                     replace: ReplaceGroup, windows: torch.Tensor, batch: int = 8,
+                     prepare: PrepareLayer | None = None) -> Activations | None:
     """One unit of a calibration walk over a source of units (``compress.walker``): at the
     embeddings the first layer's inputs are made from ``windows`` (on the device, or in pinned host
     memory when they do not fit: ``ActivationHome``); in a decoder layer its ``modules`` are replaced
@@ -268,7 +339,7 @@ def calibration_step(units, prefix: str, unit: nn.Module, carried: Activations |
         home = ActivationHome.for_windows(units.model, windows, units.device)
         return Activations(first_layer_inputs(units.model, windows.to(units.device), batch, home), home)
     if prefix in units.layer_prefixes:
-        return Activations(calibrate_layer(unit, modules, replace, carried.inputs, carried.home), carried.home)
+        return Activations(calibrate_layer(unit, modules, replace, carried.inputs, carried.home, prepare), carried.home)
     return carried
 
 

@@ -91,21 +91,6 @@ class Architecture:
         return linear + sum(self.dense_params().values())
 
 
-def weight_components(config: QuantConfig, shape: tuple[int, int]) -> dict[str, int]:
-    """Bits of each stored component of one matrix [out, in] under ``config``."""
-    out_features, in_features = shape
-    numel = out_features * in_features
-    if config.kind == "uniform":
-        groups = config.groups(in_features)
-        return {"codes": config.bits * numel, "scales": 16 * groups * out_features,
-                "zeros": 0 if config.sym else (16 if config.float_zero else config.bits) * groups * out_features,
-                "second_level": 0}
-    blocks = -(-numel // config.block)
-    dtype_bits = 32 if config.scale_dtype == "float32" else 16
-    return {"codes": config.bits * numel, "scales": config.scale_bits * blocks, "zeros": 0,
-            "second_level": dtype_bits * -(-blocks // config.scale_block) + 32}
-
-
 def adapter_params(shapes: dict[str, tuple[int, int]], rank: int) -> int:
     return sum(rank * (o + i) for o, i in shapes.values())
 
@@ -148,7 +133,7 @@ def inference_breakdown(arch: Architecture, config: QuantConfig | dict[str, Quan
         if module_config is None:
             parts["codes"] += 16 * shape[0] * shape[1]
         else:
-            for key, bits in weight_components(module_config, shape).items():
+            for key, bits in module_config.components(shape).items():
                 parts[key] += bits
     result = {key: bits / 8 for key, bits in parts.items()}
     result["dense"] = 2 * sum(arch.dense_params().values())

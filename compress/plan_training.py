@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from compress.quant import QuantConfig
 
 from .chunked_loss import positions_per_chunk
-from .plan import Architecture, adapter_params, weight_components
+from .plan import Architecture, adapter_params
 
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}
 METHODS = ("lora", "qlora", "l4q", "prune", "loram", "full")
@@ -117,7 +117,7 @@ def _frozen_base(arch: Architecture, setup: TrainingSetup, layers: list[dict]) -
             elif setup.base is None:
                 linear += shape[0] * shape[1] * setup.base_bytes
             else:
-                linear += sum(weight_components(setup.base, shape).values()) / 8
+                linear += setup.base.storage_bits(shape) / 8
     return dense + linear
 
 

@@ -1,7 +1,8 @@
 """Dequant-matmul kernels and the dispatcher that picks one.
 
-``dequant_matmul(x, weight, bias)`` computes ``x @ W^T + bias`` for a packed matrix (a
-``QuantizedWeight``, or its ``KernelWeight`` layout from ``prepare``, which layers cache):
+``dequant_matmul(x, weight, bias)`` computes ``x @ W^T + bias`` for a packed matrix in kernel layout
+(``KernelWeight``, the one type kernels share with quant: quant builds it, ``QuantizedWeight.kernel_weight``,
+and layers cache it; kernels never import quant). A ``QuantizedWeight`` is taken too, through that method:
 
 - ``triton``: fused unpack + dequant + matmul kernels (``triton_*.py``), for CUDA tensors when Triton
   is installed (CPU tensors too under ``TRITON_INTERPRET=1``, which tests use);
@@ -26,10 +27,8 @@ import os
 
 import torch
 
-from compress.quant.qweight import QuantizedWeight
-
 from . import cpu_fast, reference
-from .layout import KernelWeight, prepare
+from .layout import KernelWeight
 
 BACKENDS = ("auto", "fast", "triton", "native", "int4pack", "reference")
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton kernels take
@@ -139,10 +138,11 @@ def _choose(choice: str, device: torch.device, dtype: torch.dtype | None, weight
     return _cpu_choice(choice, dtype, weight)
 
 
-def dequant_matmul(x: torch.Tensor, weight: QuantizedWeight | KernelWeight,
+def dequant_matmul(x: torch.Tensor, weight,
                    bias: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
-    """``x @ W^T + bias`` in x's dtype, through ``backend`` (default: ``select_backend(x, weight=...)``)."""
-    layout = weight if isinstance(weight, KernelWeight) else prepare(weight)
+    """``x @ W^T + bias`` in x's dtype, through ``backend`` (default: ``select_backend(x, weight=...)``);
+    ``weight`` a ``KernelWeight`` or anything with ``kernel_weight()`` (a ``QuantizedWeight``)."""
+    layout = weight if isinstance(weight, KernelWeight) else weight.kernel_weight()
     backend = backend or select_backend(x, weight=layout)[0]
     if backend == "triton" and x.dtype not in ACTIVATION_DTYPES and forced_backend() == "auto":
         backend = "reference"  # e.g. float64 activations: only the reference path computes them
@@ -156,5 +156,5 @@ def dequant_matmul(x: torch.Tensor, weight: QuantizedWeight | KernelWeight,
     return reference.dequant_matmul(x, layout, bias)
 
 
-__all__ = ["BACKENDS", "KernelUnavailableError", "KernelWeight", "dequant_matmul", "preferring", "prepare",
+__all__ = ["BACKENDS", "KernelUnavailableError", "KernelWeight", "dequant_matmul", "preferring",
            "select_backend"]

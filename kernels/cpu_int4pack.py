@@ -39,8 +39,8 @@ def int4pack_layout(weight: KernelWeight) -> Int4PackLayout | str:
     """torch's int4pack form of a uniform matrix of at most 4 bits, or why it cannot have one."""
     from .reference import _zeros, unpack_rows
 
-    if weight.kind != "uniform" or weight.bits > 4:
-        return f"{weight.kind}{weight.bits}: int4pack takes uniform grids of at most 16 levels"
+    if weight.codebook or weight.bits > 4:
+        return f"{weight.label}: int4pack takes uniform grids of at most 16 levels"
     out_features, in_features = weight.shape
     found = row_groups(weight, 32)
     if isinstance(found, str):

@@ -184,7 +184,7 @@ def native_layout(weight: KernelWeight) -> NativeLayout | str:
 
     load()  # the kernel's ops exist once a layout does
     out_features, in_features = weight.shape
-    if weight.kind == "nf":
+    if weight.codebook:
         if weight.bits > 4:
             return f"nf{weight.bits}: the table path takes up to 16 codebook values"
         if in_features % weight.block or weight.block % 2:

@@ -35,8 +35,9 @@ once per group and column and dequantize with one FMA:
 or 32 rows, so a tile of 32 rows is three word loads per column with no straddling runs, and the
 unpacking is the same shift-and-mask as for the 2/4/8-bit planes.
 
-The layout is derived data: checkpoints keep the published formats, and ``QuantLinear`` caches the
-layout next to its buffers.
+The layout is derived data, built in quant (``quant.kernel_layout``, from ``QuantizedWeight.kernel_weight``):
+checkpoints keep the published formats, ``QuantLinear`` caches the layout next to its buffers, and
+kernels see only this type (they never import quant).
 """
 
 from __future__ import annotations
@@ -46,17 +47,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compress.quant.normalfloat import nf_codebook
-from compress.quant.packing import RUN, pack_codes, packed_length, unpack_codes
-from compress.quant.qweight import QuantizedWeight
-from compress.quant.uniform import contiguous_group_size, gptq_v1_zeros
-
-
 @dataclass
 class KernelWeight:
     """One matrix in kernel layout (see the module docstring)."""
 
-    kind: str  # "uniform" | "nf"
     bits: int
     shape: tuple[int, int]  # (out_features N, in_features K)
     codes: torch.Tensor
@@ -82,6 +76,20 @@ class KernelWeight:
     # CPU fast paths' own layouts (or why a path cannot take this matrix), built on first use
     fast: dict = field(default_factory=dict, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        if self.codebook and self.nf_scales is None:
+            self.nf_group, self.nf_scales = nf_row_scales(self)
+
+    @property
+    def codebook(self) -> bool:
+        """Codes index a lookup table (NF) rather than an affine grid (uniform: (q - z) * s)."""
+        return self.lut is not None
+
+    @property
+    def label(self) -> str:
+        """What the matrix holds, for messages: ``nf4``, ``uniform3``."""
+        return f"{'nf' if self.codebook else 'uniform'}{self.bits}"
+
     @property
     def device(self) -> torch.device:
         return self.codes.device
@@ -89,65 +97,6 @@ class KernelWeight:
     @property
     def groups(self) -> int:
         return 0 if self.scales is None else self.scales.shape[0]
-
-
-def pack_bit_plane(bits: torch.Tensor) -> torch.Tensor:
-    """Pack 0/1 values [L, N] along L into int32 words [ceil(L/32), N] (bit j of word w = row 32w+j)."""
-    length, columns = bits.shape
-    padded = torch.zeros(packed_length(length, 1), RUN, columns, dtype=torch.int64, device=bits.device)
-    padded.view(-1, columns)[:length] = bits.to(torch.int64)
-    shifts = torch.arange(RUN, dtype=torch.int64, device=bits.device).view(1, RUN, 1)
-    words = (padded << shifts).sum(dim=1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def code_planes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """K-major planes for integer codes [K, N]: one plane of ``bits``, or 2-bit + 1-bit for 3-bit."""
-    if bits != 3:
-        return pack_codes(codes, bits, dim=0), None
-    return pack_codes(codes & 3, 2, dim=0), pack_bit_plane(codes >> 2)
-
-
-def _uniform_layout(weight: QuantizedWeight) -> KernelWeight:
-    tensors, bits = weight.tensors, weight.config.bits
-    out_features, in_features = weight.shape
-    if bits == 3:
-        codes, codes_hi = code_planes(unpack_codes(tensors["qweight"], 3, in_features, dim=0), 3)
-    else:
-        codes, codes_hi = tensors["qweight"], None
-    scales = tensors["scales"]
-    size = contiguous_group_size(tensors["g_idx"], scales.shape[0])
-    if weight.config.float_zero:
-        return KernelWeight(kind="uniform", bits=bits, shape=weight.shape, codes=codes, codes_hi=codes_hi,
-                            scales=scales, zeros=tensors["zeros"], zero_mode=3, group_size=size or 0,
-                            g_idx=None if size else tensors["g_idx"].contiguous(),
-                            zero_folded=-tensors["zeros"].float() * scales.float())
-    zeros = gptq_v1_zeros(tensors["qzeros"], bits, out_features)  # [G, N]
-    symmetric = bool((zeros == 2 ** (bits - 1)).all())
-    per_field = torch.equal(zeros, unpack_codes(tensors["qzeros"], bits, out_features, dim=1) + 1)
-    zero_mode = 0 if symmetric else (2 if bits == 3 or not per_field else 1)  # 1: the kernel adds 1 per field
-    return KernelWeight(
-        kind="uniform", bits=bits, shape=weight.shape, codes=codes, codes_hi=codes_hi, scales=scales,
-        qzeros=tensors["qzeros"], zeros=zeros.to(torch.uint8 if int(zeros.max()) < 256 else torch.int16), zero_mode=zero_mode,
-        group_size=size or 0, g_idx=None if size else tensors["g_idx"].contiguous(),
-        zero_folded=None if symmetric else -zeros.float() * scales.float())
-
-
-def _nf_layout(weight: QuantizedWeight) -> KernelWeight:
-    config, tensors = weight.config, weight.tensors
-    out_features, in_features = weight.shape
-    numel = out_features * in_features
-    flat = unpack_codes(tensors["codes"], config.bits, numel)
-    codes, codes_hi = code_planes(flat.view(out_features, in_features).t(), config.bits)
-    blocks = -(-numel // config.block)
-    scale_codes = unpack_codes(tensors["scale_codes"], config.scale_bits, blocks).to(torch.uint8)
-    layout = KernelWeight(
-        kind="nf", bits=config.bits, shape=weight.shape, codes=codes, codes_hi=codes_hi,
-        lut=nf_codebook(config.bits).to(flat.device), scale_codes=scale_codes,
-        scale_scales=tensors["scale_scales"].float(), scale_offset=tensors["scale_offset"].float(),
-        block=config.block, scale_block=config.scale_block, scale_levels=2**config.scale_bits - 1)
-    layout.nf_group, layout.nf_scales = nf_row_scales(layout)
-    return layout
 
 
 def nf_row_scales(weight: KernelWeight, dtype: torch.dtype = torch.float16) -> tuple[int, torch.Tensor]:
@@ -178,9 +127,3 @@ def row_groups(weight: KernelWeight, pad: int = 32) -> tuple[int, torch.Tensor |
     if bool((counts[:-1] != size).any()) or int(counts[-1]) > size:
         return "act-order groups of unequal sizes"
     return size, order
-
-
-def prepare(weight: QuantizedWeight) -> KernelWeight:
-    """The kernel layout of a packed matrix (a one-time cost when a layer is loaded)."""
-    layout = _uniform_layout if weight.config.kind == "uniform" else _nf_layout
-    return layout(weight)

@@ -53,16 +53,16 @@ def table_index(words: torch.Tensor) -> torch.Tensor:
     return index
 
 
-def applicable(kind: str, bits: int, start: int, stop: int, segment: int) -> bool:
+def applicable(codebook: bool, bits: int, start: int, stop: int, segment: int) -> bool:
     """Whether a tile can go through the tables: whole words, whole bytes per segment, one plane
     per code for nf (a 3-bit codebook value does not split into planes)."""
     per_byte = 8 // (2 if bits == 3 else bits)
-    return (stop - start) % 32 == 0 and segment % per_byte == 0 and not (kind == "nf" and bits == 3)
+    return (stop - start) % 32 == 0 and segment % per_byte == 0 and not (codebook and bits == 3)
 
 
 def segment_sums(weight, x_row: torch.Tensor, start: int, stop: int, segments: int) -> torch.Tensor:
     """[segments, N] unscaled sums of x * code value over each segment (uniform: integer codes)."""
-    if weight.kind == "nf":
+    if weight.codebook:
         return plane_segment_sums(x_row, weight.codes, weight.bits, start, stop, weight.lut, segments)
     if weight.codes_hi is None:
         values = torch.arange(2**weight.bits, dtype=torch.float32, device=x_row.device)

@@ -30,9 +30,10 @@ from .layout import KernelWeight, nf_block_scales
 
 TILE_ELEMENTS = 1 << 21  # weights dequantized at once: 8 MiB in fp32, cache-sized on current CPUs
 ROW_ALIGN = 32  # a tile starts on a word boundary of every plane
-# Batches up to this size go through per-byte lookup tables (lut_gemv), by (kind, bits); the
-# thresholds are where tables measured faster than unpacking (benchmarks/kernel_speed.py).
-TABLE_BATCH = {("nf", 4): 1, ("nf", 2): 2, ("uniform", 3): 1, ("uniform", 2): 1}
+# Batches up to this size go through per-byte lookup tables (lut_gemv), by (codebook, bits): NF4 and
+# NF2, int3 and int2; the thresholds are where tables measured faster than unpacking
+# (benchmarks/kernel_speed.py).
+TABLE_BATCH = {(True, 4): 1, (True, 2): 2, (False, 3): 1, (False, 2): 1}
 
 if sys.byteorder != "little":  # the byte view of packed words assumes little-endian storage
     raise ImportError("kernels.reference needs a little-endian machine")
@@ -74,7 +75,7 @@ def _segments(weight: KernelWeight, start: int, stop: int
     """(rows per segment, scale [S, N] fp32, zero [S, N] fp32 or None for nf) when rows
     [start, stop) split into S equal segments that each share one scale; None otherwise."""
     out_features, in_features = weight.shape
-    if weight.kind == "uniform":
+    if not weight.codebook:
         size = weight.group_size
         if not size:
             return None
@@ -102,7 +103,7 @@ def _segments(weight: KernelWeight, start: int, stop: int
 
 def _values(weight: KernelWeight, codes: torch.Tensor) -> torch.Tensor:
     """Codes as floats before scaling: integers (uniform) or codebook values (nf)."""
-    if weight.kind == "uniform":
+    if not weight.codebook:
         return codes.float()
     return weight.lut.index_select(0, codes.view(-1).to(torch.int32)).view(codes.shape)
 
@@ -111,7 +112,7 @@ def dequantize_rows(weight: KernelWeight, start: int, stop: int) -> torch.Tensor
     """fp32 rows [start, stop) of W^T ([stop - start, N]), bit-identical to the quantizer's dequantize."""
     codes = unpack_rows(weight, start, stop)
     rows = torch.arange(start, stop, device=weight.device)
-    if weight.kind == "uniform":
+    if not weight.codebook:
         group = weight.g_idx[start:stop].long() if weight.g_idx is not None else rows // weight.group_size
         zero = _zeros(weight, group)
         return (codes.to(torch.int16) - zero).float() * weight.scales[group].float()
@@ -130,7 +131,7 @@ def tile_rows(weight: KernelWeight) -> int:
     """Rows of W^T per tile: about TILE_ELEMENTS weights, a multiple of 32 and of the segment length."""
     out_features, in_features = weight.shape
     target = max(ROW_ALIGN, TILE_ELEMENTS // max(out_features, 1) // ROW_ALIGN * ROW_ALIGN)
-    segment = weight.group_size if weight.kind == "uniform" else weight.block
+    segment = weight.block if weight.codebook else weight.group_size
     if not segment:
         return target
     if segment <= target:
@@ -155,8 +156,8 @@ def _accumulate_tile(out: torch.Tensor, x: torch.Tensor, weight: KernelWeight, s
     else:
         length, scale, zero = segments
         count = scale.shape[0]
-        if batch <= TABLE_BATCH.get((weight.kind, weight.bits), 0) and lut_gemv.applicable(
-                weight.kind, weight.bits, start, stop, length):
+        if batch <= TABLE_BATCH.get((weight.codebook, weight.bits), 0) and lut_gemv.applicable(
+                weight.codebook, weight.bits, start, stop, length):
             for row in range(batch):
                 xs = x[row, start:stop].float()
                 out[row] += (lut_gemv.segment_sums(weight, xs, start, stop, count) * scale).sum(dim=0)

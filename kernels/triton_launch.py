@@ -45,7 +45,7 @@ def interpreting() -> bool:
 def check_call(x: torch.Tensor, weight: KernelWeight) -> None:
     """Raise UnsupportedLayerError naming the first thing the kernels cannot handle."""
     out_features, in_features = weight.shape
-    what = f"{weight.kind}{weight.bits} [{out_features}x{in_features}]"
+    what = f"{weight.label} [{out_features}x{in_features}]"
     if x.dtype not in ACTIVATION_DTYPES:
         raise UnsupportedLayerError(f"{what}: activations are {x.dtype}; supported: fp16, bf16, fp32")
     if x.shape[-1] != in_features:
@@ -55,7 +55,7 @@ def check_call(x: torch.Tensor, weight: KernelWeight) -> None:
     if x.device.type != "cuda" and not interpreting():
         raise UnsupportedLayerError(f"{what}: Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests); "
                                     f"got {x.device}")
-    if weight.kind == "uniform" and weight.bits not in (2, 3, 4, 8):
+    if not weight.codebook and weight.bits not in (2, 3, 4, 8):
         raise UnsupportedLayerError(f"{what}: {weight.bits}-bit uniform codes are not supported")
 
 
@@ -65,7 +65,7 @@ def tile_args(weight: KernelWeight, dtype: torch.dtype) -> tuple[list, dict]:
     cached fp16 ones would cost them 2^-11), which makes the rare fp32 NF call a little slower."""
     dummy = weight.codes
     hi = weight.codes_hi if weight.codes_hi is not None else dummy
-    if weight.kind == "uniform":
+    if not weight.codebook:
         folded = weight.zero_folded is not None
         gidx = weight.g_idx if weight.g_idx is not None else dummy
         args = [weight.codes, hi, weight.scales, weight.zero_folded if folded else dummy, gidx, dummy,
@@ -82,7 +82,7 @@ def exact_args(weight: KernelWeight) -> tuple[list, dict]:
     """Arguments of the fp32 bit-exact tile kernel (``triton_dequant``: the oracle's operations)."""
     dummy = weight.codes
     hi = weight.codes_hi if weight.codes_hi is not None else dummy
-    if weight.kind == "uniform":
+    if not weight.codebook:
         zeros = {0: dummy, 1: weight.qzeros, 2: weight.zeros, 3: weight.zeros}[weight.zero_mode]
         gidx = weight.g_idx if weight.g_idx is not None else dummy
         args = [weight.codes, hi, weight.scales, zeros, gidx, weight.group_size or 1, dummy, dummy, dummy, dummy]
@@ -177,7 +177,7 @@ def triton_dequantize(weight: KernelWeight, block_k: int = 64, block_n: int = 64
 
 def _uniform_weight(in_features, codes, codes_hi, scales, zeros, zero_folded, g_idx, bits, group_size, zero_mode,
                     out_features) -> KernelWeight:
-    return KernelWeight(kind="uniform", bits=bits, shape=(out_features, in_features), codes=codes,
+    return KernelWeight(bits=bits, shape=(out_features, in_features), codes=codes,
                         codes_hi=codes_hi, scales=scales, qzeros=zeros if zero_mode == 1 else None,
                         zeros=zeros if zero_mode in (2, 3) else None, zero_mode=zero_mode,
                         group_size=group_size, g_idx=g_idx, zero_folded=zero_folded)
@@ -185,7 +185,7 @@ def _uniform_weight(in_features, codes, codes_hi, scales, zeros, zero_folded, g_
 
 def _nf_weight(in_features, codes, codes_hi, lut, scale_codes, scale_scales, scale_offset, nf_scales, bits, block,
                scale_block, scale_levels, nf_group, out_features) -> KernelWeight:
-    return KernelWeight(kind="nf", bits=bits, shape=(out_features, in_features), codes=codes, codes_hi=codes_hi,
+    return KernelWeight(bits=bits, shape=(out_features, in_features), codes=codes, codes_hi=codes_hi,
                         lut=lut, scale_codes=scale_codes, scale_scales=scale_scales, scale_offset=scale_offset,
                         block=block, scale_block=scale_block, scale_levels=scale_levels, nf_scales=nf_scales,
                         nf_group=nf_group)
@@ -252,7 +252,7 @@ dequant_matmul_nf.register_autograd(_grad_input(_nf_weight), setup_context=_save
 
 def custom_op_call(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
     """Run ``weight`` through its custom op (what the dispatcher calls, and what torch.compile sees)."""
-    if weight.kind == "uniform":
+    if not weight.codebook:
         zeros = {0: None, 1: weight.qzeros, 2: weight.zeros, 3: weight.zeros}[weight.zero_mode]
         return torch.ops.compress.dequant_matmul_uniform(
             x, weight.codes, weight.codes_hi, weight.scales, zeros, weight.zero_folded, weight.g_idx, weight.bits,

@@ -134,10 +134,11 @@ class L4QLinear(torch.nn.Module):
     def _initial_qparams(self, init) -> tuple[torch.Tensor, torch.Tensor]:
         if init is None:
             return rtn_qparams(self.base_layer.weight, self.bits, self.group_size)
+        from compress.quant.config import UniformConfig
         from compress.quant.uniform import from_gptq_tensors
 
         config = init.config
-        if config.kind != "uniform" or config.bits != self.bits or config.group_size != self.group_size:
+        if not isinstance(config, UniformConfig) or config.bits != self.bits or config.group_size != self.group_size:
             raise ValueError(f"cannot start L4Q ({self.bits}-bit, group {self.group_size}) from {config.name}")
         _, scale, zero = from_gptq_tensors(init.tensors, config.bits, init.shape)
         return scale.float().contiguous(), (-scale.float() * zero.float()).contiguous()

@@ -1,6 +1,7 @@
-"""Quantizers, packing and storage accounting: tensors in, tensors out. Never imports orchestration."""
+"""Quantizers, packing and storage accounting: tensors in, tensors out. Never imports orchestration;
+of kernels only the one declared type (``KernelWeight``, built here) and the matmul a layer calls."""
 
-from .config import SUPPORTED_BITS, QuantConfig, fits_gptq
+from .config import SUPPORTED_BITS, NFConfig, QuantConfig, UniformConfig
 from .normalfloat import nf_codebook, quantize_nf, dequantize_nf
 from .packing import pack_codes, unpack_codes
 from .qweight import QuantizedWeight, check_tensors, tensor_specs
@@ -8,7 +9,7 @@ from .uniform import quantize_rtn, dequantize_gptq
 from .linear import QuantLinear
 
 __all__ = [
-    "SUPPORTED_BITS", "QuantConfig", "QuantizedWeight", "QuantLinear", "check_tensors", "dequantize_gptq",
-    "dequantize_nf", "fits_gptq", "nf_codebook", "pack_codes", "quantize_nf", "quantize_rtn",
+    "SUPPORTED_BITS", "NFConfig", "QuantConfig", "QuantizedWeight", "QuantLinear", "UniformConfig", "check_tensors",
+    "dequantize_gptq", "dequantize_nf", "nf_codebook", "pack_codes", "quantize_nf", "quantize_rtn",
     "tensor_specs", "unpack_codes",
 ]

@@ -35,11 +35,12 @@ fp16 float zero), so with H = I and no refinement GPTQ returns exactly RTN's cod
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
-from .config import QuantConfig, effective_group
+from .config import QuantConfig, UniformConfig
 from .gptq_refine import grid_round, refine, row_errors
 from .qweight import QuantizedWeight
 from .scale_search import search_qparams
@@ -133,14 +134,15 @@ def _group_params(weight: torch.Tensor, config: QuantConfig, group: int,
 
 @dataclass(frozen=True)
 class GPTQSettings:
-    """How GPTQ runs (the module docstring); the defaults are the quantize stage's."""
+    """How GPTQ runs (the module docstring); the defaults are the quantize stage's, and each field's
+    metadata holds the bounds a recipe is held to (``quant.quantizers``)."""
 
-    damp: float = 0.05
-    damp_increment: float = 0.01
-    block: int = 128
-    order: str = "group_aware"
-    mse_norm: float = 0.0  # 0: min/max group parameters; > 0: the shrink search under this norm
-    refine_rounds: int = 1  # rounds of code and scale refinement after the column loop (``gptq_refine``)
+    damp: float = field(default=0.05, metadata={"gt": 0, "lt": 1})
+    damp_increment: float = field(default=0.01, metadata={"ge": 0, "lt": 1})
+    block: int = field(default=128, metadata={"ge": 1})
+    order: Literal[ORDERS] = "group_aware"
+    mse_norm: float = field(default=0.0, metadata={"ge": 0})  # 0: min/max group parameters; > 0: the shrink search
+    refine_rounds: int = field(default=1, metadata={"ge": 0, "le": 16})  # code/scale refinement rounds (``gptq_refine``)
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig,
@@ -156,7 +158,7 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, co
     matrix of their stacked rows: GPTQ treats rows independently (the order, damp and H⁻¹ come from
     H alone; a row's groups, rounding and error feedback are its own), so each result is the one
     ``gptq_quantize`` gives the weight alone, up to float rounding, for one column loop in all."""
-    if config.kind != "uniform":
+    if not isinstance(config, UniformConfig):
         raise ValueError(f"GPTQ quantizes to uniform configs, not {config.name}")
     in_features = weights[0].shape[1]
     if any(weight.shape[1] != in_features for weight in weights):
@@ -168,7 +170,7 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, co
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    group = effective_group(config, in_features)
+    group = config.group_for(in_features)
     static = settings.order == "activation" or group >= in_features  # parameters fixed before the loop
     params = _group_params(w, config, group, settings.mse_norm) if static else None
     order = column_order(h.diagonal(), group, settings.order)

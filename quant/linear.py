@@ -4,7 +4,7 @@ Buffers only (names as in the checkpoint: ``qweight``/``qzeros``/``scales``/``g_
 ``codes``/``scale_codes``/``scale_scales``/``scale_offset`` for NF, optional ``bias``) and a forward
 through ``kernels.dequant_matmul``. No algorithm logic lives here.
 
-The kernel layout (``kernels.prepare``: 3-bit and NF codes repacked into K-major planes) is built on
+The kernel layout (``QuantizedWeight.kernel_weight``: 3-bit and NF codes repacked into K-major planes) is built on
 the first forward and cached until a buffer changes (``.to(device)``, ``load_state_dict``); it is not
 part of the state dict. ``backend`` names the kernel the last forward ran (reports collect it).
 """
@@ -52,8 +52,8 @@ class QuantLinear(nn.Module):
 
     @property
     def W_q(self) -> torch.Tensor:  # noqa: N802  (the name PEFT probes, after qweight, for a packed layer's device)
-        """The packed codes of either format (``qweight`` for uniform, ``codes`` for NF)."""
-        return self.qweight if self.config.kind == "uniform" else self.codes
+        """The packed codes, the config's first tensor (``qweight`` for uniform, ``codes`` for NF)."""
+        return getattr(self, self._names[0])
 
     def quantized_weight(self) -> QuantizedWeight:
         names = tensor_specs(self.config, self.shape)
@@ -70,7 +70,7 @@ class QuantLinear(nn.Module):
         key = tuple((buffers[n].data_ptr(), buffers[n]._version) for n in self._names)
         key += (buffers[self._names[0]].device,)
         if self._layout is None or self._layout[0] != key:
-            self._layout = (key, kernels.prepare(self.quantized_weight()))
+            self._layout = (key, self.quantized_weight().kernel_weight())
         return self._layout[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,10 +26,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .config import QuantConfig
 from .packing import pack_codes, unpack_codes
 from .uniform import divide
 
+# ``config`` below is a ``quant.config.NFConfig``; it is not imported (the config classes call into this module)
 NF_OFFSET = 0.9677083
 SCALE_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -53,7 +53,7 @@ def _blocks(flat: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(flat, (0, (-flat.numel()) % size)).view(-1, size)
 
 
-def quantize_scales(absmax: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tensor]:
+def quantize_scales(absmax: torch.Tensor, config: "NFConfig") -> dict[str, torch.Tensor]:
     """Double-quantize per-block absmax scales: unsigned codes, second-level scales, offset."""
     levels = 2**config.scale_bits - 1
     offset = absmax.min().reshape(1)
@@ -68,7 +68,7 @@ def quantize_scales(absmax: torch.Tensor, config: QuantConfig) -> dict[str, torc
 
 
 def dequantize_scales(codes: torch.Tensor, second: torch.Tensor, offset: torch.Tensor,
-                      config: QuantConfig) -> torch.Tensor:
+                      config: "NFConfig") -> torch.Tensor:
     """Per-block scales s^ (fp32) from their codes, second-level scales and offset."""
     levels = 2**config.scale_bits - 1
     per_block = second.float().repeat_interleave(config.scale_block)[: codes.numel()]
@@ -116,7 +116,7 @@ def nearest_codes(values: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.view(values.shape)
 
 
-def quantize_nf(weight: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tensor]:
+def quantize_nf(weight: torch.Tensor, config: "NFConfig") -> dict[str, torch.Tensor]:
     """NF-quantize a float weight [N, K] into packed tensors (see the module docstring)."""
     flat = weight.detach().float().reshape(-1)
     blocks = _blocks(flat, config.block)
@@ -137,7 +137,7 @@ def quantize_nf(weight: torch.Tensor, config: QuantConfig) -> dict[str, torch.Te
     }
 
 
-def dequantize_nf(tensors: dict[str, torch.Tensor], config: QuantConfig,
+def dequantize_nf(tensors: dict[str, torch.Tensor], config: "NFConfig",
                   shape: tuple[int, int]) -> torch.Tensor:
     """Float32 weight [N, K] from NF tensors."""
     numel = shape[0] * shape[1]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import QuantConfig, effective_group
+from .config import QuantConfig
 from .uniform import group_codes, group_view, qparams_from_range
 
 GRID = 100
@@ -39,7 +39,7 @@ def search_qparams(weight: torch.Tensor, config: QuantConfig, norm: float, grid:
     if norm <= 0:
         raise ValueError(f"scale search norm {norm} must be positive")
     in_features = weight.shape[1]
-    group = effective_group(config, in_features)
+    group = config.group_for(in_features)
     groups = group_view(weight.float(), group)
     valid = (torch.arange(groups.shape[1] * group, device=weight.device) < in_features).float()
     valid = valid.view(groups.shape[1], group)  # zero padding of a partial last group is not scored

@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import QuantConfig, effective_group
 from .packing import pack_codes, unpack_codes
 
+# ``config`` below is a ``quant.config.UniformConfig``; it is not imported (the config classes call into this module)
 FP16_SMALLEST = 2.0**-24  # smallest fp16 subnormal: a nonzero scale never rounds to 0
 
 
@@ -47,14 +47,14 @@ def divide(values: torch.Tensor, divisor: float) -> torch.Tensor:
     return values / values.new_tensor(divisor)
 
 
-def choose_qparams(weight: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_qparams(weight: torch.Tensor, config: "UniformConfig") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (scale fp16 [N, G], zero int32 [N, G], or fp16 with ``float_zero``) for a float weight [N, K]."""
-    groups = group_view(weight.float(), effective_group(config, weight.shape[1]))
+    groups = group_view(weight.float(), config.group_for(weight.shape[1]))
     low, high = torch.aminmax(groups, dim=2)
     return qparams_from_range(low, high, config)
 
 
-def qparams_from_range(low: torch.Tensor, high: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def qparams_from_range(low: torch.Tensor, high: torch.Tensor, config: "UniformConfig") -> tuple[torch.Tensor, torch.Tensor]:
     """(scale fp16, zero) of groups whose values span [low, high] (any matching shapes), by the
     rules in the module docstring."""
     maxq = 2**config.bits - 1
@@ -76,14 +76,14 @@ def qparams_from_range(low: torch.Tensor, high: torch.Tensor, config: QuantConfi
 
 
 def quantize_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                   config: QuantConfig) -> torch.Tensor:
+                   config: "UniformConfig") -> torch.Tensor:
     """Integer codes [N, K] (uint8) for a weight given its per-group scale and zero."""
-    group = effective_group(config, weight.shape[1])
+    group = config.group_for(weight.shape[1])
     codes = group_codes(group_view(weight.float(), group), scale, zero, config).to(torch.uint8)
     return codes.view(weight.shape[0], -1)[:, : weight.shape[1]]
 
 
-def group_codes(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+def group_codes(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: "UniformConfig") -> torch.Tensor:
     """Float codes [..., G, group] of grouped values given each group's scale and zero [..., G]."""
     if config.float_zero:
         codes = (groups / scale.float().unsqueeze(-1)).add_(zero.float().unsqueeze(-1)).round_()
@@ -99,13 +99,13 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return (codes.to(torch.int32) - zero[:, index]).float() * scale.float()[:, index]
 
 
-def default_g_idx(in_features: int, config: QuantConfig, device: torch.device | str | None = None) -> torch.Tensor:
+def default_g_idx(in_features: int, config: "UniformConfig", device: torch.device | str | None = None) -> torch.Tensor:
     """The group of each input column, ``arange(K) // group`` (int32 [K], on ``device``)."""
-    group = effective_group(config, in_features)
+    group = config.group_for(in_features)
     return torch.arange(in_features, dtype=torch.int32, device=device) // group
 
 
-def quantize_rtn(weight: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tensor]:
+def quantize_rtn(weight: torch.Tensor, config: "UniformConfig") -> dict[str, torch.Tensor]:
     """Round-to-nearest quantization of a float weight [N, K] into GPTQ v1 tensors (or the
     float-zero tensors)."""
     scale, zero = choose_qparams(weight, config)
@@ -115,7 +115,7 @@ def quantize_rtn(weight: torch.Tensor, config: QuantConfig) -> dict[str, torch.T
 
 
 def to_float_zero_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                          config: QuantConfig) -> dict[str, torch.Tensor]:
+                          config: "UniformConfig") -> dict[str, torch.Tensor]:
     """Codes [N, K] packed as GPTQ's qweight, fp16 scale and zero [N, G] stored as [G, N]."""
     return {
         "qweight": pack_codes(codes.t(), config.bits, dim=0),
@@ -126,7 +126,7 @@ def to_float_zero_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.
 
 
 def to_gptq_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                    config: QuantConfig) -> dict[str, torch.Tensor]:
+                    config: "UniformConfig") -> dict[str, torch.Tensor]:
     """Pack codes [N, K], scale [N, G] and zero [N, G] into the GPTQ v1 layout."""
     if int(zero.min()) < 1:
         raise ValueError("GPTQ v1 stores zero - 1: zero points must be >= 1")

@@ -55,7 +55,7 @@ def oracle(x, dense):
 def check(config, name, tolerance, shapes=SHAPES, act_order=False):
     for (n, k), batch in itertools.product(shapes, BATCHES):
         qweight, dense = packed((n, k), config, seed=batch, act_order=act_order)
-        prepared = layout.prepare(qweight)
+        prepared = qweight.kernel_weight()
         found = cpu_fast.layout_for(name, prepared)
         if isinstance(found, str):
             assert config.kind == "nf" and k % config.block, found  # only NF blocks that straddle rows are refused
@@ -103,7 +103,7 @@ def test_int4pack_act_order():
 @needs_native
 def test_native_bias_and_leading_dimensions():
     qweight, dense = packed((70, 128), QuantConfig.uniform(4, 64))
-    prepared = layout.prepare(qweight)
+    prepared = qweight.kernel_weight()
     x, bias = torch.randn(2, 3, 128).to(torch.bfloat16), torch.randn(70)
     y = kernels.dequant_matmul(x, prepared, bias, backend="native")
     expected = oracle(x.reshape(-1, 128).float(), dense) + bias.double()
@@ -111,19 +111,19 @@ def test_native_bias_and_leading_dimensions():
 
 
 def test_refusals_say_why():
-    nf8 = layout.prepare(packed((64, 128), QuantConfig.nf(8))[0])
+    nf8 = packed((64, 128), QuantConfig.nf(8))[0].kernel_weight()
     assert cpu_native.native_layout(nf8) == "nf8: the table path takes up to 16 codebook values"
     assert "int4pack takes uniform grids" in cpu_int4pack.int4pack_layout(nf8)
-    int8 = layout.prepare(packed((64, 128), QuantConfig.uniform(8, 64))[0])
+    int8 = packed((64, 128), QuantConfig.uniform(8, 64))[0].kernel_weight()
     assert cpu_int4pack.int4pack_layout(int8) == "uniform8: int4pack takes uniform grids of at most 16 levels"
-    straddling = layout.prepare(packed((64, 200), QuantConfig.nf(4))[0])
+    straddling = packed((64, 200), QuantConfig.nf(4))[0].kernel_weight()
     assert cpu_native.native_layout(straddling) == "nf blocks of 64 do not tile rows of 200"
 
 
 def test_dispatch_by_dtype_and_format(monkeypatch):
     monkeypatch.delenv("COMPRESS_KERNEL", raising=False)
-    int4 = layout.prepare(packed((64, 128), QuantConfig.uniform(4, 64))[0])
-    nf8 = layout.prepare(packed((64, 128), QuantConfig.nf(8))[0])
+    int4 = packed((64, 128), QuantConfig.uniform(4, 64))[0].kernel_weight()
+    nf8 = packed((64, 128), QuantConfig.nf(8))[0].kernel_weight()
     fast = "native" if NATIVE_OK else "int4pack"
     assert kernels.select_backend(torch.device("cpu"), torch.bfloat16, int4)[0] == fast
     assert kernels.select_backend(torch.device("cpu"), torch.float16, int4)[0] == fast
@@ -144,9 +144,9 @@ def test_dispatch_by_dtype_and_format(monkeypatch):
 def test_int4pack_when_the_native_kernel_cannot_run(monkeypatch):
     monkeypatch.delenv("COMPRESS_KERNEL", raising=False)
     monkeypatch.setattr(cpu_native, "availability", lambda: (False, "no C++ compiler (test)"))
-    int4 = layout.prepare(packed((64, 128), QuantConfig.uniform(4, 64))[0])
+    int4 = packed((64, 128), QuantConfig.uniform(4, 64))[0].kernel_weight()
     assert kernels.select_backend(torch.device("cpu"), torch.bfloat16, int4)[0] == "int4pack"
-    int8 = layout.prepare(packed((64, 128), QuantConfig.uniform(8, 64))[0])
+    int8 = packed((64, 128), QuantConfig.uniform(8, 64))[0].kernel_weight()
     backend, reason = kernels.select_backend(torch.device("cpu"), torch.bfloat16, int8)
     assert backend == "reference" and "native: no C++ compiler (test)" in reason
 
@@ -155,7 +155,7 @@ def test_int4pack_when_the_native_kernel_cannot_run(monkeypatch):
 def test_fast_path_backward_matches_dense(name):
     """LoRA over a packed base in bf16: gradients wrt x through the fast path's autograd."""
     qweight, dense = packed((64, 256), QuantConfig.uniform(4, 64))
-    prepared = layout.prepare(qweight)
+    prepared = qweight.kernel_weight()
     x = torch.randn(3, 256).to(torch.bfloat16).requires_grad_()
     cpu_fast.matmul(x, prepared, None, name).float().pow(2).sum().backward()
     x64 = x.detach().double().requires_grad_()
@@ -176,7 +176,7 @@ def test_quant_linear_in_bf16_runs_the_fast_path(monkeypatch):
 
 @needs_native
 def test_torch_compile_traces_the_native_op():
-    prepared = layout.prepare(packed((64, 96), QuantConfig.uniform(4, 32))[0])
+    prepared = packed((64, 96), QuantConfig.uniform(4, 32))[0].kernel_weight()
     bias = torch.randn(64)
 
     def forward(x):

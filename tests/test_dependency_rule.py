@@ -196,3 +196,21 @@ def test_the_walk_sees_every_package():
     assert {"compress.training", "compress.checkpoint.load", "compress.stages.prune", "compress.prune.units",
             "compress.quant", "compress.lowrank.lora", "compress.kernels.reference"} <= set(files)
     assert all(path.is_file() for path in files.values())
+
+
+def test_kernels_and_quant_meet_only_at_the_kernel_weight():
+    """Kernels never import quant; quant reaches kernels only for the one declared type they share
+    (``KernelWeight``, which quant builds) and, in ``QuantLinear``'s forward, the dispatcher."""
+    imports = _all_imports()
+    kernels_to_quant = [f"{i.source}:{i.line}: {i.text}" for module, found in imports.items()
+                        if _under(module, "compress.kernels") for i in found
+                        if i.target and _under(i.target, "compress.quant")]
+    assert not kernels_to_quant, "kernels import quant:\n" + "\n".join(kernels_to_quant)
+    allowed = {"from compress.kernels.layout import KernelWeight", "from compress import kernels"}
+    quant_to_kernels = [f"{i.source}:{i.line}: {i.text}" for module, found in imports.items()
+                        if _under(module, "compress.quant") for i in found
+                        if i.target and _under(i.target, "compress.kernels") and i.text not in allowed]
+    assert not quant_to_kernels, "quant imports kernels beyond KernelWeight:\n" + "\n".join(quant_to_kernels)
+    dispatch = [i.source for module, found in imports.items() if _under(module, "compress.quant") for i in found
+                if i.text == "from compress import kernels"]
+    assert dispatch == ["quant/linear.py"], dispatch

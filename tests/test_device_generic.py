@@ -112,7 +112,7 @@ def test_sync_free_paths_follow_meta_inputs(config):
     assert_on_meta(normalfloat.nearest_codes(torch.zeros(10, device="meta"), config.bits))
     for batch in (1, 2, 40):
         x = torch.zeros(batch, 160, device="meta", requires_grad=True)
-        out = reference.dequant_matmul(x, kernels.prepare(quantized))
+        out = reference.dequant_matmul(x, quantized.kernel_weight())
         out.sum().backward()
         assert_on_meta((out, x.grad))
 
@@ -177,7 +177,7 @@ def test_act_order_g_idx_dequantizes_by_gather():
     quantized = QuantizedWeight.quantize(weight, QuantConfig.uniform(4, 32))
     tensors = dict(quantized.tensors, g_idx=quantized.tensors["g_idx"][torch.randperm(96, generator=torch.Generator())])
     shuffled = QuantizedWeight(quantized.config, quantized.shape, tensors)
-    assert_device_generic(lambda: (shuffled.dequantize(), kernels.prepare(shuffled)))
+    assert_device_generic(lambda: (shuffled.dequantize(), shuffled.kernel_weight()))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -265,7 +265,7 @@ def test_reference_kernel_forward_and_backward(config, batch):
     """Every path of the tiled product: lookup tables (batch 1), scale after the product, dequantized
     tiles, and the per-row gather of nf blocks that straddle rows (K = 160, block 64)."""
     weight = QuantizedWeight.quantize(randn(64, 160, seed=9, scale=0.05), config)
-    layout = kernels.prepare(weight)
+    layout = weight.kernel_weight()
     x, upstream, bias = randn(batch, 160, seed=10), randn(batch, 64, seed=11), randn(64, seed=12)
 
     def run():

@@ -66,9 +66,9 @@ def test_bad_kernel_choice_exits_2(tmp_path):
                          ids=lambda c: c.name)
 def test_custom_ops_pass_opcheck(config):
     qweight = QuantizedWeight.quantize(torch.randn(64, 96), config)
-    prepared = layout.prepare(qweight)
+    prepared = qweight.kernel_weight()
     x = torch.randn(3, 96)
-    if prepared.kind == "uniform":
+    if not prepared.codebook:
         zeros = {0: None, 1: prepared.qzeros, 2: prepared.zeros}[prepared.zero_mode]
         op, args = torch.ops.compress.dequant_matmul_uniform, (
             x, prepared.codes, prepared.codes_hi, prepared.scales, zeros, prepared.zero_folded, prepared.g_idx,
@@ -82,7 +82,7 @@ def test_custom_ops_pass_opcheck(config):
 
 
 def test_torch_compile_traces_the_custom_op():
-    prepared = layout.prepare(QuantizedWeight.quantize(torch.randn(64, 96), QuantConfig.uniform(4, 32)))
+    prepared = QuantizedWeight.quantize(torch.randn(64, 96), QuantConfig.uniform(4, 32)).kernel_weight()
     bias = torch.randn(64)
 
     def forward(x):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from compress.kernels import layout, reference
+from compress.quant import kernel_layout
 from compress.quant.config import QuantConfig
 from compress.quant.packing import unpack_codes
 from compress.quant.qweight import QuantizedWeight
@@ -68,12 +69,12 @@ def float64_reference(x, dense):
 def test_unpack_rows_matches_bit_stream_unpacker(bits):
     codes = torch.randint(0, 2**bits, (75, 33), generator=torch.Generator().manual_seed(bits), dtype=torch.int32)
     if bits == 1:
-        plane = layout.pack_bit_plane(codes)
+        plane = kernel_layout.pack_bit_plane(codes)
         rows = reference.unpack_plane_rows(plane, 1, 32, 75)
         assert torch.equal(rows.int(), codes[32:])
         return
-    lo, hi = layout.code_planes(codes, bits)
-    weight = layout.KernelWeight(kind="uniform", bits=bits, shape=(33, 75), codes=lo, codes_hi=hi)
+    lo, hi = kernel_layout.code_planes(codes, bits)
+    weight = layout.KernelWeight(bits=bits, shape=(33, 75), codes=lo, codes_hi=hi)
     assert torch.equal(reference.unpack_rows(weight, 0, 75).int(), codes)
     assert torch.equal(reference.unpack_rows(weight, 64, 75).int(), codes[64:])
     if bits != 3:
@@ -82,11 +83,11 @@ def test_unpack_rows_matches_bit_stream_unpacker(bits):
 
 def test_two_and_four_and_eight_bit_layout_is_the_checkpoint_qweight():
     qweight, _ = packed((64, 128), QuantConfig.uniform(4, 64))
-    prepared = layout.prepare(qweight)
+    prepared = qweight.kernel_weight()
     assert prepared.codes is qweight.tensors["qweight"] and prepared.codes_hi is None
     assert prepared.zero_mode == 1 and prepared.qzeros is qweight.tensors["qzeros"]
-    sym = layout.prepare(packed((64, 128), QuantConfig.uniform(4, 64, sym=True))[0])
-    three = layout.prepare(packed((64, 128), QuantConfig.uniform(3, 64))[0])
+    sym = packed((64, 128), QuantConfig.uniform(4, 64, sym=True))[0].kernel_weight()
+    three = packed((64, 128), QuantConfig.uniform(3, 64))[0].kernel_weight()
     assert sym.zero_mode == 0 and three.zero_mode == 2 and three.codes_hi.shape == (4, 64)
 
 
@@ -97,7 +98,7 @@ def test_reference_dequantize_is_bit_exact(config, monkeypatch):
     monkeypatch.setattr(reference, "TILE_ELEMENTS", 1024)  # several tiles even for small shapes
     for shape, act_order in [((96, 200), False), ((40, 96), False), ((64, 384), config.kind == "uniform")]:
         qweight, oracle = packed(shape, config, act_order=act_order)
-        prepared = layout.prepare(qweight)
+        prepared = qweight.kernel_weight()
         assert len(reference.tile_bounds(prepared)) > 1
         assert torch.equal(reference.dequantize(prepared), oracle), (shape, act_order)
 
@@ -109,7 +110,7 @@ def test_reference_matmul_error(config, monkeypatch):
         qweight, oracle = packed(shape, config, seed=batch)
         x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(batch))
         bias = torch.randn(shape[0])
-        y = reference.dequant_matmul(x, layout.prepare(qweight), bias)
+        y = reference.dequant_matmul(x, qweight.kernel_weight(), bias)
         assert y.dtype == torch.float32
         assert relative_error(y, float64_reference(x, oracle) + bias.double()) < 1e-5, (shape, batch)
 
@@ -121,7 +122,7 @@ def test_lookup_table_sums_equal_unpacked_products(config):
     from compress.kernels import lut_gemv
 
     qweight, _ = packed((40, 384), config)
-    prepared = layout.prepare(qweight)
+    prepared = qweight.kernel_weight()
     x = torch.randn(384, generator=torch.Generator().manual_seed(3))
     if config.kind == "uniform":
         values = unpack_codes(qweight.tensors["qweight"], config.bits, 384, dim=0).double()  # [K, N]
@@ -138,7 +139,7 @@ def test_reference_half_activations(dtype):
     qweight, oracle = packed((96, 256), QuantConfig.uniform(4, 64))
     for batch in (1, 40):  # scale-after-product path and dequantized-tile path
         x = torch.randn(2, batch, 256).to(dtype)
-        y = reference.dequant_matmul(x, layout.prepare(qweight))
+        y = reference.dequant_matmul(x, qweight.kernel_weight())
         assert y.dtype == dtype and y.shape == (2, batch, 96)
         expected = float64_reference(x.reshape(-1, 256), oracle).to(dtype).double()
         assert relative_error(y.reshape(-1, 96), expected) < 1e-3
@@ -150,7 +151,7 @@ def test_reference_half_activations(dtype):
 def test_triton_dequant_tile_is_bit_exact(config):
     for shape, act_order in [((96, 200), False), ((64, 384), config.kind == "uniform")]:
         qweight, oracle = packed(shape, config, act_order=act_order)
-        prepared = on_device(layout.prepare(qweight))
+        prepared = on_device(qweight.kernel_weight())
         for block_k, block_n in ((32, 32), (64, 128), (256, 64)):  # aligned, aligned, unaligned
             tiles = triton_launch.triton_dequantize(prepared, block_k, block_n)
             if DEVICE == "cpu":
@@ -164,7 +165,7 @@ def test_triton_matmul_error(config):
     for shape, batch in itertools.product(SHAPES, (1, 3, 16, 33)):
         qweight, oracle = packed(shape, config, seed=batch)
         x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(batch)).to(DEVICE)
-        prepared = on_device(layout.prepare(qweight))
+        prepared = on_device(qweight.kernel_weight())
         expected = float64_reference(x, oracle)
         y = triton_launch.triton_dequant_matmul(x, prepared)  # default (unaligned) large tiles
         assert y.shape == (batch, shape[0]) and y.dtype == torch.float32
@@ -180,7 +181,7 @@ def test_triton_matmul_error(config):
                                     QuantConfig.nf(4)], ids=lambda c: c.name)
 def test_triton_half_activations(config, dtype):
     qweight, oracle = packed((96, 200), config)
-    prepared = on_device(layout.prepare(qweight))
+    prepared = on_device(qweight.kernel_weight())
     for batch in (1, 16, 33):
         x = torch.randn(batch, 200).to(dtype).to(DEVICE)
         y = triton_launch.triton_dequant_matmul(x, prepared)
@@ -202,7 +203,7 @@ def test_group_aligned_heuristic():
 @pytest.mark.parametrize("split_k", [2, 3])
 def test_triton_split_k_and_forced_paths(split_k):
     qweight, oracle = packed((80, 416), QuantConfig.uniform(4, 32))
-    prepared = on_device(layout.prepare(qweight))
+    prepared = on_device(qweight.kernel_weight())
     x = torch.randn(5, 416).to(DEVICE)
     expected = float64_reference(x, oracle)
     split = triton_launch.triton_dequant_matmul(x, prepared, config={"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split_k},
@@ -213,7 +214,7 @@ def test_triton_split_k_and_forced_paths(split_k):
 
 
 def test_triton_launcher_says_what_is_unsupported(monkeypatch):
-    prepared = on_device(layout.prepare(packed((64, 128), QuantConfig.uniform(4, 64))[0]))
+    prepared = on_device(packed((64, 128), QuantConfig.uniform(4, 64))[0].kernel_weight())
     with pytest.raises(triton_launch.UnsupportedLayerError, match=r"input has 96 features, the weight expects 128"):
         triton_launch.triton_dequant_matmul(torch.randn(2, 96, device=DEVICE), prepared)
     with pytest.raises(triton_launch.UnsupportedLayerError, match=r"torch.float64; supported: fp16, bf16, fp32"):
@@ -225,10 +226,10 @@ def test_triton_launcher_says_what_is_unsupported(monkeypatch):
 
 
 def test_empty_batch():
-    prepared = on_device(layout.prepare(packed((64, 128), QuantConfig.uniform(4, 64))[0]))
+    prepared = on_device(packed((64, 128), QuantConfig.uniform(4, 64))[0].kernel_weight())
     x = torch.randn(0, 128, device=DEVICE)
     assert triton_launch.triton_dequant_matmul(x, prepared).shape == (0, 64)
-    assert reference.dequant_matmul(x.cpu(), layout.prepare(packed((64, 128), QuantConfig.uniform(4, 64))[0])).shape == (0, 64)
+    assert reference.dequant_matmul(x.cpu(), packed((64, 128), QuantConfig.uniform(4, 64))[0].kernel_weight()).shape == (0, 64)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: autotuned compiled kernels at Llama shapes")
@@ -237,7 +238,7 @@ def test_empty_batch():
 def test_cuda_autotuned_llama_shapes(config):
     """The autotuned path (every config the pruner keeps) at a real shape, fp16 activations."""
     qweight, oracle = packed((4096, 4096), config)
-    prepared = on_device(layout.prepare(qweight))
+    prepared = on_device(qweight.kernel_weight())
     for batch in (1, 16, 64):
         x = (torch.randn(batch, 4096) / 10).to(torch.float16).to(DEVICE)
         y = triton_launch.triton_dequant_matmul(x, prepared)
@@ -298,7 +299,7 @@ def test_reference_backward_recomputes_tiles(config, monkeypatch):
     graph keeps no dequantized tile (only the input and the packed weight)."""
     monkeypatch.setattr(reference, "TILE_ELEMENTS", 1024)
     qweight, oracle = packed((64, 384), config)
-    prepared = layout.prepare(qweight)
+    prepared = qweight.kernel_weight()
     bias = torch.randn(64, requires_grad=True)
     x = torch.randn(2, 5, 384, requires_grad=True)
     y = reference.dequant_matmul(x, prepared, bias)
@@ -324,7 +325,7 @@ def test_borrowed_gptqmodel_qzeros_read_unpacked(bits):
     codes = unpack_codes(qweight.tensors["qweight"], bits, 128, dim=0)  # [K, N]
     scales = qweight.tensors["scales"].double().repeat_interleave(64, dim=0)
     expected = ((codes - zeros.repeat_interleave(64, dim=0)).double() * scales).t().float()
-    prepared = layout.prepare(qweight)
+    prepared = qweight.kernel_weight()
     assert prepared.zero_mode == 2
     assert torch.equal(qweight.dequantize(), expected)
     assert torch.equal(reference.dequantize(prepared), expected)

@@ -142,7 +142,7 @@ def test_row_blocks_change_nothing(config):
     """Uniform quantize/dequantize/error run ROW_BLOCK rows at a time: the same tensors as one pass
     over the matrix (2100 rows: two full blocks and a partial one that is not a multiple of 32), the
     same dequantized weight, and the error equals a float64 sum."""
-    from compress.quant.qweight import ROW_BLOCK
+    from compress.quant.config import ROW_BLOCK
     from compress.quant.uniform import dequantize_gptq, quantize_rtn
 
     weight = torch.randn(2 * ROW_BLOCK + 52, 64, generator=torch.Generator().manual_seed(config.bits))

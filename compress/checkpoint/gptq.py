@@ -15,7 +15,7 @@ import re
 from collections import Counter, defaultdict
 
 from compress import __version__
-from compress.quant import QuantConfig, fits_gptq
+from compress.quant import QuantConfig, UniformConfig
 
 from ..targets import FUSED_GROUPS
 
@@ -36,7 +36,7 @@ def integer_problems(configs: dict[str, QuantConfig], shapes: dict[str, tuple[in
     NF or float-zero configs, partial groups, fused q/k/v or gate/up that differ."""
     problems = []
     for name, config in configs.items():
-        if config.kind != "uniform":
+        if not isinstance(config, UniformConfig):
             problems.append(f"{name}: {config.name} is a NormalFloat config; {fmt} holds uniform integers "
                             "only (quantize it with a uniform config, or export native, which keeps it)")
         elif config.float_zero:
@@ -56,6 +56,14 @@ def integer_problems(configs: dict[str, QuantConfig], shapes: dict[str, tuple[in
                 problems.append(f"{prefix}.{{{','.join(group)}}}: engines fuse these and need one config, "
                                 f"got {', '.join(f'{m.rpartition(chr(46))[2]}={v}' for m, v in names.items())}")
     return problems
+
+
+def fits_gptq(shape: tuple[int, int]) -> str | None:
+    """Why an (out, in) matrix cannot be held by the GPTQ layout, or None if it can."""
+    out_features, in_features = shape
+    bad = [f"{name}={n} is not a multiple of 32" for name, n in
+           (("in_features", in_features), ("out_features", out_features)) if n % 32]
+    return "; ".join(bad) or None
 
 
 def gptq_problems(configs: dict[str, QuantConfig], shapes: dict[str, tuple[int, int]]) -> list[str]:

@@ -10,6 +10,7 @@ inference engines load the checkpoint, with which kernel, and what stops the oth
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,7 +23,6 @@ from .engines import engine_verdicts
 from .load import read_layout, refuse_adapter
 from .tensors import TensorSource
 
-COUNTED = {"uniform": ("qweight", "scales", "qzeros", "zeros"), "nf": ("codes", "scale_codes", "scale_scales", "scale_offset")}
 BYTES_PER = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8, "U8": 1, "I8": 1, "F64": 8, "BOOL": 1}
 FLOATS = ("F16", "BF16", "F32", "F64")
 SAFETENSORS_DTYPES = {torch.int32: "I32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
@@ -90,16 +90,12 @@ def _module_row(name: str, config: QuantConfig, shape, meta: dict, source: Tenso
         counted = [t for t in ct.COUNTED if t in tensors]
     else:
         _check_stored(name, config, shape, tensors)
-        counted = [t for t in COUNTED[config.kind] if t in tensors and not (config.kind == "uniform" and
-                                                                             config.sym and t == "qzeros")]
+        counted = [t for t in config.counted_tensors if t in tensors]
     row = {"name": name, "format": config.kind, "config": config.name, "bits": config.bits,
            "shape": list(shape), "params": shape[0] * shape[1],
            "bytes": sum(_nbytes(*v) for v in tensors.values()),
            "counted_bits": 8 * sum(_nbytes(*tensors[t]) for t in counted)}
-    if config.kind == "uniform":
-        row.update(group_size=config.group_size, sym=config.sym, float_zero=config.float_zero)
-    else:
-        row.update(block=config.block, scale_bits=config.scale_bits, scale_block=config.scale_block)
+    row.update({key: value for key, value in asdict(config).items() if key != "bits"})
     return row
 
 

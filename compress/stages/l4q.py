@@ -90,8 +90,8 @@ def check(recipe, entry, model) -> None:
 
 
 def _same_grid(module, config: L4QConfig) -> bool:
-    return (isinstance(module, QuantLinear) and module.config.kind == "uniform" and not module.config.float_zero
-            and module.config.bits == config.bits and module.config.group_size == config.group_size)
+    grids = [QuantConfig.uniform(config.bits, config.group_size, sym) for sym in (True, False)]
+    return isinstance(module, QuantLinear) and module.config in grids
 
 
 def _dense_start(module, config: L4QConfig) -> tuple[torch.nn.Linear, QuantizedWeight | None]:

@@ -90,12 +90,12 @@ from compress.quant.gptq import gptq_quantize
 from ..checkpoint.write import INTEGER_FORMATS
 from ..errors import RecipeError, StageError
 from ..fisher_by_layer import fisher_by_layer, load_layer_fisher
-from ..layerwise import calibration_step
 from .lq_lora_costs import gptq_settings, output_cost_table, weight_cost_table
 from .lq_lora_measured import References, measured_table
 from ..stage import Stage, StageConfig
-from ..walker import HOST, decoder_layers, rewrite_units
-from ..targets import check_selector, fused_members, select_linears, set_module
+from ..replace_layers import Replacement, replace_layers
+from ..walker import decoder_layers
+from ..targets import check_selector, fused_members, select_linears
 
 
 
@@ -155,9 +155,9 @@ class LQLoRAConfig(StageConfig):
 def grid_for(config: LQLoRAConfig, shape: tuple[int, int]) -> list:
     """The grid's configs that fit a matrix (gptq groups must divide in_features: whole groups),
     restricted to ``group_sizes`` (group, or NF block) when given."""
-    configs = [c for c in GRIDS[config.grid]() if c.kind == "nf" or shape[1] % c.group_size == 0]
+    configs = [c for c in GRIDS[config.grid]() if c.divides(shape[1])]
     if config.group_sizes is not None:
-        configs = [c for c in configs if (c.block if c.kind == "nf" else c.group_size) in config.group_sizes]
+        configs = [c for c in configs if c.segment in config.group_sizes]
     return configs
 
 
@@ -323,29 +323,35 @@ def _decompose(module, qconfig, config: LQLoRAConfig, fisher, hessian=None) -> t
     return layer, {"iterations": len(result.errors), "rel_error": result.error / scale}
 
 
-def installer(ctx, config: LQLoRAConfig, modules: dict, fisher: dict, choice: dict, report):
-    """``install(names, hessians=None)``: decompose those of ``modules`` with their chosen
-    configs (shared out over the ranks) and put the results into the model (rank 0: just quantize,
-    no adapter); ``rel_error`` is the residual's (Fisher-weighted) Frobenius norm over ||W||, or with
-    GPTQ its output error over W's."""
-    by_name = {c.name: c for c in GRIDS[config.grid]()}
+def _layer_fisher(ctx, fisher_dir):
+    """``fisher(name)``: the Fisher of a module's weight (or outputs), or None; read one decoder
+    layer's file at a time, on the device, when its first module asks."""
+    held: dict[str, dict] = {}
 
-    def install(names: list[str], hessians: dict | None = None) -> None:
-        mine = ctx.ranks.share(names)  # with torchrun, each rank decomposes its share
-        local = {name: _decompose(modules[name], by_name[choice[name]], config, fisher.get(name),
-                                  hessians[name].hessian if hessians else None) for name in mine}
-        if ctx.ranks.distributed:  # results travel through the host
-            local = {name: (layer.to(HOST), entry) for name, (layer, entry) in local.items()}
-        done = ctx.ranks.gather(local)
-        for name in names:
-            layer, entry = done[name]
-            set_module(ctx.model, name, layer.to(ctx.device))
-            ctx.units.drop(modules[name])
-            ctx.plan[name] = by_name[choice[name]]
-            report.modules.append({"module": name, "config": choice[name], "quantizer": config.quantizer
-                                   if hessians else "rtn", **entry})
+    def fisher(name: str):
+        layer = ctx.units.unit_of(name)
+        if layer not in held:
+            held.clear()
+            held[layer] = load_layer_fisher(fisher_dir, layer, ctx.device)
+        return held[layer].get(name)
+    return fisher
 
-    return install
+
+def _maker(ctx, config: LQLoRAConfig, fisher_dir, choice: dict):
+    """``make(group, stats)`` for ``replace_layers``: each matrix decomposed with its chosen config
+    (rank 0: just quantized, no adapter); ``rel_error`` is the residual's (Fisher-weighted) Frobenius
+    norm over ||W||, or with Hessians its output error over W's."""
+    by_name, fisher = {c.name: c for c in GRIDS[config.grid]()}, _layer_fisher(ctx, fisher_dir)
+
+    def make(group: dict, stats: dict | None) -> dict[str, Replacement]:
+        made = {}
+        for name, module in group.items():
+            qconfig = by_name[choice[name]]
+            layer, row = _decompose(module, qconfig, config, fisher(name), stats[name].hessian if stats else None)
+            made[name] = Replacement(layer, qconfig, {"config": choice[name], "quantizer": config.quantizer
+                                                      if stats else "rtn", **row})
+        return made
+    return make
 
 
 def calibrated(config: LQLoRAConfig) -> bool:
@@ -353,29 +359,13 @@ def calibrated(config: LQLoRAConfig) -> bool:
     return config.quantizer == "gptq" or config.objective == "output"
 
 
-def _modules(ctx, prefix: str, shapes: dict) -> dict:
-    return {n: ctx.model.get_submodule(n) for n in shapes if ctx.units.owns(prefix, n)}
-
-
 def _decompose_units(ctx, config: LQLoRAConfig, shapes: dict, fisher_dir, choice: dict, report) -> None:
-    """Unit by unit: decompose the unit's matrices (GPTQ's Hessians from the activations that
-    reach it, ``compress.layerwise``) in place; a streamed unit is written as it leaves."""
-    units, outer = ctx.units, []
-
-    def decompose_unit(prefix: str, unit, inputs):
-        modules = _modules(ctx, prefix, shapes)
-        install = installer(ctx, config, modules, load_layer_fisher(fisher_dir, prefix, ctx.device), choice, report)
-        gptq = calibrated(config)
-        if gptq:  # as in quantize: a layer is calibrated, the embeddings start the activations
-            inputs = calibration_step(units, prefix, unit, inputs, modules,
-                                      lambda group, hessians: install(list(group), hessians), ctx.windows("calibration"))
-            if prefix in units.layer_prefixes:
-                return inputs
-        outer.extend(modules if gptq else [])
-        install(list(modules))
-        return inputs
-
-    rewrite_units(ctx, "lq_lora calibrated units" if calibrated(config) else "lq_lora decompose units", decompose_unit)
+    """Unit by unit (``replace_layers``): decompose the unit's matrices in place, with the Hessians
+    of the activations that reach them when the walk is calibrated; a streamed unit is written as
+    it leaves."""
+    needs = "hessians" if calibrated(config) else "nothing"
+    description = "lq_lora calibrated units" if calibrated(config) else "lq_lora decompose units"
+    outer = replace_layers(ctx, report, list(shapes), _maker(ctx, config, fisher_dir, choice), needs, description)
     if outer:
         report.notes.append(f"outside the decoder layers, quantized with RTN: {', '.join(outer)}")
 

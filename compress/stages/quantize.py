@@ -7,27 +7,25 @@
              order: group_aware, mse_norm: 0.0, refine_rounds: 1}
 ```
 
-Both walk the model unit by unit on the run's device (``compress.walker``). ``method: rtn`` rounds
-each weight to its group's grid. ``method: gptq`` (uniform configs only) carries
-``data.calibration``'s activations through the decoder layer by layer (``compress.layerwise``): each group of
-linears reading one input gets its input Hessian and is quantized by GPTQ (``quant.gptq``: ``damp``
-fraction of mean diag(H), raised by ``damp_increment`` while H is not positive definite, lazy
-``block`` columns, ``order`` natural / activation (act order, static groups) / group_aware
-(GPTQModel's group-aware reordering), ``mse_norm`` > 0 for the per-group scale search,
-``refine_rounds`` of code and scale refinement after the column loop, ``quant.gptq_refine``); the layer's
-outputs with its quantized linears feed the next layer; linears that read one input and share a
-config (q/k/v, gate/up) share one Hessian and run as one stacked GPTQ. The defaults (damp 0.05,
-group_aware, no scale search) are GPTQModel's and were chosen on held-out text (python-doc,
-SmolLM2-135M, int4 g64 sym, 32 x 512 calibration windows): perplexity 12.369 against 13.901 with
-the former natural order and damp 0.01, and 12.773 for GPTQModel 7.6.0 at its defaults; the scale
-search (mse_norm 2.4) gave 12.482. One refinement round is the default, measured the same way
-(rounds 0 → 1): int3 g64 sym 24.82 → 19.34 (stdlib, out of domain: 17.64 → 13.66), int3 g128 asym
-22.24 → 18.39 (13.99 → 12.48), int4 g128 sym 12.81 → 12.56 (8.04 → 8.25, the one loss out of
-domain); a second round gave int3 g64 sym 19.48. ``benchmarks/heldout.py`` measures the whole grid
-(BENCHMARKS.md). Selected linears outside the decoder layers (an lm_head that is not ignored) are
+``method`` names a quantizer of the registry (``quant.quantizers``), whose settings are this
+stage's fields (``quantize_spec``). The stage walks the model unit by unit on the run's device
+(``replace_layers``) and gives each quantizer what it declares it needs: ``rtn`` (nothing) rounds
+each weight to its group's grid; ``gptq`` (uniform configs only; Hessians) carries
+``data.calibration``'s activations through the decoder layer by layer (``compress.layerwise``) and
+quantizes each group of linears reading one input with that input's Hessian (``quant.gptq``:
+``damp`` fraction of mean diag(H), raised by ``damp_increment`` while H is not positive definite,
+lazy ``block`` columns, ``order`` natural / activation / group_aware, ``mse_norm`` > 0 for the
+per-group scale search, ``refine_rounds`` of code and scale refinement), the layer's outputs with
+its quantized linears feeding the next layer; linears that read one input and share a config
+(q/k/v, gate/up) run as one stacked GPTQ. GPTQ's defaults are GPTQModel's and were chosen on
+held-out text (python-doc, SmolLM2-135M, int4 g64 sym: perplexity 12.369 against 13.901 with natural
+order and damp 0.01, 12.773 for GPTQModel 7.6.0 at its defaults; one refinement round: int3 g64 sym
+24.82 → 19.34); ``benchmarks/heldout.py`` measures the whole grid (BENCHMARKS.md). A transform
+(activation statistics) first changes each float decoder layer, then the quantizer it names in
+``then`` rounds it. Selected linears outside the decoder layers (an lm_head that is not ignored) are
 rounded with RTN, and the report says so.
 
-With ``torchrun`` the matrices (of each GPTQ input group) are shared out over the ranks
+With ``torchrun`` the matrices (of each input group) are shared out over the ranks
 (``compress.distributed``). ``config`` is the default for every selected layer (``targets`` minus ``ignore``: class names, exact
 module names, or ``re:`` regexes). ``overrides`` maps a selector to fields that replace the
 default's; every matching override applies, in order. ``type: nf`` selects NormalFloat codes with
@@ -40,119 +38,20 @@ every such change is listed in the report.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field, ValidationError, model_serializer, model_validator
 
 from compress.quant import QuantConfig, QuantLinear
-from compress.quant.gptq import ORDERS, GPTQSettings, gptq_quantize, gptq_quantize_stacked
+from compress.quant.quantizers import QUANTIZERS
 
 from ..checkpoint.compressed_tensors import ct_problems
 from ..checkpoint.gptq import gptq_problems
 from ..checkpoint.write import INTEGER_FORMATS
-from ..config_errors import format_validation_error
 from ..errors import RecipeError, StageError
-from ..layerwise import calibration_step
-from ..stage import STRICT, Stage, StageConfig
-from ..walker import HOST, rewrite_units
-from ..targets import check_selector, fused_members, matches, select_linears, set_module
-
-NF_ONLY = ("block", "scale_bits", "scale_block", "scale_dtype")
-UNIFORM_ONLY = ("group_size", "sym")
-
-
-class QuantSpec(BaseModel):
-    """The recipe form of a ``QuantConfig``."""
-
-    model_config = STRICT
-    type: Literal["uniform", "nf"] = "uniform"
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: int = 128
-    sym: bool = False
-    block: int = Field(64, ge=1)
-    scale_bits: Literal[2, 3, 4, 8] = 8
-    scale_block: int = Field(256, ge=1)
-    scale_dtype: Literal["float16", "bfloat16", "float32"] = "float32"
-
-    @model_validator(mode="after")
-    def _fields_of_type(self) -> "QuantSpec":
-        foreign = NF_ONLY if self.type == "uniform" else UNIFORM_ONLY
-        wrong = [k for k in foreign if k in self.model_fields_set]
-        if wrong:
-            other = "nf" if self.type == "uniform" else "uniform"
-            raise ValueError(f"{', '.join(wrong)}: only for type {other} (this config is type {self.type})")
-        if self.group_size != -1 and self.group_size < 1:
-            raise ValueError(f"group_size: {self.group_size} must be -1 (per output channel) or positive")
-        return self
-
-    @model_serializer(mode="wrap")
-    def _only_fields_of_type(self, handler):
-        data = handler(self)
-        for key in NF_ONLY if self.type == "uniform" else UNIFORM_ONLY:
-            data.pop(key, None)
-        return data
-
-    def to_config(self) -> QuantConfig:
-        if self.type == "uniform":
-            return QuantConfig.uniform(self.bits, self.group_size, self.sym)
-        return QuantConfig.nf(self.bits, self.block, self.scale_bits, self.scale_block, self.scale_dtype)
-
-
-GPTQ_ONLY = ("damp", "damp_increment", "block", "order", "mse_norm", "refine_rounds")
-
-
-class QuantizeConfig(StageConfig):
-    method: Literal["rtn", "gptq"] = "rtn"
-    config: QuantSpec = QuantSpec()
-    damp: float = Field(0.05, gt=0, lt=1)
-    damp_increment: float = Field(0.01, ge=0, lt=1)
-    block: int = Field(128, ge=1)
-    order: Literal[ORDERS] = "group_aware"
-    mse_norm: float = Field(0.0, ge=0)
-    refine_rounds: int = Field(1, ge=0, le=16)
-    overrides: dict[str, dict[str, Any]] = {}
-    targets: list[str] = ["Linear"]
-    ignore: list[str] = ["lm_head"]
-
-    @model_validator(mode="after")
-    def _valid_selectors_and_overrides(self) -> "QuantizeConfig":
-        wrong = [key for key in GPTQ_ONLY if key in self.model_fields_set and self.method != "gptq"]
-        if wrong:
-            raise ValueError(f"{', '.join(wrong)}: only for method gptq (this stage is method {self.method})")
-        for key in list(self.targets) + list(self.ignore) + list(self.overrides):
-            problem = check_selector(key)
-            if problem:
-                raise ValueError(f"selector {key!r}: {problem}")
-        for key in self.overrides:
-            self.override_spec(key)
-        return self
-
-    @model_serializer(mode="wrap")
-    def _gptq_fields_only_for_gptq(self, handler):
-        data = handler(self)
-        if self.method != "gptq":
-            for key in GPTQ_ONLY:
-                data.pop(key, None)
-        return data
-
-    def gptq_settings(self) -> GPTQSettings:
-        return GPTQSettings(self.damp, self.damp_increment, self.block, self.order, self.mse_norm, self.refine_rounds)
-
-    def override_spec(self, key: str) -> QuantSpec:
-        merged = dict(self.config.model_dump(exclude_unset=True), **self.overrides[key])
-        try:
-            return QuantSpec.model_validate(merged)
-        except ValidationError as err:
-            raise ValueError(format_validation_error(err, f"overrides[{key!r}]", QuantSpec)) from None
-
-    def config_for(self, name: str, module) -> QuantConfig:
-        fields = self.config.model_dump(exclude_unset=True)
-        for key, override in self.overrides.items():
-            if matches(key, name, module):
-                fields.update(override)
-        return QuantSpec.model_validate(fields).to_config()
-
+from ..replace_layers import Replacement, replace_layers
+from ..stage import Stage
+from ..targets import fused_members, select_linears
+from .quantize_spec import QuantizeConfig, QuantSpec  # noqa: F401  (QuantSpec: the recipe form others import)
 
 def _tie_fused(plan: dict[str, QuantConfig]) -> list[tuple[str, str]]:
     """Give each engine-fused group (q/k/v, gate/up) its most precise member's config."""
@@ -193,11 +92,10 @@ def check(recipe, entry, model) -> None:
         raise RecipeError(f"{entry.where}.targets: selects no linear layer (targets {config.targets}, "
                           f"ignore {config.ignore})")
     for name, qconfig in plan.items():
-        if qconfig.kind == "uniform" and qconfig.group_size > shapes[name][1]:
-            raise RecipeError(f"{entry.where}: group_size {qconfig.group_size} is larger than in_features="
-                              f"{shapes[name][1]} of {name} (use -1 for one group per output channel)")
-    if config.method == "gptq":
-        _check_gptq(recipe, entry, plan)
+        problem = qconfig.shape_problem(shapes[name])
+        if problem:
+            raise RecipeError(f"{entry.where}: {problem} ({name})")
+    _check_method(entry, config, plan)
     for export in _integer_exports(recipe, entry):
         fmt = export.config.format
         problems = (gptq_problems if fmt == "gptq" else ct_problems)(plan, shapes)
@@ -205,117 +103,85 @@ def check(recipe, entry, model) -> None:
             raise RecipeError(f"{entry.where}: cannot be exported as {fmt} ({export.where}): {problems[0]}")
 
 
-def _check_gptq(recipe, entry, plan: dict[str, QuantConfig]) -> None:
-    for name, qconfig in plan.items():
-        if qconfig.kind != "uniform":
-            raise RecipeError(f"{entry.where}: gptq quantizes to uniform configs; {name} would get {qconfig.name}")
+def _check_method(entry, config: QuantizeConfig, plan: dict[str, QuantConfig]) -> None:
+    for quantizer in dict.fromkeys([QUANTIZERS[config.method], config.rounding()]):
+        for name, qconfig in plan.items():
+            if not isinstance(qconfig, quantizer.configs):
+                raise RecipeError(f"{entry.where}: {quantizer.name} quantizes to {quantizer.configs.kind} configs; "
+                                  f"{name} would get {qconfig.name}")
 
 
-def _dense_modules(ctx, plan: dict, report) -> dict[str, torch.nn.Module]:
-    modules = {}
-    for name in plan:
-        module = ctx.model.get_submodule(name)
+def _dense_modules(ctx, modules: dict, report) -> dict[str, torch.nn.Module]:
+    """The dense ones of a unit's selected ``modules`` (those already quantized are reported)."""
+    dense = {}
+    for name, module in modules.items():
         if isinstance(module, QuantLinear):
             report.skip(name, f"already quantized ({module.config.name})")
             continue
         if not torch.isfinite(module.weight).all():
             raise StageError(f"{ctx.entry.where}: {name} has non-finite weights; cannot quantize")
-        modules[name] = module
-    return modules
+        dense[name] = module
+    return dense
 
 
-def _install(ctx, report, name: str, module, layer: QuantLinear, seconds: float, **extra) -> None:
-    weight = module.weight.detach()
-    error = layer.quantized_weight().squared_error(weight) ** 0.5 / max(float(weight.float().norm()), 1e-30)
-    set_module(ctx.model, name, layer)
-    ctx.units.drop(module)  # streaming: the replaced dense weight goes now, not with its unit
-    ctx.plan[name] = layer.config
-    report.modules.append({"module": name, "config": layer.config.name, "rel_error": float(error),
-                           "seconds": seconds, **extra})
-
-
-def _install_shared(ctx, report, modules: dict, work) -> None:
-    """Run ``work(name, module) -> (layer, report extras)`` on this rank's share of ``modules``,
-    gather every rank's layers (through the host) and install them all, in ``modules`` order."""
-    if not ctx.ranks.distributed:  # install each layer as it is made: its dense weight goes at once
-        for name, module in modules.items():
-            start = time.perf_counter()
-            layer, extra = work(name, module)
-            _install(ctx, report, name, module, layer, time.perf_counter() - start, **extra)
-        return
-    local = {}
-    for name in ctx.ranks.share(list(modules)):
-        start = time.perf_counter()
-        layer, extra = work(name, modules[name])
-        local[name] = (layer.to(HOST), time.perf_counter() - start, extra)
-    done = ctx.ranks.gather(local)
-    for name, module in modules.items():
-        layer, seconds, extra = done[name]
-        _install(ctx, report, name, module, layer.to(ctx.device), seconds, **extra)
-
-
-def _quantize_rtn(ctx, modules: dict, plan: dict, report) -> None:
-    _install_shared(ctx, report, modules, lambda name, module: (QuantLinear.quantize(module, plan[name]), {}))
-
-
-def _stacks(group: dict, hessians: dict, plan: dict) -> list[list[str]]:
-    """``group``'s names bucketed by (shared Hessian, config): each bucket is one stacked GPTQ."""
-    stacks: dict[tuple[int, QuantConfig], list[str]] = {}
+def _stacks(group: dict, stats: dict | None, plan: dict, stacked: bool) -> list[list[str]]:
+    """``group``'s names bucketed by (shared statistics, config): each bucket is one quantizer call
+    (q/k/v or gate/up: one stacked GPTQ column loop). Unstacked: one name per call (with ranks, each
+    matrix is a unit of work of its own)."""
+    if not stacked:
+        return [[name] for name in group]
+    buckets: dict[tuple[int, QuantConfig], list[str]] = {}
     for name in group:
-        stacks.setdefault((id(hessians[name]), plan[name]), []).append(name)
-    return list(stacks.values())
+        buckets.setdefault((id(stats[name]), plan[name]), []).append(name)
+    return list(buckets.values())
 
 
-def _gptq_replace(ctx, config: QuantizeConfig, plan: dict, report):
-    """The ``layerwise.ReplaceGroup`` of GPTQ. On one process the linears sharing a Hessian and a
-    config (q/k/v, gate/up) run as one stacked GPTQ (``gptq_quantize_stacked``: one column loop);
-    with ranks each matrix is a unit of work of its own, shared out."""
-    settings = config.gptq_settings()
+def _replacement(module, quantized, seconds: float, extra: dict) -> Replacement:
+    weight = module.weight.detach()
+    error = quantized.squared_error(weight) ** 0.5 / max(float(weight.float().norm()), 1e-30)
+    return Replacement(QuantLinear.from_weight(quantized, module.bias), quantized.config,
+                       {"config": quantized.config.name, "rel_error": float(error), "seconds": seconds, **extra})
 
-    def work(name: str, module, hessians: dict):
-        result = gptq_quantize(module.weight, hessians[name].hessian, plan[name], settings)
-        return QuantLinear.from_weight(result.quantized, module.bias), {"gptq_loss": result.loss}
 
-    def replace(group: dict, hessians: dict) -> None:
-        if ctx.ranks.distributed:
-            _install_shared(ctx, report, group, lambda name, module: work(name, module, hessians))
-            return
-        for names in _stacks(group, hessians, plan):
+def _maker(ctx, config: QuantizeConfig, plan: dict):
+    """``make(group, stats)`` for ``replace_layers``: the stage's rounding quantizer on each bucket
+    of the group (RTN where a quantizer that needs statistics got none: outside the decoder layers)."""
+    chosen = config.rounding()
+    settings = chosen.settings_from(config)
+
+    def make(group: dict, stats: dict | None) -> dict[str, Replacement]:
+        quantizer = chosen if stats is not None or chosen.needs == "nothing" else QUANTIZERS["rtn"]
+        made = {}
+        for names in _stacks(group, stats, plan, stacked=stats is not None and not ctx.ranks.distributed):
             start = time.perf_counter()
-            results = gptq_quantize_stacked([group[n].weight for n in names], hessians[names[0]].hessian,
-                                            plan[names[0]], settings)
+            results = quantizer.quantize([group[n].weight for n in names], stats[names[0]] if stats else None,
+                                         plan[names[0]], settings)
             seconds = (time.perf_counter() - start) / len(names)
-            for name, result in zip(names, results):
-                layer = QuantLinear.from_weight(result.quantized, group[name].bias)
-                _install(ctx, report, name, group[name], layer, seconds, gptq_loss=result.loss)
-    return replace
+            made.update({n: _replacement(group[n], q, seconds, extra) for n, (q, extra) in zip(names, results)})
+        return made
+    return make
 
 
 def _quantize_units(ctx, config: QuantizeConfig, plan: dict, report) -> dict[str, tuple[int, int]]:
-    """Unit by unit on the compute device (``compress.walker``): the modules outside the layers
-    first (selected linears there by RTN; GPTQ's first-layer inputs computed while the embeddings
-    are placed), then each decoder layer (GPTQ: ``layerwise.calibrate_layer``, its outputs the next
-    layer's inputs). Returns the quantized shapes."""
-    units, shapes, outer, gptq = ctx.units, {}, [], config.method == "gptq"
-    replace = _gptq_replace(ctx, config, plan, report)
+    """Unit by unit on the compute device (``replace_layers``): RTN rounds every unit's linears;
+    a quantizer that needs statistics (GPTQ: Hessians) gets them layer by layer from the
+    calibration activations, and the linears outside the decoder layers are rounded with RTN.
+    Returns the quantized shapes."""
+    shapes, method = {}, QUANTIZERS[config.method]
+    needs = "activations" if method.prepare else config.rounding().needs
+    settings = method.settings_from(config)
+    prepare = (lambda layer, groups: method.prepare(layer, groups, plan, settings)) if method.prepare else None  # noqa: E731
 
-    def quantize_unit(prefix: str, unit, inputs):
-        """One unit's selected linears; returns the next layer's inputs (GPTQ). Its locals (the
-        replaced dense linears) are gone when it returns."""
-        modules = _dense_modules(ctx, {n: c for n, c in plan.items() if units.owns(prefix, n)}, report)
-        shapes.update({n: (m.out_features, m.in_features) for n, m in modules.items()})
-        if gptq:  # a layer is calibrated; the embeddings start the activations; others pass them on
-            inputs = calibration_step(units, prefix, unit, inputs, modules, replace, ctx.windows("calibration"))
-            if prefix in units.layer_prefixes:
-                return inputs
-        outer.extend(modules if gptq else [])
-        _quantize_rtn(ctx, modules, plan, report)
-        return inputs
+    def pick(modules: dict) -> dict:
+        dense = _dense_modules(ctx, modules, report)
+        shapes.update({n: (m.out_features, m.in_features) for n, m in dense.items()})
+        return dense
 
     start = time.perf_counter()
-    rewrite_units(ctx, "gptq units" if gptq else "quantize units", quantize_unit)
-    if gptq:
-        report.metrics["gptq_seconds"] = time.perf_counter() - start
+    description = "quantize units" if needs == "nothing" else f"{config.method} units"
+    outer = replace_layers(ctx, report, list(plan), _maker(ctx, config, plan), needs, description, pick, prepare)
+    if needs != "nothing":
+        report.metrics[f"{config.method}_seconds"] = time.perf_counter() - start
     if outer:
         report.notes.append(f"outside the decoder layers, rounded with RTN: {', '.join(outer)}")
     return shapes
@@ -329,7 +195,7 @@ def run(ctx, config: QuantizeConfig, report) -> None:
     params = sum(o * i for o, i in shapes.values())
     bits = sum(plan[name].storage_bits(shape) for name, shape in shapes.items())
     label = config.config.to_config().name
-    report.metrics.update(quantized_params=params, label=label if config.method == "rtn" else f"gptq {label}",
+    report.metrics.update(quantized_params=params, label=label if config.method == "rtn" else f"{config.method} {label}",
                           bits_per_param=bits / params if params else None)
 
 
