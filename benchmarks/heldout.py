@@ -44,6 +44,10 @@ and ``lqlora-r0-measured-g128`` (``group_sizes: [128]``: the grid cut to the pro
 every cost the ILP compares is a measured one); ``l4q`` from GPTQ int3 g128 asym, without and with
 distillation.
 
+Both models also get ``awq-rtn`` and ``awq-gptq`` at int{4,3} g128 sym and asym (issue 41: our AWQ,
+``quantize: {method: awq, then: rtn|gptq}`` at its defaults), beside the same configs' ``rtn`` and
+``gptq`` rows.
+
 A point whose group does not divide every projection's input features (SmolLM2's 576 at group 128)
 keeps a partial last group and exports ``native`` (GPTQ engines need whole groups); GPTQModel's
 group-128 checkpoints are read by our loader as it reads its others. Bits per parameter are counted
@@ -108,7 +112,7 @@ def smollm2_points() -> list[Point]:
     rest += [Point(m, b, g, s) for b, g, s in GRID if b == 2 for m in ("gptq", "gptqmodel")]
     rest += [Point("bnb-nf4", 4)] + [Point(f"lqlora-r{r}", budget) for r in (0, 16) for budget in (3.0, 2.5, 3.5)]
     rest += [Point("lqlora-r0", 3.29)]
-    return pairs + rest + [Point("l4q", 3, 64, False, distill) for distill in (False, True)]
+    return pairs + rest + [Point("l4q", 3, 64, False, distill) for distill in (False, True)] + awq_points()
 
 
 def gemma3_points() -> list[Point]:
@@ -120,7 +124,13 @@ def gemma3_points() -> list[Point]:
     rest += [Point(method, budget) for method in ("lqlora-r0-measured-g128", "lqlora-r0-measured",
                                                   "lqlora-r0-measured-layer", "lqlora-r0", "lqlora-r0-outputs")
              for budget in (3.25, 3.0, 2.5, 3.5)]
-    return first + pairs + rest + [Point("l4q", 3, 128, False, distill) for distill in (False, True)]
+    return first + pairs + rest + [Point("l4q", 3, 128, False, distill) for distill in (False, True)] + awq_points()
+
+
+def awq_points() -> list[Point]:
+    """AWQ then RTN / GPTQ at 4 and 3 bits, g128, sym and asym (issue 41), beside the same grid's
+    RTN and GPTQ rows."""
+    return [Point(f"awq-{then}", bits, 128, sym) for bits in (4, 3) for sym in (True, False) for then in ("rtn", "gptq")]
 
 
 GRIDS = {"smollm2-135m": (GRID, smollm2_points), "gemma3-270m": (GEMMA_GRID, gemma3_points)}
@@ -175,6 +185,8 @@ def our_stages(point: Point) -> list[dict]:
     quant = {"type": "uniform", "bits": int(point.bits), "group_size": point.group, "sym": point.sym}
     if point.method in ("rtn", "gptq"):
         return [{"quantize": {"method": point.method, "config": quant}}]
+    if point.method.startswith("awq-"):
+        return [{"quantize": {"method": "awq", "then": point.method.removeprefix("awq-"), "config": quant}}]
     if point.method.startswith("lqlora"):
         rank, _, variant = point.method.removeprefix("lqlora-r").partition("-")
         lq_lora = {"rank": int(rank), "alpha": 2 * int(rank) if int(rank) else 16, "budget_bits": point.bits,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .awq import AWQSettings, prepare_layer as awq_prepare
 from .config import QuantConfig, UniformConfig
 from .gptq import GPTQSettings, gptq_quantize_stacked
 from .qweight import QuantizedWeight
@@ -63,4 +64,5 @@ def _gptq(weights: list[torch.Tensor], stats, config: QuantConfig, settings: GPT
 QUANTIZERS: dict[str, Quantizer] = {
     "rtn": Quantizer("rtn", "nothing", QuantConfig, None, _rtn),
     "gptq": Quantizer("gptq", "hessians", UniformConfig, GPTQSettings, _gptq),
+    "awq": Quantizer("awq", "activations", QuantConfig, AWQSettings, None, awq_prepare),
 }

@@ -103,8 +103,12 @@ def test_gptq_stage_is_closer_to_the_float_model_than_rtn(tmp_path, tiny_pair, o
     ("  - quantize: {method: rtn, damp: 0.05}", "damp: only for method gptq"),
     ("  - quantize: {method: gptq, config: {type: nf, bits: 4}}", "gptq quantizes to uniform configs"),
     ("  - quantize: {method: gptq, damp: -1}", "damp"),
+    ("  - quantize: {method: awq, damp: 0.05}", "damp: only for method gptq"),  # awq then rtn (the default)
+    ("  - quantize: {method: rtn, grid: 10}", "grid: only for method awq"),
+    ("  - quantize: {method: awq, then: gptq, config: {type: nf, bits: 4}}", "gptq quantizes to uniform configs"),
+    ("  - quantize: {method: awq, then: awq}", "then"),
 ])
-def test_bad_gptq_recipes_fail_at_validate(tmp_path, stages, message):
+def test_bad_quantize_recipes_fail_at_validate(tmp_path, stages, message):
     result = run_cli("run", tiny_recipe(tmp_path, stages))
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 

@@ -5,6 +5,7 @@
              overrides: {"re:.*down_proj$": {bits: 8}}, ignore: [lm_head]}
 - quantize: {method: gptq, config: {bits: 3, group_size: 128}, damp: 0.05, damp_increment: 0.01, block: 128,
              order: group_aware, mse_norm: 0.0, refine_rounds: 1}
+- quantize: {method: awq, then: gptq, config: {bits: 4, group_size: 128}, grid: 20, duo_scaling: true}
 ```
 
 ``method`` names a quantizer of the registry (``quant.quantizers``), whose settings are this
@@ -21,9 +22,9 @@ its quantized linears feeding the next layer; linears that read one input and sh
 held-out text (python-doc, SmolLM2-135M, int4 g64 sym: perplexity 12.369 against 13.901 with natural
 order and damp 0.01, 12.773 for GPTQModel 7.6.0 at its defaults; one refinement round: int3 g64 sym
 24.82 → 19.34); ``benchmarks/heldout.py`` measures the whole grid (BENCHMARKS.md). A transform
-(activation statistics) first changes each float decoder layer, then the quantizer it names in
-``then`` rounds it. Selected linears outside the decoder layers (an lm_head that is not ignored) are
-rounded with RTN, and the report says so.
+(``awq``: activation statistics) first changes each float decoder layer (``quant.awq``: per-channel
+scales folded into the norms), then the quantizer it names in ``then`` rounds it. Selected linears
+outside the decoder layers (an lm_head that is not ignored) are rounded with RTN, and the report says so.
 
 With ``torchrun`` the matrices (of each input group) are shared out over the ranks
 (``compress.distributed``). ``config`` is the default for every selected layer (``targets`` minus ``ignore``: class names, exact
