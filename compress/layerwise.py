@@ -295,11 +295,12 @@ def dequantized(layer: nn.Module, dtype: torch.dtype) -> Iterator[None]:
 @torch.no_grad()
 def calibrate_layer(layer: nn.Module, modules: dict[str, nn.Module], replace: ReplaceGroup,
                     inputs: LayerInputs, home: ActivationHome | None = None,
-                    prepare: PrepareLayer | None = None) -> LayerInputs:
+                    prepare: PrepareLayer | None = None, hessians: bool = True) -> LayerInputs:
     """Call ``replace(modules, hessians)`` for each input group of ``modules`` (linears inside
-    ``layer``, by full name); return the layer's outputs, computed with the replaced linears, as the
-    next layer's inputs (inputs and outputs kept in ``home`` when given). ``prepare(layer, groups)``,
-    when given, first changes the float layer from every group's ``InputGroup`` (AWQ's scales)."""
+    ``layer``, by full name; with ``hessians`` False: ``replace(members, None)``, none accumulated);
+    return the layer's outputs, computed with the replaced linears, as the next layer's inputs
+    (inputs and outputs kept in ``home`` when given). ``prepare(layer, groups)``, when given, first
+    changes the float layer from every group's ``InputGroup`` (AWQ's scales)."""
     home = home or ActivationHome(HOST)
     dtype = inputs[0][0][0].dtype
     if modules and prepare is not None:
@@ -310,9 +311,12 @@ def calibrate_layer(layer: nn.Module, modules: dict[str, nn.Module], replace: Re
             groups = input_groups(layer, modules, home.load(inputs[0]))
         for group in groups:
             members = {name: modules[name] for name in group}
+            if not hessians:
+                replace(members, None)
+                continue
             with dequantized(layer, dtype):
-                hessians = group_hessians(layer, members, inputs, home)
-            replace(members, hessians)
+                stats = group_hessians(layer, members, inputs, home)
+            replace(members, stats)
     outputs = []
     with dequantized(layer, dtype):
         for entry in inputs:
@@ -330,16 +334,18 @@ class Activations:
 
 def calibration_step(units, prefix: str, unit: nn.Module, carried: Activations | None, modules: dict[str, nn.Module],
                      replace: ReplaceGroup, windows: torch.Tensor, batch: int = 8,
-                     prepare: PrepareLayer | None = None) -> Activations | None:
+                     prepare: PrepareLayer | None = None, hessians: bool = True) -> Activations | None:
     """One unit of a calibration walk over a source of units (``compress.walker``): at the
     embeddings the first layer's inputs are made from ``windows`` (on the device, or in pinned host
     memory when they do not fit: ``ActivationHome``); in a decoder layer its ``modules`` are replaced
-    group by group (``calibrate_layer``) and its outputs carried on; any other unit passes them on."""
+    group by group (``calibrate_layer``, with or without ``hessians``) and its outputs carried on;
+    any other unit passes them on."""
     if prefix == units.embeddings:
         home = ActivationHome.for_windows(units.model, windows, units.device)
         return Activations(first_layer_inputs(units.model, windows.to(units.device), batch, home), home)
     if prefix in units.layer_prefixes:
-        return Activations(calibrate_layer(unit, modules, replace, carried.inputs, carried.home, prepare), carried.home)
+        outputs = calibrate_layer(unit, modules, replace, carried.inputs, carried.home, prepare, hessians)
+        return Activations(outputs, carried.home)
     return carried
 
 

@@ -9,9 +9,12 @@ module's config in ``ctx.plan`` and its report row. ``needs`` says what ``make``
 - ``hessians``: the walk carries ``data.calibration``'s activations through the decoder
   (``layerwise.calibration_step``) and calls ``make`` once per group of linears that read one input,
   with their ``HessianAccumulator`` s, the layer's outputs then computed with the new layers; linears
-  outside the decoder layers get ``stats`` None and are returned so that the stage can say so;
-- ``activations``: as ``hessians``, and first ``prepare(layer, groups)`` changes each float decoder
-  layer from every input group's statistics and producer (``layerwise.InputGroup``: AWQ's scales).
+  outside the decoder layers get ``stats`` None and are returned so that the stage can say so.
+
+A ``prepare(layer, groups)`` transform (AWQ's scales) makes the walk carry the activations whatever
+``make`` needs: it first changes each float decoder layer from every input group's statistics and
+producer (``layerwise.InputGroup``); then ``make`` is called group by group, with Hessians only when
+it needs them.
 
 With ``torchrun`` each call's names are shared out over the ranks and the layers gathered through
 the host before they are installed, in the group's order, on every rank.
@@ -28,7 +31,7 @@ from .layerwise import PrepareLayer, calibration_step
 from .targets import set_module
 from .walker import HOST, rewrite_units
 
-NEEDS = ("nothing", "hessians", "activations")
+NEEDS = ("nothing", "hessians")
 
 
 @dataclass
@@ -67,7 +70,7 @@ def replace_layers(ctx, report, names: list[str], make: Make, needs: str, descri
                    prepare: PrepareLayer | None = None) -> list[str]:
     """Replace the linears ``names`` unit by unit (module docstring); ``pick`` filters each unit's
     modules before anything runs (e.g. skipping layers already quantized). Returns the names that
-    ``make`` got without statistics although it needs them (outside the decoder layers)."""
+    ``make`` got without statistics in a calibrated walk: those outside the decoder layers."""
     if needs not in NEEDS:
         raise ValueError(f"needs: {needs!r} is not one of {', '.join(NEEDS)}")
     units, outer = ctx.units, []
@@ -75,10 +78,10 @@ def replace_layers(ctx, report, names: list[str], make: Make, needs: str, descri
     def unit_step(prefix: str, unit: nn.Module, inputs):
         modules = {name: ctx.model.get_submodule(name) for name in names if units.owns(prefix, name)}
         modules = pick(modules) if pick else modules
-        if needs != "nothing":
+        if needs != "nothing" or prepare is not None:
             replace = lambda group, hessians: _replace_group(ctx, report, make, group, hessians)  # noqa: E731
             inputs = calibration_step(units, prefix, unit, inputs, modules, replace, ctx.windows("calibration"),
-                                      prepare=prepare)
+                                      prepare=prepare, hessians=needs == "hessians")
             if prefix in units.layer_prefixes:
                 return inputs
             outer.extend(modules)

@@ -17,7 +17,7 @@ from torch import nn
 from compress import kernels
 
 from .config import QuantConfig
-from .qweight import QuantizedWeight, tensor_specs
+from .qweight import QuantizedWeight
 
 
 class QuantLinear(nn.Module):
@@ -25,11 +25,11 @@ class QuantLinear(nn.Module):
                  device: torch.device | str | None = None, bias_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.in_features, self.out_features, self.config = in_features, out_features, config
-        for name, (dtype, shape) in tensor_specs(config, (out_features, in_features)).items():
+        for name, (dtype, shape) in config.tensor_specs((out_features, in_features)).items():
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
         self.backend: str | None = None
-        self._names = tuple(tensor_specs(config, (out_features, in_features)))  # the packed buffers
+        self._names = tuple(config.tensor_specs((out_features, in_features)))  # the packed buffers
         self._layout: tuple[tuple, kernels.KernelWeight] | None = None
 
     @classmethod
@@ -56,7 +56,7 @@ class QuantLinear(nn.Module):
         return getattr(self, self._names[0])
 
     def quantized_weight(self) -> QuantizedWeight:
-        names = tensor_specs(self.config, self.shape)
+        names = self.config.tensor_specs(self.shape)
         return QuantizedWeight(self.config, self.shape, {n: getattr(self, n) for n in names})
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -7,7 +7,8 @@ one input (q/k/v, gate/up: one stacked call) and returns one ``(QuantizedWeight,
 per weight. ``stats`` is what ``needs`` names, gathered by the caller's calibration walk:
 
 - ``nothing``: None (``rtn``: each weight rounded to its grid);
-- ``hessians``: the inputs' Hessian ``HessianAccumulator`` (``gptq``);
+- ``hessians``: the inputs' Hessian ``HessianAccumulator`` (``gptq``); where there are none (linears
+  outside the decoder layers) its declared ``fallback`` rounds instead (``given``);
 - ``activations``: a transform. ``prepare(layer, groups, configs, settings)`` changes a float
   decoder layer before anything in it is rounded, from each input group's statistics (Hessian and
   mean |x| per channel) and producer (the module whose output the group reads); the rounding is then
@@ -42,10 +43,15 @@ class Quantizer:
     settings: type | None  # a frozen dataclass of its recipe fields, or None
     quantize: Callable[[list[torch.Tensor], object, QuantConfig, object], Quantized] | None
     prepare: Callable[[torch.nn.Module, list, dict, object], None] | None = None  # transforms only
+    fallback: str | None = None  # the quantizer used where its statistics are missing (outside the layers)
 
     @property
     def setting_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in fields(self.settings)) if self.settings else ()
+
+    def given(self, stats) -> Quantizer:
+        """This quantizer, or its declared ``fallback`` where it needs statistics and got none."""
+        return self if stats is not None or self.needs == "nothing" else QUANTIZERS[self.fallback]
 
     def settings_from(self, source) -> object:
         """Its settings, read from the same-named attributes of ``source`` (a stage config)."""
@@ -63,6 +69,6 @@ def _gptq(weights: list[torch.Tensor], stats, config: QuantConfig, settings: GPT
 
 QUANTIZERS: dict[str, Quantizer] = {
     "rtn": Quantizer("rtn", "nothing", QuantConfig, None, _rtn),
-    "gptq": Quantizer("gptq", "hessians", UniformConfig, GPTQSettings, _gptq),
+    "gptq": Quantizer("gptq", "hessians", UniformConfig, GPTQSettings, _gptq, fallback="rtn"),
     "awq": Quantizer("awq", "activations", QuantConfig, AWQSettings, None, awq_prepare),
 }

@@ -29,11 +29,6 @@ from compress.kernels.layout import KernelWeight
 from .config import QuantConfig
 
 
-def tensor_specs(config: QuantConfig, shape: tuple[int, int]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Name -> (dtype, shape) of every tensor a matrix of ``shape`` stores under ``config``."""
-    return config.tensor_specs(shape)
-
-
 def check_tensors(tensors: dict[str, torch.Tensor], config: QuantConfig, shape: tuple[int, int]) -> None:
     """Raise ValueError naming the first tensor whose name, dtype or shape does not fit."""
     specs = config.tensor_specs(shape)

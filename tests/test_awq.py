@@ -120,6 +120,23 @@ def test_an_input_read_outside_the_group_is_not_scaled():
     assert torch.equal(modules["model.layers.0.self_attn.q_proj"].weight, q)
 
 
+def test_a_rounding_that_needs_nothing_gets_no_hessians():
+    """``then: rtn``: the walk hands each input group to ``replace`` with no statistics, in the same
+    groups and order as with Hessians, and the layer's outputs are the same; GPTQ declares RTN as
+    what rounds where its Hessians are missing."""
+    from compress.layerwise import calibrate_layer
+    from compress.quant.quantizers import QUANTIZERS
+
+    layer, modules, inputs = first_layer(random_model("llama-gqa"))
+    seen = {True: [], False: []}
+    outputs = {hessians: calibrate_layer(layer, modules, lambda group, stats, h=hessians: seen[h].append(
+        (list(group), stats)), inputs, hessians=hessians) for hessians in (True, False)}
+    assert [g for g, _ in seen[True]] == [g for g, _ in seen[False]] and len(seen[False]) == 4
+    assert all(stats is None for _, stats in seen[False]) and all(stats for _, stats in seen[True])
+    assert all(torch.equal(a[0][0], b[0][0]) for a, b in zip(outputs[True], outputs[False]))
+    assert QUANTIZERS["gptq"].given(None) is QUANTIZERS["rtn"] and QUANTIZERS["gptq"].given({}) is QUANTIZERS["gptq"]
+
+
 AWQ = "  - quantize: {{method: awq, config: {{bits: 4, group_size: 32}}{extra}}}\n  - eval: {{}}\n{exports}"
 EXPORTS = "\n".join(f"  - export: {{format: {fmt}, path: {fmt}}}" for fmt in ("gptq", "compressed-tensors", "native"))
 

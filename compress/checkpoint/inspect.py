@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from compress.quant import QuantConfig, tensor_specs
+from compress.quant import QuantConfig
 
 from ..errors import CheckpointError
 from . import compressed_tensors as ct
@@ -48,7 +48,7 @@ def _dense_linear_bits(dense: list[dict]) -> float:
 def _check_stored(name: str, config: QuantConfig, shape, tensors: dict) -> None:
     """The stored tensors are what ``config`` says (a checkpoint without its manifest is described by
     its config.json alone, which may be wrong): the answer comes from the tensors, or there is none."""
-    for leaf, (dtype, expected) in tensor_specs(config, shape).items():
+    for leaf, (dtype, expected) in config.tensor_specs(shape).items():
         got = tensors.get(leaf)
         if got is None:
             raise CheckpointError(f"{name}: missing tensor {leaf} for {config.name} {list(shape)}")

@@ -86,6 +86,7 @@ from compress.lowrank import (GRIDS, NF8_BITS, InfeasibleBudget, LoRALinear, all
 from compress.lowrank.decompose import output_error, output_row_weights, weighted_error
 from compress.quant import QuantizedWeight, QuantLinear
 from compress.quant.gptq import gptq_quantize
+from compress.quant.quantizers import QUANTIZERS
 
 from ..checkpoint.write import INTEGER_FORMATS
 from ..errors import RecipeError, StageError
@@ -348,8 +349,8 @@ def _maker(ctx, config: LQLoRAConfig, fisher_dir, choice: dict):
         for name, module in group.items():
             qconfig = by_name[choice[name]]
             layer, row = _decompose(module, qconfig, config, fisher(name), stats[name].hessian if stats else None)
-            made[name] = Replacement(layer, qconfig, {"config": choice[name], "quantizer": config.quantizer
-                                                      if stats else "rtn", **row})
+            rounding = QUANTIZERS[config.quantizer].given(stats).name
+            made[name] = Replacement(layer, qconfig, {"config": choice[name], "quantizer": rounding, **row})
         return made
     return make
 
@@ -367,7 +368,8 @@ def _decompose_units(ctx, config: LQLoRAConfig, shapes: dict, fisher_dir, choice
     description = "lq_lora calibrated units" if calibrated(config) else "lq_lora decompose units"
     outer = replace_layers(ctx, report, list(shapes), _maker(ctx, config, fisher_dir, choice), needs, description)
     if outer:
-        report.notes.append(f"outside the decoder layers, quantized with RTN: {', '.join(outer)}")
+        fallback = QUANTIZERS[config.quantizer].given(None).name.upper()
+        report.notes.append(f"outside the decoder layers, quantized with {fallback}: {', '.join(outer)}")
 
 
 STAGE = Stage(name="lq_lora", config=LQLoRAConfig, run=run, modifies_model=True, quantizes=True, check=check,

@@ -146,12 +146,12 @@ def _replacement(module, quantized, seconds: float, extra: dict) -> Replacement:
 
 def _maker(ctx, config: QuantizeConfig, plan: dict):
     """``make(group, stats)`` for ``replace_layers``: the stage's rounding quantizer on each bucket
-    of the group (RTN where a quantizer that needs statistics got none: outside the decoder layers)."""
+    of the group (its fallback where it needs statistics and got none: outside the decoder layers)."""
     chosen = config.rounding()
     settings = chosen.settings_from(config)
 
     def make(group: dict, stats: dict | None) -> dict[str, Replacement]:
-        quantizer = chosen if stats is not None or chosen.needs == "nothing" else QUANTIZERS["rtn"]
+        quantizer = chosen.given(stats)
         made = {}
         for names in _stacks(group, stats, plan, stacked=stats is not None and not ctx.ranks.distributed):
             start = time.perf_counter()
@@ -168,8 +168,7 @@ def _quantize_units(ctx, config: QuantizeConfig, plan: dict, report) -> dict[str
     a quantizer that needs statistics (GPTQ: Hessians) gets them layer by layer from the
     calibration activations, and the linears outside the decoder layers are rounded with RTN.
     Returns the quantized shapes."""
-    shapes, method = {}, QUANTIZERS[config.method]
-    needs = "activations" if method.prepare else config.rounding().needs
+    shapes, method, needs = {}, QUANTIZERS[config.method], config.rounding().needs
     settings = method.settings_from(config)
     prepare = (lambda layer, groups: method.prepare(layer, groups, plan, settings)) if method.prepare else None  # noqa: E731
 
@@ -179,12 +178,13 @@ def _quantize_units(ctx, config: QuantizeConfig, plan: dict, report) -> dict[str
         return dense
 
     start = time.perf_counter()
-    description = "quantize units" if needs == "nothing" else f"{config.method} units"
+    description = "quantize units" if needs == "nothing" and not prepare else f"{config.method} units"
     outer = replace_layers(ctx, report, list(plan), _maker(ctx, config, plan), needs, description, pick, prepare)
-    if needs != "nothing":
+    if needs != "nothing" or prepare:
         report.metrics[f"{config.method}_seconds"] = time.perf_counter() - start
     if outer:
-        report.notes.append(f"outside the decoder layers, rounded with RTN: {', '.join(outer)}")
+        fallback = config.rounding().given(None).name.upper()
+        report.notes.append(f"outside the decoder layers, rounded with {fallback}: {', '.join(outer)}")
     return shapes
 
 
