@@ -39,6 +39,7 @@ class Context:
     stream: Any = None  # a compress.streaming.StreamedModel when the recipe streams (``model`` is its skeleton)
     ranks: Ranks = field(default_factory=Ranks)  # this process's place in a torchrun launch (0 of 1 alone)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where stages compute
+    fuse_ties: bool = False  # an export's engines fuse q/k/v and gate/up (``ModelState.fuse_ties``)
     _windows: dict = field(default_factory=dict, repr=False)
 
     @property

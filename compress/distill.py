@@ -155,13 +155,12 @@ def teacher_targets(ctx, windows: torch.Tensor, spec: DistillSpec) -> dict[str, 
     """{values [n, s, k] fp32, indices [n, s, k] int32, tail [n, s] fp32}: the teacher's top-k logits
     and its log tail mass at the spec's temperature for every training window, from the cache or
     computed chunk by chunk (module docstring)."""
-    from safetensors.torch import load_file, save_file
-
+    from .checkpoint.tensors import read_safetensors, write_safetensors
     from .evaluate import hidden_by_units
 
     path = _cache_path(ctx, windows, spec)
     if path.is_file():
-        return load_file(str(path))
+        return read_safetensors(path)
     units = _teacher_units(ctx)
 
     def reduce(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:  # one slice of positions [b, p, vocab]
@@ -178,7 +177,7 @@ def teacher_targets(ctx, windows: torch.Tensor, spec: DistillSpec) -> dict[str, 
     result = {name: torch.cat(tensors).contiguous() for name, tensors in parts.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    save_file(result, str(partial))
+    write_safetensors(partial, result, metadata={})
     partial.replace(path)
     log.info("distill: teacher top-%d logits and tail mass of %d windows cached in %s", spec.top_k,
              windows.shape[0], path)

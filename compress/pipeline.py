@@ -35,6 +35,7 @@ from .recipe import Recipe, StageEntry
 from .report import StageReport, write_reports
 from .stages.evaluation import linear_bits_per_param, score, wants_baseline
 from .streaming import open_source
+from .checkpoint.formats import fuses_projections
 from .validate import check_recipe
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ def _open_context(recipe: Recipe, model_dir: Path | None, progress: ProgressBars
     """The run's context over the model of ``model_dir`` (a saved stage's) or else the recipe's."""
     source = resolve_model(recipe.spec.model)
     model, tokenizer, stream = open_source(recipe, source, model_dir, device)
-    return Context(recipe, source, model, tokenizer, recipe.output, progress, stream=stream, device=device)
+    return Context(recipe, source, model, tokenizer, recipe.output, progress, stream=stream, device=device,
+                   fuse_ties=fuses_projections(recipe))
 
 
 def _fresh_context(recipe: Recipe, progress: ProgressBars, device: torch.device) -> Context:

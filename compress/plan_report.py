@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .chunked_loss import loss_slice_bytes
+from .dtypes import DTYPES
 from .plan import (GIB, INFERENCE_CANDIDATES, Architecture, best_inference_fit, calibration_breakdown,
                    inference_breakdown)
 from .plan_training import (TRAINING_CANDIDATES, TrainingSetup, best_training_fit, candidate_setup, layer_shape_list,
                             training_breakdown)
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def model_plan(arch: Architecture, model: str, batch: int, seq: int, gpu_gib: float | None,
@@ -150,7 +150,7 @@ def recipe_plan(recipe, gpu_gib: float | None = None) -> dict:
     from .plan import architecture_for
 
     arch = architecture_for(recipe.spec.model)
-    width = DTYPE_BYTES[recipe.spec.dtype]
+    width = DTYPES[recipe.spec.dtype].itemsize
     calibration = recipe.spec.data.calibration
     state = _State(TrainingSetup(compute_bytes=width, base_bytes=width), eval_seq=recipe.spec.data.eval.seq_len,
                    calibration=(calibration.samples, calibration.seq_len))

@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from . import __version__
 from .config_errors import format_validation_error
+from .dtypes import RECIPE_DTYPES
 from .errors import RecipeError
 from .stage import STRICT, Stage, StageConfig
 from .stages import STAGES
@@ -47,7 +48,7 @@ class DataSpec(BaseModel):
 class RecipeSpec(BaseModel):
     model_config = STRICT
     model: str
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal[RECIPE_DTYPES] = "float32"
     data: DataSpec = DataSpec()
     stages: list[Any] = Field(min_length=1)
     output: str

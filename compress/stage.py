@@ -27,6 +27,8 @@ class Stage:
 
     ``run(ctx, config, report)`` does the work and fills the report; ``check(ctx_like)`` validates
     the config against the model's structure (meta device, no weights) before anything runs;
+    ``effect(entry, skeleton, state)`` says what it makes of the model (quantized modules, widths),
+    for the export formats to judge before anything runs;
     ``leaves_adapters(config)`` says whether the stage leaves LoRA adapters in the model."""
 
     name: str
@@ -36,6 +38,8 @@ class Stage:
     quantizes: bool = False
     needs_data: tuple[str, ...] = ()
     check: Callable | None = None
+    # (entry, skeleton, ModelState) -> the ModelState it leaves (``compress.model_state``); None: unchanged
+    effect: Callable | None = None
     leaves_adapters: Callable | None = None  # config -> whether the model carries LoRA adapters after it
     streaming: Callable | None = None  # config -> None if it runs in a streaming recipe, else why not
     # config -> [(key of the rank in the config, rank, targets, ignore)] for each adapter it attaches

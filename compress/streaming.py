@@ -25,7 +25,9 @@ from compress.quant import QuantLinear
 
 from .checkpoint.load import build_model, read_layout, wrap_adapters
 from .checkpoint.tensors import TensorSource
-from .checkpoint.write import BASE, write_native
+from .checkpoint.formats import FORMATS
+from .checkpoint.store import save_model
+from .checkpoint.write import BASE
 from .dtypes import DTYPES
 from .errors import CheckpointError, StageError
 from .memory import release_freed_memory
@@ -79,10 +81,11 @@ class StreamedModel(UnitMap):
         manifest's sha256 checked when there is one) with ``directory`` as its source."""
         source = TensorSource(directory)
         layout = read_layout(directory, verify=verify, tensor_names=source.names())
-        if layout.format == "compressed-tensors":
-            raise CheckpointError(f"{directory}: streaming reads dense, GPTQ and native checkpoints; this one is "
-                                  "compressed-tensors (run without streaming: true, or export it native first)")
-        modules = {name: (config, shape or (source.shape(f"{name}.scales")[1], source.shape(f"{name}.g_idx")[0]))
+        fmt = FORMATS[layout.format]
+        if fmt.stream_source_refusal:
+            raise CheckpointError(f"{directory}: streaming reads dense, GPTQ and native checkpoints; "
+                                  f"{fmt.stream_source_refusal}")
+        modules = {name: (config, shape or fmt.stored_shape(name, _leaves(source, name), source))
                    for name, (config, shape) in layout.modules.items()}
         model = build_model(layout.config, modules, (layout.manifest or {}).get("layer_widths"))
         adapters = (layout.manifest or {}).get("adapters") or {}
@@ -196,7 +199,7 @@ class StreamedModel(UnitMap):
         """Write each unit's tensors as they come as one shard of ``target`` (rank 0; the other
         ranks make the same walk)."""
         if ctx.ranks.main:
-            write_native(ctx.model, self.target, shards=(count, kept))
+            save_model(ctx.model, self.target, shards=(count, kept))
         else:
             for _ in kept:
                 pass
@@ -245,3 +248,9 @@ def open_source(recipe, source, model_dir: Path | None, device: torch.device):
         return load_checkpoint(model_dir, dtype=recipe.spec.dtype), load_tokenizer(source), None
     model, tokenizer = load_model(source, recipe.spec.dtype)
     return model, tokenizer, None
+
+
+def _leaves(source: TensorSource, module: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """leaf -> (safetensors code, shape) of one module's stored tensors, from the headers."""
+    return {name.removeprefix(f"{module}."): (source.dtype_code(name), source.shape(name))
+            for name in source.names(module)}

@@ -246,6 +246,15 @@ def _step(model, windows, params, optimizer, settings: TrainSettings, step: int,
     return total
 
 
+def _resume(path: Path, params: dict, optimizer, scheduler, result: TrainResult, hooks, multiplier) -> None:
+    """Load the training checkpoint at ``path`` and put the schedule at its step."""
+    result.resumed_from = _load_state(path, params, optimizer, result, hooks)
+    scheduler.last_epoch = result.resumed_from  # the multiplier is a function of the step alone
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * multiplier(result.resumed_from)
+
+
 def train(model: nn.Module, params: dict[str, nn.Parameter], windows: torch.Tensor, settings: TrainSettings,
           state_dir: Path | None = None, resume: bool = False, evaluate: Callable[[], float] | None = None,
           track=None, hooks: TrainHooks | None = None, grad_only: dict[str, nn.Parameter] | None = None,
@@ -264,11 +273,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], windows: torch.Tens
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, settings.steps, warmup))
     result, path = TrainResult(), state_dir / STATE_FILE if state_dir else None
     if path is not None and resume and (path.is_file() or previous_file(path).is_file()):
-        result.resumed_from = _load_state(path, params, optimizer, result, hooks)
-        scheduler.last_epoch = result.resumed_from  # the multiplier is a function of the step alone
-        scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_multiplier(result.resumed_from, settings.steps, warmup)
+        _resume(path, params, optimizer, scheduler, result, hooks, lambda step: lr_multiplier(step, settings.steps, warmup))
         log.info("resuming training at step %d of %d from %s", result.resumed_from, settings.steps, path)
     start = time.perf_counter()
     model.train()

@@ -24,7 +24,9 @@ from torch import nn
 from .architectures import architecture_of
 from .data import file_problem
 from .device import resolve_device
+from .checkpoint.formats import FORMATS, fuses_projections
 from .errors import ModelError, RecipeError, brief
+from .model_state import ModelState
 from .models import ModelSource, load_config, resolve_model
 from .output_paths import check_export_paths, check_output
 from .recipe import Recipe
@@ -134,7 +136,8 @@ def build_skeleton(recipe: Recipe) -> Skeleton:
         from .checkpoint.load import build_model, read_layout
 
         layout = read_layout(source.path, verify=False)
-        if layout.format == "gptq" or any(shape is None for _, shape in layout.modules.values()):
+        skeleton = FORMATS[layout.format].validate_with_skeleton
+        if not skeleton or any(shape is None for _, shape in layout.modules.values()):
             return Skeleton(source, config, None)
         return Skeleton(source, config, build_model(layout.config, layout.modules, layout.manifest.get("layer_widths")
                                                     if layout.manifest else None))
@@ -163,6 +166,16 @@ def check_ranks(recipe: Recipe, model: nn.Module) -> None:
                                   "of every layer it adapts")
 
 
+def check_export(entry, state: ModelState) -> None:
+    """The export's format can hold the model as the recipe leaves it (``Format.problems``); the
+    error names the stage that made it so."""
+    problems = FORMATS[entry.config.format].problems(state)
+    if problems:
+        first, more = problems[0], f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise RecipeError(f"{first.by or entry.where}: cannot be exported as {entry.config.format} ({entry.where}): "
+                          f"{first.text}{more}")
+
+
 def check_dense_left(recipe: Recipe, model: nn.Module) -> None:
     """A stage that needs dense weights (``lq_lora``) finds some among those it selects, after the
     layers that earlier quantizing stages select."""
@@ -178,12 +191,18 @@ def check_dense_left(recipe: Recipe, model: nn.Module) -> None:
 
 
 def check_recipe(recipe: Recipe, skeleton: Skeleton | None = None) -> Skeleton:
-    """All checks; returns the skeleton so callers can reuse it."""
+    """All checks; returns the skeleton so callers can reuse it. Each stage's check runs on the
+    skeleton, then its effect on the model state; each export's format judges the state it gets."""
     check_rules(recipe)
     skeleton = skeleton or build_skeleton(recipe)
+    state = ModelState.of_skeleton(skeleton.model, fuses_projections(recipe))
     for entry in recipe.stages:
         if entry.stage.check is not None and skeleton.model is not None:
             entry.stage.check(recipe, entry, skeleton.model)
+        if entry.name == "export":
+            check_export(entry, state)
+        elif entry.stage.effect is not None and skeleton.model is not None:
+            state = entry.stage.effect(entry, skeleton.model, state)
     if skeleton.model is not None:
         check_ranks(recipe, skeleton.model)
         check_dense_left(recipe, skeleton.model)

@@ -154,9 +154,9 @@ class ResidentModel(UnitMap):
         """Nothing to prepare: the model is saved after the stage (``save``)."""
 
     def save(self, path: Path) -> None:
-        from .checkpoint.write import write_native
+        from .checkpoint.store import save_model
 
-        write_native(self.model, path)
+        save_model(self.model, path)
 
     def end_stage(self) -> None:
         """The model is already where the next stage reads it."""

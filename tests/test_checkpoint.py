@@ -8,7 +8,7 @@ import torch
 from conftest import logits, micro_llama, quantize_model
 
 from compress.checkpoint import inspect_checkpoint, load_checkpoint, write_gptq, write_hf, write_native
-from compress.checkpoint.gptq import resolve_module_config
+from compress.checkpoint.formats.gptq import resolve_module_config
 from compress.errors import CheckpointError
 from compress.quant import QuantConfig, QuantLinear
 

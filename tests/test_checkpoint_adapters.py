@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 
 import compress
-from compress.checkpoint.write import write_gptq, write_hf, write_native
+from compress.checkpoint import write_gptq, write_hf, write_native
 from compress.errors import CheckpointError
 from compress.lowrank import LoRALinear, init_default
 from compress.quant import QuantConfig, QuantLinear

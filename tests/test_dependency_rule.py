@@ -214,3 +214,11 @@ def test_kernels_and_quant_meet_only_at_the_kernel_weight():
     dispatch = [i.source for module, found in imports.items() if _under(module, "compress.quant") for i in found
                 if i.text == "from compress import kernels"]
     assert dispatch == ["quant/linear.py"], dispatch
+
+
+def test_safetensors_files_are_read_and_written_in_one_module():
+    """Only ``compress.checkpoint.tensors`` imports the safetensors library (the others go through
+    its reader and writer, so that one header check and one write order hold everywhere)."""
+    found = [f"{i.source}:{i.line}: {i.text}" for module, imports in _all_imports().items() for i in imports
+             if i.target and _under(i.target, "safetensors") and module != "compress.checkpoint.tensors"]
+    assert not found, "safetensors used outside checkpoint/tensors.py:\n" + "\n".join(found)

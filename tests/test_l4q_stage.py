@@ -108,9 +108,11 @@ def test_l4q_from_a_quantize_stage_starts_at_its_model(tmp_path, probe_ids, meth
 
 
 @pytest.mark.parametrize("stages, message", [
-    ("  - l4q: {group_size: 48}\n  - export: {format: gptq}", r"stages\[0\]\.l4q\.group_size: 48 does not divide"),
+    ("  - l4q: {group_size: 48}\n  - export: {format: gptq}",
+     r"stages\[0\]\.l4q: cannot be exported as gptq \(stages\[1\]\.export\): \S+: group_size 48 does not divide"),
     ("  - l4q: {zero_point: float}\n  - export: {format: gptq}",
-     r"stages\[1\]\.export\.format: gptq stores integer zero points; stages\[0\]\.l4q \(zero_point: float\)"),
+     r"stages\[0\]\.l4q: cannot be exported as gptq \(stages\[1\]\.export\): \S+: \S+ has float zero points; GPTQ "
+     r"stores integer zeros only"),
     ("  - l4q: {zero_point: half}", r"stages\[0\]\.l4q\.zero_point"),
     ("  - l4q: {zero_point: float, integer_zero_from: 0.5}", r"integer_zero_from: only with zero_point: integer"),
 ])

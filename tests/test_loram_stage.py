@@ -85,7 +85,8 @@ def test_non_structured_loram_keeps_shapes(tmp_path, method):
 
 @pytest.mark.parametrize("stages, message", [
     ("  - loram: {prune: {method: taylor}}", r"stages\[0\]\.loram\.prune\.method"),
-    ("  - loram: {output: merged}\n  - export: {format: gptq}", r"merged leaves a dense model"),
+    ("  - loram: {output: merged}\n  - export: {format: gptq}", r"stages\[0\]\.loram: cannot be exported as gptq \(stages\[1\]\.export\): the model has no "
+     r"quantized layers"),
     ("  - loram: {train: {data: {path: nowhere.txt}}}", r"stages\[0\]\.loram\.train\.data\.path: nowhere\.txt"),
     ("  - quantize: {}\n  - loram: {}", r"pruning must come before quantizing"),
 ])

@@ -53,7 +53,7 @@ def test_lq_lora_end_to_end(tmp_path, tiny_pair):
     ("  - lq_lora: {rank: 8, budget_bits: 1.5}",
      r"stages\[0\]\.lq_lora: budget 1\.5000 bits/param .* smallest feasible budget is 2\.\d+ bits/param"),
     ("  - lq_lora: {rank: 8, budget_bits: 3.0, budget_gib: 1.0}", "exactly one of budget_bits and budget_gib"),
-    ("  - lq_lora: {rank: 8, budget_bits: 3.0, grid: nf}\n  - export: {format: gptq}", r"grid: nf configs cannot be written as gptq \(stages\[1\]\.export\)"),
+    ("  - lq_lora: {rank: 8, budget_bits: 3.0, grid: nf}\n  - export: {format: gptq}", r"stages\[0\]\.lq_lora: cannot be exported as gptq \(stages\[1\]\.export\): \S+: nf configs \(picked at run time\)"),
     ("  - lq_lora: {rank: 8, budget_bits: 3.0}\n  - export: {format: gptq, adapters: merge}", r"adapters: merge needs format hf"),
     ("  - lq_lora: {rank: 8, budget_bits: 3.0, grid: nf, quantizer: gptq}", r"quantizer: gptq needs grid: gptq"),
     ("  - lq_lora: {rank: 8, budget_bits: 3.0, damp: 0.1}", r"damp: only for quantizer: gptq"),

@@ -82,7 +82,7 @@ def test_prune_then_lq_lora_then_finetune_then_export(tmp_path, probe_ids):
 
 @pytest.mark.parametrize("stages, message", [
     (PRUNE.format(method="loraprune", uniform="false") + "\n  - export: {format: gptq}",
-     r"stages\[1\]\.export\.format: gptq cannot describe layers of different widths"),
+     r"stages\[0\]\.prune: cannot be exported as gptq \(stages\[1\]\.export\): decoder layers of different widths"),
     ("  - quantize: {}\n" + PRUNE.format(method="random", uniform="true"), r"pruning must come before quantizing"),
     (PRUNE.format(method="taylor", uniform="true"), r"method"),
     ("  - prune: {ratio: 1.5}", r"ratio"),

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from compress.checkpoint import tensors as shards
+from compress.dtypes import TABLE
 from compress.errors import CheckpointError
 
 TENSORS = {"b.weight": torch.randn(300, 70).to(torch.bfloat16), "a.qweight": torch.randint(-2**31, 2**31 - 1, (5, 9), dtype=torch.int32),
@@ -49,7 +50,7 @@ def test_written_bytes_are_the_librarys(tmp_path, seed):
     as ``save_file`` (its order: widest dtype first, then name). One metadata key only: the library
     writes several in hash order, which changes from process to process."""
     generator = torch.Generator().manual_seed(seed)
-    dtypes = list(shards.DTYPES.values())
+    dtypes = [d.torch for d in TABLE]  # every dtype of the one table
     tensors = {}
     for i in range(12):
         dtype = dtypes[int(torch.randint(len(dtypes), (1,), generator=generator))]

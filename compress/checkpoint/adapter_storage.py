@@ -22,11 +22,12 @@ from torch import nn
 
 from compress.quant import QuantConfig, QuantizedWeight, check_tensors
 
+from ..dtypes import SHORT
 from ..errors import CheckpointError, brief
 
-ADAPTER_DTYPES = ("nf8", "bf16", "fp16")
+ADAPTER_DTYPES = ("nf8", *SHORT)
 NF8 = QuantConfig.nf(8, block=64, scale_bits=8, scale_block=256, scale_dtype="float32")
-CASTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CASTS = SHORT
 LEAVES = ("lora_A", "lora_B")
 
 

@@ -1,4 +1,7 @@
-"""Which engines load a checkpoint, with which kernel, and the first module that stops them.
+"""Which engines load a checkpoint, with which kernel, and the first module that stops them: the
+rules every format shares (the engine's view of a layer, vLLM's kernel choice, vLLM-CPU's kernel,
+GPTQModel's kernels); each format applies them with its own loader's rules
+(``formats/*.py``: ``Format.verdicts``).
 
 The verdict comes from rules read in each engine's source (cited beside each rule; vLLM as of its
 main branch in late 2026, GPTQModel 7.6.0, transformers 5.24 with compressed-tensors 0.20.1), applied
@@ -90,7 +93,7 @@ def engine_layers(rows: list[dict]) -> tuple[list[Layer], str | None]:
     return layers, None
 
 
-def _vllm_kernel(layer: Layer, zero_points: bool) -> tuple[str | None, str]:
+def vllm_kernel(layer: Layer, zero_points: bool) -> tuple[str | None, str]:
     """The mixed-precision kernel vLLM's ``choose_mp_linear_kernel`` picks on SM90 for 4/8 bits
     (vllm/model_executor/kernels/linear/__init__.py: Machete before Marlin), or why none can."""
     group = layer.group_size
@@ -106,36 +109,7 @@ def _vllm_kernel(layer: Layer, zero_points: bool) -> tuple[str | None, str]:
     return "Marlin", ""
 
 
-def _vllm_gptq(layers: list[Layer]) -> Verdict:
-    for layer in layers:
-        # vllm/model_executor/layers/quantization/auto_gptq.py: TYPE_MAP {(4, True), (8, True)}
-        if (layer.bits, layer.sym) not in ((4, True), (8, True)):
-            return Verdict("vllm", False, stops_at=layer.name,
-                           reason=f"bits={layer.bits}, sym={layer.sym}: vLLM's GPTQ loader (auto_gptq.py) takes "
-                                  "4- or 8-bit symmetric only; export compressed-tensors")
-        # auto_gptq.py: verify_marlin_supported -> marlin_utils.MARLIN_SUPPORTED_GROUP_SIZES
-        if layer.group_size not in MARLIN_GROUPS:
-            return Verdict("vllm", False, stops_at=layer.name,
-                           reason=f"group_size {layer.group_size} is not one of {list(MARLIN_GROUPS)} (auto_gptq.py)")
-    return _with_kernels("vllm", [(layer, _vllm_kernel(layer, zero_points=False)) for layer in layers])
-
-
-def _vllm_ct(layers: list[Layer]) -> Verdict:
-    picked = []
-    for layer in layers:
-        # compressed_tensors/schemes/compressed_tensors_wNa16.py: WNA16_ZP_SUPPORTED_TYPES_MAP {4, 8}
-        if not layer.sym and layer.bits not in (4, 8):
-            return Verdict("vllm", False, stops_at=layer.name,
-                           reason=f"{layer.bits}-bit asymmetric: vLLM's WNA16 scheme takes zero points at 4 and 8 "
-                                  "bits only (compressed_tensors_wNa16.py); quantize it symmetric")
-        if layer.bits in (4, 8):
-            picked.append((layer, _vllm_kernel(layer, zero_points=not layer.sym)))
-        else:  # WNA16_SUPPORTED_TYPES_MAP uint2b2/uint3b4: only kernels/linear/mixed_precision/humming.py takes them
-            picked.append((layer, ("Humming", "")))
-    return _with_kernels("vllm", picked)
-
-
-def _with_kernels(engine: str, picked: list[tuple[Layer, tuple[str | None, str]]]) -> Verdict:
+def with_kernels(engine: str, picked: list[tuple[Layer, tuple[str | None, str]]]) -> Verdict:
     for layer, (kernel, why) in picked:
         if kernel is None:
             return Verdict(engine, False, stops_at=layer.name, reason=why)
@@ -143,22 +117,7 @@ def _with_kernels(engine: str, picked: list[tuple[Layer, tuple[str | None, str]]
     return Verdict(engine, True, kernel=", ".join(kernels) or "dense")
 
 
-def vllm_verdict(fmt: str, rows: list[dict]) -> Verdict:
-    if fmt == "native":
-        return Verdict("vllm", False, reason="native is compress's own format (export gptq or compressed-tensors)")
-    if fmt == "hf":
-        return Verdict("vllm", True, kernel="dense")
-    nf = next((r for r in rows if r.get("format") == "nf"), None)
-    if nf is not None:
-        return Verdict("vllm", False, stops_at=nf["name"], reason="NormalFloat layers have no vLLM format")
-    layers, fused = engine_layers(rows)
-    if fused:  # compressed_tensors/utils.py should_ignore_layer; gptq_utils.get_dynamic_override on the fused prefix
-        return Verdict("vllm", False, stops_at=fused.split(":")[0], reason=f"{fused.split(': ', 1)[1]}: vLLM fuses "
-                       "them into one layer with one scheme")
-    return _vllm_gptq(layers) if fmt == "gptq" else _vllm_ct(layers)
-
-
-def _cpu_kernel(layer: Layer) -> str | None:
+def cpu_kernel_problem(layer: Layer) -> str | None:
     """Why vLLM-CPU's one mixed-precision kernel cannot take ``layer``, or None
     (kernels/linear/mixed_precision/cpu.py CPUWNA16LinearKernel.can_implement: uint4 / uint4b8 weights,
     an even group or per channel, input and output sizes multiples of 32, a fused layer counted whole)."""
@@ -172,34 +131,7 @@ def _cpu_kernel(layer: Layer) -> str | None:
     return None
 
 
-def vllm_cpu_verdict(fmt: str, rows: list[dict]) -> Verdict:
-    if fmt in ("native", "hf"):
-        verdict = vllm_verdict(fmt, rows)
-        return Verdict("vllm-cpu", verdict.loads, verdict.kernel, reason=verdict.reason)
-    nf = next((r for r in rows if r.get("format") == "nf"), None)
-    if nf is not None:
-        return Verdict("vllm-cpu", False, stops_at=nf["name"], reason="NormalFloat layers have no vLLM format")
-    layers, fused = engine_layers(rows)
-    if fused:
-        return Verdict("vllm-cpu", False, stops_at=fused.split(":")[0], reason=f"{fused.split(': ', 1)[1]}: vLLM "
-                       "fuses them into one layer with one scheme")
-    for layer in layers:
-        # auto_gptq.py AutoGPTQLinearMethod -> marlin_utils.verify_marlin_supported: on the CPU
-        # _query_cpu_marlin_supported_quant_types gives uint4b8 (4-bit symmetric) only, groups -1/32/64/128
-        if fmt == "gptq" and ((layer.bits, layer.sym) != (4, True) or layer.group_size not in MARLIN_GROUPS):
-            return Verdict("vllm-cpu", False, stops_at=layer.name,
-                           reason=f"bits={layer.bits}, sym={layer.sym}, group_size={layer.group_size}: vLLM-CPU's "
-                                  "GPTQ loader takes 4-bit symmetric with groups -1/32/64/128 (marlin_utils.py)")
-        if fmt != "gptq" and not layer.sym and layer.bits not in (4, 8):  # compressed_tensors_wNa16.py
-            return Verdict("vllm-cpu", False, stops_at=layer.name, reason=f"{layer.bits}-bit asymmetric: vLLM's "
-                           "WNA16 scheme takes zero points at 4 and 8 bits only (compressed_tensors_wNa16.py)")
-        why = _cpu_kernel(layer)
-        if why:
-            return Verdict("vllm-cpu", False, stops_at=layer.name, reason=why)
-    return Verdict("vllm-cpu", True, kernel="CPUWNA16" if layers else "dense")
-
-
-def _gptqmodel_kernel(layer: Layer) -> str:
+def gptqmodel_kernel(layer: Layer) -> str:
     for kernel, bits, groups, sym_only, divisor in GPTQMODEL_CUDA:
         fits_shape = divisor is None or (layer.in_features % divisor == 0 and layer.out_features % divisor == 0)
         if (layer.bits in bits and (groups is None or layer.group_size in groups) and (layer.sym or not sym_only)
@@ -208,53 +140,7 @@ def _gptqmodel_kernel(layer: Layer) -> str:
     return "TorchLinear"
 
 
-def gptqmodel_verdict(fmt: str, rows: list[dict]) -> Verdict:
-    # gptqmodel/models/auto.py _is_supported_quantization_config: gptq, gguf, fp8, bitsandbytes, awq, ...
-    if fmt in ("native", "compressed-tensors"):
-        return Verdict("gptqmodel", False, reason=f"GPTQModel 7.6.0 has no {fmt} loader (models/auto.py)")
-    if fmt == "hf":
-        return Verdict("gptqmodel", True, kernel="dense")
-    nf = next((r for r in rows if r.get("format") == "nf"), None)
-    if nf is not None:
-        return Verdict("gptqmodel", False, stops_at=nf["name"], reason="NormalFloat layers have no GPTQ form")
-    layers = [Layer(r["name"], r["bits"], r["group_size"], r["sym"], *r["shape"]) for r in rows
-              if r.get("format") == "uniform"]  # per module (dynamic: make_quant picks a kernel for each)
-    return Verdict("gptqmodel", True, kernel=", ".join(sorted({_gptqmodel_kernel(layer) for layer in layers})))
-
-
-def transformers_verdict(fmt: str, rows: list[dict]) -> Verdict:
-    if fmt == "native":
-        return Verdict("transformers", False, reason="native is compress's own format (export hf, gptq or "
-                                                     "compressed-tensors)")
-    if fmt == "hf":
-        return Verdict("transformers", True, kernel="dense")
-    uniform = [r for r in rows if r.get("format") == "uniform"]
-    if fmt == "gptq":
-        # utils/quantization_config.py GPTQConfig drops `dynamic`; optimum builds every layer with one config
-        base = (uniform[0]["bits"], uniform[0]["group_size"], uniform[0]["sym"]) if uniform else None
-        odd = next((r for r in uniform if (r["bits"], r["group_size"], r["sym"]) != base), None)
-        if odd is not None:
-            return Verdict("transformers", False, stops_at=odd["name"],
-                           reason="transformers' GPTQ path (quantizer_gptq.py via optimum) builds every layer with "
-                                  "the base config and ignores dynamic overrides: load it with GPTQModel")
-        return Verdict("transformers", True, kernel="GPTQModel kernels through optimum (gptqmodel installed)")
-    # compressed-tensors 0.20.1 compressors/pack_quantized/base.py compress(): on meta weights (transformers'
-    # loading) it packs no zero point, so the slot stays [out, groups] int8 and the load report refuses ours
-    asym = next((r for r in uniform if not r["sym"]), None)
-    if asym is not None:
-        return Verdict("transformers", False, stops_at=asym["name"],
-                       reason="asymmetric: compressed-tensors builds the weight_zero_point slot unpacked when "
-                              "transformers loads (pack_quantized/base.py), so the packed zero points mismatch")
-    return Verdict("transformers", True, kernel="compressed-tensors decompression (dense on first forward)")
-
-
-def compress_verdict(fmt: str, rows: list[dict]) -> Verdict:
+def compress_verdict(rows: list[dict]) -> Verdict:
+    """compress loads every format it writes (and reads GPTQ v1 and pack-quantized from others)."""
     return Verdict("compress", True, kernel="QuantLinear (Triton on CUDA, reference kernel on CPU)"
                    if any(r.get("format") in ("uniform", "nf") for r in rows) else "dense")
-
-
-def engine_verdicts(fmt: str, rows: list[dict]) -> dict[str, dict]:
-    """{engine: verdict} for a checkpoint of format ``fmt`` whose modules ``inspect`` described."""
-    verdicts = [vllm_verdict(fmt, rows), vllm_cpu_verdict(fmt, rows), gptqmodel_verdict(fmt, rows),
-                transformers_verdict(fmt, rows), compress_verdict(fmt, rows)]
-    return {v.engine: v.to_dict() for v in verdicts}

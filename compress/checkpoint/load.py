@@ -23,9 +23,8 @@ from compress.quant import QuantConfig, QuantLinear, check_tensors
 from ..dtypes import DTYPES
 from ..errors import CheckpointError, brief
 from ..targets import set_module
-from . import compressed_tensors as ct
 from .adapter_storage import restore
-from .gptq import resolve_module_config
+from .formats import FORMATS, format_named, format_of_config
 from .manifest import ADAPTER_FORMAT, MANIFEST, read_manifest
 from .tensors import TensorSource, load_tensors, tensor_files_present
 
@@ -40,7 +39,7 @@ class Layout:
     """What a checkpoint directory holds: its format, config, and each quantized module's config."""
 
     path: Path
-    format: str  # native | gptq | hf | compressed-tensors
+    format: str  # a name of formats.FORMATS
     config: dict
     modules: dict[str, tuple[QuantConfig, tuple[int, int] | None]]
     manifest: dict | None
@@ -53,24 +52,6 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: missing") from None
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable JSON: {brief(err)}") from None
-
-
-def _gptq_modules(quant: dict, tensor_names: list[str], path: Path) -> dict:
-    if quant.get("checkpoint_format", quant.get("format", "gptq")) != "gptq":
-        raise CheckpointError(f"{path}: checkpoint_format {quant.get('checkpoint_format')!r} is not supported "
-                              "(compress reads GPTQ v1, checkpoint_format 'gptq')")
-    if quant.get("desc_act"):
-        raise CheckpointError(f"{path}: desc_act (act-order) GPTQ checkpoints are not supported yet")
-    modules = {}
-    for name in tensor_names:
-        if name.endswith(".qweight"):
-            fqn = name.removesuffix(".qweight")
-            config = resolve_module_config(quant, fqn)
-            if config is None:
-                raise CheckpointError(f"{path}: {fqn} has packed weights but quantization_config.dynamic "
-                                      "excludes it")
-            modules[fqn] = (config, None)
-    return modules
 
 
 def refuse_adapter(path: Path, manifest: dict | None = None) -> None:
@@ -108,21 +89,12 @@ def read_layout(path: Path, verify: bool = True, tensor_names: list[str] | None 
     if manifest is not None:
         modules = {name: (QuantConfig.from_dict(info["config"]), tuple(info["shape"]))
                    for name, info in manifest["modules"].items()}
-        return Layout(path, manifest["format"], config, modules, manifest)
+        return Layout(path, format_named(manifest["format"], path).name, config, modules, manifest)
+    fmt = format_of_config(quant, path)
     if quant is None:
         refuse_lost_manifest(path, tensor_names)
-        return Layout(path, "hf", config, {}, None)
-    if quant.get("quant_method") == ct.FORMAT:
-        names = tensor_names if tensor_names is not None else TensorSource(path).names()
-        packed = [n.removesuffix(".weight_packed") for n in names if n.endswith(".weight_packed")]
-        schemes = ct.module_schemes(quant, packed, str(path))
-        return Layout(path, ct.FORMAT, config, {name: (c, None) for name, c in schemes.items()}, None)
-    if quant.get("quant_method") != "gptq":
-        raise CheckpointError(f"{path}: quant_method {quant.get('quant_method')!r} is not supported "
-                              "(compress reads gptq, compressed-tensors and its own checkpoints)")
-    if tensor_names is None:
-        tensor_names = TensorSource(path).names()
-    return Layout(path, "gptq", config, _gptq_modules(quant, tensor_names, path), None)
+    names = (lambda: tensor_names) if tensor_names is not None else (lambda: TensorSource(path).names())
+    return Layout(path, fmt.name, config, fmt.read_modules(quant, names, path), None)
 
 
 def _shape_from_tensors(name: str, config: QuantConfig, tensors: dict) -> tuple[int, int]:
@@ -161,11 +133,8 @@ def build_model(config: dict, modules: dict[str, tuple[QuantConfig, tuple[int, i
 def load_checkpoint(path: Path, dtype: str | None = None, verify: bool = True) -> nn.Module:
     """The model stored in ``path``, in eval mode; dense tensors cast to ``dtype`` when given."""
     layout = read_layout(path, verify=verify)
-    tensors = load_tensors(layout.path)
-    if layout.format == "gptq":
-        layout = read_layout(path, verify=False, tensor_names=list(tensors))
-    if layout.format == ct.FORMAT:
-        tensors = ct.state_from_ct(tensors, {name: c for name, (c, _) in layout.modules.items()}, str(layout.path))
+    configs = {name: config for name, (config, _) in layout.modules.items()}
+    tensors = FORMATS[layout.format].to_ours(load_tensors(layout.path), configs, str(layout.path))
     modules = {}
     for name, (config, shape) in layout.modules.items():
         shape = shape or _shape_from_tensors(name, config, tensors)

@@ -9,7 +9,7 @@ The format is simple enough to handle directly, which keeps memory exact: a file
 little-endian header length, a JSON header ``{"__metadata__": {...}, name: {"dtype", "shape",
 "data_offsets": [begin, end]}}`` padded with spaces to a multiple of 8, then the tensors' bytes.
 Writing streams each tensor's bytes from its own memory (no second copy of a shard), in the order
-the ``safetensors`` library itself writes (dtype width first, then name: ``WRITE_ORDER``), so a file
+the ``safetensors`` library itself writes (dtype width first, then name: ``dtypes.WRITE_RANK``), so a file
 written here is byte for byte the library's ``save_file`` of the same tensors (tests/test_shards.py
 holds us to that). Reading checks what the library checks (offsets contiguous, the data exactly
 fills the file) and copies one tensor's bytes straight into its destination, cast to a wider dtype
@@ -24,19 +24,13 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import CODES, SAFETENSORS, WRITE_RANK
 from ..errors import CheckpointError, brief
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 << 30
 CHUNK_BYTES = 16 << 20
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
-CODES = {dtype: code for code, dtype in DTYPES.items()}
-# The safetensors library sorts a file's tensors by its Dtype enum, widest first, then by name.
-WRITE_ORDER = {code: rank for rank, code in enumerate(("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "I8",
-                                                       "U8", "BOOL"))}
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -67,12 +61,12 @@ def _check_layout(header: dict, data_bytes: int) -> None:
     end = 0
     for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
         begin, stop = entry["data_offsets"]
-        if entry["dtype"] not in DTYPES:
+        if entry["dtype"] not in SAFETENSORS:
             raise ValueError(f"{name}: unknown dtype {entry['dtype']!r}")
         items = 1
         for dim in entry["shape"]:
             items *= int(dim)
-        if begin != end or stop - begin != items * DTYPES[entry["dtype"]].itemsize:
+        if begin != end or stop - begin != items * SAFETENSORS[entry["dtype"]].itemsize:
             raise ValueError(f"{name}: data_offsets {[begin, stop]} do not hold shape {entry['shape']}")
         end = stop
     if end != data_bytes:
@@ -82,7 +76,7 @@ def _check_layout(header: dict, data_bytes: int) -> None:
 def read_tensor(path: Path, entry: dict, start: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """One tensor of a file (its header ``entry``), in ``dtype`` when given (converted slice by slice
     into its place)."""
-    stored, shape = DTYPES[entry["dtype"]], tuple(entry["shape"])
+    stored, shape = SAFETENSORS[entry["dtype"]], tuple(entry["shape"])
     begin, _ = entry["data_offsets"]
     out = torch.empty(shape, dtype=dtype or stored)
     flat = out.view(-1)
@@ -117,7 +111,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     data bytes. ``metadata``: the header's ``__metadata__`` (default ``{"format": "pt"}``, as
     transformers and PEFT write it; ``{}``: none, as the library's ``save_file`` without metadata).
     An I/O failure (a full disk) is an OSError naming the file."""
-    names = sorted(tensors, key=lambda name: (WRITE_ORDER[CODES[tensors[name].dtype]], name))
+    names = sorted(tensors, key=lambda name: (WRITE_RANK[CODES[tensors[name].dtype]], name))
     metadata = {"format": "pt"} if metadata is None else metadata
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
@@ -231,7 +225,7 @@ class TensorSource:
         tensors = {}
         for name in names:
             file, entry, start = self.entries[name]
-            dtype = dtype_for(name, DTYPES[entry["dtype"]]) if dtype_for else None
+            dtype = dtype_for(name, SAFETENSORS[entry["dtype"]]) if dtype_for else None
             tensors[name] = read_tensor(file, entry, start, dtype)
         return tensors
 

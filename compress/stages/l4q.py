@@ -36,7 +36,7 @@ from compress.lowrank.l4q import L4QLinear
 from compress.quant import QuantConfig, QuantizedWeight, QuantLinear
 from compress.quant.uniform import quantize_codes, to_float_zero_tensors, to_gptq_tensors
 
-from ..checkpoint.write import INTEGER_FORMATS
+from ..model_state import ModelState, ModuleQuant, selected_quant
 from ..errors import RecipeError, StageError
 from ..evaluate import perplexity
 from ..stage import Stage
@@ -76,17 +76,15 @@ def check(recipe, entry, model) -> None:
     selected = select_linears(model, config.targets, config.ignore)
     if not selected:
         raise RecipeError(f"{entry.where}.targets: selects no linear layer")
-    whole = [e.config.format for e in recipe.later(entry.index, "export") if e.config.format in INTEGER_FORMATS]
-    for name, module in selected:
-        if whole and module.in_features % config.group_size:  # native holds a partial last group
-            raise RecipeError(f"{entry.where}.group_size: {config.group_size} does not divide in_features "
-                              f"{module.in_features} of {name} ({whole[0]} engines need whole groups; export native)")
-    if config.zero_point == "float":
-        for export in recipe.later(entry.index, "export"):
-            if export.config.format != "native":
-                raise RecipeError(f"{export.where}.format: {export.config.format} stores integer zero points; "
-                                  f"{entry.where} (zero_point: float) needs native, or zero_point: integer")
     check_training_data(recipe, entry.where, config.data)
+
+
+def effect(entry, model, state: ModelState) -> ModelState:
+    """Every selected linear ends packed: asymmetric, integer or float zero points (``finalize``)."""
+    config: L4QConfig = entry.config
+    packed = QuantConfig.uniform(config.bits, config.group_size, sym=False, float_zero=config.zero_point == "float")
+    return state.quantized(selected_quant(model, config.targets, config.ignore,
+                                          lambda module: ModuleQuant(packed, by=entry.where)))
 
 
 def _same_grid(module, config: L4QConfig) -> bool:
@@ -184,5 +182,5 @@ def run(ctx, config: L4QConfig, report) -> None:
                           label=f"l4q int{config.bits}-g{config.group_size}")
 
 
-STAGE = Stage(name="l4q", config=L4QConfig, run=run, modifies_model=True, quantizes=True, check=check,
+STAGE = Stage(name="l4q", config=L4QConfig, run=run, modifies_model=True, quantizes=True, check=check, effect=effect,
               low_rank=lambda config: [("lora.rank", config.lora.rank, config.targets, config.ignore)])

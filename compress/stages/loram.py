@@ -26,23 +26,21 @@ from __future__ import annotations
 import shutil
 from typing import Literal
 
-import torch
 from pydantic import Field
 
-from compress.lowrank import LoRALinear, merge_adapters
+from compress.lowrank import merge_adapters
 from compress.prune import layer_units
-from compress.prune.recover import kept_positions, recover_factors
 from compress.prune.sparsity import KeepSparse, sparsify
 
 from ..architectures import pruning_problem
-from ..checkpoint.load import load_checkpoint
-from ..checkpoint.write import INTEGER_FORMATS, write_native
+from ..checkpoint.store import load_checkpoint, save_model
 from ..errors import RecipeError
 from ..evaluate import perplexity
 from ..memory import model_tensor_bytes, release_freed_memory
+from ..model_state import ModelState
 from ..stage import Stage, StageConfig
-from ..targets import select_linears, set_module
 from ..text_specs import TextOrigin
+from .loram_recover import dense_linears, quantize_small, recover
 from .prune import PruneConfig, prune_structured
 from .quantize import QuantSpec
 from .training_common import (LoraSpec, TrainingConfig, attach_adapters, check_training_data, lora_parameters,
@@ -87,14 +85,11 @@ def check(recipe, entry, model) -> None:
             raise RecipeError(f"{entry.where}: {err}") from None
     for part in ("prune", "train"):
         check_training_data(recipe, f"{entry.where}.{part}", getattr(config, part).data)
-    integer = [e for e in recipe.later(entry.index, "export") if e.config.format in INTEGER_FORMATS]
-    if config.output == "merged" and integer:
-        raise RecipeError(f"{entry.where}.output: merged leaves a dense model; add a quantize stage before a "
-                          f"{integer[0].config.format} export")
 
 
-def _linears(model) -> dict:
-    return {n: m for n, m in select_linears(model, ["Linear"], ["lm_head"]) if isinstance(m, torch.nn.Linear)}
+def effect(entry, model, state: ModelState) -> ModelState:
+    """``output: merged`` leaves the large model dense (its adapters folded in)."""
+    return state.dequantized(entry.where) if entry.config.output == "merged" else state
 
 
 def _prune_small(ctx, config: LoramConfig, report) -> dict:
@@ -105,7 +100,7 @@ def _prune_small(ctx, config: LoramConfig, report) -> dict:
                                    report, phase="loram-prune")["layers"]
         hooks = None
     else:
-        modules = _linears(ctx.model)
+        modules = dense_linears(ctx.model)
         hooks = KeepSparse(modules, sparsify(modules, prune.method, prune.ratio))
         removed = {}
     if config.align_steps:
@@ -116,47 +111,6 @@ def _prune_small(ctx, config: LoramConfig, report) -> dict:
         result = run_training(ctx, align, params, training_windows(ctx, align), hooks=hooks, phase="loram-align")
         report.metrics.update(align_first_loss=result.losses[0], align_final_loss=tail_mean(result.losses))
     return removed
-
-
-def _quantize_small(model, spec) -> None:
-    if spec is None:
-        return
-    for name, linear in _linears(model).items():
-        if spec == "nf4":
-            import bitsandbytes as bnb
-
-            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                      compute_dtype=linear.weight.dtype, compress_statistics=True, quant_type="nf4")
-            layer.load_state_dict(linear.state_dict())
-            set_module(model, name, layer.to(linear.weight.device))
-        else:
-            from compress.quant import QuantLinear
-
-            set_module(model, name, QuantLinear.quantize(linear, spec.to_config()))
-
-
-def _recover(small, large, removed: dict) -> int:
-    """Put the small model's adapters, recovered to full shapes, on the large model; returns how many."""
-    units = {u.prefix: u for u in layer_units(large)} if removed else {}  # semi/unstructured: shapes unchanged
-    count = 0
-    for name, layer in [(n, m) for n, m in small.named_modules() if isinstance(m, LoRALinear)]:
-        target = large.get_submodule(name)
-        prefix, leaf = name.rsplit(".", 2)[0], name.rsplit(".", 1)[1]
-        unit = units.get(prefix)
-        index = str(unit.index) if unit is not None else None
-        shape = (target.out_features, target.in_features)
-        if unit is not None and index in removed:
-            kept = kept_positions(unit, leaf, removed[index])
-        else:
-            kept = torch.arange(shape[0] if leaf not in ("o_proj", "down_proj") else shape[1])
-        a, b = recover_factors(leaf, layer.lora_A.weight.detach(), layer.lora_B.weight.detach(), kept, shape)
-        adapter = LoRALinear(target, layer.rank, layer.alpha)
-        with torch.no_grad():
-            adapter.lora_A.weight.copy_(a)
-            adapter.lora_B.weight.copy_(b)
-        set_module(large, name, adapter)
-        count += 1
-    return count
 
 
 def _small_model(ctx, config: LoramConfig, cache, report) -> dict:
@@ -170,7 +124,7 @@ def _small_model(ctx, config: LoramConfig, cache, report) -> dict:
         removed = _prune_small(ctx, config, report)
         ctx.model.config.compress_pruning = {"method": config.prune.method, "ratio": config.prune.ratio,
                                              "layers": removed}
-        write_native(ctx.model, small_dir)
+        save_model(ctx.model, small_dir)
     return ctx.model.config.compress_pruning["layers"]
 
 
@@ -183,11 +137,11 @@ def run(ctx, config: LoramConfig, report) -> None:
             shutil.rmtree(stale, ignore_errors=True)
     large_params, large_bytes = sum(p.numel() for p in ctx.model.parameters()), model_tensor_bytes(ctx.model)
     if not (cache / "large" / "compress.json").is_file():
-        write_native(ctx.model, cache / "large")
+        save_model(ctx.model, cache / "large")
     removed = _small_model(ctx, config, cache, report)
     small = ctx.model
     small_params = sum(p.numel() for p in small.parameters())
-    _quantize_small(small, config.quantize_small)
+    quantize_small(small, config.quantize_small)
     release_freed_memory()  # the large model's pruned parts: back to the OS before training is measured
     storage = {"small": model_tensor_bytes(small), "small_16bit": model_tensor_bytes(small, 2), "large": large_bytes}
     seed = ctx.recipe.spec.seed if config.train.seed is None else config.train.seed
@@ -198,7 +152,7 @@ def run(ctx, config: LoramConfig, report) -> None:
     if config.evaluate_small and ctx.recipe.spec.data.eval is not None:
         report.metrics["small_perplexity"] = perplexity(small, ctx.windows("eval"))
     large = load_checkpoint(cache / "large", dtype=ctx.recipe.spec.dtype)
-    count = _recover(small, large, removed)
+    count = recover(small, large, removed)
     if config.output == "merged":
         merge_adapters(large)
     ctx.model = large
@@ -230,7 +184,7 @@ def _report(report, config: LoramConfig, result, large_params: int, small_params
                         f"recovered ({config.output})")
 
 
-STAGE = Stage(name="loram", config=LoramConfig, run=run, modifies_model=True, check=check,
+STAGE = Stage(name="loram", config=LoramConfig, run=run, modifies_model=True, check=check, effect=effect,
               leaves_adapters=lambda config: config.output == "adapter",
               low_rank=lambda config: [*lora_rank("prune.lora", config.prune.lora),
                                        *lora_rank("train.lora", config.train.lora)])

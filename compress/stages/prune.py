@@ -35,6 +35,7 @@ from compress.prune.units import ATTENTION, MLP
 
 from ..architectures import pruning_problem
 from ..errors import RecipeError, StageError
+from ..model_state import ModelState
 from ..stage import Stage
 from .training_common import (LoraSpec, TrainingConfig, attach_adapters, check_training_data, has_adapters,
                               lora_parameters, lora_rank, run_training, tail_mean, training_windows)
@@ -75,12 +76,12 @@ def check(recipe, entry, model) -> None:
     if not _prunable(config, len(units)):
         raise RecipeError(f"{entry.where}: no layer left to prune among {len(units)} "
                           f"(skip_first {config.skip_first}, skip_last {config.skip_last})")
-    if not config.uniform:
-        for export in recipe.later(entry.index, "export"):
-            if export.config.format != "native":
-                raise RecipeError(f"{export.where}.format: {export.config.format} cannot describe layers of different "
-                                  f"widths left by {entry.where} (uniform: false); export native or prune uniform")
     check_training_data(recipe, entry.where, config.data)
+
+
+def effect(entry, model, state: ModelState) -> ModelState:
+    """``uniform: false`` leaves decoder layers of different widths."""
+    return state if entry.config.uniform else state.with_uneven_widths(entry.where)
 
 
 def _score_columns(config: PruneConfig) -> bool:
@@ -181,5 +182,5 @@ def _whole_heads_note(config: PruneConfig, chosen: list) -> str | None:
     return None
 
 
-STAGE = Stage(name="prune", config=PruneConfig, run=run, modifies_model=True, check=check,
+STAGE = Stage(name="prune", config=PruneConfig, run=run, modifies_model=True, check=check, effect=effect,
               low_rank=lambda config: lora_rank("lora", config.lora))

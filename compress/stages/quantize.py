@@ -32,7 +32,8 @@ module names, or ``re:`` regexes). ``overrides`` maps a selector to fields that 
 default's; every matching override applies, in order. ``type: nf`` selects NormalFloat codes with
 double-quantized block scales (``bits, block, scale_bits, scale_block, scale_dtype``); ``uniform``
 selects group-wise affine integers (``bits, group_size, sym``). When the recipe later exports GPTQ,
-q/k/v and gate/up of a layer are given one config (the most precise of theirs), as engines fuse them;
+q/k/v and gate/up of a layer are given one config (the most precise of theirs), as engines fuse them
+(``ModelState.fuse_ties``);
 every such change is listed in the report.
 """
 
@@ -45,9 +46,7 @@ import torch
 from compress.quant import QuantConfig, QuantLinear
 from compress.quant.quantizers import QUANTIZERS
 
-from ..checkpoint.compressed_tensors import ct_problems
-from ..checkpoint.gptq import gptq_problems
-from ..checkpoint.write import INTEGER_FORMATS
+from ..model_state import ModelState, ModuleQuant
 from ..errors import RecipeError, StageError
 from ..replace_layers import Replacement, replace_layers
 from ..stage import Stage
@@ -76,19 +75,9 @@ def plan_modules(model, config: QuantizeConfig, tie_fused: bool) -> tuple[dict, 
     return plan, changes, shapes
 
 
-def _exports_gptq(recipe, entry) -> bool:
-    """Whether a later export writes packed integers for engines (gptq, compressed-tensors): they
-    fuse q/k/v and gate/up, so those share one config."""
-    return any(e.config.format in INTEGER_FORMATS for e in recipe.later(entry.index, "export"))
-
-
-def _integer_exports(recipe, entry) -> list:
-    return [e for e in recipe.later(entry.index, "export") if e.config.format in INTEGER_FORMATS]
-
-
 def check(recipe, entry, model) -> None:
     config: QuantizeConfig = entry.config
-    plan, _, shapes = plan_modules(model, config, _exports_gptq(recipe, entry))
+    plan, _, shapes = plan_modules(model, config, tie_fused=False)
     if not plan:
         raise RecipeError(f"{entry.where}.targets: selects no linear layer (targets {config.targets}, "
                           f"ignore {config.ignore})")
@@ -97,11 +86,12 @@ def check(recipe, entry, model) -> None:
         if problem:
             raise RecipeError(f"{entry.where}: {problem} ({name})")
     _check_method(entry, config, plan)
-    for export in _integer_exports(recipe, entry):
-        fmt = export.config.format
-        problems = (gptq_problems if fmt == "gptq" else ct_problems)(plan, shapes)
-        if problems:
-            raise RecipeError(f"{entry.where}: cannot be exported as {fmt} ({export.where}): {problems[0]}")
+
+
+def effect(entry, model, state: ModelState) -> ModelState:
+    """Every selected linear quantized with its config (fused groups tied when ``state.fuse_ties``)."""
+    plan, _, _ = plan_modules(model, entry.config, state.fuse_ties)
+    return state.quantized({name: ModuleQuant(config, by=entry.where) for name, config in plan.items()})
 
 
 def _check_method(entry, config: QuantizeConfig, plan: dict[str, QuantConfig]) -> None:
@@ -189,7 +179,7 @@ def _quantize_units(ctx, config: QuantizeConfig, plan: dict, report) -> dict[str
 
 
 def run(ctx, config: QuantizeConfig, report) -> None:
-    plan, changes, _ = plan_modules(ctx.model, config, _exports_gptq(ctx.recipe, ctx.entry))
+    plan, changes, _ = plan_modules(ctx.model, config, ctx.fuse_ties)
     for name, reason in changes:
         report.notes.append(f"{name}: {reason}")
     shapes = _quantize_units(ctx, config, plan, report)
@@ -201,4 +191,4 @@ def run(ctx, config: QuantizeConfig, report) -> None:
 
 
 STAGE = Stage(name="quantize", config=QuantizeConfig, run=run, modifies_model=True, quantizes=True,
-              check=check, streaming=lambda config: None)
+              check=check, effect=effect, streaming=lambda config: None)

@@ -26,34 +26,38 @@ model's dtype: exact for fp32, as in GPTQ checkpoints otherwise).
 ``quantization_config`` holds one config group per distinct scheme (bits, group size, symmetry) whose
 ``targets`` are ``re:`` patterns naming its modules (q/k/v and gate/up always share one group: vLLM
 fuses them and applies the first shard's scheme to all; see ``engines.py``), and the dense linears in
-``ignore``. NormalFloat and float-zero layers have no such scheme: ``ct_problems`` names them before
-anything is written.
+``ignore``. NormalFloat and float-zero layers have no such scheme: ``CompressedTensors.problems``
+names them before anything is written (unlike GPTQ v1, any shape fits).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import torch
+from torch import nn
 
+from compress import __version__
 from compress.quant import QuantConfig
 from compress.quant.packing import packed_length, pack_codes, unpack_codes
 from compress.quant.uniform import default_g_idx, from_gptq_tensors, to_gptq_tensors
 from compress.targets import matches
 
-from ..errors import CheckpointError
-from .gptq import integer_problems, layer_patterns
+from ...dtypes import FLOAT_CODES
+from ...errors import CheckpointError
+from ..atomic import atomic_directory
+from ..engines import Layer, Verdict, compress_verdict, cpu_kernel_problem, vllm_kernel, with_kernels
+from ..manifest import write_manifest
+from ..tensors import DEFAULT_SHARD_BYTES, TensorSource
+from ..write import config_dict, describe_modules, write_common
+from .base import TensorMeta
+from .integer import IntegerFormat, dense_linears, layer_patterns, packed_layers
 
 FORMAT = "compressed-tensors"
 PACKED = "pack-quantized"
 LIBRARY_VERSION = "0.20.1"  # the compressed-tensors release whose layout this writes (tests/test_ct_interop.py)
 OURS = ("qweight", "qzeros", "scales", "g_idx")
-
-
-def ct_problems(configs: dict[str, QuantConfig], shapes: dict[str, tuple[int, int]]) -> list[str]:
-    """Every reason ``pack-quantized`` cannot hold these modules (empty if it can): what no packed
-    integer format holds (``gptq.integer_problems``); unlike GPTQ v1 any shape fits."""
-    return integer_problems(configs, shapes, FORMAT)
 
 
 def weight_args(config: QuantConfig) -> dict:
@@ -211,3 +215,94 @@ def stored_specs(config: QuantConfig, shape: tuple[int, int]) -> dict[str, tuple
 
 
 COUNTED = ("weight_packed", "weight_scale", "weight_zero_point")
+
+
+def _vllm_layers(layers: list[Layer]) -> Verdict:
+    picked = []
+    for layer in layers:
+        # compressed_tensors/schemes/compressed_tensors_wNa16.py: WNA16_ZP_SUPPORTED_TYPES_MAP {4, 8}
+        if not layer.sym and layer.bits not in (4, 8):
+            return Verdict("vllm", False, stops_at=layer.name,
+                           reason=f"{layer.bits}-bit asymmetric: vLLM's WNA16 scheme takes zero points at 4 and 8 "
+                                  "bits only (compressed_tensors_wNa16.py); quantize it symmetric")
+        if layer.bits in (4, 8):
+            picked.append((layer, vllm_kernel(layer, zero_points=not layer.sym)))
+        else:  # WNA16_SUPPORTED_TYPES_MAP uint2b2/uint3b4: only kernels/linear/mixed_precision/humming.py takes them
+            picked.append((layer, ("Humming", "")))
+    return with_kernels("vllm", picked)
+
+
+def _vllm_cpu_layers(layers: list[Layer]) -> Verdict:
+    for layer in layers:
+        if not layer.sym and layer.bits not in (4, 8):  # compressed_tensors_wNa16.py
+            return Verdict("vllm-cpu", False, stops_at=layer.name, reason=f"{layer.bits}-bit asymmetric: vLLM's "
+                           "WNA16 scheme takes zero points at 4 and 8 bits only (compressed_tensors_wNa16.py)")
+        why = cpu_kernel_problem(layer)
+        if why:
+            return Verdict("vllm-cpu", False, stops_at=layer.name, reason=why)
+    return Verdict("vllm-cpu", True, kernel="CPUWNA16" if layers else "dense")
+
+
+def _transformers(rows: list[dict]) -> Verdict:
+    # compressed-tensors 0.20.1 compressors/pack_quantized/base.py compress(): on meta weights (transformers'
+    # loading) it packs no zero point, so the slot stays [out, groups] int8 and the load report refuses ours
+    asym = next((r for r in rows if r.get("format") == "uniform" and not r["sym"]), None)
+    if asym is not None:
+        return Verdict("transformers", False, stops_at=asym["name"],
+                       reason="asymmetric: compressed-tensors builds the weight_zero_point slot unpacked when "
+                              "transformers loads (pack_quantized/base.py), so the packed zero points mismatch")
+    return Verdict("transformers", True, kernel="compressed-tensors decompression (dense on first forward)")
+
+
+class CompressedTensors(IntegerFormat):
+    name = label = quant_method = FORMAT
+    stream_source_refusal = "this one is compressed-tensors (run without streaming: true, or export it native first)"
+
+    def write(self, model: nn.Module, directory: Path, tokenizer=None, recipe: dict | None = None,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, shards=None, adapter_dtype: str | None = None) -> dict:
+        """``pack-quantized``: the packed tensors converted module by module as they are written;
+        fails before writing if a module does not fit. ``shards`` as for native."""
+        modules = self.modules_to_write(model)
+        layout = {name: (m.config, m.shape) for name, m in modules.items()}
+        quant = quantization_config({name: m.config for name, m in modules.items()}, dense_linears(model),
+                                    getattr(model.config, "num_hidden_layers", 0))
+        config = dict(config_dict(model), quantization_config=quant)
+        with atomic_directory(directory) as staging:
+            write_common(model, staging, config, tokenizer, max_shard_bytes, shards,
+                         convert=lambda tensors: convert_state(tensors, layout))
+            return write_manifest(staging, {"format": FORMAT, "compress_version": __version__,
+                                            "modules": describe_modules(model), "recipe": recipe})
+
+    def read_modules(self, quant: dict, names, path: Path) -> dict:
+        packed = [n.removesuffix(".weight_packed") for n in names() if n.endswith(".weight_packed")]
+        return {name: (c, None) for name, c in module_schemes(quant, packed, str(path)).items()}
+
+    def to_ours(self, tensors: dict[str, torch.Tensor], configs: dict[str, QuantConfig], where: str) -> dict:
+        return state_from_ct(tensors, configs, where)
+
+    def stored_shape(self, name: str, tensors: TensorMeta, source: TensorSource) -> tuple[int, int]:
+        if "weight_shape" not in tensors:
+            raise CheckpointError(f"{name}: packed weights without weight_shape")
+        values = source.read([f"{name}.weight_shape"])[f"{name}.weight_shape"]
+        return tuple(int(v) for v in values.tolist())
+
+    def check_stored(self, name: str, config: QuantConfig, shape, tensors: TensorMeta) -> None:
+        """As ``Format.check_stored``, in this layout (its scales may be any float dtype)."""
+        for leaf, (dtype, expected) in stored_specs(config, shape).items():
+            got = tensors.get(leaf)
+            if got is None:
+                raise CheckpointError(f"{name}: missing tensor {leaf} for {config.name} {list(shape)}")
+            if (dtype or got[0]) != got[0] or got[1] != expected or (dtype is None and got[0] not in FLOAT_CODES):
+                raise CheckpointError(f"{name}.{leaf} is {got[0]} {list(got[1])}, but {config.name} {list(shape)} "
+                                      f"stores {dtype or 'a float'} {list(expected)}: the tensors do not hold what "
+                                      "the checkpoint's config says")
+
+    def counted(self, config: QuantConfig, tensors: TensorMeta) -> list[str]:
+        return [leaf for leaf in COUNTED if leaf in tensors]
+
+    def verdicts(self, rows: list[dict]) -> list[Verdict]:
+        vllm, cpu = (packed_layers(engine, rows) for engine in ("vllm", "vllm-cpu"))
+        return [vllm if isinstance(vllm, Verdict) else _vllm_layers(vllm),
+                cpu if isinstance(cpu, Verdict) else _vllm_cpu_layers(cpu),
+                Verdict("gptqmodel", False, reason=f"GPTQModel 7.6.0 has no {FORMAT} loader (models/auto.py)"),
+                _transformers(rows), compress_verdict(rows)]

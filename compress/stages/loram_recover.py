@@ -1,0 +1,59 @@
+"""loram's small-model steps around training: quantizing it (``quantize_small``: NF4 through
+bitsandbytes, or any ``quantize`` config), and recovering its trained adapters to the large model's
+shapes (zero at removed neurons: ``prune.recover``)."""
+
+from __future__ import annotations
+
+import torch
+
+from compress.lowrank import LoRALinear
+from compress.prune import layer_units
+from compress.prune.recover import kept_positions, recover_factors
+
+from ..targets import select_linears, set_module
+
+
+def dense_linears(model) -> dict:
+    """The dense linears the small model trains on, the head left out."""
+    return {n: m for n, m in select_linears(model, ["Linear"], ["lm_head"]) if isinstance(m, torch.nn.Linear)}
+
+
+def quantize_small(model, spec) -> None:
+    if spec is None:
+        return
+    for name, linear in dense_linears(model).items():
+        if spec == "nf4":
+            import bitsandbytes as bnb
+
+            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      compute_dtype=linear.weight.dtype, compress_statistics=True, quant_type="nf4")
+            layer.load_state_dict(linear.state_dict())
+            set_module(model, name, layer.to(linear.weight.device))
+        else:
+            from compress.quant import QuantLinear
+
+            set_module(model, name, QuantLinear.quantize(linear, spec.to_config()))
+
+
+def recover(small, large, removed: dict) -> int:
+    """Put the small model's adapters, recovered to full shapes, on the large model; returns how many."""
+    units = {u.prefix: u for u in layer_units(large)} if removed else {}  # semi/unstructured: shapes unchanged
+    count = 0
+    for name, layer in [(n, m) for n, m in small.named_modules() if isinstance(m, LoRALinear)]:
+        target = large.get_submodule(name)
+        prefix, leaf = name.rsplit(".", 2)[0], name.rsplit(".", 1)[1]
+        unit = units.get(prefix)
+        index = str(unit.index) if unit is not None else None
+        shape = (target.out_features, target.in_features)
+        if unit is not None and index in removed:
+            kept = kept_positions(unit, leaf, removed[index])
+        else:
+            kept = torch.arange(shape[0] if leaf not in ("o_proj", "down_proj") else shape[1])
+        a, b = recover_factors(leaf, layer.lora_A.weight.detach(), layer.lora_B.weight.detach(), kept, shape)
+        adapter = LoRALinear(target, layer.rank, layer.alpha)
+        with torch.no_grad():
+            adapter.lora_A.weight.copy_(a)
+            adapter.lora_B.weight.copy_(b)
+        set_module(large, name, adapter)
+        count += 1
+    return count
