@@ -33,15 +33,13 @@ def stage_need(recipe, index: int, model_bytes: int) -> tuple[float, str]:
     """(bytes, how they add up) for stage ``index`` on the device: the model's own tensors
     (``model_bytes``) plus what ``compress plan`` predicts beyond the weights for the stage's
     largest row (gradients, optimizer state, activations, KV cache, temporaries)."""
-    from .plan_report import recipe_plan
+    from .plan_report import stage_rows
 
-    rows = {label: parts for label, parts in recipe_plan(recipe)["stages"].items()
-            if label.split(":")[0] == str(index)}
+    rows = stage_rows(recipe, index)
     label = max(rows, key=lambda k: sum(v for p, v in rows[k].items() if p not in WEIGHT_PARTS))
     extra = {part: value for part, value in rows[label].items() if part not in WEIGHT_PARTS and value}
     parts = [f"model {model_bytes / GIB:.2f}"] + [f"{part} {value / GIB:.2f}" for part, value in extra.items()]
-    detail = ", ".join(parts)
-    return model_bytes + sum(extra.values()), f"{label.split(': ', 1)[1]}: {detail} GiB"
+    return model_bytes + sum(extra.values()), f"{label}: {', '.join(parts)} GiB"
 
 
 def free_bytes(device: torch.device) -> int:

@@ -40,6 +40,9 @@ class Stage:
     check: Callable | None = None
     # (entry, skeleton, ModelState) -> the ModelState it leaves (``compress.model_state``); None: unchanged
     effect: Callable | None = None
+    # (arch, config, stage_memory.PlanState) -> [(row label, memory parts)] as ``compress plan`` counts
+    # them, updating the plan state with what it leaves; None: the model as held
+    memory: Callable | None = None
     leaves_adapters: Callable | None = None  # config -> whether the model carries LoRA adapters after it
     streaming: Callable | None = None  # config -> None if it runs in a streaming recipe, else why not
     # config -> [(key of the rank in the config, rank, targets, ignore)] for each adapter it attaches

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from ..chunked_loss import loss_slice_bytes
 from ..evaluate import kernels_used, perplexity, perplexity_by_units
 from ..placement import whole_model_on_device
+from ..plan import inference_breakdown
 from ..report import StageReport
 from ..stage import Stage, StageConfig
+from ..stage_memory import PlanState, held
 
 
 class EvalConfig(StageConfig):
@@ -83,5 +86,15 @@ def wants_baseline(recipe):
     return first if first is not None and first.config.baseline else None
 
 
+def memory(arch, config: EvalConfig, state: PlanState) -> list[tuple[str, dict]]:
+    """The model as served for perplexity: decoder activations, one slice of logits, the KV cache."""
+    serving = inference_breakdown(arch, None, config.batch_size, state.eval_seq)
+    width = state.setup.compute_bytes / 2  # inference_breakdown counts 16-bit values
+    layer = serving["activations"] - 4 * config.batch_size * arch.vocab  # less decode's last-token logits
+    return [("eval", {**held(arch, state), "activations": layer * width + loss_slice_bytes(arch, config.batch_size,
+                                                                                          state.eval_seq, width * 2),
+                      "kv_cache": serving["kv_cache"] * width})]
+
+
 STAGE = Stage(name="eval", config=EvalConfig, run=run, modifies_model=False, needs_data=("eval",),
-              streaming=lambda config: None)
+              memory=memory, streaming=lambda config: None)

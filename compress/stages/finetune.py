@@ -27,7 +27,9 @@ from pydantic import Field
 
 from ..errors import RecipeError, StageError
 from ..evaluate import perplexity
+from ..plan_training import training_breakdown
 from ..stage import Stage
+from ..stage_memory import PlanState, training_setup
 from ..targets import select_linears
 from .training_common import (LoraSpec, TrainingConfig, attach_adapters, check_training_data, has_adapters,
                               lora_parameters, lora_rank, run_training, tail_mean, training_windows)
@@ -88,5 +90,14 @@ def run(ctx, config: FinetuneConfig, report) -> None:
         report.metrics.update(evals=result.evals, perplexity=result.evals[-1]["perplexity"])
 
 
-STAGE = Stage(name="finetune", config=FinetuneConfig, run=run, modifies_model=True, check=check,
+def memory(arch, config: FinetuneConfig, state: PlanState) -> list[tuple[str, dict]]:
+    """LoRA over a dense base, QLoRA over a packed one."""
+    rank = config.lora.rank if config.lora is not None else state.rank
+    method = "lora" if state.base_label == "dense" else "qlora"
+    state.rank = rank
+    setup = training_setup(state.setup, config, method, rank)
+    return [(f"finetune ({method}, {state.base_label})", training_breakdown(arch, setup))]
+
+
+STAGE = Stage(name="finetune", config=FinetuneConfig, run=run, modifies_model=True, check=check, memory=memory,
               leaves_adapters=leaves_adapters, low_rank=lambda config: lora_rank("lora", config.lora))

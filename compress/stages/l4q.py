@@ -26,6 +26,7 @@ perplexity of the fake-quantized model and of the packed one when the recipe has
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -36,10 +37,12 @@ from compress.lowrank.l4q import L4QLinear
 from compress.quant import QuantConfig, QuantizedWeight, QuantLinear
 from compress.quant.uniform import quantize_codes, to_float_zero_tensors, to_gptq_tensors
 
-from ..model_state import ModelState, ModuleQuant, selected_quant
 from ..errors import RecipeError, StageError
 from ..evaluate import perplexity
+from ..model_state import ModelState, ModuleQuant, selected_quant
+from ..plan_training import training_breakdown
 from ..stage import Stage
+from ..stage_memory import PlanState, quantized, training_setup
 from ..targets import select_linears, set_module
 from ..training import TrainHooks
 from .training_common import (LoraSpec, TrainingConfig, check_training_data, has_adapters, run_training, tail_mean,
@@ -182,5 +185,15 @@ def run(ctx, config: L4QConfig, report) -> None:
                           label=f"l4q int{config.bits}-g{config.group_size}")
 
 
+def memory(arch, config: L4QConfig, state: PlanState) -> list[tuple[str, dict]]:
+    """Quantization-aware LoRA training; the base ends packed."""
+    setup = replace(training_setup(state.setup, config, "l4q", config.lora.rank),
+                    l4q=QuantConfig.uniform(config.bits, config.group_size))
+    quantized(state, QuantConfig.uniform(config.bits, config.group_size, float_zero=config.zero_point == "float"),
+              f"int{config.bits}-g{config.group_size}")
+    return [("l4q", training_breakdown(arch, setup))]
+
+
 STAGE = Stage(name="l4q", config=L4QConfig, run=run, modifies_model=True, quantizes=True, check=check, effect=effect,
+              memory=memory,
               low_rank=lambda config: [("lora.rank", config.lora.rank, config.targets, config.ignore)])

@@ -24,11 +24,13 @@ large base) or ``merged``. The small model is cached after pruning/alignment/qua
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import Field
 
 from compress.lowrank import merge_adapters
+from compress.quant import QuantConfig
 from compress.prune import layer_units
 from compress.prune.sparsity import KeepSparse, sparsify
 
@@ -38,16 +40,17 @@ from ..errors import RecipeError
 from ..evaluate import perplexity
 from ..memory import model_tensor_bytes, release_freed_memory
 from ..model_state import ModelState
+from ..plan_training import training_breakdown
 from ..stage import Stage, StageConfig
+from ..stage_memory import PlanState, prune_range, training_setup
 from ..text_specs import TextOrigin
-from .loram_recover import dense_linears, quantize_small, recover
+from .loram_small import dense_linears, quantize_small, recover, report_sizes
 from .prune import PruneConfig, prune_structured
 from .quantize import QuantSpec
 from .training_common import (LoraSpec, TrainingConfig, attach_adapters, check_training_data, lora_parameters,
                               lora_rank, run_training, tail_mean, training_windows)
 
 STRUCTURED = ("loraprune", "gradient", "magnitude", "random")
-NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # bitsandbytes NF4 with double quantization (QLoRA): 4.127
 
 
 class LoramPrune(PruneConfig):
@@ -158,33 +161,30 @@ def run(ctx, config: LoramConfig, report) -> None:
     ctx.model = large
     ctx.structure["loram"] = {"method": config.prune.method, "ratio": config.prune.ratio, "layers": removed}
     shutil.rmtree(cache, ignore_errors=True)
-    _report(report, config, result, large_params, small_params, storage, count)
+    report_sizes(report, config, result, large_params, small_params, storage, count)
 
 
-def _report(report, config: LoramConfig, result, large_params: int, small_params: int, storage: dict,
-            count: int) -> None:
-    """Training-time parameter memory, small vs large: measured (as run, and with dense tensors at 16
-    bits, the paper's setting) and LoRAM's formula 4 x large / small parameters for a 4-bit small model."""
-    bits = None if isinstance(config.quantize_small, QuantSpec) else NF4_BITS if config.quantize_small else 16.0
-    report.metrics.update(
-        large_params=large_params, small_params=small_params, small_storage_bytes=storage["small"],
-        large_storage_bytes=storage["large"], storage_reduction_measured=storage["large"] / storage["small"],
-        small_storage_bytes_16bit=storage["small_16bit"], large_storage_bytes_16bit=2 * large_params,
-        storage_reduction_16bit=2 * large_params / storage["small_16bit"],
-        storage_reduction_4bit_formula=4 * large_params / small_params, recovered_layers=count,
-        first_loss=result.losses[0], final_loss=tail_mean(result.losses), train_seconds=result.seconds,
-        train_peak_rss_mib=result.peak_rss_mib, train_rss_growth_mib=result.rss_growth_mib,
-        train_model_mib=result.model_mib,
-        label=f"loram {config.prune.method} {config.prune.ratio:g}" + (" q" if config.quantize_small else ""))
-    if bits is not None:
-        report.metrics["storage_reduction_computed"] = 16 * large_params / (bits * small_params)
-    report.notes.append(f"small model {small_params:,} params, {storage['small_16bit'] / 2**20:.1f} MiB with dense "
-                        f"tensors at 16 bits, vs large {large_params:,} params, {2 * large_params / 2**20:.1f} MiB: "
-                        f"{2 * large_params / storage['small_16bit']:.2f}x less parameter memory; {count} adapters "
-                        f"recovered ({config.output})")
+def memory(arch, config: LoramConfig, state: PlanState) -> list[tuple[str, dict]]:
+    """Pruning the small copy, aligning it, then LoRA on it (pruned, optionally 4-bit)."""
+    structured = config.prune.method in STRUCTURED
+    start, end = prune_range(arch, config.prune)
+    small = replace(state.setup, prune_ratio=config.prune.ratio if structured else 0.0, prune_start=start,
+                    prune_end=end)
+    rows = [("loram (prune)", training_breakdown(arch, training_setup(state.setup, config.prune, "prune",
+                                                                      config.prune.lora.rank)))]
+    if config.align_steps:
+        rows.append(("loram (align, full)", training_breakdown(arch, replace(small, method="full"))))
+    if config.quantize_small == "nf4":
+        small = replace(small, base=QuantConfig.nf(4, 64, 8, 256, "float32"))
+    elif config.quantize_small is not None:
+        small = replace(small, base=config.quantize_small.to_config())
+    train = training_setup(small, config.train, "loram", config.train.lora.rank)
+    rows.append(("loram (train small)", training_breakdown(arch, train)))
+    state.rank = config.train.lora.rank
+    return rows
 
 
-STAGE = Stage(name="loram", config=LoramConfig, run=run, modifies_model=True, check=check, effect=effect,
+STAGE = Stage(name="loram", config=LoramConfig, run=run, modifies_model=True, check=check, effect=effect, memory=memory,
               leaves_adapters=lambda config: config.output == "adapter",
               low_rank=lambda config: [*lora_rank("prune.lora", config.prune.lora),
                                        *lora_rank("train.lora", config.train.lora)])

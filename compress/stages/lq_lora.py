@@ -76,20 +76,24 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 
 import torch
 
-from compress.lowrank import GRIDS, NF8_BITS, InfeasibleBudget, allocate, budget_bits_for
+from compress.lowrank import GRIDS, NF8_BITS
 
 from ..errors import StageError
 from ..fisher_by_layer import fisher_by_layer
 from ..model_state import ModelState, ModuleQuant, selected_quant
 from ..stage import Stage
 from ..targets import select_linears
-from .lq_lora_costs import output_cost_table, weight_cost_table
+from .lq_lora_costs import output_cost_table, solve, weight_cost_table
 from .lq_lora_decompose import decompose_units
 from .lq_lora_measured import References, measured_table
-from .lq_lora_spec import LQLoRAConfig, check, grid_for, resolved, ties
+from .lq_lora_spec import LQLoRAConfig, check, grid_for, resolved
+from ..plan import GIB
+from ..plan_training import layer_shape_list
+from ..stage_memory import PlanState, calibration, held
 
 __all__ = ["STAGE", "LQLoRAConfig", "grid_for", "resolved"]
 
@@ -114,17 +118,6 @@ def dense_selection(ctx, config: LQLoRAConfig, report) -> dict:
         raise StageError(f"{ctx.entry.where}: no dense linear layer to decompose among those selected "
                          f"({len(report.skipped)} already quantized); lq_lora starts from dense weights")
     return modules
-
-
-def solve(ctx, config: LQLoRAConfig, table: dict, numel: dict, report):
-    """The ILP's choice on rank 0, broadcast; an impossible budget ends the stage."""
-    budget = budget_bits_for(numel, config.budget_bits, config.budget_gib)
-    start = time.perf_counter()
-    result = ctx.ranks.broadcast(_allocate(config, table, numel, budget, list(numel)) if ctx.ranks.main else None)
-    if isinstance(result, InfeasibleBudget):
-        raise StageError(f"{ctx.entry.where}: {result}")
-    report.metrics.update(ilp_seconds=time.perf_counter() - start, ilp_solver=result.solver)
-    return result
 
 
 def report_sizes(config: LQLoRAConfig, result, shapes: dict[str, tuple[int, int]], report) -> None:
@@ -172,16 +165,19 @@ def _streaming(config: LQLoRAConfig) -> str | None:
     return None
 
 
-def _allocate(config: LQLoRAConfig, table: dict, numel: dict, budget: float, names: list[str]):
-    """The ILP's result, or the InfeasibleBudget that says why there is none (rank 0 solves it)."""
-    try:
-        return allocate({n: {c: e[0] for c, e in t.items()} for n, t in table.items()},
-                        {n: {c: e[1] for c, e in t.items()} for n, t in table.items()},
-                        numel, budget, ties(names, config.grid), config.solver)
-    except InfeasibleBudget as err:
-        return err
+def memory(arch, config: LQLoRAConfig, state: PlanState) -> list[tuple[str, dict]]:
+    """The model it reads (a GPTQ walk's activations with quantizer: gptq); the base is then
+    ``budget_bits`` (or ``budget_gib`` over the possibly pruned matrices) with rank-``rank`` adapters."""
+    before, bits = held(arch, state), config.budget_bits
+    if bits is None:
+        numel = sum(o * i for shapes in layer_shape_list(arch, state.setup) for o, i in shapes.values())
+        bits = config.budget_gib * GIB * 8 / numel
+    state.setup = replace(state.setup, base=None, base_bits=bits)
+    state.base_label, state.rank = f"LQ-LoRA {bits:.2f} bits", config.rank
+    return [("lq_lora", {**before, **calibration(arch, state)} if config.quantizer == "gptq" else before)]
 
 
 STAGE = Stage(name="lq_lora", config=LQLoRAConfig, run=run, modifies_model=True, quantizes=True, check=check, effect=effect,
+              memory=memory,
               leaves_adapters=lambda config: config.rank > 0, streaming=_streaming,
               low_rank=lambda config: [("rank", config.rank, config.targets, config.ignore)])

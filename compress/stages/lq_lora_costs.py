@@ -1,4 +1,4 @@
-"""lq_lora's cost table: {matrix: {config: (squared error, bits)}} for the allocation ILP.
+"""lq_lora's cost table: {matrix: {config: (squared error, bits)}}, and the allocation ILP over it (``solve``).
 
 Two objectives (``lq_lora``'s ``objective``):
 
@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 import torch
 
-from compress.lowrank import matrix_costs
+from compress.lowrank import InfeasibleBudget, allocate, budget_bits_for, matrix_costs
 from compress.quant.gptq import GPTQSettings
 
 from ..checkpoint.atomic import atomic_write_text
+from ..errors import StageError
 from ..fisher_by_layer import load_layer_fisher
 from ..layerwise import calibration_step
 from ..parallel import parallel_map
 from ..walker import visit_units
+from .lq_lora_spec import ties
 
 
 def _digest(tensor: torch.Tensor) -> bytes:
@@ -118,3 +121,24 @@ def output_cost_table(ctx, config, grid_for, shapes: dict, fisher_dir, seen=None
                 carried = calibration_step(units, prefix, unit, carried, modules, costs, windows)
     table = ctx.ranks.gather(local)
     return {name: table[name] for name in shapes}
+
+
+def solve(ctx, config, table: dict, numel: dict, report):
+    """The ILP's choice on rank 0, broadcast; an impossible budget ends the stage."""
+    budget = budget_bits_for(numel, config.budget_bits, config.budget_gib)
+    start = time.perf_counter()
+    result = ctx.ranks.broadcast(_allocate(config, table, numel, budget, list(numel)) if ctx.ranks.main else None)
+    if isinstance(result, InfeasibleBudget):
+        raise StageError(f"{ctx.entry.where}: {result}")
+    report.metrics.update(ilp_seconds=time.perf_counter() - start, ilp_solver=result.solver)
+    return result
+
+
+def _allocate(config, table: dict, numel: dict, budget: float, names: list[str]):
+    """The ILP's result, or the InfeasibleBudget that says why there is none (rank 0 solves it)."""
+    try:
+        return allocate({n: {c: e[0] for c, e in t.items()} for n, t in table.items()},
+                        {n: {c: e[1] for c, e in t.items()} for n, t in table.items()},
+                        numel, budget, ties(names, config.grid), config.solver)
+    except InfeasibleBudget as err:
+        return err

@@ -23,6 +23,7 @@ mostly noise (see compress/prune/loraprune.py). The removed indices per layer go
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Literal, Optional
 
 import torch
@@ -36,7 +37,9 @@ from compress.prune.units import ATTENTION, MLP
 from ..architectures import pruning_problem
 from ..errors import RecipeError, StageError
 from ..model_state import ModelState
+from ..plan_training import training_breakdown
 from ..stage import Stage
+from ..stage_memory import PlanState, prune_range, training_setup
 from .training_common import (LoraSpec, TrainingConfig, attach_adapters, check_training_data, has_adapters,
                               lora_parameters, lora_rank, run_training, tail_mean, training_windows)
 
@@ -182,5 +185,14 @@ def _whole_heads_note(config: PruneConfig, chosen: list) -> str | None:
     return None
 
 
-STAGE = Stage(name="prune", config=PruneConfig, run=run, modifies_model=True, check=check, effect=effect,
+def memory(arch, config: PruneConfig, state: PlanState) -> list[tuple[str, dict]]:
+    """LoRA-guided pruning's training; the layers are then narrower."""
+    setup = replace(training_setup(state.setup, config, "prune", config.lora.rank),
+                    gradient_criterion=config.method == "gradient")
+    start, end = prune_range(arch, config)
+    state.setup = replace(state.setup, prune_ratio=config.ratio, prune_start=start, prune_end=end)
+    return [(f"prune ({config.method})", training_breakdown(arch, setup))]
+
+
+STAGE = Stage(name="prune", config=PruneConfig, run=run, modifies_model=True, check=check, effect=effect, memory=memory,
               low_rank=lambda config: lora_rank("lora", config.lora))

@@ -46,34 +46,12 @@ import torch
 from compress.quant import QuantConfig, QuantLinear
 from compress.quant.quantizers import QUANTIZERS
 
-from ..model_state import ModelState, ModuleQuant
 from ..errors import RecipeError, StageError
+from ..model_state import ModelState, ModuleQuant
 from ..replace_layers import Replacement, replace_layers
 from ..stage import Stage
-from ..targets import fused_members, select_linears
-from .quantize_spec import QuantizeConfig, QuantSpec  # noqa: F401  (QuantSpec: the recipe form others import)
-
-def _tie_fused(plan: dict[str, QuantConfig]) -> list[tuple[str, str]]:
-    """Give each engine-fused group (q/k/v, gate/up) its most precise member's config."""
-    changes = []
-    for group, members in fused_members(list(plan)):
-        best = max((plan[m] for m in members), key=lambda c: (c.bits_per_param, c.bits))
-        for member in members:
-            if plan[member] != best:
-                changes.append((member, f"{plan[member].name} -> {best.name}: engines fuse "
-                                        f"{'/'.join(group)} and need one config"))
-                plan[member] = best
-    return changes
-
-
-def plan_modules(model, config: QuantizeConfig, tie_fused: bool) -> tuple[dict, list, dict]:
-    """(module -> QuantConfig, tie changes, module -> shape) for the selected layers."""
-    selected = select_linears(model, config.targets, config.ignore)
-    plan = {name: config.config_for(name, module) for name, module in selected}
-    shapes = {name: (module.out_features, module.in_features) for name, module in selected}
-    changes = _tie_fused(plan) if tie_fused else []
-    return plan, changes, shapes
-
+from .quantize_spec import QuantizeConfig, QuantSpec, plan_modules  # noqa: F401  (QuantSpec: imported by others)
+from ..stage_memory import PlanState, calibration, held, quantized
 
 def check(recipe, entry, model) -> None:
     config: QuantizeConfig = entry.config
@@ -190,5 +168,16 @@ def run(ctx, config: QuantizeConfig, report) -> None:
                           bits_per_param=bits / params if params else None)
 
 
+def memory(arch, config: QuantizeConfig, state: PlanState) -> list[tuple[str, dict]]:
+    """The model it reads, and a calibrated method's layer-by-layer walk (GPTQ, AWQ); the base is
+    packed after."""
+    before = held(arch, state)
+    quantized(state, config.config.to_config(), config.config.to_config().name)
+    if QUANTIZERS[config.method].needs != "nothing" or config.rounding().needs != "nothing":
+        return [(f"quantize ({config.method})", {**before, **calibration(arch, state)})]
+    return [("quantize", before)]
+
+
 STAGE = Stage(name="quantize", config=QuantizeConfig, run=run, modifies_model=True, quantizes=True,
-              check=check, effect=effect, streaming=lambda config: None)
+              check=check, effect=effect, memory=memory,
+              streaming=lambda config: None)

@@ -18,7 +18,7 @@ from compress.quant.quantizers import QUANTIZERS, Quantizer
 
 from ..config_errors import format_validation_error
 from ..stage import STRICT, StageConfig
-from ..targets import check_selector, matches
+from ..targets import check_selector, fused_members, matches, select_linears
 
 NF_ONLY = ("block", "scale_bits", "scale_block", "scale_dtype")
 UNIFORM_ONLY = ("group_size", "sym")
@@ -133,3 +133,25 @@ class _QuantizeFields(StageConfig):
 
 
 QuantizeConfig = create_model("QuantizeConfig", __base__=_QuantizeFields, __module__=__name__, **_settings_fields())
+
+
+def _tie_fused(plan: dict[str, QuantConfig]) -> list[tuple[str, str]]:
+    """Give each engine-fused group (q/k/v, gate/up) its most precise member's config."""
+    changes = []
+    for group, members in fused_members(list(plan)):
+        best = max((plan[m] for m in members), key=lambda c: (c.bits_per_param, c.bits))
+        for member in members:
+            if plan[member] != best:
+                changes.append((member, f"{plan[member].name} -> {best.name}: engines fuse "
+                                        f"{'/'.join(group)} and need one config"))
+                plan[member] = best
+    return changes
+
+
+def plan_modules(model, config: QuantizeConfig, tie_fused: bool) -> tuple[dict, list, dict]:
+    """(module -> QuantConfig, tie changes, module -> shape) for the selected layers."""
+    selected = select_linears(model, config.targets, config.ignore)
+    plan = {name: config.config_for(name, module) for name, module in selected}
+    shapes = {name: (module.out_features, module.in_features) for name, module in selected}
+    changes = _tie_fused(plan) if tie_fused else []
+    return plan, changes, shapes

@@ -1,6 +1,7 @@
 """loram's small-model steps around training: quantizing it (``quantize_small``: NF4 through
-bitsandbytes, or any ``quantize`` config), and recovering its trained adapters to the large model's
-shapes (zero at removed neurons: ``prune.recover``)."""
+bitsandbytes, or any ``quantize`` config), recovering its trained adapters to the large model's
+shapes (zero at removed neurons: ``prune.recover``), and the report of its memory against the large
+model's."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ from compress.prune import layer_units
 from compress.prune.recover import kept_positions, recover_factors
 
 from ..targets import select_linears, set_module
+from .quantize import QuantSpec
+from .training_common import tail_mean
+
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # bitsandbytes NF4 with double quantization (QLoRA): 4.127
 
 
 def dense_linears(model) -> dict:
@@ -57,3 +62,26 @@ def recover(small, large, removed: dict) -> int:
         set_module(large, name, adapter)
         count += 1
     return count
+
+
+def report_sizes(report, config, result, large_params: int, small_params: int, storage: dict,
+            count: int) -> None:
+    """Training-time parameter memory, small vs large: measured (as run, and with dense tensors at 16
+    bits, the paper's setting) and LoRAM's formula 4 x large / small parameters for a 4-bit small model."""
+    bits = None if isinstance(config.quantize_small, QuantSpec) else NF4_BITS if config.quantize_small else 16.0
+    report.metrics.update(
+        large_params=large_params, small_params=small_params, small_storage_bytes=storage["small"],
+        large_storage_bytes=storage["large"], storage_reduction_measured=storage["large"] / storage["small"],
+        small_storage_bytes_16bit=storage["small_16bit"], large_storage_bytes_16bit=2 * large_params,
+        storage_reduction_16bit=2 * large_params / storage["small_16bit"],
+        storage_reduction_4bit_formula=4 * large_params / small_params, recovered_layers=count,
+        first_loss=result.losses[0], final_loss=tail_mean(result.losses), train_seconds=result.seconds,
+        train_peak_rss_mib=result.peak_rss_mib, train_rss_growth_mib=result.rss_growth_mib,
+        train_model_mib=result.model_mib,
+        label=f"loram {config.prune.method} {config.prune.ratio:g}" + (" q" if config.quantize_small else ""))
+    if bits is not None:
+        report.metrics["storage_reduction_computed"] = 16 * large_params / (bits * small_params)
+    report.notes.append(f"small model {small_params:,} params, {storage['small_16bit'] / 2**20:.1f} MiB with dense "
+                        f"tensors at 16 bits, vs large {large_params:,} params, {2 * large_params / 2**20:.1f} MiB: "
+                        f"{2 * large_params / storage['small_16bit']:.2f}x less parameter memory; {count} adapters "
+                        f"recovered ({config.output})")
