@@ -1,5 +1,5 @@
 """The one object passed to every stage. No global state: everything a stage reads or leaves for
-later stages is here, and ``state()`` / ``restore()`` carry it across ``--resume``."""
+later stages is here, and ``saved()`` / ``restore()`` carry it across ``--resume``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.quant import QuantConfig
-
 from .data import token_windows
 from .distributed import Ranks
+from .model_state import ModelState
 from .models import ModelSource
 from .progress import ProgressBars
 from .recipe import Recipe
@@ -29,9 +28,7 @@ class Context:
     tokenizer: Any
     out_dir: Path
     progress: ProgressBars
-    plan: dict[str, QuantConfig] = field(default_factory=dict)  # module -> config it was quantized with
-    structure: dict = field(default_factory=dict)  # kept/removed indices per layer (pruning stages)
-    adapters: dict = field(default_factory=dict)  # LoRA adapters per module (low-rank stages)
+    state: ModelState = field(default_factory=ModelState)  # what the stages made of the model (configs, pruning)
     metrics: dict = field(default_factory=dict)  # run-level results, e.g. the baseline perplexity
     reports: list[StageReport] = field(default_factory=list)
     entry: Any = None  # the StageEntry being run
@@ -39,7 +36,6 @@ class Context:
     stream: Any = None  # a compress.streaming.StreamedModel when the recipe streams (``model`` is its skeleton)
     ranks: Ranks = field(default_factory=Ranks)  # this process's place in a torchrun launch (0 of 1 alone)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where stages compute
-    fuse_ties: bool = False  # an export's engines fuse q/k/v and gate/up (``ModelState.fuse_ties``)
     _windows: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -58,17 +54,12 @@ class Context:
         """``items`` with a progress display; each is a unit of work (``Ranks.pace``)."""
         return self.ranks.pace(self.progress.track(items, description, total))
 
-    def state(self) -> dict:
+    def saved(self) -> dict:
         """JSON-able state (the model is saved separately)."""
-        return {
-            "plan": {name: config.to_dict() for name, config in self.plan.items()},
-            "structure": self.structure,
-            "metrics": self.metrics,
-            "reports": [r.to_dict() for r in self.reports],
-        }
+        return {**self.state.saved(), "metrics": self.metrics, "reports": [r.to_dict() for r in self.reports]}
 
-    def restore(self, state: dict) -> None:
-        self.plan = {name: QuantConfig.from_dict(c) for name, c in state["plan"].items()}
-        self.structure = state["structure"]
-        self.metrics = state["metrics"]
-        self.reports = [StageReport.from_dict(r) for r in state["reports"]]
+    def restore(self, saved: dict) -> None:
+        """A saved state (``saved()``) on the reloaded model's (``--resume``)."""
+        self.state = self.state.restored(saved)
+        self.metrics = saved["metrics"]
+        self.reports = [StageReport.from_dict(r) for r in saved["reports"]]

@@ -1,10 +1,14 @@
 """What a recipe will have made of the model at each point, known before anything runs: each linear's
 shape and quantization (its exact config, or the config family a stage picks from at run time), the
-stage that set it, and whole-model facts (layers left with different widths).
+stage that set it, and whole-model facts (layers left with different widths, what pruning removed).
 
 ``compress validate`` starts it from the meta skeleton and steps it through each stage's ``effect``;
 at an export, the format says what in it it cannot hold (``Format.problems(state)``), naming the
 stage that caused it. Stages describe what they do to the model and never look at export formats.
+
+A run carries one too (``Context.state``): it starts from the loaded model, each stage records what
+it did (the configs it chose, what it pruned), ``state.json`` saves it for ``--resume``, and export
+has its format judge it, with the run's exact configs, before anything is written.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch import nn
 
 from compress.quant import QuantConfig, QuantLinear
 
-from .targets import select_linears
+from .targets import LINEAR_CLASSES, select_linears
 
 
 @dataclass(frozen=True)
@@ -48,16 +52,16 @@ class ModelState:
     dense_by: str | None = None  # the stage that left every linear dense (a merge)
     fuse_ties: bool = False  # the recipe exports for engines that fuse q/k/v and gate/up: one config each
     known: bool = True
+    structure: Mapping[str, dict] = field(default_factory=lambda: MappingProxyType({}))  # per pruning stage: what it removed
 
     @classmethod
     def of_skeleton(cls, model: nn.Module | None, fuse_ties: bool = False) -> ModelState:
         """Every linear of ``model`` (meta weights) with the quantization it already has."""
         if model is None:
             return cls(fuse_ties=fuse_ties, known=False)
-        shapes = {name: (m.out_features, m.in_features) for name, m in model.named_modules()
-                  if isinstance(m, (nn.Linear, QuantLinear))}
-        quant = {name: ModuleQuant(m.config) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-        return cls(MappingProxyType(shapes), MappingProxyType(quant), fuse_ties=fuse_ties)
+        quant = {_layer_name(name): ModuleQuant(m.config) for name, m in model.named_modules()
+                 if isinstance(m, QuantLinear)}
+        return cls(MappingProxyType(_linear_shapes(model)), MappingProxyType(quant), fuse_ties=fuse_ties)
 
     def quantized(self, plan: Mapping[str, ModuleQuant]) -> ModelState:
         """The state with ``plan``'s modules quantized as it says."""
@@ -69,6 +73,39 @@ class ModelState:
 
     def with_uneven_widths(self, by: str) -> ModelState:
         return replace(self, uneven_widths_by=by)
+
+    def pruned(self, stage: str, removed: dict) -> ModelState:
+        """The state with what pruning stage ``stage`` removed (kept/removed units per layer)."""
+        return replace(self, structure=MappingProxyType({**self.structure, stage: removed}))
+
+    def reshaped(self, model: nn.Module) -> ModelState:
+        """The state with ``model``'s linear shapes (a run's state after its stages changed them)."""
+        return replace(self, shapes=MappingProxyType(_linear_shapes(model)))
+
+    def saved(self) -> dict:
+        """The run's part, JSON-able (``state.json``: ``plan``, the configs its stages chose;
+        ``quantized_by``, which stage chose each; ``structure``)."""
+        ours = {name: q for name, q in self.quant.items() if q.by is not None and q.config is not None}
+        return {"plan": {name: q.config.to_dict() for name, q in ours.items()},
+                "quantized_by": {name: q.by for name, q in ours.items()}, "structure": dict(self.structure)}
+
+    def restored(self, saved: dict) -> ModelState:
+        """This state (of the reloaded model) with a saved run's part (``saved()``; states written
+        before ``quantized_by`` existed name no stage)."""
+        by = saved.get("quantized_by", {})
+        plan = {name: ModuleQuant(QuantConfig.from_dict(c), by=by.get(name, "an earlier stage"))
+                for name, c in saved["plan"].items()}
+        return replace(self.quantized(plan), structure=MappingProxyType(dict(saved["structure"])))
+
+
+def _layer_name(name: str) -> str:
+    """A LoRA adapter's base counts under the layer's name, as checkpoints store it."""
+    return name.removesuffix(".base_layer")
+
+
+def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    return {_layer_name(name): (m.out_features, m.in_features) for name, m in model.named_modules()
+            if isinstance(m, LINEAR_CLASSES)}
 
 
 def selected_quant(model: nn.Module, targets, ignore, make) -> dict[str, ModuleQuant]:

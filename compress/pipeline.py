@@ -29,6 +29,7 @@ from .distributed import Ranks, init_ranks
 from .errors import CompressError, StageError
 from .lock import output_lock
 from .memory import PeakMemory
+from .model_state import ModelState
 from .models import resolve_model
 from .progress import ProgressBars
 from .recipe import Recipe, StageEntry
@@ -93,7 +94,7 @@ class StageStates:
     def save(self, entry: StageEntry, ctx: Context) -> None:
         """The model (when the stage changed it) and then ``state.json``, each written atomically:
         a state counts only once its ``state.json`` is there."""
-        state = dict(ctx.state(), fingerprint=self.recipe.fingerprint(entry.index), stage=entry.name)
+        state = dict(ctx.saved(), fingerprint=self.recipe.fingerprint(entry.index), stage=entry.name)
         self.path(entry).mkdir(parents=True, exist_ok=True)
         if entry.stage.modifies_model:
             ctx.units.save(self.path(entry) / "model")
@@ -114,7 +115,7 @@ def _open_context(recipe: Recipe, model_dir: Path | None, progress: ProgressBars
     source = resolve_model(recipe.spec.model)
     model, tokenizer, stream = open_source(recipe, source, model_dir, device)
     return Context(recipe, source, model, tokenizer, recipe.output, progress, stream=stream, device=device,
-                   fuse_ties=fuses_projections(recipe))
+                   state=ModelState.of_skeleton(model, fuses_projections(recipe)))
 
 
 def _fresh_context(recipe: Recipe, progress: ProgressBars, device: torch.device) -> Context:

@@ -3,7 +3,7 @@
 Unit by unit over the model's source (``walker.rewrite_units``: resident or streamed, on the run's
 device), each unit's selected linears are handed to ``make(group, stats)``, which returns one
 ``Replacement`` per name; the walk installs them (the dense weight goes at once), records each
-module's config in ``ctx.plan`` and its report row. ``needs`` says what ``make`` is given:
+module's config in ``ctx.state`` and its report row. ``needs`` says what ``make`` is given:
 
 - ``nothing``: every unit's linears in one call, ``stats`` None;
 - ``hessians``: the walk carries ``data.calibration``'s activations through the decoder
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .layerwise import PrepareLayer, calibration_step
+from .model_state import ModuleQuant
 from .targets import set_module
 from .walker import HOST, rewrite_units
 
@@ -51,8 +52,8 @@ def _install(ctx, report, group: dict[str, nn.Module], made: dict[str, Replaceme
         done = made[name]
         set_module(ctx.model, name, done.layer.to(ctx.device))
         ctx.units.drop(module)  # streaming: the replaced dense weight goes now, not with its unit
-        ctx.plan[name] = done.config
         report.modules.append({"module": name, **done.row})
+    ctx.state = ctx.state.quantized({name: ModuleQuant(made[name].config, by=ctx.entry.where) for name in group})
 
 
 def _replace_group(ctx, report, make: Make, group: dict[str, nn.Module], stats: dict | None) -> None:

@@ -113,7 +113,7 @@ def _check_streaming(recipe: Recipe) -> None:
         if reason:
             raise RecipeError(f"{entry.where}: does not run with streaming: true: {reason}")
     source = resolve_model(recipe.spec.model)
-    if source.kind not in ("hf", "checkpoint"):
+    if not source.streams:
         raise RecipeError(f"streaming: true reads a model's safetensors files one layer at a time; model "
                           f"{recipe.spec.model!r} is a {source.kind} model (export it as a native or hf "
                           "checkpoint first)")
@@ -169,11 +169,9 @@ def check_ranks(recipe: Recipe, model: nn.Module) -> None:
 def check_export(entry, state: ModelState) -> None:
     """The export's format can hold the model as the recipe leaves it (``Format.problems``); the
     error names the stage that made it so."""
-    problems = FORMATS[entry.config.format].problems(state)
-    if problems:
-        first, more = problems[0], f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise RecipeError(f"{first.by or entry.where}: cannot be exported as {entry.config.format} ({entry.where}): "
-                          f"{first.text}{more}")
+    refusal = FORMATS[entry.config.format].refusal(state, entry.where)
+    if refusal:
+        raise RecipeError(refusal)
 
 
 def check_dense_left(recipe: Recipe, model: nn.Module) -> None:

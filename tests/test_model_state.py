@@ -6,6 +6,9 @@ Each refusal names the stage that caused it; what the model as the recipe leaves
 is accepted, whatever the stage before (a quantize after a merge, float zeros exported dense).
 """
 
+import json
+from dataclasses import replace
+
 import pytest
 from conftest import tiny_recipe
 
@@ -77,3 +80,58 @@ def test_each_stage_rows_are_the_plans_rows(tmp_path):
         assert {f"{entry.index}: {k}": v for k, v in stage_rows(recipe, entry.index).items()} == \
             {k: v for k, v in plan.items() if k.startswith(f"{entry.index}: ")}
     assert "transient" in plan["0: quantize (awq)"] and "1: finetune (qlora, int4-g32-asym)" in plan
+
+
+def test_a_run_carries_its_state_across_resume(tmp_path):
+    """A run's state (``Context.state``) records the configs each stage chose and which stage chose
+    them; ``state.json`` saves it and ``--resume`` restores it on the reloaded model."""
+    path = tiny_recipe(tmp_path, "  - quantize: {config: {bits: 4, group_size: 32}}\n  - export: {format: native}")
+    compress.run_recipe(compress.load_recipe(path))
+    saved = json.loads((tmp_path / "out" / ".stages" / "00-quantize" / "state.json").read_text())
+    assert saved["plan"] and set(saved["quantized_by"]) == set(saved["plan"])
+    assert set(saved["quantized_by"].values()) == {"stages[0].quantize"}
+    assert {c["bits"] for c in saved["plan"].values()} == {4}
+    path.write_text(path.read_text().replace("format: native", "format: gptq"))
+    result = compress.run_recipe(compress.load_recipe(path), resume=True)
+    assert result.resumed_after == 0
+    resumed = json.loads((tmp_path / "out" / ".stages" / "01-export" / "state.json").read_text())
+    assert (resumed["plan"], resumed["quantized_by"]) == (saved["plan"], saved["quantized_by"])
+    old = {"plan": saved["plan"], "structure": {}}  # a state.json written before quantized_by
+    model = compress.load(tmp_path / "out" / ".stages" / "00-quantize" / "model")
+    restored = ModelState.of_skeleton(model).restored(old)
+    assert {q.by for q in restored.quant.values()} == {"an earlier stage"}
+    assert restored.saved()["plan"] == saved["plan"]
+
+
+def test_export_judges_the_runs_own_configs_before_writing(tmp_path):
+    """What validate could not see (here: a state whose layers are NF) stops export at run time with
+    the stage named, and nothing is written."""
+    from types import SimpleNamespace
+
+    from compress.errors import StageError
+    from compress.report import StageReport
+    from compress.stages.export import ExportConfig, run
+    from conftest import micro_llama, quantize_model
+
+    model = quantize_model(micro_llama(), lambda name: QuantConfig.nf(4, 64))
+    state = ModelState.of_skeleton(model)
+    state = state.quantized({name: replace(q, by="stages[0].quantize") for name, q in state.quant.items()})
+    ctx = SimpleNamespace(state=state, model=model, out_dir=tmp_path / "out", entry=SimpleNamespace(where="stages[1].export"))
+    with pytest.raises(StageError, match=r"^stages\[0\]\.quantize: cannot be exported as gptq \(stages\[1\]\.export\): "
+                                         r".*NormalFloat config"):
+        run(ctx, ExportConfig(format="gptq"), StageReport("export", 1))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_wrapped_base_counts_under_its_layer_name():
+    from compress.lowrank import LoRALinear
+    from conftest import micro_llama, quantize_model
+
+    model = quantize_model(micro_llama(), lambda name: QuantConfig.uniform(4, 32))
+    name = "model.layers.0.self_attn.q_proj"
+    base = model.get_submodule(name)
+    from compress.targets import set_module
+    set_module(model, name, LoRALinear(base, rank=2, alpha=4))
+    state = ModelState.of_skeleton(model)
+    assert state.quant[name].config == QuantConfig.uniform(4, 32) and state.shapes[name] == (128, 128)
+    assert not any(key.endswith(".base_layer") for key in [*state.quant, *state.shapes])

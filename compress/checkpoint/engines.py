@@ -131,6 +131,16 @@ def cpu_kernel_problem(layer: Layer) -> str | None:
     return None
 
 
+def vllm_cpu_layers(layers: list[Layer], loader_problem) -> Verdict:
+    """vLLM-CPU's verdict on a format's engine layers: each layer passes the format's own loader
+    (``loader_problem(layer)``: why it refuses, or None), then CPUWNA16 (``cpu_kernel_problem``)."""
+    for layer in layers:
+        why = loader_problem(layer) or cpu_kernel_problem(layer)
+        if why:
+            return Verdict("vllm-cpu", False, stops_at=layer.name, reason=why)
+    return Verdict("vllm-cpu", True, kernel="CPUWNA16" if layers else "dense")
+
+
 def gptqmodel_kernel(layer: Layer) -> str:
     for kernel, bits, groups, sym_only, divisor in GPTQMODEL_CUDA:
         fits_shape = divisor is None or (layer.in_features % divisor == 0 and layer.out_features % divisor == 0)

@@ -39,6 +39,7 @@ from pydantic import Field, model_validator
 from ..checkpoint import FORMAT_NAMES, FORMATS, inspect_checkpoint
 from ..checkpoint.adapter_storage import ADAPTER_DTYPES, round_adapters
 from ..checkpoint.write import adapter_modules
+from ..errors import StageError
 from ..output_paths import export_target, guard_before_write
 from ..report import StageReport
 from ..stage import Stage, StageConfig
@@ -116,6 +117,9 @@ def adapter_target(ctx, config: ExportConfig) -> Path:
 
 
 def run(ctx, config: ExportConfig, report: StageReport) -> None:
+    refusal = FORMATS[config.format].refusal(ctx.state.reshaped(ctx.model), ctx.entry.where)
+    if refusal:  # the run's own configs (validate judged the recipe's): refused before anything is written
+        raise StageError(refusal)
     target = export_target(ctx.out_dir, config.path, f"{ctx.entry.where}.path")
     guard_before_write(target, f"{ctx.entry.where}.path")
     if config.adapters == "peft" and adapter_modules(ctx.model):

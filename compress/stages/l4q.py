@@ -173,7 +173,7 @@ def run(ctx, config: L4QConfig, report) -> None:
     for name, layer in layers.items():
         packed = finalize(layer, float_zero)
         set_module(ctx.model, name, packed)
-        ctx.plan[name] = packed.config
+        ctx.state = ctx.state.quantized({name: ModuleQuant(packed.config, by=ctx.entry.where)})
     if evaluate:
         key = f"perplexity_{config.zero_point}_zero"
         report.metrics[key] = perplexity(ctx.model, ctx.windows("eval"))

@@ -159,7 +159,8 @@ def run(ctx, config: LoramConfig, report) -> None:
     if config.output == "merged":
         merge_adapters(large)
     ctx.model = large
-    ctx.structure["loram"] = {"method": config.prune.method, "ratio": config.prune.ratio, "layers": removed}
+    ctx.state = effect(ctx.entry, large, ctx.state).pruned(
+        "loram", {"method": config.prune.method, "ratio": config.prune.ratio, "layers": removed})
     shutil.rmtree(cache, ignore_errors=True)
     report_sizes(report, config, result, large_params, small_params, storage, count)
 

@@ -128,6 +128,7 @@ def _shrink(ctx, hooks: PruningHooks, units: list, keep_lora: bool = True) -> di
 
 def run(ctx, config: PruneConfig, report) -> None:
     prune_structured(ctx, config, report)
+    ctx.state = effect(ctx.entry, ctx.model, ctx.state)
 
 
 def prune_structured(ctx, config: PruneConfig, report, phase: str = "prune") -> dict:
@@ -153,7 +154,7 @@ def prune_structured(ctx, config: PruneConfig, report, phase: str = "prune") -> 
     shrunk = _shrink(ctx, hooks, chosen, config.merge_lora)
     standard = update_config(ctx.model)
     ctx.model.config.compress_pruning = {"method": config.method, "ratio": config.ratio, "layers": shrunk["removed"]}
-    ctx.structure["prune"] = ctx.model.config.compress_pruning
+    ctx.state = ctx.state.pruned("prune", ctx.model.config.compress_pruning)
     params_after = sum(p.numel() for p in ctx.model.parameters())
     report.metrics.update(method=config.method, ratio=config.ratio, params_before=params_before,
                           params_after=params_after, params_removed=1 - params_after / params_before,

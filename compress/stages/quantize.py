@@ -157,7 +157,7 @@ def _quantize_units(ctx, config: QuantizeConfig, plan: dict, report) -> dict[str
 
 
 def run(ctx, config: QuantizeConfig, report) -> None:
-    plan, changes, _ = plan_modules(ctx.model, config, ctx.fuse_ties)
+    plan, changes, _ = plan_modules(ctx.model, config, ctx.state.fuse_ties)
     for name, reason in changes:
         report.notes.append(f"{name}: {reason}")
     shapes = _quantize_units(ctx, config, plan, report)

@@ -5,6 +5,7 @@ stores our own tensors (qweight, qzeros, scales, g_idx; NF codes) under each mod
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,7 +25,7 @@ UNEVEN = ("decoder layers of different widths (uniform: false); config.json cann
 TensorMeta = dict[str, tuple[str, tuple[int, ...]]]  # leaf -> (safetensors code, shape), from headers
 
 
-class Format:
+class Format(ABC):
     """One checkpoint format (``export: {format: NAME}``, ``compress.json``'s ``format``)."""
 
     name: ClassVar[str]
@@ -36,11 +37,11 @@ class Format:
     stream_source_refusal: ClassVar[str | None] = None  # why a streamed run cannot read it as its model
     validate_with_skeleton: ClassVar[bool] = True  # a source checkpoint is checked against its built skeleton
 
+    @abstractmethod
     def write(self, model: nn.Module, directory: Path, tokenizer=None, recipe: dict | None = None,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES, shards=None, adapter_dtype: str | None = None) -> dict:
         """Write ``model`` (or a streamed model's ``shards``) atomically into ``directory``; returns
         the manifest."""
-        raise NotImplementedError
 
     def module_problems(self, configs: dict[str, QuantConfig], shapes: dict[str, tuple[int, int]],
                         pending: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
@@ -52,6 +53,15 @@ class Format:
         """What in the model, as a recipe leaves it (``compress.model_state``), this format cannot
         hold, each with the recipe entry that caused it."""
         return []
+
+    def refusal(self, state: ModelState, where: str) -> str | None:
+        """One line on why the export at ``where`` cannot hold ``state`` (naming the stage that made
+        it so), or None."""
+        problems = self.problems(state)
+        if not problems:
+            return None
+        first, more = problems[0], f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return f"{first.by or where}: cannot be exported as {self.name} ({where}): {first.text}{more}"
 
     def read_modules(self, quant: dict, names, path: Path) -> dict[str, tuple[QuantConfig, None]]:
         """{module: (config, None)} from a config.json ``quantization_config`` alone (no manifest);
@@ -85,10 +95,10 @@ class Format:
         """The stored leaves that count toward bits per parameter (``inspect``)."""
         return [leaf for leaf in config.counted_tensors if leaf in tensors]
 
+    @abstractmethod
     def verdicts(self, rows: list[dict]) -> list[Verdict]:
         """One verdict per engine of ``engines.ENGINES``, in that order, from ``inspect``'s rows
         (test_engines holds every format to it)."""
-        raise NotImplementedError
 
     def engines(self, rows: list[dict]) -> dict[str, dict]:
         """{engine: verdict} for a checkpoint of this format whose modules ``inspect`` described."""

@@ -47,7 +47,7 @@ from compress.targets import matches
 from ...dtypes import FLOAT_CODES
 from ...errors import CheckpointError
 from ..atomic import atomic_directory
-from ..engines import Layer, Verdict, compress_verdict, cpu_kernel_problem, vllm_kernel, with_kernels
+from ..engines import Layer, Verdict, compress_verdict, vllm_cpu_layers, vllm_kernel, with_kernels
 from ..manifest import write_manifest
 from ..tensors import DEFAULT_SHARD_BYTES, TensorSource
 from ..write import config_dict, describe_modules, write_common
@@ -232,15 +232,11 @@ def _vllm_layers(layers: list[Layer]) -> Verdict:
     return with_kernels("vllm", picked)
 
 
-def _vllm_cpu_layers(layers: list[Layer]) -> Verdict:
-    for layer in layers:
-        if not layer.sym and layer.bits not in (4, 8):  # compressed_tensors_wNa16.py
-            return Verdict("vllm-cpu", False, stops_at=layer.name, reason=f"{layer.bits}-bit asymmetric: vLLM's "
-                           "WNA16 scheme takes zero points at 4 and 8 bits only (compressed_tensors_wNa16.py)")
-        why = cpu_kernel_problem(layer)
-        if why:
-            return Verdict("vllm-cpu", False, stops_at=layer.name, reason=why)
-    return Verdict("vllm-cpu", True, kernel="CPUWNA16" if layers else "dense")
+def _vllm_cpu_loader(layer: Layer) -> str | None:
+    if not layer.sym and layer.bits not in (4, 8):  # compressed_tensors_wNa16.py
+        return (f"{layer.bits}-bit asymmetric: vLLM's WNA16 scheme takes zero points at 4 and 8 bits only "
+                "(compressed_tensors_wNa16.py)")
+    return None
 
 
 def _transformers(rows: list[dict]) -> Verdict:
@@ -303,6 +299,6 @@ class CompressedTensors(IntegerFormat):
     def verdicts(self, rows: list[dict]) -> list[Verdict]:
         vllm, cpu = (packed_layers(engine, rows) for engine in ("vllm", "vllm-cpu"))
         return [vllm if isinstance(vllm, Verdict) else _vllm_layers(vllm),
-                cpu if isinstance(cpu, Verdict) else _vllm_cpu_layers(cpu),
+                cpu if isinstance(cpu, Verdict) else vllm_cpu_layers(cpu, _vllm_cpu_loader),
                 Verdict("gptqmodel", False, reason=f"GPTQModel 7.6.0 has no {FORMAT} loader (models/auto.py)"),
                 _transformers(rows), compress_verdict(rows)]

@@ -24,7 +24,7 @@ from compress.quant import QuantConfig
 
 from ...errors import CheckpointError
 from ..atomic import atomic_directory
-from ..engines import MARLIN_GROUPS, Layer, Verdict, compress_verdict, cpu_kernel_problem, gptqmodel_kernel, \
+from ..engines import MARLIN_GROUPS, Layer, Verdict, compress_verdict, gptqmodel_kernel, vllm_cpu_layers, \
     vllm_kernel, with_kernels
 from ..manifest import write_manifest
 from ..tensors import DEFAULT_SHARD_BYTES
@@ -108,18 +108,13 @@ def _vllm_layers(layers: list[Layer]) -> Verdict:
     return with_kernels("vllm", [(layer, vllm_kernel(layer, zero_points=False)) for layer in layers])
 
 
-def _vllm_cpu_layers(layers: list[Layer]) -> Verdict:
-    for layer in layers:
-        # auto_gptq.py AutoGPTQLinearMethod -> marlin_utils.verify_marlin_supported: on the CPU
-        # _query_cpu_marlin_supported_quant_types gives uint4b8 (4-bit symmetric) only, groups -1/32/64/128
-        if (layer.bits, layer.sym) != (4, True) or layer.group_size not in MARLIN_GROUPS:
-            return Verdict("vllm-cpu", False, stops_at=layer.name,
-                           reason=f"bits={layer.bits}, sym={layer.sym}, group_size={layer.group_size}: vLLM-CPU's "
-                                  "GPTQ loader takes 4-bit symmetric with groups -1/32/64/128 (marlin_utils.py)")
-        why = cpu_kernel_problem(layer)
-        if why:
-            return Verdict("vllm-cpu", False, stops_at=layer.name, reason=why)
-    return Verdict("vllm-cpu", True, kernel="CPUWNA16" if layers else "dense")
+def _vllm_cpu_loader(layer: Layer) -> str | None:
+    # auto_gptq.py AutoGPTQLinearMethod -> marlin_utils.verify_marlin_supported: on the CPU
+    # _query_cpu_marlin_supported_quant_types gives uint4b8 (4-bit symmetric) only, groups -1/32/64/128
+    if (layer.bits, layer.sym) != (4, True) or layer.group_size not in MARLIN_GROUPS:
+        return (f"bits={layer.bits}, sym={layer.sym}, group_size={layer.group_size}: vLLM-CPU's "
+                "GPTQ loader takes 4-bit symmetric with groups -1/32/64/128 (marlin_utils.py)")
+    return None
 
 
 def _gptqmodel(rows: list[dict]) -> Verdict:
@@ -196,5 +191,5 @@ class GPTQ(IntegerFormat):
     def verdicts(self, rows: list[dict]) -> list[Verdict]:
         vllm, cpu = (packed_layers(engine, rows) for engine in ("vllm", "vllm-cpu"))
         return [vllm if isinstance(vllm, Verdict) else _vllm_layers(vllm),
-                cpu if isinstance(cpu, Verdict) else _vllm_cpu_layers(cpu),
+                cpu if isinstance(cpu, Verdict) else vllm_cpu_layers(cpu, _vllm_cpu_loader),
                 _gptqmodel(rows), _transformers(rows), compress_verdict(rows)]
