@@ -79,9 +79,9 @@ def _console(stderr: bool = False):
 
 def cmd_run(args) -> int:
     from compress import load_recipe, run_recipe
-    from compress.distributed import init_ranks, shutdown
-    from compress.progress import ProgressBars
-    from compress.report import summary_table
+    from compress.execution.distributed import init_ranks, shutdown
+    from compress.run.progress import ProgressBars
+    from compress.stages.report import summary_table
 
     recipe = load_recipe(args.recipe)
     ranks = init_ranks()  # under torchrun: this process's rank; rank 0 alone writes and prints
@@ -108,7 +108,7 @@ def cmd_run(args) -> int:
 
 def cmd_validate(args) -> int:
     from compress import load_recipe
-    from compress.validate import check_recipe
+    from compress.run.validate import check_recipe
 
     recipe = load_recipe(args.recipe)
     skeleton = check_recipe(recipe)
@@ -120,7 +120,7 @@ def cmd_validate(args) -> int:
 
 def cmd_inspect(args) -> int:
     from compress import inspect
-    from compress.models import resolve_model
+    from compress.models.sources import resolve_model
 
     if resolve_model(args.path).kind != "checkpoint":
         return _inspect_model(args)
@@ -130,7 +130,7 @@ def cmd_inspect(args) -> int:
         return 0
     from rich.table import Table
 
-    from compress.report import human_bytes
+    from compress.stages.report import human_bytes
 
     table = Table(title=f"{info['path']} ({info['format']})")
     for column in ("module", "format", "bits", "group", "config", "shape", "bytes"):
@@ -156,8 +156,8 @@ def cmd_inspect(args) -> int:
 
 
 def _inspect_model(args) -> int:
-    """A model that is not one of our checkpoints: its card (``compress.model_card``)."""
-    from compress.model_card import card_lines, describe_model
+    """A model that is not one of our checkpoints: its card (``compress.models.model_card``)."""
+    from compress.models.model_card import card_lines, describe_model
 
     card = describe_model(args.path)
     if args.json:
@@ -168,9 +168,9 @@ def _inspect_model(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from compress.data import parse_source_string, token_windows
-    from compress.evaluate import kernels_used, perplexity
-    from compress.models import load_model, resolve_model
+    from compress.models.data import parse_source_string, token_windows
+    from compress.execution.evaluate import kernels_used, perplexity
+    from compress.models.sources import load_model, resolve_model
 
     source = resolve_model(args.path)
     start = time.perf_counter()
@@ -187,20 +187,20 @@ def cmd_eval(args) -> int:
 
 def cmd_plan(args) -> int:
     from compress.errors import CompressError
-    from compress.plan_report import model_plan, plan_chart, plan_tables, recipe_plan
+    from compress.planning.plan_report import model_plan, plan_chart, plan_tables, recipe_plan
 
     if (args.recipe is None) == (args.model is None):
         raise CompressError("plan: give a recipe or --model CONFIG (one of them)")
     if args.recipe is not None:
         from compress import load_recipe
-        from compress.validate import check_order
+        from compress.run.validate import check_order
 
         recipe = load_recipe(args.recipe)
         check_order(recipe)  # the recipe's own rules: a plan may be for another machine's files
         plan = recipe_plan(recipe, args.gpu_gib)
     else:
-        from compress.plan import architecture_for
-        from compress.plan_training import TrainingSetup
+        from compress.planning.plan import architecture_for
+        from compress.planning.plan_training import TrainingSetup
 
         setup = TrainingSetup(rank=args.rank, batch=args.batch, seq=args.train_seq or args.seq,
                               checkpointing=args.checkpointing, optimizer=args.optimizer)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from compress.dtypes import DTYPES
-from compress.models import load_model, resolve_model
+from compress.models.sources import load_model, resolve_model
 from compress.quant import QuantConfig, QuantLinear
 from compress.targets import select_linears, set_module
 

@@ -28,7 +28,7 @@ PLAN = {"method": "rtn", "config": {"bits": 3, "group_size": 64, "sym": True},
 
 def export_all(out: Path) -> None:
     from compress import run_recipe
-    from compress.recipe import parse_recipe
+    from compress.run.recipe import parse_recipe
 
     stages = [{"quantize": PLAN}] + [{"export": {"format": f, "path": f, "verify": False}} for f in FORMATS]
     run_recipe(parse_recipe({"model": "smollm2-135m", "stages": stages, "output": str(out / "run"),

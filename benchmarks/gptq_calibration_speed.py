@@ -37,9 +37,9 @@ def windows_file(out: Path) -> Path:
     if not path.is_file():
         from safetensors.torch import save_file
 
-        from compress.data import token_windows
-        from compress.models import load_tokenizer, resolve_model
-        from compress.recipe import parse_recipe
+        from compress.models.data import token_windows
+        from compress.models.sources import load_tokenizer, resolve_model
+        from compress.run.recipe import parse_recipe
 
         tokenizer = load_tokenizer(resolve_model("smollm2-135m"))
         spec = parse_recipe({"model": "smollm2-135m", "data": DATA, "stages": [{"eval": {}}], "output": "-"}).spec.data
@@ -50,7 +50,7 @@ def windows_file(out: Path) -> Path:
 
 def run_ours(out: Path, point: str, bits: int) -> dict:
     from compress import load, run_recipe
-    from compress.recipe import parse_recipe
+    from compress.run.recipe import parse_recipe
 
     os.environ["COMPRESS_GPTQ_CALIBRATION"] = "packed" if point == "ours-packed" else "dense"
     stages = [{"quantize": {"method": "gptq", "config": {"bits": bits, "group_size": GROUP}, "damp": 0.01}},
@@ -66,7 +66,7 @@ def run_ours(out: Path, point: str, bits: int) -> dict:
 def evaluate_on(model, out: Path) -> float:
     from safetensors.torch import load_file
 
-    from compress.evaluate import perplexity
+    from compress.execution.evaluate import perplexity
 
     return perplexity(model, load_file(str(windows_file(out)))["eval"])
 

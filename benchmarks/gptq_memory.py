@@ -34,7 +34,7 @@ log = logging.getLogger("gptq_memory")
 
 def run_ours(out: Path, point: Path, streaming: bool) -> dict:
     from compress import run_recipe
-    from compress.recipe import parse_recipe
+    from compress.run.recipe import parse_recipe
 
     quantize = {"method": "gptq", "config": {"type": "uniform", "bits": 4, "group_size": GROUP}}
     recipe = parse_recipe({"model": str(dense_model_dir(out)), "dtype": "float32", "data": DATA, "seed": 0,

@@ -41,7 +41,7 @@ def subset_windows(out: Path, count: int) -> Path:
 
 def run_ours(out: Path, bits: int, count: int, point: Path) -> float:
     from compress import run_recipe
-    from compress.recipe import parse_recipe
+    from compress.run.recipe import parse_recipe
 
     data = {**DATA, "calibration": {**DATA["calibration"], "samples": count}}
     stages = [{"quantize": {"method": "gptq", "config": {"type": "uniform", "bits": bits, "group_size": GROUP}}},

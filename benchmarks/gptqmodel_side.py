@@ -10,7 +10,7 @@ JOB.json: {"action": "quantize" | "load", ...}
   ``out``; prints RESULT {"seconds" of ``quantize()`` alone, its "cpu_seconds" (all threads), "peak_rss_mib"
   of the process after it}.
 - load: {"path", "windows"}: loads a GPTQ checkpoint with GPTQModel (CPU torch kernel, fp16) and
-  prints RESULT {"perplexity"} on the eval windows, computed as ``compress.evaluate`` does
+  prints RESULT {"perplexity"} on the eval windows, computed as ``compress.execution.evaluate`` does
   (exp of the mean next-token NLL over every window).
 """
 

@@ -55,7 +55,7 @@ def data(dry: bool) -> dict:
 
 def run_one(model: str, stages: list[dict], device: str, out: Path, dry: bool, streaming: bool = False) -> dict:
     from compress import run_recipe
-    from compress.recipe import parse_recipe
+    from compress.run.recipe import parse_recipe
 
     recipe = parse_recipe({"model": model, "data": data(dry), "stages": stages, "output": str(out),
                            "device": device, "streaming": streaming, "seed": 0})
@@ -96,9 +96,9 @@ def compare(name: str, rule: str, device_run: dict, cpu_run: dict, out: Path) ->
 
 def synthetic_gptq(device: str, out: Path, dry: bool) -> dict:
     """GPTQ (int4 g128, streamed) of the synthetic 1.5 B Llama (a dry run: 2 layers of the 0.1 B) on ``device``."""
-    from compress.placement import stage_need
-    from compress.recipe import parse_recipe
-    from compress.synthetic import write_synthetic_llama
+    from compress.execution.placement import stage_need
+    from compress.run.recipe import parse_recipe
+    from compress.models.synthetic import write_synthetic_llama
 
     model_dir = out / "synthetic"
     if not (model_dir / "config.json").is_file():

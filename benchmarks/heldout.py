@@ -93,7 +93,7 @@ class Point:
     bits: float | None = None  # a budget for lqlora
     group: int = 64
     sym: bool = False
-    distill: bool = False  # l4q: with the KL to the fp32 model's predictions (``compress.distill`` defaults)
+    distill: bool = False  # l4q: with the KL to the fp32 model's predictions (``compress.training.distill`` defaults)
 
     @property
     def name(self) -> str:
@@ -160,8 +160,8 @@ def windows_file(out: Path, model_name: str = "smollm2-135m") -> Path:
     if not path.is_file():
         from safetensors.torch import save_file
 
-        from compress.data import TextSource, token_windows
-        from compress.models import load_model, resolve_model
+        from compress.models.data import TextSource, token_windows
+        from compress.models.sources import load_model, resolve_model
 
         _, tokenizer = load_model(resolve_model(model_name), "float32")
         files = corpus(out)
@@ -175,7 +175,7 @@ def windows_file(out: Path, model_name: str = "smollm2-135m") -> Path:
 def perplexities(model, out: Path) -> dict[str, float]:
     from safetensors.torch import load_file
 
-    from compress.evaluate import perplexity
+    from compress.execution.evaluate import perplexity
 
     windows = load_file(str(windows_file(out)))
     return {"ppl": perplexity(model, windows["in-domain"]), "ppl_stdlib": perplexity(model, windows["stdlib"])}
@@ -257,7 +257,7 @@ def input_features(model_dir: Path) -> set[int]:
 def run_ours(out: Path, point: Point, where: Path, model_name: str) -> dict:
     """Our recipe for the point, exported (native where a group is partial), reloaded from the files."""
     from compress import load, load_adapter, run_recipe
-    from compress.recipe import parse_recipe
+    from compress.run.recipe import parse_recipe
 
     whole = all(f % point.group == 0 for f in input_features(dense_model_dir(out, model_name)))
     stages = our_stages(point) + [{"export": {"format": "gptq" if whole else "native"}}]
@@ -296,7 +296,7 @@ def run_gptqmodel(out: Path, point: Point, where: Path, model_name: str) -> dict
 
 
 def run_fp32(out: Path, model_name: str) -> dict:
-    from compress.models import load_model, resolve_model
+    from compress.models.sources import load_model, resolve_model
 
     dense = dense_model_dir(out, model_name)
     model, _ = load_model(resolve_model(str(dense)), "float32")

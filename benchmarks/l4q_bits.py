@@ -63,7 +63,7 @@ def stages_for(method: str, bits: int, group: int, steps: int) -> list[dict]:
 
 def run_point(out: Path, method: str, bits: int, group: int, steps: int) -> dict:
     from compress import run_recipe
-    from compress.recipe import parse_recipe
+    from compress.run.recipe import parse_recipe
 
     name = f"{method}-int{bits}-g{group}"
     point = out / "points" / name.replace("+", "_")
@@ -103,7 +103,7 @@ def markdown(rows: list[dict], linear_params: int) -> str:
 
 
 def linear_parameter_count() -> int:
-    from compress.plan import architecture_for
+    from compress.planning.plan import architecture_for
 
     return sum(o * i for o, i in architecture_for("smollm2-135m").linear_shapes().values())
 

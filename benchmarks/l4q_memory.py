@@ -37,7 +37,7 @@ log = logging.getLogger("l4q_memory")
 
 def stage_point(out: Path, method: str, steps: int) -> dict:
     from compress import run_recipe
-    from compress.recipe import parse_recipe
+    from compress.run.recipe import parse_recipe
 
     train = {"steps": steps, "batch_size": BATCH, "grad_accum": 1, "seq_len": SEQ, "lr": 1.0e-4, "save_every": 0,
              "lora": LORA}
@@ -74,11 +74,11 @@ class FakeQuantLinear(torch.nn.Module):
 
 
 def qat_point(steps: int) -> dict:
-    from compress.data import TextSource, token_windows
-    from compress.memory import PeakMemory
-    from compress.models import load_model, resolve_model
+    from compress.models.data import TextSource, token_windows
+    from compress.execution.memory import PeakMemory
+    from compress.models.sources import load_model, resolve_model
     from compress.targets import select_linears, set_module
-    from compress.training import TrainSettings, train
+    from compress.training.loop import TrainSettings, train
 
     model, tokenizer = load_model(resolve_model("smollm2-135m"), "float32")
     for name, module in select_linears(model, ["Linear"], ["lm_head"]):

@@ -30,7 +30,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from compress import run_recipe
-    from compress.recipe import parse_recipe
+    from compress.run.recipe import parse_recipe
 
     quant = {"type": "uniform", "bits": args.bits, "group_size": args.group}
     rtn = [{"quantize": {"method": "rtn", "config": quant}}]

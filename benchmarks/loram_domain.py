@@ -67,9 +67,9 @@ def run_variant(out: Path, variant: str, steps: int, ratio: float) -> dict:
     """One variant in this process: the recipe, then perplexity on general text from the saved model."""
     from compress import run_recipe
     from compress.checkpoint.load import load_checkpoint
-    from compress.data import token_windows
-    from compress.evaluate import perplexity
-    from compress.recipe import SourceSpec, parse_recipe
+    from compress.models.data import token_windows
+    from compress.execution.evaluate import perplexity
+    from compress.run.recipe import SourceSpec, parse_recipe
 
     train, evaluation = write_domain(out)
     data = {"calibration": {"source": "stdlib", "split": "train", "samples": 16, "seq_len": 256},
@@ -88,7 +88,7 @@ def run_variant(out: Path, variant: str, steps: int, ratio: float) -> dict:
                    train_rss_growth_mib=m["train_rss_growth_mib"], small_ppl_domain=m.get("small_perplexity"),
                    small_params=m.get("small_params"), storage_reduction_16bit=m.get("storage_reduction_16bit"))
     else:
-        from compress.models import load_model, resolve_model
+        from compress.models.sources import load_model, resolve_model
 
         model = load_model(resolve_model("smollm2-135m"), "float32")[0]
     windows = token_windows(recipe_tokenizer(), SourceSpec(**GENERAL).text_source("eval"), 32, 512)
@@ -97,7 +97,7 @@ def run_variant(out: Path, variant: str, steps: int, ratio: float) -> dict:
 
 
 def recipe_tokenizer():
-    from compress.models import load_tokenizer, resolve_model
+    from compress.models.sources import load_tokenizer, resolve_model
 
     return load_tokenizer(resolve_model("smollm2-135m"))
 

@@ -52,8 +52,8 @@ def correlations(model, units) -> dict[str, tuple[list[float], list[float]]]:
 
 
 def measure(steps: int, probes: set[int]) -> list[dict]:
-    from compress.data import TextSource, token_windows
-    from compress.models import load_model, resolve_model
+    from compress.models.data import TextSource, token_windows
+    from compress.models.sources import load_model, resolve_model
     from compress.prune import layer_units
     from compress.stages.training_common import LoraSpec, attach_adapters, lora_parameters
 

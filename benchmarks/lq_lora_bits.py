@@ -48,7 +48,7 @@ def first_stage(method: str, budget: float | None, rtn: tuple[int, int] | None) 
 
 def run_point(out: Path, name: str, stage: dict, finetune: bool) -> dict:
     import compress
-    from compress.recipe import parse_recipe
+    from compress.run.recipe import parse_recipe
 
     point_dir = out / "points" / name
     point_dir.mkdir(parents=True, exist_ok=True)
@@ -83,13 +83,13 @@ def bnb_nf4_point(finetune: bool) -> dict:
     import bitsandbytes as bnb
     import torch
 
-    from compress.data import token_windows
-    from compress.evaluate import perplexity
+    from compress.models.data import token_windows
+    from compress.execution.evaluate import perplexity
     from compress.lowrank import LoRALinear, init_default
-    from compress.models import load_model, resolve_model
-    from compress.recipe import SourceSpec
+    from compress.models.sources import load_model, resolve_model
+    from compress.run.recipe import SourceSpec
     from compress.targets import select_linears, set_module
-    from compress.training import TrainSettings, train
+    from compress.training.loop import TrainSettings, train
 
     model, tokenizer = load_model(resolve_model("smollm2-135m"), "float32")
     params = 0
@@ -136,10 +136,10 @@ def points(finetune_budgets: set[float]) -> list[tuple[str, dict, bool]]:
 
 
 def fp32_point() -> dict:
-    from compress.data import token_windows
-    from compress.evaluate import perplexity
-    from compress.models import load_model, resolve_model
-    from compress.recipe import SourceSpec
+    from compress.models.data import token_windows
+    from compress.execution.evaluate import perplexity
+    from compress.models.sources import load_model, resolve_model
+    from compress.run.recipe import SourceSpec
 
     model, tokenizer = load_model(resolve_model("smollm2-135m"), "float32")
     evals = token_windows(tokenizer, SourceSpec(**DATA["eval"]).text_source("eval"), 32, 512)
@@ -150,7 +150,7 @@ def fp32_lora_point(out: Path) -> dict:
     """The unquantized model with the same fine-tune (a fresh rank-64 LoRA): how much of the gain after
     fine-tuning is adaptation to the text domain rather than recovered quantization error."""
     from compress import run_recipe
-    from compress.recipe import parse_recipe
+    from compress.run.recipe import parse_recipe
 
     stages = [{"finetune": dict(FINETUNE, lora=LORA)}, {"eval": {"baseline": False}}]
     recipe = parse_recipe({"model": "smollm2-135m", "dtype": "float32", "data": DATA, "stages": stages,

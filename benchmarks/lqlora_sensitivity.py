@@ -37,7 +37,7 @@ from child import bench_args
 from heldout import add_model_option, default_out, model_option, windows_file
 from peers import dense_model_dir
 
-from compress.evaluate import window_nll
+from compress.execution.evaluate import window_nll
 from compress.lowrank.decompose import output_error, output_row_weights, weighted_error
 from compress.lowrank.fisher import empirical_fisher, output_fisher
 from compress.quant import QuantConfig, QuantizedWeight
@@ -126,7 +126,7 @@ def main() -> None:
 
     model_name = model_option()
     args = bench_args(__doc__.splitlines()[0], default_out(model_name), options)
-    from compress.models import load_model, resolve_model  # noqa: PLC0415 - after bench_args set offline mode
+    from compress.models.sources import load_model, resolve_model  # noqa: PLC0415 - after bench_args set offline mode
 
     model, _ = load_model(resolve_model(str(dense_model_dir(args.out, model_name))), "float32")
     windows = load_file(str(windows_file(args.out, model_name)))["calibration"][-args.windows:]

@@ -86,9 +86,9 @@ def windows_file(out: Path) -> Path:
     if not path.is_file():
         from safetensors.torch import save_file
 
-        from compress.data import token_windows
-        from compress.models import load_model, resolve_model
-        from compress.recipe import parse_recipe
+        from compress.models.data import token_windows
+        from compress.models.sources import load_model, resolve_model
+        from compress.run.recipe import parse_recipe
 
         _, tokenizer = load_model(resolve_model("smollm2-135m"), "float32")
         spec = parse_recipe({"model": "smollm2-135m", "data": DATA, "stages": [{"eval": {}}], "output": "-"}).spec.data
@@ -101,7 +101,7 @@ def windows_file(out: Path) -> Path:
 def evaluate(model, out: Path) -> float:
     from safetensors.torch import load_file
 
-    from compress.evaluate import perplexity
+    from compress.execution.evaluate import perplexity
 
     return perplexity(model, load_file(str(windows_file(out)))["eval"])
 
@@ -111,7 +111,7 @@ def dense_model_dir(out: Path, model_name: str = "smollm2-135m") -> Path:
     under ``out`` (GPTQModel and bitsandbytes load it)."""
     path = out / "fp32-model"
     if not (path / "config.json").is_file():
-        from compress.models import load_model, resolve_model
+        from compress.models.sources import load_model, resolve_model
 
         model, tokenizer = load_model(resolve_model(model_name), "float32")
         model.save_pretrained(path)
@@ -135,7 +135,7 @@ def recipe_stages(method: str, setting: float) -> list[dict]:
 def run_ours(out: Path, method: str, setting: float, point: Path) -> dict:
     """One of our recipes, exported as GPTQ (+ a PEFT adapter for LQ-LoRA with rank > 0)."""
     from compress import load, run_recipe
-    from compress.recipe import parse_recipe
+    from compress.run.recipe import parse_recipe
 
     stages = recipe_stages(method, setting) + [{"eval": {"baseline": False}}, {"export": {"format": "gptq"}}]
     recipe = parse_recipe({"model": "smollm2-135m", "dtype": "float32", "data": DATA, "seed": 0, "stages": stages,
@@ -151,7 +151,7 @@ def run_ours(out: Path, method: str, setting: float, point: Path) -> dict:
 
 
 def run_fp32(out: Path, point: Path) -> dict:
-    from compress.models import load_model, resolve_model
+    from compress.models.sources import load_model, resolve_model
 
     model, _ = load_model(resolve_model(str(dense_model_dir(out))), "float32")
     names = linear_names(model)

@@ -51,7 +51,7 @@ def stages_for(run: str, steps: int) -> list[dict]:
 
 
 def recipe_for(out: Path, run: str, steps: int, device: str = "cpu"):
-    from compress.recipe import parse_recipe
+    from compress.run.recipe import parse_recipe
 
     data = {"calibration": {"source": "stdlib", "split": "train", "samples": 16, "seq_len": 256},
             "eval": {"source": "stdlib", "split": "eval", "samples": 2, "seq_len": 256}}
@@ -60,7 +60,7 @@ def recipe_for(out: Path, run: str, steps: int, device: str = "cpu"):
 
 
 def predicted_mib(recipe) -> tuple[str, float]:
-    from compress.plan_report import recipe_plan
+    from compress.planning.plan_report import recipe_plan
 
     stages = recipe_plan(recipe)["stages"]
     label = next(k for k in reversed(stages) if "train small" in k or "finetune" in k or "l4q" in k)

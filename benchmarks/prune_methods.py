@@ -32,7 +32,7 @@ log = logging.getLogger("prune_methods")
 
 def run_point(out: Path, method: str, ratio: float, steps: int) -> dict:
     from compress import run_recipe
-    from compress.recipe import parse_recipe
+    from compress.run.recipe import parse_recipe
 
     stage = {"prune": {**METHODS[method], "ratio": ratio, "steps": steps, "every": max(1, steps // 10),
                        "batch_size": 4, "grad_accum": 1, "seq_len": 256, "lr": 2.0e-4, "uniform": False,
@@ -59,7 +59,7 @@ hold at their peak."""
     import psutil
 
     from compress import run_recipe
-    from compress.recipe import parse_recipe
+    from compress.run.recipe import parse_recipe
 
     baseline_mib = psutil.Process().memory_info().rss / 2**20  # libraries imported, no model yet
     stage = {"prune": {"method": method, "ratio": 0.2, "steps": 4, "every": 2, "batch_size": 1, "grad_accum": 1,

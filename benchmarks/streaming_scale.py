@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/streaming_scale.py [--out out/bench/streaming] [--method rtn|gptq]
 
-Synthetic Llama models (``compress.synthetic``: random bf16 weights, one shard per layer) run the
+Synthetic Llama models (``compress.models.synthetic``: random bf16 weights, one shard per layer) run the
 recipe ``quantize {method, int4 g128} -> export gptq`` in fp32, each point in a fresh process through
 ``tests/tools/peak_rss.py`` (peak RSS from the kernel's high-water mark VmHWM, exact, minus the RSS
 once torch, transformers and compress are imported). Points:
@@ -33,7 +33,7 @@ POINTS = ([(preset, None, streaming) for preset in ("0.1b", "0.5b", "1.5b") for 
 
 
 def model_dir(out: Path, preset: str, layers: int | None) -> Path:
-    from compress.synthetic import write_synthetic_llama
+    from compress.models.synthetic import write_synthetic_llama
 
     path = out / "models" / (preset + (f"-{layers}l" if layers else ""))
     if not (path / "config.json").is_file():
@@ -42,7 +42,7 @@ def model_dir(out: Path, preset: str, layers: int | None) -> Path:
 
 
 def run_point(out: Path, preset: str, layers: int | None, streaming: bool, method: str) -> dict:
-    from compress.synthetic import layer_shapes, llama_config, parameter_count
+    from compress.models.synthetic import layer_shapes, llama_config, parameter_count
 
     config = llama_config(preset, layers)
     name = f"{preset}{f'-{layers}l' if layers else ''}-{'streamed' if streaming else 'in-memory'}-{method}"

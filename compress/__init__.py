@@ -26,13 +26,13 @@ def load_adapter(model, path, trainable: bool = False):
 
 
 def load_recipe(path):
-    from .recipe import load_recipe as _load_recipe
+    from .run.recipe import load_recipe as _load_recipe
 
     return _load_recipe(path)
 
 
 def run_recipe(recipe, resume: bool = False, overwrite: bool = False, progress=None, ranks=None):
-    from .pipeline import run_recipe as _run_recipe
+    from .run.pipeline import run_recipe as _run_recipe
 
     return _run_recipe(recipe, resume=resume, overwrite=overwrite, progress=progress, ranks=ranks)
 

@@ -1,7 +1,7 @@
 """The one dtype table: each torch dtype the project stores or computes in, with its safetensors
 header code, the name a recipe gives it and the short name adapter storage gives it.
 
-A module of its own, importing nothing of ``compress``, so that model loading (``compress.models``),
+A module of its own, importing nothing of ``compress``, so that model loading (``compress.models.sources``),
 checkpoint reading and writing (``compress.checkpoint``) and the planner can all use it without
 importing each other. Widths are ``torch.dtype.itemsize``.
 """

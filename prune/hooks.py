@@ -1,6 +1,6 @@
 """The interface through which pruning joins a training loop, with no-op defaults.
 
-A training loop (``compress.training.train``) calls ``after_backward(step)`` once a step's gradients
+A training loop (``compress.training.loop.train``) calls ``after_backward(step)`` once a step's gradients
 are accumulated and clipped, before the optimizer step, and ``after_step(step)`` after it (``step``
 counts from 1); ``state_dict()`` travels in its mid-training checkpoint and ``load_state_dict(state)``
 restores it on resume. The loop accepts any object with these four methods; the pruning hooks

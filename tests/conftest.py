@@ -39,7 +39,7 @@ def require_interop() -> None:
 @pytest.fixture(scope="session")
 def tiny_pair():
     """(model, tokenizer) of the built-in tiny-llama, loaded once per session."""
-    from compress.models import load_model, resolve_model
+    from compress.models.sources import load_model, resolve_model
 
     return load_model(resolve_model("tiny-llama"), "float32")
 
@@ -127,7 +127,7 @@ def walk_context(units, windows: torch.Tensor):
     one process, on the CPU, ``windows`` for every role, no progress display."""
     from types import SimpleNamespace
 
-    from compress.distributed import Ranks
+    from compress.execution.distributed import Ranks
 
     return SimpleNamespace(units=units, model=units.model, ranks=Ranks(), windows=lambda role: windows,
                            track=lambda items, *_: items, entry=SimpleNamespace(where="stages[0].lq_lora"),

@@ -1,4 +1,4 @@
-"""The architectures users bring (compress.architectures), each as a tiny random model saved as a
+"""The architectures users bring (compress.models.architectures), each as a tiny random model saved as a
 Hugging Face directory, through every method: GPTQ with both packed exports reloaded (the export
 stage's reload check: logits bit-equal to the in-memory model), LQ-LoRA + finetune, prune, L4Q and
 LoRAM. Phi-3's fused projections are quantized and exported fused; structured pruning refuses them at

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
 import compress
-from compress.layerwise import decoder_layers, first_layer_inputs, layer_input_groups, call_layer
+from compress.execution.layerwise import decoder_layers, first_layer_inputs, layer_input_groups, call_layer
 from compress.quant import QuantConfig, QuantLinear
 from compress.quant.awq import AWQSettings, prepare_layer, scaled_error, search_scales, weight_importance
 from compress.targets import select_linears
@@ -124,7 +124,7 @@ def test_a_rounding_that_needs_nothing_gets_no_hessians():
     """``then: rtn``: the walk hands each input group to ``replace`` with no statistics, in the same
     groups and order as with Hessians, and the layer's outputs are the same; GPTQ declares RTN as
     what rounds where its Hessians are missing."""
-    from compress.layerwise import calibrate_layer
+    from compress.execution.layerwise import calibrate_layer
     from compress.quant.quantizers import QUANTIZERS
 
     layer, modules, inputs = first_layer(random_model("llama-gqa"))
@@ -161,7 +161,7 @@ def test_streamed_awq_writes_the_in_memory_tensors(sharded_tiny, tmp_path):
     """Streaming one layer at a time writes the in-memory run's tensors, the norms AWQ folded its
     scales into among them."""
     from compress.checkpoint.tensors import load_tensors
-    from compress.recipe import parse_recipe
+    from compress.run.recipe import parse_recipe
 
     data = {"calibration": {"source": "stdlib", "split": "train", "samples": 4, "seq_len": 64},
             "eval": {"source": "stdlib", "split": "eval", "samples": 2, "seq_len": 64}}

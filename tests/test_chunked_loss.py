@@ -1,4 +1,4 @@
-"""The losses over slices of positions (compress.chunked_loss) against transformers' whole-logit losses
+"""The losses over slices of positions (compress.models.chunked_loss) against transformers' whole-logit losses
 computed in float64, with budgets small enough that every batch is cut into many slices."""
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
-from compress.chunked_loss import causal_lm_loss, position_slices, window_nll
-from compress.distill import chunked_distill_loss, distill_loss, log_tail_mass, top_log_probs, top_logits
+from compress.models.chunked_loss import causal_lm_loss, position_slices, window_nll
+from compress.training.distill import chunked_distill_loss, distill_loss, log_tail_mass, top_log_probs, top_logits
 
 TINY_BUDGET = 3 * 1000 * 4 * 2  # fp32 logits of 3 positions x batch 2 x vocab 1000: slices of 3 positions
 
@@ -65,7 +65,7 @@ def test_chunked_distill_loss_equals_the_whole_logit_one(weight, windows):
     reference.backward()
     expected = model.lm_head.weight.grad.clone()
     model.zero_grad()
-    import compress.chunked_loss as chunked
+    import compress.models.chunked_loss as chunked
 
     budget, chunked.LOGIT_CHUNK_BYTES = chunked.LOGIT_CHUNK_BYTES, TINY_BUDGET
     try:

@@ -212,7 +212,7 @@ def test_recipe_kernel_fast_sends_fp32_through_the_fast_path(tmp_path, monkeypat
     import json
     import os
 
-    from compress.recipe import load_recipe
+    from compress.run.recipe import load_recipe
     from conftest import run_cli, tiny_recipe
 
     monkeypatch.delenv("COMPRESS_KERNEL", raising=False)

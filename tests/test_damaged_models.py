@@ -96,7 +96,7 @@ def test_a_hf_directory_with_an_extra_tensor_is_refused(written, tmp_path):
 
 
 def test_a_whole_hf_directory_still_loads(written, tmp_path):
-    from compress.models import load_model, resolve_model
+    from compress.models.sources import load_model, resolve_model
 
     directory = copy_of(written, "hf", tmp_path)
     (directory / "compress.json").unlink()

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from compress.data import TextSource, parse_source_string, stdlib_files, token_windows
+from compress.models.data import TextSource, parse_source_string, stdlib_files, token_windows
 from compress.errors import DataError
 
 

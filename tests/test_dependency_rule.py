@@ -193,7 +193,7 @@ def test_orchestration_modules_have_no_import_cycles():
 
 def test_the_walk_sees_every_package():
     files = _module_files()
-    assert {"compress.training", "compress.checkpoint.load", "compress.stages.prune", "compress.prune.units",
+    assert {"compress.training.loop", "compress.checkpoint.load", "compress.stages.prune", "compress.prune.units",
             "compress.quant", "compress.lowrank.lora", "compress.kernels.reference"} <= set(files)
     assert all(path.is_file() for path in files.values())
 
@@ -222,3 +222,37 @@ def test_safetensors_files_are_read_and_written_in_one_module():
     found = [f"{i.source}:{i.line}: {i.text}" for module, imports in _all_imports().items() for i in imports
              if i.target and _under(i.target, "safetensors") and module != "compress.checkpoint.tensors"]
     assert not found, "safetensors used outside checkpoint/tensors.py:\n" + "\n".join(found)
+
+
+# The folders of compress/, lowest first: a module imports only its own folder's modules, the
+# foundations at the root (errors, dtypes, targets, the stage contract, the model state), lower folders
+# and the libraries (README "Layout").
+LAYERS = ("checkpoint", "models", "planning", "execution", "training", "stages", "run", "entry")
+
+
+def _layer(module: str) -> int:
+    """-1 for the libraries, 0 for compress/'s root modules, then 1 + the folder's place in LAYERS."""
+    if _library_of(module):
+        return -1
+    parts = module.split(".")
+    return 1 + LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else 0
+
+
+def layer_violations() -> list[str]:
+    return [f"{imp.source}:{imp.line}: {module} imports {target} (a higher folder)"
+            for module, targets in _import_graph().items() for target, imp in targets.items()
+            if _layer(target) > _layer(module)]
+
+
+def test_each_folder_imports_only_the_folders_below_it():
+    assert layer_violations() == []
+
+
+def test_every_package_is_installed():
+    """A regular (non-editable) install gets every folder: pyproject's ``packages`` lists each one."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(("compress", *init.parent.relative_to(ROOT / "compress").parts))
+             for init in (ROOT / "compress").rglob("__init__.py")}
+    assert found - listed == set()

@@ -23,10 +23,10 @@ import torch
 from conftest import TINY_RECIPE, run_cli, write_recipe
 
 import compress
-from compress.device import resolve_device
+from compress.execution.device import resolve_device
 from compress.errors import RecipeError
 from compress.quant.config import QuantConfig
-from compress.recipe import parse_recipe
+from compress.run.recipe import parse_recipe
 
 CPU, GPU0, GPU1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
 
@@ -81,11 +81,11 @@ def test_device_cuda_without_cuda_fails_validate_with_one_line(tmp_path):
 
 
 def test_eval_one_layer_at_a_time_equals_the_whole_model(tiny_pair, sharded_tiny):
-    from compress.data import token_windows
-    from compress.evaluate import perplexity, perplexity_by_units
-    from compress.streaming import StreamedModel
-    from compress.text_specs import SourceSpec
-    from compress.walker import ResidentModel
+    from compress.models.data import token_windows
+    from compress.execution.evaluate import perplexity, perplexity_by_units
+    from compress.execution.streaming import StreamedModel
+    from compress.models.text_specs import SourceSpec
+    from compress.execution.walker import ResidentModel
 
     model, tokenizer = tiny_pair
     spec = SourceSpec(source="stdlib", split="eval", samples=5, seq_len=48)
@@ -97,9 +97,9 @@ def test_eval_one_layer_at_a_time_equals_the_whole_model(tiny_pair, sharded_tiny
 
 def test_logits_one_layer_at_a_time_equal_the_whole_models(tiny_model):
     """What export's reload check uses when a model does not fit the device."""
-    from compress.chunked_loss import head_logits
-    from compress.evaluate import hidden_by_units
-    from compress.walker import ResidentModel
+    from compress.models.chunked_loss import head_logits
+    from compress.execution.evaluate import hidden_by_units
+    from compress.execution.walker import ResidentModel
 
     tokens = torch.randint(0, tiny_model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -110,7 +110,7 @@ def test_logits_one_layer_at_a_time_equal_the_whole_models(tiny_model):
 
 
 def test_a_packed_layers_dense_twin_computes_its_forward(tiny_model):
-    from compress.layerwise import dequantized
+    from compress.execution.layerwise import dequantized
     from compress.quant import QuantConfig, QuantLinear
 
     layer = tiny_model.model.layers[0]
@@ -129,7 +129,7 @@ def test_a_packed_layers_dense_twin_computes_its_forward(tiny_model):
 
 
 def test_plan_numbers_for_a_stage_and_the_message_when_it_does_not_fit(tmp_path):
-    from compress.placement import stage_need, unfit_message
+    from compress.execution.placement import stage_need, unfit_message
 
     recipe = parse_recipe({"model": "tiny-llama", "stages": [{"finetune": {"steps": 2, "batch_size": 4}}, {"eval": {}}],
                            "output": str(tmp_path)})
@@ -157,8 +157,8 @@ def test_the_report_names_each_stages_device(tmp_path):
 
 
 def test_calibration_activations_leave_the_device_only_when_they_do_not_fit(tiny_model, monkeypatch):
-    from compress import placement
-    from compress.layerwise import ACTIVATION_SHARE, ActivationHome
+    from compress.execution import placement
+    from compress.execution.layerwise import ACTIVATION_SHARE, ActivationHome
 
     windows = torch.zeros(8, 64, dtype=torch.long)
     need = 2 * windows.numel() * tiny_model.config.hidden_size * 4  # in and out of a layer, fp32
@@ -174,7 +174,7 @@ def test_calibration_activations_leave_the_device_only_when_they_do_not_fit(tiny
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: pinned host memory")
 def test_gptq_with_activations_in_pinned_host_memory_writes_the_same_tensors(tmp_path, monkeypatch):
-    from compress import layerwise
+    from compress.execution import layerwise
     from compress.checkpoint.tensors import load_tensors
 
     stages = [{"quantize": {"method": "gptq", "config": {"bits": 4, "group_size": 32}}}, {"export": {"format": "native"}}]
@@ -224,7 +224,7 @@ def test_the_fisher_of_a_layer_is_loaded_on_the_units_device(tmp_path):
     """LQ-LoRA's Fisher meets its weight and Hessian on the unit's device (the first H200 run of the
     GPU check stopped on a CPU Fisher against CUDA weights in the low-rank step)."""
     from compress.checkpoint.tensors import write_safetensors
-    from compress.fisher_by_layer import fisher_file, load_layer_fisher
+    from compress.training.fisher_by_layer import fisher_file, load_layer_fisher
 
     write_safetensors(fisher_file(tmp_path, "model.layers.0"), {"model.layers.0.mlp.up_proj": torch.ones(4, 3)},
                       metadata={})

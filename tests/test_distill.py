@@ -1,4 +1,4 @@
-"""Distillation (``compress.distill``, issue 23): the loss against a float64 reference, the teacher
+"""Distillation (``compress.training.distill``, issue 23): the loss against a float64 reference, the teacher
 as its own minimum, the tail mass, the teacher's cached top-k targets, a finetune that moves the
 student toward the unquantized model, the plan's extra memory, and prune refusing it."""
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import compress
-from compress.distill import distill_loss, log_tail_mass, top_log_probs, top_logits
+from compress.training.distill import distill_loss, log_tail_mass, top_log_probs, top_logits
 from conftest import run_cli, tiny_recipe
 
 GEN = torch.Generator().manual_seed(5)
@@ -109,8 +109,8 @@ def test_finetune_with_distillation_moves_the_student_toward_the_teacher(tmp_pat
 
 
 def test_plan_counts_the_distillation_tensors():
-    from compress.plan import Architecture
-    from compress.plan_training import TrainingSetup, activation_bytes
+    from compress.planning.plan import Architecture
+    from compress.planning.plan_training import TrainingSetup, activation_bytes
 
     arch = Architecture.from_config({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                                      "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000})

@@ -77,7 +77,7 @@ def test_two_processes_write_the_bytes_of_one(sharded_tiny, tmp_path, name):
 
 DISAGREE = """
 import torch
-from compress.distributed import RankDisagreement, init_ranks, shutdown
+from compress.execution.distributed import RankDisagreement, init_ranks, shutdown
 ranks = init_ranks()
 try:
     ranks.share(["a", "b", "c"] if ranks.rank == 0 else ["b", "c"])

@@ -25,7 +25,7 @@ import torch
 from conftest import ROOT, run_cli, tiny_recipe
 from torch import nn
 
-from compress.training import STATE_FILE, NonFiniteLoss, TrainSettings, train
+from compress.training.loop import STATE_FILE, NonFiniteLoss, TrainSettings, train
 
 
 class Climber(nn.Module):
@@ -52,7 +52,7 @@ def settings(lr: float) -> TrainSettings:
 
 
 def test_the_checkpoint_before_the_divergence_is_kept_and_resumes_with_a_new_rate(tmp_path, caplog):
-    from compress.training import previous_file
+    from compress.training.loop import previous_file
 
     model = Climber(limit=3.2)  # cosine-decayed unit steps: 2.81 after 3 steps, 3.50 after 4
     params = {"weight": model.weight}
@@ -65,7 +65,7 @@ def test_the_checkpoint_before_the_divergence_is_kept_and_resumes_with_a_new_rat
     state = torch.load(tmp_path / STATE_FILE, weights_only=True)
     assert state["step"] == 3 and float(state["params"]["weight"]) < 3.2
     assert not previous_file(tmp_path / STATE_FILE).exists()
-    with caplog.at_level(logging.INFO, logger="compress.training"):
+    with caplog.at_level(logging.INFO, logger="compress.training.loop"):
         result = train(model, params, windows, settings(0.1), state_dir=tmp_path, resume=True)
     assert result.resumed_from == 3 and len(result.losses) == 8
     assert float(model.weight.detach()) < 3.2
@@ -74,7 +74,7 @@ def test_the_checkpoint_before_the_divergence_is_kept_and_resumes_with_a_new_rat
 
 
 def test_without_a_good_checkpoint_the_advice_is_to_run_again(tmp_path):
-    from compress.training import previous_file
+    from compress.training.loop import previous_file
 
     model = Climber(limit=0.5)  # nan at step 2: step 1's checkpoint is the divergence
     with pytest.raises(NonFiniteLoss, match="no training checkpoint from before it was kept"):
@@ -117,7 +117,7 @@ def keys_for(train_lr: float, align_lr: float) -> dict[str, str]:
     """training_key of LoRAM's training phase and of a finetune stage for one recipe."""
     from types import SimpleNamespace
 
-    from compress.recipe import parse_recipe
+    from compress.run.recipe import parse_recipe
     from compress.stages.training_common import training_key
 
     recipe = parse_recipe({"model": "tiny-llama", "output": "out", "stages": [
@@ -136,7 +136,7 @@ def test_a_phase_resumes_across_its_own_rate_but_not_an_earlier_phases():
 
 
 def test_a_crash_between_the_two_writes_resumes_from_the_previous_file(tmp_path):
-    from compress.training import previous_file
+    from compress.training.loop import previous_file
 
     model = Climber(limit=1e9)
     params, windows = {"weight": model.weight}, torch.zeros(4, 4, dtype=torch.long)

@@ -96,7 +96,7 @@ def test_a_removal_killed_halfway_leaves_no_completed_state(tmp_path, monkeypatc
     files (here: rmtree dies after the model), that state no longer counts as completed."""
     import shutil
 
-    from compress import pipeline
+    from compress.run import pipeline
 
     path = tiny_recipe(tmp_path, "  - quantize: {config: {bits: 4, group_size: 64}}")
     recipe = compress.load_recipe(path)

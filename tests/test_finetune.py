@@ -11,7 +11,7 @@ import torch
 
 import compress
 from compress.lowrank import LoRALinear
-from compress.training import TrainHooks, TrainSettings, lr_multiplier, micro_batch, train
+from compress.training.loop import TrainHooks, TrainSettings, lr_multiplier, micro_batch, train
 from conftest import ROOT, micro_llama, run_cli, tiny_recipe
 
 QLORA = """  - quantize: {{method: rtn, config: {{type: uniform, bits: 4, group_size: 32}}}}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import compress
-from compress.layerwise import calibrate_layerwise, decoder_layers, input_groups, first_layer_inputs
+from compress.execution.layerwise import calibrate_layerwise, decoder_layers, input_groups, first_layer_inputs
 from compress.quant import QuantLinear
 from compress.quant.gptq import HessianAccumulator
 from compress.targets import select_linears
@@ -70,8 +70,8 @@ def run_quantize(tmp_path, method, extra=""):
 
 
 def held_out_text(tokenizer):
-    from compress.data import token_windows
-    from compress.recipe import parse_recipe
+    from compress.models.data import token_windows
+    from compress.run.recipe import parse_recipe
 
     spec = parse_recipe({"model": "tiny-llama", "data": {"eval": {"source": "stdlib", "split": "eval"}},
                          "stages": [{"eval": {}}], "output": "unused"}).spec.data.eval

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import compress
-from compress.chunked_loss import kl_sum, last_hidden
+from compress.models.chunked_loss import kl_sum, last_hidden
 from compress.lowrank.costs import probe_factors, rescaled_costs
 from compress.lowrank.decompose import output_error
 from compress.quant import QuantConfig, QuantizedWeight
@@ -72,7 +72,7 @@ def test_stage_probe_and_factor_recomputed_for_layer_0s_qkv(tmp_path, tiny_pair)
     """measured_windows: 2 (RTN, fisher: false): the 2-bit probe of layer 0's q/k/v is the mean KL
     over the first two calibration windows of the float model against it with q, k and v at RTN int2
     (the largest whole group), from a plain forward; its factor is that over their output errors' sum."""
-    from compress.data import token_windows
+    from compress.models.data import token_windows
 
     stages = "  - lq_lora: {rank: 0, budget_bits: 3.0, fisher: false, measured_windows: 2}"
     recipe = compress.load_recipe(tiny_recipe(tmp_path, stages))

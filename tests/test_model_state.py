@@ -16,9 +16,9 @@ import compress
 from compress.checkpoint.formats import FORMATS
 from compress.errors import RecipeError
 from compress.model_state import ModelState, ModuleQuant
-from compress.plan_report import recipe_plan, stage_rows
+from compress.planning.plan_report import recipe_plan, stage_rows
 from compress.quant import QuantConfig, UniformConfig
-from compress.validate import check_recipe
+from compress.run.validate import check_recipe
 
 L4Q = "  - l4q: {bits: 4, group_size: 32, zero_point: float, steps: 1, lora: {rank: 2}}\n"
 
@@ -109,7 +109,7 @@ def test_export_judges_the_runs_own_configs_before_writing(tmp_path):
     from types import SimpleNamespace
 
     from compress.errors import StageError
-    from compress.report import StageReport
+    from compress.stages.report import StageReport
     from compress.stages.export import ExportConfig, run
     from conftest import micro_llama, quantize_model
 

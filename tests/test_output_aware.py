@@ -111,7 +111,7 @@ def layer0_input_hessian(model, windows) -> torch.Tensor:
 def test_stage_costs_are_output_errors_on_the_float_models_hessians(tmp_path, tiny_pair):
     """With data.calibration (and fisher: false) the ILP's entries for layer 0's q_proj are the
     output errors of RTN on the float model's Hessian, recomputed here from a forward hook."""
-    from compress.data import token_windows
+    from compress.models.data import token_windows
     from compress.stages.lq_lora import grid_for
 
     stages = "  - lq_lora: {rank: 0, budget_bits: 3.0, fisher: false}"
@@ -157,9 +157,9 @@ def test_an_output_fisher_gives_its_own_row_weights():
 def test_output_fisher_by_layer_is_the_sum_of_squared_output_gradients(tmp_path, tiny_pair):
     """``fisher_by_layer(of="outputs")`` (one layer at a time, from saved activations) against one
     backward through the whole model per sample, with the outputs' gradients taken by hooks."""
-    from compress.data import token_windows
-    from compress.fisher_by_layer import fisher_by_layer, load_layer_fisher
-    from compress.walker import ResidentModel
+    from compress.models.data import token_windows
+    from compress.training.fisher_by_layer import fisher_by_layer, load_layer_fisher
+    from compress.execution.walker import ResidentModel
 
     model, tokenizer = tiny_pair
     spec = compress.load_recipe(tiny_recipe(tmp_path, "  - eval: {}")).spec.data.calibration

@@ -142,7 +142,7 @@ def test_an_output_nobody_can_create_fails_the_run_with_one_line(tmp_path):
 
 
 def test_the_write_guard_refuses_what_appeared_after_validate(tmp_path):
-    from compress.output_paths import guard_before_write
+    from compress.checkpoint.output_paths import guard_before_write
 
     target = tmp_path / "checkpoint"
     guard_before_write(target, "stages[1].export.path")  # absent: fine

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from compress.lowrank import NF8_BITS
-from compress.plan import (PRESETS, Architecture, adapter_params, architecture_for, inference_breakdown, kv_cache_bytes,
+from compress.planning.plan import (PRESETS, Architecture, adapter_params, architecture_for, inference_breakdown, kv_cache_bytes,
                            loram_pruned_params)
 from compress.quant import QuantConfig, QuantizedWeight
 
@@ -54,7 +54,7 @@ def test_kv_cache_of_llama_3_1_8b():
 
 
 def test_inference_breakdown_matches_the_stored_weights_and_fits():
-    from compress.plan import GIB, best_inference_fit, inference_breakdown
+    from compress.planning.plan import GIB, best_inference_fit, inference_breakdown
 
     arch = Architecture.from_config(PRESETS["llama-2-7b"])
     int4 = QuantConfig.uniform(4, 128)
@@ -100,8 +100,8 @@ def test_inference_breakdown_of_an_ilp_plan_counts_each_module_config():
 def test_gptq_recipe_plan_counts_the_calibration_hidden_states():
     """recipes/gptq.yaml: 32 x 512 calibration tokens, fp32, SmolLM2 (hidden 576): the layer-by-layer
     pass holds every window's input and output hidden states, plus the largest group's Hessians."""
-    from compress.plan_report import recipe_plan
-    from compress.recipe import load_recipe
+    from compress.planning.plan_report import recipe_plan
+    from compress.run.recipe import load_recipe
 
     stages = recipe_plan(load_recipe(Path(__file__).parent.parent / "recipes" / "gptq.yaml"))["stages"]
     quantize = stages["0: quantize (gptq)"]

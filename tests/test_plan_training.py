@@ -6,10 +6,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from compress.lowrank import LoRALinear
-from compress.training import causal_lm_loss
-from compress.plan import Architecture, architecture_for
+from compress.training.loop import causal_lm_loss
+from compress.planning.plan import Architecture, architecture_for
 from compress.quant import QuantConfig
-from compress.plan_training import (TrainingSetup, best_training_fit, saved_activation_bytes, training_breakdown)
+from compress.planning.plan_training import (TrainingSetup, best_training_fit, saved_activation_bytes, training_breakdown)
 from compress.targets import select_linears, set_module
 
 
@@ -90,7 +90,7 @@ def test_parts_of_each_method_on_llama_2_7b():
 
 
 def test_loram_trains_the_pruned_shapes():
-    from compress.plan import loram_pruned_params
+    from compress.planning.plan import loram_pruned_params
 
     arch = architecture_for("llama-3.1-70b")
     setup = TrainingSetup(method="loram", prune_ratio=0.85, prune_start=4, prune_end=78, base_bytes=2)
@@ -115,7 +115,7 @@ def test_recipe_plan_walks_the_stages(tmp_path):
     import json
 
     import compress
-    from compress.plan_report import recipe_plan
+    from compress.planning.plan_report import recipe_plan
     from conftest import run_cli, tiny_recipe
 
     stages = """  - prune: {method: loraprune, ratio: 0.5, uniform: true, steps: 4, batch_size: 2, seq_len: 32}

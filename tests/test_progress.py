@@ -11,17 +11,17 @@ import sys
 from conftest import tiny_recipe
 from rich.console import Console
 
-from compress.progress import ProgressBars
+from compress.run.progress import ProgressBars
 
 
 def logged_lines(caplog, interval: float, outer: int, inner: int, step: float) -> list[str]:
     now = [0.0]
     bars = ProgressBars(Console(file=io.StringIO()), enabled=True, interval=interval, clock=lambda: now[0])
-    with caplog.at_level(logging.INFO, logger="compress.progress"), bars.session():
+    with caplog.at_level(logging.INFO, logger="compress.run.progress"), bars.session():
         for _ in bars.track(range(outer), "stages"):
             for _ in bars.track(range(inner), "gptq layers"):
                 now[0] += step
-    return [r.getMessage() for r in caplog.records if r.name == "compress.progress"]
+    return [r.getMessage() for r in caplog.records if r.name == "compress.run.progress"]
 
 
 def test_a_line_at_most_every_interval_with_position_and_eta(caplog):
@@ -38,16 +38,16 @@ def test_fast_work_logs_nothing(caplog):
 def test_a_terminal_gets_bars_and_no_lines(caplog):
     console = Console(file=io.StringIO(), force_terminal=True)
     bars = ProgressBars(console, enabled=True, interval=0)
-    with caplog.at_level(logging.INFO, logger="compress.progress"), bars.session():
+    with caplog.at_level(logging.INFO, logger="compress.run.progress"), bars.session():
         assert list(bars.track(range(3), "x")) == [0, 1, 2]
-    assert not [r for r in caplog.records if r.name == "compress.progress"]
+    assert not [r for r in caplog.records if r.name == "compress.run.progress"]
 
 
 def test_quiet_logs_nothing(caplog):
     bars = ProgressBars(Console(file=io.StringIO()), enabled=False, interval=0)
-    with caplog.at_level(logging.INFO, logger="compress.progress"), bars.session():
+    with caplog.at_level(logging.INFO, logger="compress.run.progress"), bars.session():
         assert list(bars.track(range(3), "x")) == [0, 1, 2]
-    assert not [r for r in caplog.records if r.name == "compress.progress"]
+    assert not [r for r in caplog.records if r.name == "compress.run.progress"]
 
 
 def test_a_run_with_stderr_to_a_file_logs_progress(tmp_path):

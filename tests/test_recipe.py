@@ -9,9 +9,9 @@ import yaml
 from conftest import ROOT, run_cli, tiny_recipe
 
 from compress.errors import CompressError, RecipeError
-from compress.recipe import load_recipe, parse_recipe
+from compress.run.recipe import load_recipe, parse_recipe
 from compress.stages import STAGES
-from compress.validate import check_recipe
+from compress.run.validate import check_recipe
 
 
 def yaml_blocks(text: str) -> list[str]:
@@ -49,9 +49,9 @@ def test_stage_docstring_samples_parse(name):
 
 
 def test_recipe_module_sample_parses():
-    import compress.recipe
+    import compress.run.recipe
 
-    (sample,) = yaml_blocks(compress.recipe.__doc__)
+    (sample,) = yaml_blocks(compress.run.recipe.__doc__)
     assert parse_recipe(yaml.safe_load(sample)).spec.model == "smollm2-135m"
 
 

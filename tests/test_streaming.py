@@ -27,8 +27,8 @@ from conftest import ROOT, logits, run_cli, walk_context, write_recipe
 
 import compress
 from compress.checkpoint.tensors import load_tensors
-from compress.recipe import parse_recipe
-from compress.synthetic import layer_shapes, parameter_count, write_synthetic_llama
+from compress.run.recipe import parse_recipe
+from compress.models.synthetic import layer_shapes, parameter_count, write_synthetic_llama
 
 DATA = {"calibration": {"source": "stdlib", "split": "train", "samples": 4, "seq_len": 64},
         "eval": {"source": "stdlib", "split": "eval", "samples": 2, "seq_len": 64}}
@@ -92,12 +92,12 @@ def test_streamed_eval_scores_one_layer_at_a_time_as_in_memory(sharded_tiny, tmp
 def test_fisher_by_layer_equals_the_whole_model_backward(sharded_tiny, tmp_path, source):
     """Forward and backward one layer at a time give the Fisher of one backward through the model,
     from either source of units."""
-    from compress.data import token_windows
+    from compress.models.data import token_windows
     from compress.lowrank.fisher import empirical_fisher
-    from compress.models import load_model, resolve_model
-    from compress.fisher_by_layer import fisher_by_layer, load_layer_fisher
-    from compress.streaming import StreamedModel
-    from compress.walker import ResidentModel
+    from compress.models.sources import load_model, resolve_model
+    from compress.training.fisher_by_layer import fisher_by_layer, load_layer_fisher
+    from compress.execution.streaming import StreamedModel
+    from compress.execution.walker import ResidentModel
 
     model, tokenizer = load_model(resolve_model(str(sharded_tiny)), "float32")
     spec = recipe(sharded_tiny, tmp_path, [{"eval": {}}]).spec.data.calibration

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..chunked_loss import loss_slice_bytes
-from ..evaluate import kernels_used, perplexity, perplexity_by_units
-from ..placement import whole_model_on_device
-from ..plan import inference_breakdown
-from ..report import StageReport
+from ..models.chunked_loss import loss_slice_bytes
+from ..execution.evaluate import kernels_used, perplexity, perplexity_by_units
+from ..execution.placement import whole_model_on_device
+from ..planning.plan import inference_breakdown
+from .report import StageReport
 from ..stage import Stage, StageConfig
-from ..stage_memory import PlanState, held
+from ..planning.stage_memory import PlanState, held
 
 
 class EvalConfig(StageConfig):
@@ -49,7 +49,7 @@ def linear_bits_per_param(model) -> float | None:
 
 def score(ctx, batch_size: int, report: StageReport, index: int) -> None:
     """Perplexity on ``data.eval``: the whole model on the run's device when the plan says eval stage
-    ``index`` fits it, else one layer at a time (``compress.placement``)."""
+    ``index`` fits it, else one layer at a time (``compress.execution.placement``)."""
     windows = ctx.windows("eval")
     spec = ctx.recipe.spec.data.eval
     with whole_model_on_device(ctx, f"stages[{index}].eval", index, walk_instead=True) as whole:

@@ -17,7 +17,7 @@ LoRA adapters (from ``lq_lora``, ``finetune``): ``adapters: peft`` (default) wri
 ``format`` and the adapters as a standard PEFT adapter in ``adapter_path`` (default ``PATH-adapter``),
 verified by reloading the base and applying the adapter with PEFT; ``embed`` keeps them inside a
 ``native`` checkpoint; ``merge`` folds them into a dense ``hf`` checkpoint. Both paths stay inside
-output and replace only what compress wrote there (``compress.output_paths``). ``adapter_dtype``
+output and replace only what compress wrote there (``compress.checkpoint.output_paths``). ``adapter_dtype``
 (``nf8`` | ``bf16`` | ``fp16``; default: as held, fp32) rounds the adapters to that storage and writes
 them so (``checkpoint/adapter_storage.py``: packed NF8 in a native checkpoint; a PEFT adapter holds
 NF8's values dequantized, and the report says so). The report gives bits per parameter without and
@@ -40,8 +40,8 @@ from ..checkpoint import FORMAT_NAMES, FORMATS, inspect_checkpoint
 from ..checkpoint.adapter_storage import ADAPTER_DTYPES, round_adapters
 from ..checkpoint.write import adapter_modules
 from ..errors import StageError
-from ..output_paths import export_target, guard_before_write
-from ..report import StageReport
+from ..checkpoint.output_paths import export_target, guard_before_write
+from .report import StageReport
 from ..stage import Stage, StageConfig
 from .export_report import adapter_bits, engine_notes
 from .export_verify import verify as verify_reload

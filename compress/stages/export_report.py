@@ -12,7 +12,7 @@ from compress.lowrank import NF8_BITS
 from ..checkpoint.tensors import read_header
 from ..checkpoint.write import adapter_modules
 from ..dtypes import code_bytes
-from ..report import StageReport
+from .report import StageReport
 
 log = logging.getLogger(__name__)
 

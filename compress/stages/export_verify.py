@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import FORMATS, load_checkpoint
-from ..chunked_loss import last_hidden, max_abs_logit_diff
+from ..models.chunked_loss import last_hidden, max_abs_logit_diff
 from ..errors import StageError
-from ..evaluate import hidden_by_units, perplexity, perplexity_by_units
-from ..placement import whole_model_on_device
-from ..report import StageReport
-from ..walker import ResidentModel
+from ..execution.evaluate import hidden_by_units, perplexity, perplexity_by_units
+from ..execution.placement import whole_model_on_device
+from .report import StageReport
+from ..execution.walker import ResidentModel
 from .evaluation import eval_batch_size
 
 PROBE_TOKENS = 64
@@ -33,7 +33,7 @@ def _verify_index(ctx) -> int:
 
 def _on_device(ctx, model, work):
     """``work(model on the device)`` when the plan says it fits there, else ``work(its units)``
-    walked one layer at a time on the device (``compress.placement``); the model is on the host
+    walked one layer at a time on the device (``compress.execution.placement``); the model is on the host
     after."""
     where = f"{ctx.entry.where}.verify"
     with whole_model_on_device(ctx, where, _verify_index(ctx), walk_instead=True, model=model) as whole:

@@ -8,7 +8,7 @@
 ```
 
 ``distill`` trains on the KL divergence to the unquantized model's predictions mixed with the
-next-token loss (``compress.distill``; also for ``l4q`` and ``loram``).
+next-token loss (``compress.training.distill``; also for ``l4q`` and ``loram``).
 
 The adapters are the ones an earlier stage left (``lq_lora``'s L1 L2 over its Q) or, when there are
 none, new ones from ``lora:`` (PEFT's initialization: A Kaiming-uniform, B = 0) over whatever the
@@ -26,10 +26,10 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..errors import RecipeError, StageError
-from ..evaluate import perplexity
-from ..plan_training import training_breakdown
+from ..execution.evaluate import perplexity
+from ..planning.plan_training import training_breakdown
 from ..stage import Stage
-from ..stage_memory import PlanState, training_setup
+from ..planning.stage_memory import PlanState, training_setup
 from ..targets import select_linears
 from .training_common import (LoraSpec, TrainingConfig, attach_adapters, check_training_data, has_adapters,
                               lora_parameters, lora_rank, run_training, tail_mean, training_windows)

@@ -38,13 +38,13 @@ from compress.quant import QuantConfig, QuantizedWeight, QuantLinear
 from compress.quant.uniform import quantize_codes, to_float_zero_tensors, to_gptq_tensors
 
 from ..errors import RecipeError, StageError
-from ..evaluate import perplexity
+from ..execution.evaluate import perplexity
 from ..model_state import ModelState, ModuleQuant, selected_quant
-from ..plan_training import training_breakdown
+from ..planning.plan_training import training_breakdown
 from ..stage import Stage
-from ..stage_memory import PlanState, quantized, training_setup
+from ..planning.stage_memory import PlanState, quantized, training_setup
 from ..targets import select_linears, set_module
-from ..training import TrainHooks
+from ..training.loop import TrainHooks
 from .training_common import (LoraSpec, TrainingConfig, check_training_data, has_adapters, run_training, tail_mean,
                               training_windows)
 

@@ -34,16 +34,16 @@ from compress.quant import QuantConfig
 from compress.prune import layer_units
 from compress.prune.sparsity import KeepSparse, sparsify
 
-from ..architectures import pruning_problem
+from ..models.architectures import pruning_problem
 from ..checkpoint.store import load_checkpoint, save_model
 from ..errors import RecipeError
-from ..evaluate import perplexity
-from ..memory import model_tensor_bytes, release_freed_memory
+from ..execution.evaluate import perplexity
+from ..execution.memory import model_tensor_bytes, release_freed_memory
 from ..model_state import ModelState
-from ..plan_training import training_breakdown
+from ..planning.plan_training import training_breakdown
 from ..stage import Stage, StageConfig
-from ..stage_memory import PlanState, prune_range, training_setup
-from ..text_specs import TextOrigin
+from ..planning.stage_memory import PlanState, prune_range, training_setup
+from ..models.text_specs import TextOrigin
 from .loram_small import dense_linears, quantize_small, recover, report_sizes
 from .prune import PruneConfig, prune_structured
 from .quantize import QuantSpec

@@ -16,7 +16,7 @@ with its config. For the ``gptq`` grid, q/k/v and gate/up of a layer are tied to
 (engines fuse them). Cost entries are cached per matrix under ``OUTPUT/.cache/lq_lora/``
 (``lq_lora_costs``), so a resumed run does not recompute them; ``workers: N`` computes weight-objective
 entries in N processes. With ``torchrun`` the cost table, the Fisher windows and the decompositions
-are shared out over the ranks and rank 0 solves the ILP (``compress.distributed``). With
+are shared out over the ranks and rank 0 solves the ILP (``compress.execution.distributed``). With
 ``streaming: true`` the stage holds one decoder layer at a time (last paragraph). ``alpha`` sets the
 adapter scaling alpha / rank (LQ-LoRA: 16 at rank 64). ``group_sizes`` restricts the grid to those
 groups (NF: blocks). ``rank: 0`` is mixed-precision quantization by the same ILP with no low-rank
@@ -60,8 +60,8 @@ At rank 0 (no alternation: one GPTQ per matrix and config) GPTQ runs with ``refi
 quantization alike, so the ILP compares the errors of what it installs; at rank > 0 GPTQ runs once
 per iteration and config, unrefined (``refine_rounds`` is refused there).
 
-The stage makes three walks over the model's units on the run's device (``compress.walker``):
-the Fisher, when asked for (``compress.fisher_by_layer``: forward, then backward, one file per
+The stage makes three walks over the model's units on the run's device (``compress.execution.walker``):
+the Fisher, when asked for (``compress.training.fisher_by_layer``: forward, then backward, one file per
 layer, for linears inside the decoder layers); the cost table, unit by unit (per-matrix entries and
 the on-disk cache; under ``objective: output`` a calibration walk over the unquantized model); then,
 after the ILP, the decomposition. With ``quantizer: gptq`` or ``objective: output`` the calibration
@@ -83,7 +83,7 @@ import torch
 from compress.lowrank import GRIDS, NF8_BITS
 
 from ..errors import StageError
-from ..fisher_by_layer import fisher_by_layer
+from ..training.fisher_by_layer import fisher_by_layer
 from ..model_state import ModelState, ModuleQuant, selected_quant
 from ..stage import Stage
 from ..targets import select_linears
@@ -91,9 +91,9 @@ from .lq_lora_costs import output_cost_table, solve, weight_cost_table
 from .lq_lora_decompose import decompose_units
 from .lq_lora_measured import References, measured_table
 from .lq_lora_spec import LQLoRAConfig, check, grid_for, resolved
-from ..plan import GIB
-from ..plan_training import layer_shape_list
-from ..stage_memory import PlanState, calibration, held
+from ..planning.plan import GIB
+from ..planning.plan_training import layer_shape_list
+from ..planning.stage_memory import PlanState, calibration, held
 
 __all__ = ["STAGE", "LQLoRAConfig", "grid_for", "resolved"]
 
@@ -130,7 +130,7 @@ def report_sizes(config: LQLoRAConfig, result, shapes: dict[str, tuple[int, int]
 
 
 def run(ctx, config: LQLoRAConfig, report) -> None:
-    """Three walks over the model's units on the run's device (``compress.walker``): the Fisher when
+    """Three walks over the model's units on the run's device (``compress.execution.walker``): the Fisher when
     asked for, the cost table, then after the ILP the decomposition."""
     shapes = {n: (m.out_features, m.in_features) for n, m in dense_selection(ctx, config, report).items()}
     config = resolved(config, ctx.recipe, ctx.model, list(shapes))

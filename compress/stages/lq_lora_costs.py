@@ -7,7 +7,7 @@ Two objectives (``lq_lora``'s ``objective``):
 - ``output``: each matrix's output error of its decomposition with the stage's own quantizer (RTN or
   GPTQ on the layer's input Hessian; ``lowrank.costs``), rows weighted by the Fisher when there is
   one. The Hessians come from one calibration walk over the unquantized model: each decoder layer's
-  input groups get their Hessians from the float activations (``compress.layerwise``), their costs
+  input groups get their Hessians from the float activations (``compress.execution.layerwise``), their costs
   are computed, and the float layer's outputs feed the next layer; nothing is replaced.
 
 Entries are cached per matrix under ``OUTPUT/.cache/lq_lora/`` as each is done, keyed by the
@@ -30,10 +30,10 @@ from compress.quant.gptq import GPTQSettings
 
 from ..checkpoint.atomic import atomic_write_text
 from ..errors import StageError
-from ..fisher_by_layer import load_layer_fisher
-from ..layerwise import calibration_step
-from ..parallel import parallel_map
-from ..walker import visit_units
+from ..training.fisher_by_layer import load_layer_fisher
+from ..execution.layerwise import calibration_step
+from ..execution.parallel import parallel_map
+from ..execution.walker import visit_units
 from .lq_lora_spec import ties
 
 

@@ -16,7 +16,7 @@ the selected matrices of a decoder layer at once) and each bit width of the grid
   disk, not in memory);
 - a probe puts the group's references into the float model and measures the mean KL divergence of
   its next-token distributions from the float model's over the first N calibration windows (the
-  model runs one layer at a time on the run's device, ``compress.evaluate.hidden_by_units``; the
+  model runs one layer at a time on the run's device, ``compress.execution.evaluate.hidden_by_units``; the
   weights are restored after it);
 - every cost of the group's matrices at that width is multiplied by measured / predicted. Widths
   without a probe (8 bits: a change below what a few windows resolve) take the factor of the
@@ -51,8 +51,8 @@ from compress.quant.gptq import gptq_quantize
 
 from ..checkpoint.atomic import atomic_write_text
 from ..checkpoint.tensors import read_safetensors, write_safetensors
-from ..chunked_loss import kl_sum
-from ..evaluate import hidden_by_units
+from ..models.chunked_loss import kl_sum
+from ..execution.evaluate import hidden_by_units
 from ..targets import fused_members
 from .lq_lora_costs import cache_key, gptq_settings
 

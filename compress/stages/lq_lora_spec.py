@@ -13,7 +13,7 @@ from compress.lowrank import GRIDS, InfeasibleBudget, budget_bits_for, minimum_b
 from ..errors import RecipeError
 from ..stage import StageConfig
 from ..targets import check_selector, fused_members, select_linears
-from ..walker import decoder_layers
+from ..execution.walker import decoder_layers
 
 
 class LQLoRAConfig(StageConfig):

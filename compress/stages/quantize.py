@@ -12,7 +12,7 @@
 stage's fields (``quantize_spec``). The stage walks the model unit by unit on the run's device
 (``replace_layers``) and gives each quantizer what it declares it needs: ``rtn`` (nothing) rounds
 each weight to its group's grid; ``gptq`` (uniform configs only; Hessians) carries
-``data.calibration``'s activations through the decoder layer by layer (``compress.layerwise``) and
+``data.calibration``'s activations through the decoder layer by layer (``compress.execution.layerwise``) and
 quantizes each group of linears reading one input with that input's Hessian (``quant.gptq``:
 ``damp`` fraction of mean diag(H), raised by ``damp_increment`` while H is not positive definite,
 lazy ``block`` columns, ``order`` natural / activation / group_aware, ``mse_norm`` > 0 for the
@@ -27,7 +27,7 @@ scales folded into the norms), then the quantizer it names in ``then`` rounds it
 outside the decoder layers (an lm_head that is not ignored) are rounded with RTN, and the report says so.
 
 With ``torchrun`` the matrices (of each input group) are shared out over the ranks
-(``compress.distributed``). ``config`` is the default for every selected layer (``targets`` minus ``ignore``: class names, exact
+(``compress.execution.distributed``). ``config`` is the default for every selected layer (``targets`` minus ``ignore``: class names, exact
 module names, or ``re:`` regexes). ``overrides`` maps a selector to fields that replace the
 default's; every matching override applies, in order. ``type: nf`` selects NormalFloat codes with
 double-quantized block scales (``bits, block, scale_bits, scale_block, scale_dtype``); ``uniform``
@@ -48,10 +48,10 @@ from compress.quant.quantizers import QUANTIZERS
 
 from ..errors import RecipeError, StageError
 from ..model_state import ModelState, ModuleQuant
-from ..replace_layers import Replacement, replace_layers
+from ..execution.replace_layers import Replacement, replace_layers
 from ..stage import Stage
 from .quantize_spec import QuantizeConfig, QuantSpec, plan_modules  # noqa: F401  (QuantSpec: imported by others)
-from ..stage_memory import PlanState, calibration, held, quantized
+from ..planning.stage_memory import PlanState, calibration, held, quantized
 
 def check(recipe, entry, model) -> None:
     config: QuantizeConfig = entry.config

@@ -16,15 +16,15 @@ from pydantic import BaseModel, Field, model_validator
 
 from compress.lowrank import LoRALinear, init_default
 
-from ..data import file_problem, token_windows
-from ..distill import DistillSpec, distill_loss_fn
+from ..models.data import file_problem, token_windows
+from ..training.distill import DistillSpec, distill_loss_fn
 from ..errors import RecipeError, StageError
-from ..memory import PeakMemory, model_tensor_bytes
-from ..placement import whole_model_on_device
+from ..execution.memory import PeakMemory, model_tensor_bytes
+from ..execution.placement import whole_model_on_device
 from ..stage import STRICT, StageConfig
 from ..targets import check_selector, select_linears, set_module
-from ..text_specs import TextOrigin
-from ..training import STATE_FILE, NonFiniteLoss, TrainHooks, TrainResult, TrainSettings, train
+from ..models.text_specs import TextOrigin
+from ..training.loop import STATE_FILE, NonFiniteLoss, TrainHooks, TrainResult, TrainSettings, train
 
 
 class LoraSpec(BaseModel):
@@ -59,7 +59,7 @@ class TrainingConfig(StageConfig):
     gradient_checkpointing: bool = False
     data: TextOrigin | None = None
     seed: int | None = None
-    distill: DistillSpec | None = None  # KL to the unquantized model's predictions (``compress.distill``)
+    distill: DistillSpec | None = None  # KL to the unquantized model's predictions (``compress.training.distill``)
 
     def settings(self, recipe_seed: int, eval_every: int = 0) -> TrainSettings:
         return TrainSettings(self.steps, self.lr, self.batch_size, self.grad_accum, self.warmup, self.weight_decay,
@@ -158,7 +158,7 @@ def run_training(ctx, config: TrainingConfig, params: dict, windows: torch.Tenso
                  evaluate=None, hooks: TrainHooks | None = None, grad_only: dict | None = None,
                  phase: str = "train", param_lr: dict | None = None) -> TrainResult:
     """The loop with this stage's checkpoint directory (one per ``phase`` of a stage that trains more
-    than once), the model on the run's device when the plan says it fits (``compress.placement``);
+    than once), the model on the run's device when the plan says it fits (``compress.execution.placement``);
     a failure names the stage and keeps the state."""
     settings = config.settings(ctx.recipe.spec.seed, eval_every)
     state_dir = ctx.out_dir / ".cache" / "train" / f"{training_key(ctx, config)}-{phase}"

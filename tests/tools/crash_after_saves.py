@@ -12,7 +12,7 @@ import sys
 
 def main() -> None:
     limit = int(sys.argv[1])
-    from compress import training
+    from compress.training import loop as training
     from compress.entry import cli
 
     original, calls = training._save_state, []  # (path, step, params, optimizer, result, hooks)

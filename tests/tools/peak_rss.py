@@ -24,7 +24,7 @@ def high_water_mib() -> float:
 def main() -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401  (imported by any run; not the model)
 
-    import compress.pipeline  # noqa: F401
+    import compress.run.pipeline  # noqa: F401
     import compress.stages  # noqa: F401
     from compress.entry import cli
 
