@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from compress.lowrank import NF8_BITS
-from compress.planning.plan import (PRESETS, Architecture, adapter_params, architecture_for, inference_breakdown, kv_cache_bytes,
-                           loram_pruned_params)
+from compress.planning.plan import (PRESETS, Architecture, adapter_params, architecture_for, inference_breakdown,
+                                    kv_cache_bytes, loram_pruned_params)
 from compress.quant import QuantConfig, QuantizedWeight
 
 

@@ -9,7 +9,8 @@ from compress.lowrank import LoRALinear
 from compress.training.loop import causal_lm_loss
 from compress.planning.plan import Architecture, architecture_for
 from compress.quant import QuantConfig
-from compress.planning.plan_training import (TrainingSetup, best_training_fit, saved_activation_bytes, training_breakdown)
+from compress.planning.plan_training import (TrainingSetup, best_training_fit, saved_activation_bytes,
+                                             training_breakdown)
 from compress.targets import select_linears, set_module
 
 

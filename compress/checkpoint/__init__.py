@@ -1,5 +1,6 @@
 """Checkpoints: one class per format in ``formats/`` (gptq | native | hf | compressed-tensors), one
-registry ``FORMATS``; load, inspect; atomic and checksummed."""
+registry ``FORMATS``; load, inspect; atomic and checksummed; where a run may write (output_paths).
+Imports only the root foundations and the libraries."""
 
 from .formats import FORMAT_NAMES, FORMATS
 from .inspect import inspect_checkpoint

@@ -1,2 +1,2 @@
 """Where and how work runs: the unit walker (resident or streamed), layer-by-layer calibration,
-device placement, memory peaks, processes and ranks, perplexity by units."""
+the one replace_layers walk, device placement, memory peaks, processes and ranks, perplexity by units."""

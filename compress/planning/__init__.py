@@ -1,2 +1,2 @@
 """Memory plans from a model's config alone (no weights): storage, training memory, recipe plans.
-Imports models/ and the libraries only; execution/ asks it whether a stage fits."""
+Each stage's own rows come from its ``memory`` (stage_memory.py); execution/ asks whether a stage fits."""

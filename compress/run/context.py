@@ -33,7 +33,7 @@ class Context:
     reports: list[StageReport] = field(default_factory=list)
     entry: Any = None  # the StageEntry being run
     resume: bool = False  # continue interrupted work (e.g. mid-training checkpoints) rather than redo it
-    stream: Any = None  # a compress.execution.streaming.StreamedModel when the recipe streams (``model`` is its skeleton)
+    stream: Any = None  # a streaming.StreamedModel when the recipe streams (``model`` is its skeleton)
     ranks: Ranks = field(default_factory=Ranks)  # this process's place in a torchrun launch (0 of 1 alone)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where stages compute
     _windows: dict = field(default_factory=dict, repr=False)

@@ -1,4 +1,5 @@
-"""The stage registry: explicit, one file per stage, no discovery."""
+"""The stage registry: explicit, one file per stage (and its helpers), no discovery; the StageReport
+every stage fills (report.py). Imports training/, execution/, planning/, models/ and checkpoint/."""
 
 from types import MappingProxyType
 

@@ -27,8 +27,8 @@ scales folded into the norms), then the quantizer it names in ``then`` rounds it
 outside the decoder layers (an lm_head that is not ignored) are rounded with RTN, and the report says so.
 
 With ``torchrun`` the matrices (of each input group) are shared out over the ranks
-(``compress.execution.distributed``). ``config`` is the default for every selected layer (``targets`` minus ``ignore``: class names, exact
-module names, or ``re:`` regexes). ``overrides`` maps a selector to fields that replace the
+(``compress.execution.distributed``). ``config`` is the default for every selected layer
+(``targets`` minus ``ignore``: class names, exact module names, or ``re:`` regexes). ``overrides`` maps a selector to fields that replace the
 default's; every matching override applies, in order. ``type: nf`` selects NormalFloat codes with
 double-quantized block scales (``bits, block, scale_bits, scale_block, scale_dtype``); ``uniform``
 selects group-wise affine integers (``bits, group_size, sym``). When the recipe later exports GPTQ,
