@@ -4,7 +4,8 @@
 
 Prints markdown for the model's grid (``heldout.GRIDS``): our GPTQ against GPTQModel (and RTN) with the
 geometric mean of the in-domain perplexity ratios at 4 and 3 bits, the worst ratio and the time ratios;
-LQ-LoRA against the uniform GPTQ curve; L4Q against our GPTQ; every row. Each quantized row also gets
+LQ-LoRA against the uniform GPTQ curve; L4Q against our GPTQ; AWQ's scaling before RTN and before GPTQ
+against RTN and GPTQ at the same bits (issue 41); every row. Each quantized row also gets
 its share of RTN's loss closed at the same bits and group: 1 - (ln ppl - ln ppl_fp32) / (ln ppl_RTN -
 ln ppl_fp32), the excess next-token loss over the fp32 model relative to RTN's (the honest measure on a
 base that is itself quantized). A point not run yet is shown as ``-``.
@@ -190,6 +191,51 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+AWQ_CONFIGS = ((4, True), (4, False), (3, True), (3, False))  # at group 128 (issue 41)
+
+
+def awq_table(rows: dict[str, dict]) -> list[str]:
+    """AWQ's scaling before RTN and before GPTQ, beside RTN and GPTQ at the same bits, g128."""
+    lines = ["| bits | grid | RTN | AWQ+RTN | AWQ+RTN / RTN (stdlib) | GPTQ | AWQ+GPTQ | AWQ+GPTQ / GPTQ (stdlib) | "
+             "RTN's loss closed: AWQ+RTN / GPTQ / AWQ+GPTQ | AWQ+RTN s | GPTQ s | AWQ+GPTQ s |",
+             "|---:|---|---:|---:|---|---:|---:|---|---|---:|---:|---:|"]
+    for bits, sym in AWQ_CONFIGS:
+        rtn, awq_rtn, gptq, awq_gptq = (rows.get(Point(m, bits, 128, sym).name, {})
+                                        for m in ("rtn", "awq-rtn", "gptq", "awq-gptq"))
+        lines.append(f"| {bits} | {'sym' if sym else 'asym'} | {_fmt(rtn.get('ppl'))} | {_fmt(awq_rtn.get('ppl'))} | "
+                     f"{_ratios(awq_rtn, rtn)} | {_fmt(gptq.get('ppl'))} | {_fmt(awq_gptq.get('ppl'))} | "
+                     f"{_ratios(awq_gptq, gptq)} | {_share(rows, awq_rtn)} / {_share(rows, gptq)} / "
+                     f"{_share(rows, awq_gptq)} | {_fmt(awq_rtn.get('seconds'), 0)} | {_fmt(gptq.get('seconds'), 0)} | "
+                     f"{_fmt(awq_gptq.get('seconds'), 0)} |")
+    return lines
+
+
+def _ratios(row: dict, base: dict) -> str:
+    """``in-domain (stdlib)`` perplexity ratios of ``row`` to ``base``."""
+    if not (row.get("ppl") and base.get("ppl")):
+        return "-"
+    return f"{row['ppl'] / base['ppl']:.3f} ({row['ppl_stdlib'] / base['ppl_stdlib']:.3f})"
+
+
+def awq_verdict(rows: dict[str, dict]) -> list[str]:
+    """Does AWQ's scaling help? Over the pairs that ran: how many it improves on both texts, and the
+    geometric means of the perplexity ratios (below 1: AWQ helps)."""
+    lines = []
+    for then in ("rtn", "gptq"):
+        pairs = [(rows.get(Point(f"awq-{then}", b, 128, s).name), rows.get(Point(then, b, 128, s).name))
+                 for b, s in AWQ_CONFIGS]
+        pairs = [(a, b) for a, b in pairs if a and b]
+        if not pairs:
+            lines.append(f"- AWQ+{then.upper()}: no pair has run yet.")
+            continue
+        means = [math.exp(sum(math.log(a[k] / b[k]) for a, b in pairs) / len(pairs)) for k in ("ppl", "ppl_stdlib")]
+        better = sum(a["ppl"] < b["ppl"] and a["ppl_stdlib"] < b["ppl_stdlib"] for a, b in pairs)
+        lines.append(f"- AWQ+{then.upper()} against {then.upper()}, {len(pairs)} of {len(AWQ_CONFIGS)} configs: better on "
+                     f"both texts in {better}; geometric mean of the ratios {means[0]:.3f} in domain, {means[1]:.3f} "
+                     "on stdlib (below 1: AWQ helps).")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path)
@@ -200,7 +246,7 @@ def main() -> None:
     named = _by_name(rows)
     grid, _ = GRIDS[args.model]
     sections = [gptq_table(named, grid), gptq_verdict(named, grid), lqlora_table(named), l4q_table(named),
-                all_rows(rows)]
+                awq_table(named), awq_verdict(named), all_rows(rows)]
     print("\n\n".join("\n".join(section) for section in sections))
     if args.plot:
         plot(named, args.plot)

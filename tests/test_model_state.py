@@ -125,13 +125,12 @@ def test_export_judges_the_runs_own_configs_before_writing(tmp_path):
 
 def test_a_lora_wrapped_base_counts_under_its_layer_name():
     from compress.lowrank import LoRALinear
+    from compress.targets import set_module
     from conftest import micro_llama, quantize_model
 
     model = quantize_model(micro_llama(), lambda name: QuantConfig.uniform(4, 32))
     name = "model.layers.0.self_attn.q_proj"
-    base = model.get_submodule(name)
-    from compress.targets import set_module
-    set_module(model, name, LoRALinear(base, rank=2, alpha=4))
+    set_module(model, name, LoRALinear(model.get_submodule(name), rank=2, alpha=4))
     state = ModelState.of_skeleton(model)
     assert state.quant[name].config == QuantConfig.uniform(4, 32) and state.shapes[name] == (128, 128)
     assert not any(key.endswith(".base_layer") for key in [*state.quant, *state.shapes])
