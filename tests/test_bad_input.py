@@ -17,9 +17,9 @@ import torch
 import yaml
 from conftest import run_cli, tiny_recipe
 
-from compress.models.data import parse_source_string
 from compress.entry import cli
 from compress.execution.evaluate import perplexity
+from compress.models.data import parse_source_string
 
 
 def run(*argv: str) -> tuple[int, str, str]:

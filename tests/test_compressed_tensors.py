@@ -19,9 +19,9 @@ import torch
 from conftest import logits, micro_llama, quantize_model, run_cli, tiny_recipe
 
 from compress.checkpoint import inspect_checkpoint, load_checkpoint, write_gptq
+from compress.checkpoint import write_compressed_tensors
 from compress.checkpoint.formats import compressed_tensors as ct
 from compress.checkpoint.tensors import load_tensors
-from compress.checkpoint import write_compressed_tensors
 from compress.quant import QuantConfig, QuantLinear
 from compress.quant.packing import pack_codes
 

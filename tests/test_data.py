@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from compress.models.data import TextSource, parse_source_string, stdlib_files, token_windows
 from compress.errors import DataError
+from compress.models.data import TextSource, parse_source_string, stdlib_files, token_windows
 
 
 def test_stdlib_splits_are_disjoint_and_stable():

@@ -23,8 +23,8 @@ import torch
 from conftest import TINY_RECIPE, run_cli, write_recipe
 
 import compress
-from compress.execution.device import resolve_device
 from compress.errors import RecipeError
+from compress.execution.device import resolve_device
 from compress.quant.config import QuantConfig
 from compress.run.recipe import parse_recipe
 

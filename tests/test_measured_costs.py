@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import compress
-from compress.models.chunked_loss import kl_sum, last_hidden
 from compress.lowrank.costs import probe_factors, rescaled_costs
 from compress.lowrank.decompose import output_error
+from compress.models.chunked_loss import kl_sum, last_hidden
 from compress.quant import QuantConfig, QuantizedWeight
 from conftest import micro_llama, run_cli, tiny_recipe, write_recipe
 

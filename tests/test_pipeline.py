@@ -15,8 +15,8 @@ from conftest import file_hashes, logits, run_cli, tiny_recipe
 
 import compress
 from compress.errors import CompressError
-from compress.run.lock import output_lock
 from compress.quant import QuantLinear
+from compress.run.lock import output_lock
 
 STAGES = """  - quantize: {config: {bits: 4, group_size: 64}, overrides: {"re:.*down_proj$": {bits: 8}}}
   - eval: {batch_size: 2}

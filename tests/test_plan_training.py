@@ -6,12 +6,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from compress.lowrank import LoRALinear
-from compress.training.loop import causal_lm_loss
 from compress.planning.plan import Architecture, architecture_for
-from compress.quant import QuantConfig
 from compress.planning.plan_training import (TrainingSetup, best_training_fit, saved_activation_bytes,
                                              training_breakdown)
+from compress.quant import QuantConfig
 from compress.targets import select_linears, set_module
+from compress.training.loop import causal_lm_loss
 
 
 def measured_saved_bytes(config: LlamaConfig, rank: int, batch: int, seq: int, checkpointing: bool = False) -> int:

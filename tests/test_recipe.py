@@ -10,8 +10,8 @@ from conftest import ROOT, run_cli, tiny_recipe
 
 from compress.errors import CompressError, RecipeError
 from compress.run.recipe import load_recipe, parse_recipe
-from compress.stages import STAGES
 from compress.run.validate import check_recipe
+from compress.stages import STAGES
 
 
 def yaml_blocks(text: str) -> list[str]:

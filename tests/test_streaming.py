@@ -27,8 +27,8 @@ from conftest import ROOT, logits, run_cli, walk_context, write_recipe
 
 import compress
 from compress.checkpoint.tensors import load_tensors
-from compress.run.recipe import parse_recipe
 from compress.models.synthetic import layer_shapes, parameter_count, write_synthetic_llama
+from compress.run.recipe import parse_recipe
 
 DATA = {"calibration": {"source": "stdlib", "split": "train", "samples": 4, "seq_len": 64},
         "eval": {"source": "stdlib", "split": "eval", "samples": 2, "seq_len": 64}}

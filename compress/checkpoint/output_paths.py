@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 
-from .manifest import MANIFEST, read_manifest
 from ..errors import CheckpointError, CompressError, RecipeError
+from .manifest import MANIFEST, read_manifest
 
 RUN_ENTRIES = (".stages", ".lock", ".cache", "report.json", "report.md")
 

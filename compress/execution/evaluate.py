@@ -10,8 +10,8 @@ import sys
 import torch
 from torch import nn
 
-from ..models.chunked_loss import head_logits, nll_sum, window_nll
 from ..errors import ModelError
+from ..models.chunked_loss import head_logits, nll_sum, window_nll
 
 MAX_EXP_ARGUMENT = math.log(sys.float_info.max)
 __all__ = ["exp_or_inf", "hidden_by_units", "perplexity", "perplexity_by_units", "window_nll"]

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import StageError
-from .memory import model_tensor_bytes
 from ..planning.plan import GIB
+from .memory import model_tensor_bytes
 from .walker import HOST, move
 
 log = logging.getLogger(__name__)

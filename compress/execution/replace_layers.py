@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .layerwise import PrepareLayer, calibration_step
 from ..model_state import ModuleQuant
 from ..targets import set_module
+from .layerwise import PrepareLayer, calibration_step
 from .walker import HOST, rewrite_units
 
 NEEDS = ("nothing", "hessians")

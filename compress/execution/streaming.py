@@ -23,10 +23,10 @@ from torch import nn
 from compress.lowrank import LoRALinear
 from compress.quant import QuantLinear
 
-from ..checkpoint.load import build_model, read_layout, wrap_adapters
-from ..checkpoint.tensors import TensorSource
 from ..checkpoint.formats import FORMATS
+from ..checkpoint.load import build_model, read_layout, wrap_adapters
 from ..checkpoint.store import save_model
+from ..checkpoint.tensors import TensorSource
 from ..checkpoint.write import BASE
 from ..dtypes import DTYPES
 from ..errors import CheckpointError, StageError

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .cache import cache_dir
 from ..checkpoint.load import is_tied_head
 from ..errors import ModelError, brief
+from .cache import cache_dir
 
 log = logging.getLogger(__name__)
 

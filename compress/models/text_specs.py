@@ -12,8 +12,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, Field, model_validator
 
-from .data import TextSource
 from ..stage import STRICT
+from .data import TextSource
 
 
 class TextOrigin(BaseModel):

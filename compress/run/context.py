@@ -10,14 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.data import token_windows
 from ..execution.distributed import Ranks
+from ..execution.walker import ResidentModel
 from ..model_state import ModelState
+from ..models.data import token_windows
 from ..models.sources import ModelSource
+from ..stages.report import StageReport
 from .progress import ProgressBars
 from .recipe import Recipe
-from ..stages.report import StageReport
-from ..execution.walker import ResidentModel
 
 
 @dataclass

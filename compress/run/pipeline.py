@@ -23,20 +23,20 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.atomic import atomic_write_text
-from .context import Context
+from ..checkpoint.formats import fuses_projections
+from ..errors import CompressError, StageError
 from ..execution.device import describe, resolve_device
 from ..execution.distributed import Ranks, init_ranks
-from ..errors import CompressError, StageError
-from .lock import output_lock
 from ..execution.memory import PeakMemory
+from ..execution.streaming import open_source
 from ..model_state import ModelState
 from ..models.sources import resolve_model
+from ..stages.evaluation import linear_bits_per_param, score, wants_baseline
+from ..stages.report import StageReport, write_reports
+from .context import Context
+from .lock import output_lock
 from .progress import ProgressBars
 from .recipe import Recipe, StageEntry
-from ..stages.report import StageReport, write_reports
-from ..stages.evaluation import linear_bits_per_param, score, wants_baseline
-from ..execution.streaming import open_source
-from ..checkpoint.formats import fuses_projections
 from .validate import check_recipe
 
 log = logging.getLogger(__name__)

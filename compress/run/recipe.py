@@ -34,9 +34,9 @@ from .. import __version__
 from ..config_errors import format_validation_error
 from ..dtypes import RECIPE_DTYPES
 from ..errors import RecipeError
+from ..models.text_specs import SourceSpec
 from ..stage import STRICT, Stage, StageConfig
 from ..stages import STAGES
-from ..models.text_specs import SourceSpec
 
 
 class DataSpec(BaseModel):

@@ -21,16 +21,16 @@ from pathlib import Path
 
 from torch import nn
 
+from ..checkpoint.formats import FORMATS, fuses_projections
+from ..checkpoint.output_paths import check_export_paths, check_output
+from ..errors import ModelError, RecipeError, brief
+from ..execution.device import resolve_device
+from ..model_state import ModelState
 from ..models.architectures import architecture_of
 from ..models.data import file_problem
-from ..execution.device import resolve_device
-from ..checkpoint.formats import FORMATS, fuses_projections
-from ..errors import ModelError, RecipeError, brief
-from ..model_state import ModelState
 from ..models.sources import ModelSource, load_config, resolve_model
-from ..checkpoint.output_paths import check_export_paths, check_output
-from .recipe import Recipe
 from ..targets import select_linears
+from .recipe import Recipe
 
 PRUNING_STAGES = ("prune", "loram")
 DENSE_ONLY_STAGES = ("lq_lora",)  # they need every selected weight still dense

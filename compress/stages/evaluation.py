@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..models.chunked_loss import loss_slice_bytes
 from ..execution.evaluate import kernels_used, perplexity, perplexity_by_units
 from ..execution.placement import whole_model_on_device
+from ..models.chunked_loss import loss_slice_bytes
 from ..planning.plan import inference_breakdown
-from .report import StageReport
-from ..stage import Stage, StageConfig
 from ..planning.stage_memory import PlanState, held
+from ..stage import Stage, StageConfig
+from .report import StageReport
 
 
 class EvalConfig(StageConfig):

@@ -38,13 +38,13 @@ from pydantic import Field, model_validator
 
 from ..checkpoint import FORMAT_NAMES, FORMATS, inspect_checkpoint
 from ..checkpoint.adapter_storage import ADAPTER_DTYPES, round_adapters
+from ..checkpoint.output_paths import export_target, guard_before_write
 from ..checkpoint.write import adapter_modules
 from ..errors import StageError
-from ..checkpoint.output_paths import export_target, guard_before_write
-from .report import StageReport
 from ..stage import Stage, StageConfig
 from .export_report import adapter_bits, engine_notes
 from .export_verify import verify as verify_reload
+from .report import StageReport
 
 WHY_NOT = {"merge": "merging into a packed {format} base would quantize the update away"}  # else "got FORMAT"
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import FORMATS, load_checkpoint
-from ..models.chunked_loss import last_hidden, max_abs_logit_diff
 from ..errors import StageError
 from ..execution.evaluate import hidden_by_units, perplexity, perplexity_by_units
 from ..execution.placement import whole_model_on_device
-from .report import StageReport
 from ..execution.walker import ResidentModel
+from ..models.chunked_loss import last_hidden, max_abs_logit_diff
 from .evaluation import eval_batch_size
+from .report import StageReport
 
 PROBE_TOKENS = 64
 

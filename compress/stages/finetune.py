@@ -28,8 +28,8 @@ from pydantic import Field
 from ..errors import RecipeError, StageError
 from ..execution.evaluate import perplexity
 from ..planning.plan_training import training_breakdown
-from ..stage import Stage
 from ..planning.stage_memory import PlanState, training_setup
+from ..stage import Stage
 from ..targets import select_linears
 from .training_common import (LoraSpec, TrainingConfig, attach_adapters, check_training_data, has_adapters,
                               lora_parameters, lora_rank, run_training, tail_mean, training_windows)

@@ -41,8 +41,8 @@ from ..errors import RecipeError, StageError
 from ..execution.evaluate import perplexity
 from ..model_state import ModelState, ModuleQuant, selected_quant
 from ..planning.plan_training import training_breakdown
-from ..stage import Stage
 from ..planning.stage_memory import PlanState, quantized, training_setup
+from ..stage import Stage
 from ..targets import select_linears, set_module
 from ..training.loop import TrainHooks
 from .training_common import (LoraSpec, TrainingConfig, check_training_data, has_adapters, run_training, tail_mean,

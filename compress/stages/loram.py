@@ -30,20 +30,20 @@ from typing import Literal
 from pydantic import Field
 
 from compress.lowrank import merge_adapters
-from compress.quant import QuantConfig
 from compress.prune import layer_units
 from compress.prune.sparsity import KeepSparse, sparsify
+from compress.quant import QuantConfig
 
-from ..models.architectures import pruning_problem
 from ..checkpoint.store import load_checkpoint, save_model
 from ..errors import RecipeError
 from ..execution.evaluate import perplexity
 from ..execution.memory import model_tensor_bytes, release_freed_memory
 from ..model_state import ModelState
-from ..planning.plan_training import training_breakdown
-from ..stage import Stage, StageConfig
-from ..planning.stage_memory import PlanState, prune_range, training_setup
+from ..models.architectures import pruning_problem
 from ..models.text_specs import TextOrigin
+from ..planning.plan_training import training_breakdown
+from ..planning.stage_memory import PlanState, prune_range, training_setup
+from ..stage import Stage, StageConfig
 from .loram_small import dense_linears, quantize_small, recover, report_sizes
 from .prune import PruneConfig, prune_structured
 from .quantize import QuantSpec

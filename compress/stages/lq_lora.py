@@ -83,17 +83,17 @@ import torch
 from compress.lowrank import GRIDS, NF8_BITS
 
 from ..errors import StageError
-from ..training.fisher_by_layer import fisher_by_layer
 from ..model_state import ModelState, ModuleQuant, selected_quant
+from ..planning.plan import GIB
+from ..planning.plan_training import layer_shape_list
+from ..planning.stage_memory import PlanState, calibration, held
 from ..stage import Stage
 from ..targets import select_linears
+from ..training.fisher_by_layer import fisher_by_layer
 from .lq_lora_costs import output_cost_table, solve, weight_cost_table
 from .lq_lora_decompose import decompose_units
 from .lq_lora_measured import References, measured_table
 from .lq_lora_spec import LQLoRAConfig, check, grid_for, resolved
-from ..planning.plan import GIB
-from ..planning.plan_training import layer_shape_list
-from ..planning.stage_memory import PlanState, calibration, held
 
 __all__ = ["STAGE", "LQLoRAConfig", "grid_for", "resolved"]
 

@@ -30,10 +30,10 @@ from compress.quant.gptq import GPTQSettings
 
 from ..checkpoint.atomic import atomic_write_text
 from ..errors import StageError
-from ..training.fisher_by_layer import load_layer_fisher
 from ..execution.layerwise import calibration_step
 from ..execution.parallel import parallel_map
 from ..execution.walker import visit_units
+from ..training.fisher_by_layer import load_layer_fisher
 from .lq_lora_spec import ties
 
 

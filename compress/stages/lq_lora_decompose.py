@@ -12,8 +12,8 @@ from compress.quant import QuantizedWeight, QuantLinear
 from compress.quant.gptq import gptq_quantize
 from compress.quant.quantizers import QUANTIZERS
 
-from ..training.fisher_by_layer import load_layer_fisher
 from ..execution.replace_layers import Replacement, replace_layers
+from ..training.fisher_by_layer import load_layer_fisher
 from .lq_lora_costs import gptq_settings
 
 

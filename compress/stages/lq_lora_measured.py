@@ -51,8 +51,8 @@ from compress.quant.gptq import gptq_quantize
 
 from ..checkpoint.atomic import atomic_write_text
 from ..checkpoint.tensors import read_safetensors, write_safetensors
-from ..models.chunked_loss import kl_sum
 from ..execution.evaluate import hidden_by_units
+from ..models.chunked_loss import kl_sum
 from ..targets import fused_members
 from .lq_lora_costs import cache_key, gptq_settings
 

@@ -11,9 +11,9 @@ from pydantic import Field, model_serializer, model_validator
 from compress.lowrank import GRIDS, InfeasibleBudget, budget_bits_for, minimum_bits
 
 from ..errors import RecipeError
+from ..execution.walker import decoder_layers
 from ..stage import StageConfig
 from ..targets import check_selector, fused_members, select_linears
-from ..execution.walker import decoder_layers
 
 
 class LQLoRAConfig(StageConfig):

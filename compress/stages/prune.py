@@ -34,12 +34,12 @@ from compress.prune import (PruningHooks, kept_count, layer_units, prunable_laye
                             update_config)
 from compress.prune.units import ATTENTION, MLP
 
-from ..models.architectures import pruning_problem
 from ..errors import RecipeError, StageError
 from ..model_state import ModelState
+from ..models.architectures import pruning_problem
 from ..planning.plan_training import training_breakdown
-from ..stage import Stage
 from ..planning.stage_memory import PlanState, prune_range, training_setup
+from ..stage import Stage
 from .training_common import (LoraSpec, TrainingConfig, attach_adapters, check_training_data, has_adapters,
                               lora_parameters, lora_rank, run_training, tail_mean, training_windows)
 

@@ -47,11 +47,11 @@ from compress.quant import QuantConfig, QuantLinear
 from compress.quant.quantizers import QUANTIZERS
 
 from ..errors import RecipeError, StageError
-from ..model_state import ModelState, ModuleQuant
 from ..execution.replace_layers import Replacement, replace_layers
+from ..model_state import ModelState, ModuleQuant
+from ..planning.stage_memory import PlanState, calibration, held, quantized
 from ..stage import Stage
 from .quantize_spec import QuantizeConfig, QuantSpec, plan_modules  # noqa: F401  (QuantSpec: imported by others)
-from ..planning.stage_memory import PlanState, calibration, held, quantized
 
 def check(recipe, entry, model) -> None:
     config: QuantizeConfig = entry.config

@@ -16,14 +16,14 @@ from pydantic import BaseModel, Field, model_validator
 
 from compress.lowrank import LoRALinear, init_default
 
-from ..models.data import file_problem, token_windows
-from ..training.distill import DistillSpec, distill_loss_fn
 from ..errors import RecipeError, StageError
 from ..execution.memory import PeakMemory, model_tensor_bytes
 from ..execution.placement import whole_model_on_device
+from ..models.data import file_problem, token_windows
+from ..models.text_specs import TextOrigin
 from ..stage import STRICT, StageConfig
 from ..targets import check_selector, select_linears, set_module
-from ..models.text_specs import TextOrigin
+from ..training.distill import DistillSpec, distill_loss_fn
 from ..training.loop import STATE_FILE, NonFiniteLoss, TrainHooks, TrainResult, TrainSettings, train
 
 

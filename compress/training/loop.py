@@ -29,10 +29,10 @@ from torch import nn
 
 from compress.prune.hooks import StepHooks
 
-from ..models.chunked_loss import causal_lm_loss as chunked_causal_lm_loss
 from ..checkpoint.atomic import atomic_write_bytes
 from ..errors import StageError
 from ..execution.evaluate import check_token_ids
+from ..models.chunked_loss import causal_lm_loss as chunked_causal_lm_loss
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
