@@ -17,6 +17,7 @@
 """
 
 import json
+import platform
 import subprocess
 import sys
 
@@ -141,6 +142,15 @@ def test_recipes_that_cannot_stream_fail_with_one_line(sharded_tiny, tmp_path, s
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert re.search(message, result.stderr), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's; elsewhere nothing is set")
+def test_a_streamed_run_fixes_glibcs_mmap_threshold():
+    """In a fresh process (the setting is process-wide): glibc takes the fixed threshold, so freed
+    layers go back to the OS instead of fragmenting its heap."""
+    code = "from compress.execution.memory import fix_mmap_threshold; print(fix_mmap_threshold())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "True", result.stderr
 
 
 @pytest.mark.slow

@@ -72,6 +72,22 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+def fix_mmap_threshold(threshold: int = MIB) -> bool:
+    """Serve every allocation of ``threshold`` bytes or more with its own mmap, returned to the OS as
+    soon as it is freed; False where the C library is not glibc (nothing changes).
+
+    glibc raises its mmap threshold after each large free (up to 32 MiB), so a streamed walk's freed
+    matrices then stay in its heap, fragmented, and its peak varies by a layer from run to run: on
+    the 1.5 B synthetic model 623-704 MiB over 9 runs, 495-497 MiB over 4 with the threshold fixed,
+    for a quarter more time (fresh pages; BENCHMARKS.md, Streaming). A process-wide setting: a
+    streamed run sets it, for its own process."""
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+
+
 @functools.cache
 def _glibc():
     try:
