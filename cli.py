@@ -80,10 +80,13 @@ def _console(stderr: bool = False):
 def cmd_run(args) -> int:
     from compress import load_recipe, run_recipe
     from compress.execution.distributed import init_ranks, shutdown
+    from compress.execution.memory import fix_mmap_threshold
     from compress.run.progress import ProgressBars
     from compress.stages.report import summary_table
 
     recipe = load_recipe(args.recipe)
+    if recipe.spec.streaming:  # the process is the run's own: freed layers go back to the OS at once
+        fix_mmap_threshold()
     ranks = init_ranks()  # under torchrun: this process's rank; rank 0 alone writes and prints
     if not ranks.main:
         logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))  # rank 0 tells the story

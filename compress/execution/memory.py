@@ -82,8 +82,9 @@ def fix_mmap_threshold(threshold: int = MIB) -> bool:
     glibc raises its mmap threshold after each large free (up to 32 MiB), so a streamed walk's freed
     matrices then stay in its heap, fragmented, and its peak varies by a layer from run to run: on
     the 1.5 B synthetic model 623-704 MiB over 9 runs, 495-497 MiB over 4 with the threshold fixed,
-    for a quarter more time (fresh pages; BENCHMARKS.md, Streaming). A process-wide setting: a
-    streamed run sets it, for its own process."""
+    for a quarter more time (fresh pages; BENCHMARKS.md, Streaming). A process-wide setting that
+    cannot be undone: ``compress run`` sets it for a streamed recipe, in its own process; a library
+    caller of ``run_recipe`` decides for its process."""
     libc = _glibc()
     return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
 

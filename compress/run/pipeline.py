@@ -27,7 +27,7 @@ from ..checkpoint.formats import fuses_projections
 from ..errors import CompressError, StageError
 from ..execution.device import describe, resolve_device
 from ..execution.distributed import Ranks, init_ranks
-from ..execution.memory import PeakMemory, fix_mmap_threshold
+from ..execution.memory import PeakMemory
 from ..execution.streaming import open_source
 from ..model_state import ModelState
 from ..models.sources import resolve_model
@@ -223,8 +223,6 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     progress = progress or ProgressBars(enabled=False)
     ranks = ranks or init_ranks()
     check_recipe(recipe)
-    if recipe.spec.streaming:
-        fix_mmap_threshold()  # freed layers go back to the OS: the peak stays a few layers, run after run
     out_dir = recipe.output
     from ..kernels import preferring
 
