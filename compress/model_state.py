@@ -21,7 +21,7 @@ from torch import nn
 
 from compress.quant import QuantConfig, QuantLinear
 
-from .targets import LINEAR_CLASSES, select_linears
+from .targets import LINEAR_CLASSES, layer_name, select_linears
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class ModelState:
         """Every linear of ``model`` (meta weights) with the quantization it already has."""
         if model is None:
             return cls(fuse_ties=fuse_ties, known=False)
-        quant = {_layer_name(name): ModuleQuant(m.config) for name, m in model.named_modules()
+        quant = {layer_name(name): ModuleQuant(m.config) for name, m in model.named_modules()
                  if isinstance(m, QuantLinear)}
         return cls(MappingProxyType(_linear_shapes(model)), MappingProxyType(quant), fuse_ties=fuse_ties)
 
@@ -98,13 +98,8 @@ class ModelState:
         return replace(self.quantized(plan), structure=MappingProxyType(dict(saved["structure"])))
 
 
-def _layer_name(name: str) -> str:
-    """A LoRA adapter's base counts under the layer's name, as checkpoints store it."""
-    return name.removesuffix(".base_layer")
-
-
 def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    return {_layer_name(name): (m.out_features, m.in_features) for name, m in model.named_modules()
+    return {layer_name(name): (m.out_features, m.in_features) for name, m in model.named_modules()
             if isinstance(m, LINEAR_CLASSES)}
 
 

@@ -18,8 +18,15 @@ from compress.lowrank import set_module
 from compress.quant import QuantLinear
 
 LINEAR_CLASSES = (nn.Linear, QuantLinear)
-__all__ = ["FUSED_GROUPS", "LINEAR_CLASSES", "check_selector", "fused_group", "fused_members", "matches", "matches_any",
-           "select_linears", "set_module"]  # set_module is the libraries' own, re-exported for the stages
+BASE = ".base_layer"  # LoRALinear keeps its base here; checkpoints store the base under the layer's name
+# set_module is the libraries' own, re-exported for the stages
+__all__ = ["BASE", "FUSED_GROUPS", "LINEAR_CLASSES", "check_selector", "fused_group", "fused_members",
+           "layer_name", "matches", "matches_any", "select_linears", "set_module"]
+
+
+def layer_name(name: str) -> str:
+    """A module's name with a LoRA adapter's base counted under its layer, as checkpoints store it."""
+    return name.removesuffix(BASE)
 
 
 def check_selector(selector: str) -> str | None:

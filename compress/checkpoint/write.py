@@ -16,17 +16,15 @@ from compress.prune.shrink import layer_widths
 from compress.quant import QuantLinear
 
 from ..errors import CheckpointError
+from ..targets import BASE, layer_name
 from .tensors import ShardWriter, save_tensors
 
 Shards = tuple[int, Iterator[dict[str, torch.Tensor]]]
 
 
-BASE = ".base_layer"  # LoRALinear keeps its base here; checkpoints store the base under the layer's name
-
-
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     """QuantLinear layers by layer name (a base wrapped by a LoRA adapter counts under the layer's name)."""
-    return {name.removesuffix(BASE): m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    return {layer_name(name): m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def adapter_modules(model: nn.Module) -> dict[str, LoRALinear]:

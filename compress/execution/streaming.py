@@ -27,9 +27,9 @@ from ..checkpoint.formats import FORMATS
 from ..checkpoint.load import build_model, read_layout, wrap_adapters
 from ..checkpoint.store import save_model
 from ..checkpoint.tensors import TensorSource
-from ..checkpoint.write import BASE
 from ..dtypes import DTYPES
 from ..errors import CheckpointError, StageError
+from ..targets import BASE
 from .memory import release_freed_memory
 from .walker import HOST, UnitMap, decoder_layers, drop_kernel_caches, placed
 

@@ -37,13 +37,19 @@ class ModelSource:
     caveats: tuple[str, ...] = field(default=())
     kind: ClassVar[str]
     streams: ClassVar[bool] = False  # its safetensors files can be read one layer at a time
+    tokenizer_files: ClassVar[bool] = True  # its folder must hold the tokenizer's own files
+
+    def pretrained(self) -> tuple[Path, dict]:
+        """(directory, extra arguments) of transformers' ``from_pretrained`` for its config and tokenizer."""
+        return self.path, {}
 
     def config(self):
         """The model's transformers config, without reading any weights."""
         from transformers import AutoConfig
 
+        directory, extra = self.pretrained()
         try:
-            config = AutoConfig.from_pretrained(self.path)
+            config = AutoConfig.from_pretrained(directory, **extra)
         except Exception as err:  # transformers' and huggingface_hub's validators raise many types
             raise ModelError(f"model: cannot read the config of {self.name}: {brief(err)}") from None
         return strip_quantization_config(config)
@@ -51,13 +57,14 @@ class ModelSource:
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        if not any((self.path / f).is_file() for f in TOKENIZER_FILES):
-            raise ModelError(f"{self.path}: no tokenizer ({' / '.join(TOKENIZER_FILES)}); copy the base model's "
+        directory, extra = self.pretrained()
+        if self.tokenizer_files and not any((directory / f).is_file() for f in TOKENIZER_FILES):
+            raise ModelError(f"{directory}: no tokenizer ({' / '.join(TOKENIZER_FILES)}); copy the base model's "
                              "tokenizer files into it")
         try:
-            return AutoTokenizer.from_pretrained(self.path)
+            return AutoTokenizer.from_pretrained(directory, **extra)
         except (OSError, ValueError, KeyError) as err:
-            raise ModelError(f"model: no usable tokenizer in {self.path}: {brief(err)}") from None
+            raise ModelError(f"model: no usable tokenizer in {directory}: {brief(err)}") from None
 
     def model(self, dtype: str):
         """The model (not yet in eval mode) in ``dtype``."""
@@ -80,24 +87,13 @@ class Checkpoint(ModelSource):
 
 
 class GGUFFile(ModelSource):
+    """A GGUF file: transformers reads its config and tokenizer from the file itself."""
+
     kind = "gguf"
+    tokenizer_files = False
 
-    def config(self):
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(self.path.parent, gguf_file=self.path.name)
-        except Exception as err:  # as above
-            raise ModelError(f"model: cannot read the config of {self.name}: {brief(err)}") from None
-        return strip_quantization_config(config)
-
-    def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
-        except (OSError, ValueError, KeyError) as err:
-            raise ModelError(f"model: no usable tokenizer in {self.path.parent}: {brief(err)}") from None
+    def pretrained(self) -> tuple[Path, dict]:
+        return self.path.parent, {"gguf_file": self.path.name}
 
     def model(self, dtype: str):
         model = from_gguf(self.path, DTYPES[dtype])
