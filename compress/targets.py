@@ -21,12 +21,18 @@ LINEAR_CLASSES = (nn.Linear, QuantLinear)
 BASE = ".base_layer"  # LoRALinear keeps its base here; checkpoints store the base under the layer's name
 # set_module is the libraries' own, re-exported for the stages
 __all__ = ["BASE", "FUSED_GROUPS", "LINEAR_CLASSES", "check_selector", "fused_group", "fused_members",
-           "layer_name", "matches", "matches_any", "select_linears", "set_module"]
+           "layer_name", "matches", "matches_any", "select_linears", "set_module", "stored_name"]
 
 
 def layer_name(name: str) -> str:
     """A module's name with a LoRA adapter's base counted under its layer, as checkpoints store it."""
     return name.removesuffix(BASE)
+
+
+def stored_name(name: str) -> str:
+    """A tensor's name in a checkpoint: a LoRA adapter's base is stored under the layer's name
+    (``x.base_layer.qweight`` as ``x.qweight``; ``x.lora_A.weight`` stays)."""
+    return name.replace(BASE + ".", ".")
 
 
 def check_selector(selector: str) -> str | None:

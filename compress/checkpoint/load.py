@@ -22,7 +22,7 @@ from compress.quant import QuantConfig, QuantLinear, check_tensors
 
 from ..dtypes import DTYPES
 from ..errors import CheckpointError, brief
-from ..targets import set_module
+from ..targets import BASE, set_module
 from .adapter_storage import restore
 from .formats import FORMATS, format_named, format_of_config
 from .manifest import ADAPTER_FORMAT, MANIFEST, read_manifest
@@ -164,7 +164,7 @@ def wrap_adapters(model: nn.Module, adapters: dict[str, dict], tensors: dict, pa
     renamed = {}
     for key, tensor in tensors.items():
         layer, _, leaf = key.rpartition(".")  # x.qweight -> x.base_layer.qweight; x.lora_A.weight stays
-        renamed[f"{layer}.base_layer.{leaf}" if layer in adapters else key] = tensor
+        renamed[f"{layer}{BASE}.{leaf}" if layer in adapters else key] = tensor
     return renamed
 
 

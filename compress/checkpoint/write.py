@@ -16,7 +16,7 @@ from compress.prune.shrink import layer_widths
 from compress.quant import QuantLinear
 
 from ..errors import CheckpointError
-from ..targets import BASE, layer_name
+from ..targets import layer_name, stored_name
 from .tensors import ShardWriter, save_tensors
 
 Shards = tuple[int, Iterator[dict[str, torch.Tensor]]]
@@ -47,7 +47,7 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if tensor.numel() and key in seen:
             continue
         seen.add(key)
-        state[name.replace(BASE + ".", ".")] = tensor
+        state[stored_name(name)] = tensor
     return state
 
 

@@ -29,14 +29,9 @@ from ..checkpoint.store import save_model
 from ..checkpoint.tensors import TensorSource
 from ..dtypes import DTYPES
 from ..errors import CheckpointError, StageError
-from ..targets import BASE
+from ..targets import stored_name
 from .memory import release_freed_memory
 from .walker import HOST, UnitMap, decoder_layers, drop_kernel_caches, placed
-
-
-def stored_name(name: str) -> str:
-    """A tensor's name in a checkpoint: a ``LoRALinear``'s base is stored under the layer's name."""
-    return name.replace(BASE + ".", ".")
 
 
 def release(module: nn.Module) -> None:
