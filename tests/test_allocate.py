@@ -92,12 +92,12 @@ def test_grids_and_matrix_costs():
 
     from compress.lowrank.costs import GRIDS, matrix_costs
     from compress.lowrank.decompose import lq_decompose
-    from compress.quant import QuantConfig
+    from compress.quant import QuantConfig, UniformConfig
 
     nf = GRIDS["nf"]()
     assert len(nf) == 432 and len({c.name for c in nf}) == 432
     assert min(c.bits_per_param for c in nf) == pytest.approx(2 + 2 / 64 + 16 / (64 * 256))
-    assert len(GRIDS["gptq"]()) == 12 and all(c.kind == "uniform" and not c.sym for c in GRIDS["gptq"]())
+    assert len(GRIDS["gptq"]()) == 12 and all(isinstance(c, UniformConfig) and not c.sym for c in GRIDS["gptq"]())
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(2))
     configs = [QuantConfig.uniform(2, 64), QuantConfig.uniform(4, 64), QuantConfig.uniform(8, 64)]
     plain = matrix_costs(weight, configs, rank=0)

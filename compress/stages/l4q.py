@@ -20,7 +20,7 @@ integer zeros, and rounding it at the end costs most of what training gained (me
 BENCHMARKS.md, L4Q). At the end LoRA is merged and the weight quantized with the learned
 parameters: codes round((W - offset) / step) with fp16 scale = step. ``zero_point: integer`` rounds
 -offset / step to an integer zero (GPTQ-compatible); ``float`` keeps it as an fp16 zero per group
-(``int<b>-g<g>-fzero``, 16 more bits per group, ``native`` export only). The report gives the
+(``int<b>-g<g>-fzero``, 16 more bits per group; integer-zero formats refuse it). The report gives the
 perplexity of the fake-quantized model and of the packed one when the recipe has eval data.
 """
 

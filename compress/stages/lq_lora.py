@@ -67,7 +67,7 @@ the on-disk cache; under ``objective: output`` a calibration walk over the unqua
 after the ILP, the decomposition. With ``quantizer: gptq`` or ``objective: output`` the calibration
 activations flow from layer to layer as in ``quantize``. The Fisher files (fp32, the
 size of the selected matrices) are removed when the stage ends. In a streaming recipe each unit is
-read from the stream's source and written as one shard of the stage's checkpoint (native format;
+read from the stream's source and written as one shard of the stage's checkpoint (its own layout;
 LoRA adapters are stored in it and come back wrapped): the result equals the resident model's,
 tensor for tensor.
 """

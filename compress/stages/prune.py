@@ -14,7 +14,7 @@ of each prunable layer are masked, following a cubic ramp from 0 to ``ratio`` be
 have learned to compensate for the removed units), or dropped with ``merge_lora: false``.
 ``uniform: true`` prunes every layer by the same count and writes a standard config (any format
 can export it); otherwise the first ``skip_first`` fraction of layers and the last ``skip_last`` are
-left whole (LoRAPrune's default) and only ``native`` can hold the per-layer widths. Kept widths are
+left whole (LoRAPrune's default); formats that cannot hold per-layer widths refuse at validate. Kept widths are
 multiples of ``round_to``. ``loraprune`` scores units from the modules where they are output rows
 (q/k/v, gate/up) unless ``score_columns: true``: its estimate for o_proj/down_proj input columns is
 mostly noise (see compress/prune/loraprune.py). The removed indices per layer go to ``config.json`` (``compress_pruning``).
@@ -165,7 +165,7 @@ def prune_structured(ctx, config: PruneConfig, report, phase: str = "prune") -> 
                           label=f"{config.method} {config.ratio:g}")
     report.notes.append(f"{len(chosen)} of {len(units)} layers pruned at {len(events)} events; parameters "
                         f"{params_before:,} -> {params_after:,} ({1 - params_after / params_before:.1%} removed); "
-                        + ("standard config" if standard else "per-layer widths (native only)"))
+                        + ("standard config" if standard else "per-layer widths (no standard config)"))
     note = _whole_heads_note(config, chosen)
     if note:
         report.notes.append(note)
